@@ -1,0 +1,74 @@
+"""Validation of user input shared by the public functions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .polytope import Polytope
+
+SOLVERS = ("auto", "generic", "specialised")
+MODES = ("relaxed", "hard", "straight_through")
+
+
+def check_polytope(P) -> None:
+    if not isinstance(P, Polytope):
+        raise TypeError(
+            f"P: expected an sstcvx.Polytope (Polytope.from_cvxpy, Polytope.from_vertices or a "
+            f"polytopes family), got {type(P).__name__}"
+        )
+
+
+def check_utility(P, U, argument: str = "U") -> torch.Tensor:
+    """U must be a finite floating tensor of shape (*batch, *P.event_shape)."""
+    if not isinstance(U, torch.Tensor):
+        raise TypeError(f"{argument}: expected a torch.Tensor, got {type(U).__name__}")
+    if not U.is_floating_point():
+        raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {U.dtype}")
+    event = tuple(P.event_shape)
+    if U.dim() < len(event) or tuple(U.shape[U.dim() - len(event) :]) != event:
+        raise ValueError(
+            f"{argument}: expected shape (*batch, {', '.join(map(str, event))}) for {P.name}, "
+            f"got {tuple(U.shape)}"
+        )
+    if not torch.isfinite(U.detach()).all():
+        raise ValueError(f"{argument}: expected finite values, found NaN or infinity")
+    return U
+
+
+def check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    return solver
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_tau(tau, U: torch.Tensor, event_dim: int):
+    """tau > 0: a number, or a tensor broadcastable to U's batch shape. Returns it shaped to divide U."""
+    if isinstance(tau, torch.Tensor):
+        if not tau.is_floating_point():
+            raise TypeError(f"tau: expected a floating-point tensor, got dtype {tau.dtype}")
+        if not (torch.isfinite(tau.detach()).all() and (tau.detach() > 0).all()):
+            raise ValueError("tau: expected every temperature to be finite and > 0")
+        batch_shape = U.shape[: U.dim() - event_dim]
+        try:
+            ok = torch.broadcast_shapes(tau.shape, batch_shape) == batch_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"tau: expected a scalar or a tensor broadcastable to the batch shape {tuple(batch_shape)}, "
+                f"got shape {tuple(tau.shape)}"
+            )
+        return tau.to(dtype=U.dtype, device=U.device).reshape(tau.shape + (1,) * event_dim)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau: expected a positive number or tensor, got {type(tau).__name__}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau: expected a finite temperature > 0, got {tau!r}")
+    return float(tau)

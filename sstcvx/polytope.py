@@ -1,0 +1,210 @@
+"""Polytopes P = conv(X) of finite sets X, declared with CVXPY constraints or by their vertices.
+
+A :class:`Polytope` knows its event shape, its CVXPY declaration (built lazily,
+once, because the tree families need exponentially many rows) and, when the set
+is small or given explicitly, its vertex list.  Specialised solvers attach to
+polytope classes through :mod:`sstcvx.registry`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+# HiGHS' simplex returns a basic solution, i.e. a vertex; SciPy's HiGHS wrapper is the fallback.
+LP_SOLVER = "HIGHS" if "HIGHS" in cp.installed_solvers() else "SCIPY"
+
+
+def solve_linear_objective(problem: cp.Problem) -> None:
+    """Solve a problem with a linear objective: HiGHS for LPs, Clarabel when a constraint is not linear."""
+    try:
+        problem.solve(solver=LP_SOLVER)
+    except cp.error.SolverError:
+        problem.solve(solver="CLARABEL")
+
+
+class Polytope:
+    """The convex hull P of a finite set X of points of shape ``event_shape``.
+
+    Subclasses (``polytopes.*``) call ``super().__init__(event_shape, name)`` and
+    implement ``_declare()`` returning ``(variable, constraints)``; they may
+    implement ``_enumerate_vertices()`` (a tensor ``(m, *event_shape)`` or
+    ``None`` when X is too large to list) for brute-force checks.  Users build
+    polytopes with :meth:`from_cvxpy` or :meth:`from_vertices`.
+    """
+
+    def __init__(self, event_shape, name: str | None = None):
+        shape = tuple(int(s) for s in event_shape)
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
+        self.event_shape = torch.Size(shape)
+        self.name = name or type(self).__name__
+        self._declaration = None
+        self._vertices = None
+        self._vertices_known = False
+        self._generic_cache = {}
+
+    # -- the CVXPY declaration -------------------------------------------------------------
+    def _declare(self):
+        raise NotImplementedError(f"{type(self).__name__} has no CVXPY declaration")
+
+    def cvxpy_declaration(self):
+        """``(x, constraints)``: the CVXPY variable and the constraints whose feasible set is P.
+
+        Built on first use and cached; may raise ``ValueError`` when the
+        declaration is too large to build (then use the specialised solver).
+        """
+        if self._declaration is None:
+            x, constraints = self._declare()
+            self._declaration = (x, list(constraints))
+        return self._declaration
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+    # -- the vertex list -------------------------------------------------------------------
+    def _enumerate_vertices(self):
+        return None
+
+    @property
+    def vertices(self) -> torch.Tensor | None:
+        """All points of X as a float64 tensor ``(m, *event_shape)``, or ``None`` when unknown or too many."""
+        if not self._vertices_known:
+            v = self._enumerate_vertices()
+            self._vertices = None if v is None else torch.as_tensor(v, dtype=torch.float64)
+            self._vertices_known = True
+        return self._vertices
+
+    def __repr__(self):
+        return f"{self.name} (event_shape={tuple(self.event_shape)})"
+
+    # -- validation --------------------------------------------------------------------------
+    def check(self, n_directions: int = 16, generator: torch.Generator | None = None, atol: float = 1e-6) -> bool:
+        """Probe that P looks like the convex hull of a 0/1 set.
+
+        Solves the LP max <c, x> over P for ``n_directions`` random Gaussian c and
+        warns (``UserWarning``) when a solution is not integral to ``atol``: then
+        the declaration is not conv of a 0/1 set (or needs more constraints),
+        and the hard samples are not 0/1 points.  Returns True when all
+        probes were integral.  Cost: ``n_directions`` LP solves.
+        """
+        x, constraints = self.cvxpy_declaration()
+        c = cp.Parameter(x.shape)
+        problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(c, x))), constraints)
+        for i in range(n_directions):
+            c.value = torch.randn(tuple(self.event_shape), generator=generator, dtype=torch.float64).numpy()
+            solve_linear_objective(problem)
+            if x.value is None:
+                raise ValueError(f"{self.name}: the LP in probe direction {i} returned status {problem.status}")
+            if np.max(np.abs(x.value - np.round(x.value))) > atol:
+                warnings.warn(
+                    f"{self.name}: the LP solution in a random direction is not integral "
+                    f"(max distance to an integer point {np.max(np.abs(x.value - np.round(x.value))):.3g}); "
+                    "the constraints may not describe the convex hull of a 0/1 set",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                return False
+        return True
+
+    # -- constructors --------------------------------------------------------------------------
+    @staticmethod
+    def from_cvxpy(x, constraints, name: str | None = None, check: bool = False) -> "Polytope":
+        """The polytope {x : constraints}, declared with ordinary CVXPY constraints.
+
+        ``x`` is a ``cp.Variable`` of any shape (the event shape); the constraints
+        may use auxiliary variables.  They must be DCP, parameter-free, feasible
+        and bound ``x`` (checked with two LPs in opposite random directions).
+        With ``check=True`` :meth:`check` also probes integrality of LP vertices.
+        """
+        return DeclaredPolytope(x, constraints, name=name, check=check)
+
+    @staticmethod
+    def from_vertices(vertices, name: str | None = None) -> "Polytope":
+        """The convex hull of the given points, ``vertices`` of shape ``(m, *event_shape)``.
+
+        Its CVXPY declaration is x = sum_j lambda_j v_j with lambda in the
+        simplex, so the generic path works; the exponential-family entropy and
+        the hard argmax are computed exactly by enumerating the points.
+        """
+        return VertexPolytope(vertices, name=name)
+
+
+class DeclaredPolytope(Polytope):
+    """A polytope declared by a user with CVXPY constraints; see :meth:`Polytope.from_cvxpy`."""
+
+    def __init__(self, x, constraints, name=None, check=False):
+        if not isinstance(x, cp.Variable):
+            raise TypeError(f"x: expected a cvxpy Variable, got {type(x).__name__}")
+        if isinstance(constraints, cp.constraints.constraint.Constraint):
+            constraints = [constraints]
+        try:
+            constraints = list(constraints)
+        except TypeError:
+            raise TypeError(f"constraints: expected a list of cvxpy constraints, got {type(constraints).__name__}") from None
+        if not constraints:
+            raise ValueError("constraints: expected at least one constraint; an empty list does not bound x")
+        for i, con in enumerate(constraints):
+            if not isinstance(con, cp.constraints.constraint.Constraint):
+                raise TypeError(f"constraints[{i}]: expected a cvxpy constraint, got {type(con).__name__} ({con!r})")
+            if not con.is_dcp():
+                raise ValueError(f"constraints[{i}] ({con}) is not convex under CVXPY's DCP rules")
+            if con.parameters():
+                raise ValueError(
+                    f"constraints[{i}] ({con}) contains cvxpy Parameters; a polytope must be fixed: "
+                    "substitute the values (or build one polytope per value)"
+                )
+        if x.shape == ():
+            raise ValueError("x: expected a vector or matrix variable, got a scalar")
+        if not any(x.id in {v.id for v in con.variables()} for con in constraints):
+            raise ValueError("constraints: no constraint involves x, so they do not bound it")
+        super().__init__(x.shape, name or f"Polytope{tuple(x.shape)}")
+        self._declaration = (x, constraints)
+        self._check_bounded_nonempty()
+        if check:
+            self.check()
+
+    def _check_bounded_nonempty(self):
+        x, constraints = self._declaration
+        c = np.random.default_rng(0).standard_normal(x.shape)
+        for sign in (1.0, -1.0):
+            problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(sign * c, x))), constraints)
+            solve_linear_objective(problem)
+            status = problem.status
+            if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+                raise ValueError(f"constraints: the polytope {self.name} is empty (the constraints are infeasible)")
+            if status in (cp.UNBOUNDED, cp.UNBOUNDED_INACCURATE):
+                raise ValueError(
+                    f"constraints: they do not bound x; the feasible set of {self.name} is unbounded "
+                    "(add bounds such as x >= 0, x <= 1)"
+                )
+            if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
+                raise ValueError(f"constraints: the LP used to validate {self.name} returned status {status}")
+
+
+class VertexPolytope(Polytope):
+    """The convex hull of an explicit list of points; see :meth:`Polytope.from_vertices`."""
+
+    def __init__(self, vertices, name=None):
+        if not isinstance(vertices, (torch.Tensor, np.ndarray, list, tuple)):
+            raise TypeError(f"vertices: expected a tensor of shape (m, *event_shape), got {type(vertices).__name__}")
+        v = torch.as_tensor(vertices, dtype=torch.float64).detach().cpu()
+        if v.dim() < 2 or v.shape[0] < 1:
+            raise ValueError(f"vertices: expected shape (m, *event_shape) with m >= 1, got {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError("vertices: expected finite values")
+        v = torch.unique(v.reshape(v.shape[0], -1), dim=0).reshape(-1, *v.shape[1:])
+        super().__init__(v.shape[1:], name or f"ConvexHull({v.shape[0]} points)")
+        self._vertices = v
+        self._vertices_known = True
+
+    def _declare(self):
+        v = self._vertices.reshape(self._vertices.shape[0], -1).numpy()
+        x = cp.Variable(tuple(self.event_shape))
+        weights = cp.Variable(v.shape[0], nonneg=True)
+        flat = cp.vec(x, order="C") if x.ndim > 1 else x
+        return x, [cp.sum(weights) == 1, flat == v.T @ weights]

@@ -1,0 +1,106 @@
+"""The registry of specialised solvers, keyed by polytope and regularizer.
+
+``polytopes`` (or a user) registers fast solvers here; ``sstcvx.relax`` and
+``sstcvx.argmax`` look them up when ``solver`` is ``"auto"`` or
+``"specialised"``.  A target is either a :class:`~sstcvx.Polytope` subclass
+(the solver serves every instance, subclasses included) or one polytope
+instance (for a user's own ``from_cvxpy`` declaration).
+
+Solver signatures, on a flattened batch ``B``:
+
+* relaxation: ``fn(P, Z) -> X`` with ``Z = U / tau`` of shape ``(B, *P.event_shape)``;
+  returns ``X = argmax_{x in P} <Z, x> - f(x)``, same shape, dtype and device,
+  differentiable with respect to ``Z``.
+* argmax: ``fn(P, U) -> X`` with the same shapes; returns a vertex of ``P``
+  maximising ``<U, x>`` (no gradient needed).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+_RELAXATIONS: dict = {}
+_ARGMAXES: dict = {}
+
+
+def _check_target(target):
+    from .polytope import Polytope
+
+    if isinstance(target, Polytope):
+        return
+    if isinstance(target, type) and issubclass(target, Polytope):
+        return
+    raise TypeError(
+        f"target: expected a Polytope subclass or instance, got {type(target).__name__}"
+    )
+
+
+def _instance_table(target, attribute):
+    table = target.__dict__.get(attribute)
+    if table is None:
+        table = {}
+        setattr(target, attribute, table)
+    return table
+
+
+def register_relaxation(target, regularizer: str) -> Callable:
+    """Decorator: register ``fn(P, Z)`` as the specialised solver of ``regularizer`` on ``target``."""
+    _check_target(target)
+    from .regularizers import get_regularizer
+
+    name = get_regularizer(regularizer).name
+
+    def decorate(fn):
+        if isinstance(target, type):
+            _RELAXATIONS[(target, name)] = fn
+        else:
+            _instance_table(target, "_own_relaxations")[name] = fn
+        return fn
+
+    return decorate
+
+
+def register_argmax(target) -> Callable:
+    """Decorator: register ``fn(P, U)`` as the specialised hard argmax (LP oracle) of ``target``."""
+    _check_target(target)
+
+    def decorate(fn):
+        if isinstance(target, type):
+            _ARGMAXES[target] = fn
+        else:
+            target._own_argmax = fn
+        return fn
+
+    return decorate
+
+
+def find_relaxation(P, regularizer_name: str):
+    """The specialised relaxation solver for ``(P, regularizer)``, or ``None``."""
+    own = P.__dict__.get("_own_relaxations") or {}
+    if regularizer_name in own:
+        return own[regularizer_name]
+    for cls in type(P).__mro__:
+        fn = _RELAXATIONS.get((cls, regularizer_name))
+        if fn is not None:
+            return fn
+    return None
+
+
+def find_argmax(P):
+    """The specialised hard argmax for ``P``, or ``None``."""
+    own = P.__dict__.get("_own_argmax")
+    if own is not None:
+        return own
+    for cls in type(P).__mro__:
+        fn = _ARGMAXES.get(cls)
+        if fn is not None:
+            return fn
+    return None
+
+
+def specialised_regularizers(P) -> list[str]:
+    """Names of the regularizers with a specialised solver on ``P``."""
+    names = set((P.__dict__.get("_own_relaxations") or {}).keys())
+    for cls in type(P).__mro__:
+        names.update(name for (c, name) in _RELAXATIONS if c is cls)
+    return sorted(names)

@@ -1,0 +1,155 @@
+"""relax, argmax and sample: the stochastic argmax and softmax tricks on any polytope.
+
+All three take inputs of shape ``(*batch, *P.event_shape)`` (any number of batch
+dimensions, none included) and return that shape, dtype and device.  Dispatch
+(``solver``): ``"auto"`` uses a registered specialised solver when one exists
+and the generic CVXPY path otherwise; ``"generic"`` and ``"specialised"`` force
+one path (an error if no specialised solver is registered).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import registry
+from ._checks import check_mode, check_polytope, check_solver, check_tau, check_utility
+from .errors import SolverError
+from .generic import generic_argmax, generic_relaxation
+from .noise import get_noise
+from .regularizers import get_regularizer
+
+
+def _flatten(P, U):
+    batch_shape = U.shape[: U.dim() - P.event_dim]
+    return batch_shape, U.reshape((-1,) + tuple(P.event_shape))
+
+
+def _check_finite_output(X, P, what):
+    bad = ~torch.isfinite(X.detach().reshape(X.shape[0], -1)).all(dim=-1)
+    if bad.any():
+        element = int(bad.nonzero()[0])
+        raise SolverError(
+            f"{what} on {P.name}: batch element {element} (of the flattened batch) is not finite",
+            element=element,
+            solver=what,
+            status="non-finite",
+        )
+
+
+def relaxation_solver(P, regularizer, solver: str = "auto"):
+    """The function ``fn(Z) -> X`` (flattened batch) that ``relax`` would use, and its path name."""
+    reg = get_regularizer(regularizer)
+    check_solver(solver)
+    if solver != "generic":
+        fn = registry.find_relaxation(P, reg.name)
+        if fn is not None:
+            return (lambda Z, **_: fn(P, Z)), "specialised"
+        if solver == "specialised":
+            raise ValueError(
+                f"solver='specialised': no specialised solver for regularizer {reg.name!r} on {P.name}; "
+                f"registered: {registry.specialised_regularizers(P) or 'none'}. Use solver='generic' or 'auto'"
+            )
+    layer = generic_relaxation(P, reg)
+    return layer, "generic"
+
+
+def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_args: dict | None = None):
+    """The stochastic softmax trick's relaxed sample X_tau = argmax_{x in P} <U, x> - tau f(x).
+
+    Args:
+        P: an :class:`sstcvx.Polytope`.
+        U: utilities, a floating tensor ``(*batch, *P.event_shape)``.
+        tau: temperature > 0, a number or a tensor broadcastable to the batch shape
+            (differentiable).
+        regularizer: ``"entropy"``, ``"binary_entropy"``, ``"euclidean"``,
+            ``"exp_family_entropy"`` or a :class:`sstcvx.Regularizer`.
+        solver: ``"auto"``, ``"generic"`` or ``"specialised"``.
+        solver_args: conic solver settings for the generic path (default
+            :data:`sstcvx.generic.DEFAULT_SOLVER_ARGS`).
+
+    Returns X_tau with U's shape, dtype and device, differentiable in U (and tau).
+    Cost: the specialised solver's, or one conic solve per element on the generic path.
+    Reference: Paulus et al., "Gradient Estimation with Stochastic Softmax Tricks", 2020.
+    """
+    check_polytope(P)
+    U = check_utility(P, U, "U")
+    tau_b = check_tau(tau, U, P.event_dim)
+    fn, path = relaxation_solver(P, regularizer, solver)
+    Z = U / tau_b
+    batch_shape, Zf = _flatten(P, Z)
+    if Zf.shape[0] == 0:
+        return Z * 0
+    X = fn(Zf, solver_args=solver_args) if path == "generic" else fn(Zf)
+    _check_finite_output(X, P, f"{path} relaxation")
+    return X.reshape(U.shape)
+
+
+def argmax(P, U, solver: str = "auto") -> torch.Tensor:
+    """The stochastic argmax trick's hard sample: the LP solution argmax_{x in P} <U, x>, a vertex of P.
+
+    ``U``: ``(*batch, *P.event_shape)``; returns a detached tensor of the same
+    shape, dtype and device.  The generic path solves one LP per element with
+    HiGHS and snaps entries within 1e-6 of an integer (see
+    :class:`sstcvx.generic.GenericArgmax`); specialised oracles are exact.
+    """
+    check_polytope(P)
+    U = check_utility(P, U, "U").detach()
+    check_solver(solver)
+    fn = registry.find_argmax(P) if solver != "generic" else None
+    if fn is None and solver == "specialised":
+        raise ValueError(f"solver='specialised': no specialised argmax is registered for {P.name}")
+    batch_shape, Uf = _flatten(P, U)
+    if Uf.shape[0] == 0:
+        return U.clone()
+    X = fn(P, Uf) if fn is not None else generic_argmax(P)(Uf)
+    _check_finite_output(X, P, "argmax")
+    return X.reshape(U.shape).to(dtype=U.dtype, device=U.device)
+
+
+def perturb(theta: torch.Tensor, noise="gumbel", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random utilities U = theta + eps with eps i.i.d. from ``noise``; differentiable in theta."""
+    law = get_noise(noise)
+    if not isinstance(theta, torch.Tensor) or not theta.is_floating_point():
+        raise TypeError(f"theta: expected a floating-point torch.Tensor, got {type(theta).__name__}")
+    return theta + law.sample(theta.shape, dtype=theta.dtype, device=theta.device, generator=generator)
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Forward value ``hard``, gradient of ``soft``: hard + soft - stopgrad(soft)."""
+    return hard + (soft - soft.detach())
+
+
+def sample(
+    P,
+    theta,
+    tau=1.0,
+    regularizer="entropy",
+    noise="gumbel",
+    mode: str = "relaxed",
+    solver: str = "auto",
+    generator: torch.Generator | None = None,
+    solver_args: dict | None = None,
+):
+    """Draw U = theta + noise and return the relaxed, hard or straight-through sample.
+
+    ``mode="relaxed"``: X_tau (see :func:`relax`); ``"hard"``: the vertex X
+    (see :func:`argmax`), detached; ``"straight_through"``: forward X, backward
+    the Jacobian of X_tau, both from the same U.  ``theta``: ``(*batch,
+    *P.event_shape)``; ``noise``: ``"gumbel"``, ``"gaussian"``, ``"logistic"``,
+    ``"exponential"`` or a :class:`sstcvx.Noise`; ``generator`` makes it
+    reproducible.
+    """
+    check_polytope(P)
+    check_mode(mode)
+    check_solver(solver)
+    theta = check_utility(P, theta, "theta")
+    if mode != "hard":
+        check_tau(tau, theta, P.event_dim)
+        get_regularizer(regularizer)
+    U = perturb(theta, noise, generator)
+    if mode == "hard":
+        return argmax(P, U, solver)
+    soft = relax(P, U, tau, regularizer, solver, solver_args)
+    if mode == "relaxed":
+        return soft
+    return straight_through(argmax(P, U, solver), soft)
