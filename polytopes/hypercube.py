@@ -1,0 +1,91 @@
+"""The unit hypercube: P = conv{0, 1}^n = [0, 1]^n, event shape (n,): n independent bits.
+
+Specialised solvers (Z = U / tau, shape (B, n)), all coordinate-wise closed forms:
+
+* hard argmax: the indicator of U > 0;
+* ``binary_entropy`` (f = sum x log x + (1 - x) log(1 - x)) and
+  ``exp_family_entropy`` (the Gibbs distribution on {0, 1}^n factorises into
+  independent bits, so its marginals are the same map): sigmoid(Z);
+* ``euclidean`` (f = 1/2 ||x||^2): the projection clamp(Z, 0, 1).
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import torch
+
+from sstcvx import Polytope, register_argmax, register_relaxation
+
+# Above this many vertices (2^n) _enumerate_vertices returns None.
+MAX_VERTICES = 5000
+
+
+def _check_size(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+class Hypercube(Polytope):
+    """conv{0, 1}^n = {x in R^n : 0 <= x <= 1}.
+
+    ``Hypercube(n)``, n >= 1; event shape ``(n,)``.  Vertices: all 2^n bit
+    vectors (listed while 2^n <= ``MAX_VERTICES``, i.e. n <= 12).
+    """
+
+    def __init__(self, n: int):
+        n = _check_size(n, "n", 1)
+        super().__init__((n,), name=f"Hypercube(n={n})")
+        self.n = n
+
+    def _declare(self):
+        x = cp.Variable(self.n)
+        return x, [x >= 0, x <= 1]
+
+    def _enumerate_vertices(self):
+        if 2**self.n > MAX_VERTICES:
+            return None
+        codes = torch.arange(2**self.n).unsqueeze(-1)
+        bits = torch.arange(self.n - 1, -1, -1)
+        return ((codes >> bits) & 1).to(torch.float64)
+
+
+@register_argmax(Hypercube)
+def threshold_argmax(P: Hypercube, U: torch.Tensor) -> torch.Tensor:
+    """The vertex 1[U > 0] maximising <U, x> over [0, 1]^n (ties at 0 go to 0).
+
+    U: (..., n) -> (..., n) in {0, 1}, same dtype and device.  Cost O(n).
+    """
+    return (U > 0).to(U.dtype)
+
+
+@register_relaxation(Hypercube, "binary_entropy")
+def sigmoid(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
+    """argmax_{x in [0,1]^n} <Z, x> - sum_i [x_i log x_i + (1 - x_i) log(1 - x_i)] = sigmoid(Z).
+
+    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Input precision: torch's
+    sigmoid is accurate to rounding for every finite Z and saturates to exactly
+    0 or 1 without overflow.
+    """
+    return torch.sigmoid(Z)
+
+
+@register_relaxation(Hypercube, "exp_family_entropy")
+def gibbs_marginals(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
+    """grad_Z log sum_{y in {0,1}^n} exp<Z, y> = sigmoid(Z) (the Gibbs law has independent bits).
+
+    Identical to the binary-entropy relaxation; see :func:`sigmoid`.
+    """
+    return torch.sigmoid(Z)
+
+
+@register_relaxation(Hypercube, "euclidean")
+def clamp(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
+    """argmin_{x in [0,1]^n} ||x - Z||^2 = clamp(Z, 0, 1).
+
+    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Exact in the input's
+    precision (no arithmetic); the Jacobian is the indicator of 0 < Z < 1.
+    """
+    return Z.clamp(0.0, 1.0)

@@ -1,0 +1,113 @@
+"""The probability simplex: P = conv{e_1, ..., e_n} = {x >= 0, sum x = 1}, event shape (n,).
+
+Specialised solvers (Z = U / tau, shape (B, n)):
+
+* hard argmax: the one-hot vector of argmax_i U_i;
+* ``entropy`` (f = sum x log x) and ``exp_family_entropy`` (on the simplex the
+  Gibbs marginals are the same map): softmax(Z), the Gumbel-Softmax relaxation;
+* ``euclidean`` (f = 1/2 ||x||^2): sparsemax(Z), the Euclidean projection of Z
+  onto the simplex (Martins & Astudillo, 2016), exact by sorting.
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import torch
+
+from sstcvx import Polytope, register_argmax, register_relaxation
+
+# Above this many vertices _enumerate_vertices returns None (brute force would be too big).
+MAX_VERTICES = 5000
+
+
+def _check_size(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+class Simplex(Polytope):
+    """conv of the n one-hot vectors of length n: {x in R^n : x >= 0, sum_i x_i = 1}.
+
+    ``Simplex(n)``, n >= 1; event shape ``(n,)``.  Vertices: the rows of the
+    identity (listed for n <= ``MAX_VERTICES``).
+    """
+
+    def __init__(self, n: int):
+        n = _check_size(n, "n", 1)
+        super().__init__((n,), name=f"Simplex(n={n})")
+        self.n = n
+
+    def _declare(self):
+        x = cp.Variable(self.n)
+        return x, [x >= 0, cp.sum(x) == 1]
+
+    def _enumerate_vertices(self):
+        if self.n > MAX_VERTICES:
+            return None
+        return torch.eye(self.n, dtype=torch.float64)
+
+
+@register_argmax(Simplex)
+def one_hot_argmax(P: Simplex, U: torch.Tensor) -> torch.Tensor:
+    """The vertex e_i with i = argmax_i U_i (first index on ties).
+
+    U: (..., n) -> (..., n) one-hot, same dtype and device.  Cost O(n) per row.
+    """
+    index = U.argmax(dim=-1, keepdim=True)
+    return torch.zeros_like(U).scatter_(-1, index, 1.0)
+
+
+@register_relaxation(Simplex, "entropy")
+def softmax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
+    """argmax_{x in simplex} <Z, x> - sum_i x_i log x_i = softmax(Z).
+
+    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Computed in the input's
+    precision: torch's softmax subtracts the row maximum, so it is exact to
+    rounding for any finite Z; the sum is 1 to O(n eps) of that dtype.
+    """
+    return torch.softmax(Z, dim=-1)
+
+
+@register_relaxation(Simplex, "exp_family_entropy")
+def gibbs_marginals(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
+    """grad_Z log sum_i exp Z_i = softmax(Z): the Gibbs marginals on one-hot vectors.
+
+    Identical to the entropy relaxation on the simplex; see :func:`softmax`.
+    """
+    return torch.softmax(Z, dim=-1)
+
+
+@register_relaxation(Simplex, "euclidean")
+def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
+    """argmin_{x in simplex} ||x - Z||^2 = max(Z - t, 0), sum = 1: sparsemax.
+
+    Z: (..., n) -> (..., n), same dtype.  Cost O(n log n) (a sort).  The
+    threshold t = (sum_{i in S} Z_i - 1) / |S| over the support S is found
+    exactly from the sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1).
+    The support is then fixed (detached) and t recomputed with differentiable
+    ops, so autograd gives the exact Jacobian diag(s) - s s^T / |s| (s the
+    support indicator) and its (zero) second derivative.
+
+    Precision: float64 internally, cast back.  t is a difference of sums of
+    size |Z| and the output a difference Z_i - t; in float32 the rounding of
+    those sums (|Z| n eps) would break sum x = 1 by more than 1e-6 as soon as
+    |Z| reaches about 10 (tau = 1e-3 with |theta| = 1e-2 already gives that).
+    """
+    z = Z.to(torch.float64)
+    n = z.shape[-1]
+    with torch.no_grad():
+        zs, _ = torch.sort(z, dim=-1, descending=True)
+        cum = zs.cumsum(-1) - 1.0
+        ranks = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
+        # the support size is the largest r with z_(r) > (sum_{j<=r} z_(j) - 1) / r; r = 1 always qualifies
+        size = (zs * ranks > cum).sum(-1, keepdim=True)
+        # the support is the `size` largest entries (entries tied with the last one satisfy the
+        # same inequality, so they belong to it too)
+        support = z >= zs.gather(-1, size - 1)
+    count = support.sum(-1, keepdim=True).to(z.dtype)
+    t = (torch.where(support, z, torch.zeros_like(z)).sum(-1, keepdim=True) - 1.0) / count
+    x = torch.where(support, z - t, torch.zeros_like(z)).clamp_min(0.0)
+    return x.to(Z.dtype)
