@@ -1,0 +1,309 @@
+"""k-subsets: P = conv{x in {0, 1}^n : sum x = k} = {0 <= x <= 1, sum x = k}, event shape (n,).
+
+Specialised solvers (Z = U / tau, shape (B, n)):
+
+* hard argmax: the indicator of the k largest U_i (top-k);
+* ``binary_entropy``: sigmoid(Z - nu) with the scalar nu solving
+  sum_i sigmoid(Z_i - nu) = k (the "limited multi-label projection" of Amos,
+  Koltun & Kolter, 2019), by safeguarded Newton with an implicit backward;
+* ``euclidean``: the Euclidean projection onto the capped simplex
+  {0 <= x <= 1, sum x = k}, clamp(Z - nu, 0, 1), with nu found exactly from the
+  sorted breakpoints;
+* ``exp_family_entropy``: the marginals of the Gibbs law p(y) ~ exp<Z, y> on
+  k-subsets, the gradient of log e_k(exp Z) (e_k the elementary symmetric
+  polynomial) computed by a log-space dynamic program.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import torch
+
+from sstcvx import Polytope, register_argmax, register_relaxation
+
+# Above this many vertices (C(n, k)) _enumerate_vertices returns None.
+MAX_VERTICES = 5000
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    return value
+
+
+class KSubset(Polytope):
+    """conv of the k-hot vectors of length n: {x in R^n : 0 <= x <= 1, sum_i x_i = k}.
+
+    ``KSubset(n, k)`` with n >= 2 and 1 <= k <= n - 1; event shape ``(n,)``.
+    Vertices: the C(n, k) k-hot vectors in lexicographic order of their index
+    sets (listed while C(n, k) <= ``MAX_VERTICES``).
+    """
+
+    def __init__(self, n: int, k: int):
+        n, k = _check_int(n, "n"), _check_int(k, "k")
+        if n < 2:
+            raise ValueError(f"n: expected an int >= 2 (k-subsets need 1 <= k <= n - 1), got n={n}")
+        if not 1 <= k <= n - 1:
+            raise ValueError(f"k: expected 1 <= k <= n - 1 = {n - 1} for n={n}, got k={k}")
+        super().__init__((n,), name=f"KSubset(n={n}, k={k})")
+        self.n, self.k = n, k
+
+    def _declare(self):
+        x = cp.Variable(self.n)
+        return x, [x >= 0, x <= 1, cp.sum(x) == self.k]
+
+    def _enumerate_vertices(self):
+        if math.comb(self.n, self.k) > MAX_VERTICES:
+            return None
+        index = torch.combinations(torch.arange(self.n), self.k)  # (C(n, k), k), lexicographic
+        if index.dim() == 1:  # torch.combinations of r = 1 returns a vector
+            index = index.unsqueeze(-1)
+        v = torch.zeros(index.shape[0], self.n, dtype=torch.float64)
+        return v.scatter_(1, index, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# hard argmax
+# ----------------------------------------------------------------------------------------------
+
+
+@register_argmax(KSubset)
+def top_k(P: KSubset, U: torch.Tensor) -> torch.Tensor:
+    """The k-hot vertex on the k largest entries of U (torch.topk's choice on ties).
+
+    U: (..., n) -> (..., n) in {0, 1} with k ones, same dtype and device.  Cost O(n log k).
+    """
+    index = U.topk(P.k, dim=-1).indices
+    return torch.zeros_like(U).scatter_(-1, index, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# binary entropy: limited multi-label projection
+# ----------------------------------------------------------------------------------------------
+
+
+def _lml_threshold(z: torch.Tensor, k: int, max_iter: int = 200) -> torch.Tensor:
+    """The nu (..., 1) with sum_i sigmoid(z_i - nu) = k, for float64 z (..., n).
+
+    f(nu) = sum sigmoid(z - nu) - k decreases from n - k to -k.  The bracket
+    [min z - logit(k/n), max z - logit(k/n)] holds the root (every term is >= k/n
+    at its left end, <= k/n at its right end); Newton steps that leave the
+    current bracket are replaced by bisection, so the iteration converges from
+    any start: about log2(spread of z) bisections while the sigmoids saturate,
+    then quadratic convergence.  Stops when |f| <= 4 n eps or the bracket is
+    down to a few ulps of nu.
+    """
+    n = z.shape[-1]
+    eps = torch.finfo(z.dtype).eps
+    offset = math.log(k / (n - k))  # logit(k / n)
+    lo = z.amin(-1, keepdim=True) - offset
+    hi = z.amax(-1, keepdim=True) - offset
+    # start between the k-th and (k+1)-th largest entries: right when the answer is nearly hard
+    top = z.topk(k + 1, dim=-1).values
+    nu = (0.5 * (top[..., k - 1 : k] + top[..., k : k + 1])).clamp(lo, hi)
+    tol = 4.0 * n * eps
+    for _ in range(max_iter):
+        s = torch.sigmoid(z - nu)
+        f = s.sum(-1, keepdim=True) - k
+        d = (s * (1.0 - s)).sum(-1, keepdim=True)
+        lo = torch.where(f > 0, nu, lo)
+        hi = torch.where(f < 0, nu, hi)
+        done = (f.abs() <= tol) | (hi - lo <= 4.0 * eps * nu.abs().clamp_min(1.0))
+        if bool(done.all()):
+            break
+        newton = nu + f / d.clamp_min(torch.finfo(z.dtype).tiny)
+        inside = (newton > lo) & (newton < hi)
+        nu = torch.where(done, nu, torch.where(inside, newton, 0.5 * (lo + hi)))
+    return nu
+
+
+class _LML(torch.autograd.Function):
+    """x = sigmoid(Z - nu(Z)) with sum x = k; forward by root finding, backward by the implicit function theorem."""
+
+    @staticmethod
+    def forward(ctx, Z, k):
+        z = Z.detach().to(torch.float64)
+        x = torch.sigmoid(z - _lml_threshold(z, k)).to(Z.dtype)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        # sum_i x_i = k fixes dnu = <D, dZ> / sum D with D = x (1 - x), so
+        # J = diag(D) - D D^T / sum D (symmetric) and J^T g = D (g - <D, g> / sum D).
+        # Written with differentiable ops on the saved output, so it differentiates again.
+        (x,) = ctx.saved_tensors
+        D = x * (1.0 - x)
+        total = D.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        return D * (g - (D * g).sum(-1, keepdim=True) / total), None
+
+
+@register_relaxation(KSubset, "binary_entropy")
+def limited_multilabel(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
+    """argmax_{x in P} <Z, x> - sum_i [x_i log x_i + (1 - x_i) log(1 - x_i)] = sigmoid(Z - nu).
+
+    The scalar nu per row solves sum_i sigmoid(Z_i - nu) = k (the KKT condition
+    of the sum constraint; the box is implied by the entropy).  Z: (..., n) ->
+    (..., n), same dtype.  Cost O(n) per iteration, about 10-60 iterations
+    (bisection while saturated, then Newton).  Backward: implicit, O(n),
+    dZ = D (g - <D, g> / sum D) with D = x (1 - x) (Amos, Koltun & Kolter, 2019).
+
+    Precision: nu is found in float64, then x cast back.  The sigmoids must be
+    evaluated at Z - nu to far better than the rounding of Z: with |Z| ~ 1e6
+    (tau = 1e-3, |theta| = 1e3) float32 spaces representable values 0.06
+    apart, which alone would break sum x = k; in float64 the sum holds to
+    about n * 1e-16 relative to the steepness of the sigmoids.
+    """
+    return _LML.apply(Z, P.k)
+
+
+# ----------------------------------------------------------------------------------------------
+# euclidean: projection onto the capped simplex
+# ----------------------------------------------------------------------------------------------
+
+
+@register_relaxation(KSubset, "euclidean")
+def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
+    """argmin_{0 <= x <= 1, sum x = k} ||x - Z||^2 = clamp(Z - nu, 0, 1) with sum = k.
+
+    g(nu) = sum_i clamp(Z_i - nu, 0, 1) is non-increasing and piecewise linear
+    with breakpoints {Z_i - 1, Z_i}.  A binary search over the 2n sorted
+    breakpoints finds the segment where g crosses k; on it the sets
+    F = {0 < Z - nu < 1} (free) and A = {Z - nu >= 1} (at the cap) are fixed,
+    and nu = (sum_F Z + |A| - k) / |F| exactly.  With the sets fixed, nu is
+    recomputed by differentiable ops, so autograd gives the exact Jacobian
+    diag(F) - F F^T / |F|.  Z: (..., n) -> (..., n), same dtype.
+    Cost O(n log n) (one sort, log2(2n) evaluations of g).
+
+    Precision: float64 internally, cast back; nu is a difference of sums of
+    size |Z| and x a difference Z - nu, which in float32 would lose sum x = k
+    to rounding once |Z| reaches about 10 (see :func:`limited_multilabel`).
+    """
+    k = P.k
+    z = Z.to(torch.float64)
+    n = z.shape[-1]
+    with torch.no_grad():
+        breaks, _ = torch.sort(torch.cat([z - 1.0, z], dim=-1), dim=-1)
+        # invariant: g(breaks[lo]) >= k > g(breaks[hi]); g(min z - 1) = n and g(max z) = 0
+        lo = torch.zeros(z.shape[:-1] + (1,), dtype=torch.long, device=z.device)
+        hi = torch.full_like(lo, 2 * n - 1)
+        for _ in range(max(1, math.ceil(math.log2(2 * n)))):
+            mid = (lo + hi) // 2
+            g = (z - breaks.gather(-1, mid)).clamp(0.0, 1.0).sum(-1, keepdim=True)
+            lo = torch.where(g >= k, mid, lo)
+            hi = torch.where(g >= k, hi, mid)
+        inner = 0.5 * (breaks.gather(-1, lo) + breaks.gather(-1, hi))
+        free = (z > inner) & (z - 1.0 < inner)
+        capped = (z - 1.0 >= inner).sum(-1, keepdim=True).to(z.dtype)
+        count = free.sum(-1, keepdim=True).to(z.dtype)
+    # g crosses k strictly inside the segment, so F is non-empty; guard rounding anyway
+    nu = (torch.where(free, z, torch.zeros_like(z)).sum(-1, keepdim=True) + capped - k) / count.clamp_min(1.0)
+    nu = torch.where(count > 0, nu, inner)
+    x = torch.where(free, z - nu, (z - 1.0 >= inner).to(z.dtype)).clamp(0.0, 1.0)
+    return x.to(Z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# exponential-family entropy: Gibbs marginals by a log-space dynamic program
+# ----------------------------------------------------------------------------------------------
+
+
+# Padding items sit this far below the row minimum: every k-subset that uses one weighs less than
+# exp(-_PAD_GAP) times one that swaps it for an unused real item, so they change nothing in float64.
+_PAD_GAP = 1000.0
+_PAIRS: dict = {}
+
+
+def _convolution_pairs(d: int, d_out: int, device) -> tuple:
+    """Index pairs (i, c - i), 0 <= i, c - i <= d, for c = 0..d_out, padded to d + 1 per c, and their -inf mask."""
+    key = (d, d_out, str(device))
+    if key not in _PAIRS:
+        c = torch.arange(d_out + 1).unsqueeze(-1)
+        i = torch.arange(d + 1).unsqueeze(0)
+        j = c - i
+        valid = (j >= 0) & (j <= d)
+        mask = torch.zeros(valid.shape, dtype=torch.float64).masked_fill_(~valid, float("-inf"))
+        _PAIRS[key] = (i.expand_as(j).reshape(-1).to(device), j.clamp(0, d).reshape(-1).to(device), mask.to(device))
+    return _PAIRS[key]
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, with terms more than 700 below the maximum floored at exp(-700).
+
+    Floored terms weigh < 1e-304 relative to the largest, so the value is exact
+    in float64, and their (zero) gradient is cut; the floor keeps exp out of its
+    underflow range, where CPUs take a slow path (about 10x slower), and keeps
+    -inf (absent terms) out of the derivatives.
+    """
+    top = x.detach().amax(-1, keepdim=True)
+    return top.squeeze(-1) + (x - top).clamp_min(-700.0).exp().sum(-1).log()
+
+
+def log_elementary_symmetric(z: torch.Tensor, k: int) -> torch.Tensor:
+    """log e_k(exp z) = log sum_{|S| = k} exp(sum_{i in S} z_i): the k-subset log-partition function.
+
+    z: (B, n) -> (B,).  A dynamic program over (items, count) in log space,
+    organised as a balanced binary tree over the items so that it takes
+    log2(n) vectorised steps instead of n: a group G of items carries
+    L_G[c] = log e_c(exp z_G) for c = 0..min(|G|, k), and two sibling groups
+    merge by the truncated log-space convolution
+    L_{G+H}[c] = logsumexp_i (L_G[i] + L_H[c - i]), since
+    e_c(G + H) = sum_i e_i(G) e_{c-i}(H).  Work O(n k) in total (the levels
+    with |G| < k cost O(n |G|), those above O(n k^2 / |G|)).  n is padded to a
+    power of two with items _PAD_GAP below the row minimum (detached), which
+    change log e_k by less than exp(-900).  Every stored entry is finite; the
+    only -inf are the masks of absent (i, c - i) pairs inside logsumexp, whose
+    first and second derivatives stay finite (exp(x - result) = 0).
+    Differentiable twice by autograd; the gradient is the vector of Gibbs
+    marginals.  Runs in the dtype of z.
+    """
+    n = z.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= n = {n}, got {k}")
+    size = 1 << max(0, (n - 1).bit_length())
+    if size > n:
+        pad = z.detach().amin(-1, keepdim=True) - _PAD_GAP
+        z = torch.cat([z, pad.expand(*z.shape[:-1], size - n)], dim=-1)
+    # leaves: L[0] = log e_0 = 0, L[1] = z_i
+    table = torch.stack([torch.zeros_like(z), z], dim=-1)  # (B, groups, degree + 1)
+    degree = 1
+    while table.shape[-2] > 1:
+        left, right = table[..., 0::2, :], table[..., 1::2, :]
+        d_out = min(2 * degree, k)
+        i, j, mask = _convolution_pairs(degree, d_out, z.device)
+        terms = left.index_select(-1, i) + right.index_select(-1, j)
+        terms = terms.view(*terms.shape[:-1], d_out + 1, degree + 1) + mask.to(z.dtype)
+        table = _logsumexp(terms)
+        degree = d_out
+    return table[..., 0, k]
+
+
+@register_relaxation(KSubset, "exp_family_entropy")
+def gibbs_marginals(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
+    """grad_Z log e_k(exp Z): the marginals P(i in S) of the Gibbs law p(S) ~ exp(sum_{i in S} Z_i), |S| = k.
+
+    This is argmax_{x in P} <Z, x> - A*(x) with A the k-subset log-partition
+    function (:func:`log_elementary_symmetric`).  Z: (..., n) -> (..., n),
+    same dtype; sum x = k.  Cost O(n k) forward (the DP and its reverse sweep);
+    when Z requires grad the reverse sweep is recorded (create_graph), so the
+    marginals' own backward (the covariance of the Gibbs law) is exact too.
+
+    Precision: float64 internally, cast back.  Z is first shifted per row by
+    its k-th largest entry (log e_k changes by k times the shift, the marginals
+    not at all); the marginals are then products of local softmax weights of
+    the DP, whose relative error grows like n eps, and float64 keeps them
+    exact to ~1e-13 for |Z| up to 1e6, while float32 would lose the 1e-6
+    sum constraint on long chains.
+    """
+    k = P.k
+    record = torch.is_grad_enabled() and Z.requires_grad
+    with torch.enable_grad():
+        z = Z.to(torch.float64)
+        if not z.requires_grad:
+            z = z.detach().requires_grad_(True)
+        shift = z.detach().topk(k, dim=-1).values[..., k - 1 :]
+        log_partition = log_elementary_symmetric(z - shift, k)
+        (marginals,) = torch.autograd.grad(log_partition.sum(), z, create_graph=record)
+    return marginals.to(Z.dtype)
