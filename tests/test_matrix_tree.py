@@ -1,0 +1,174 @@
+"""polytopes._matrix_tree: Matrix-Tree log-partitions and marginals against brute force,
+the log-determinant reference, each other (fast vs stable), and at extreme spreads."""
+
+import pytest
+import torch
+
+import sstcvx
+
+from polytopes import _matrix_tree as mt
+from polytopes.arborescence import Arborescence
+from polytopes.spanning_tree import SpanningTree
+
+METHODS = ("fast", "stable", "auto")
+
+
+def gibbs(V, Z):
+    """Brute-force marginals softmax(V Z)ᵀ V and log-partition over the vertex list V (m, *event)."""
+    Vf = V.reshape(V.shape[0], -1)
+    scores = Z.reshape(Z.shape[0], -1) @ Vf.T
+    return (torch.softmax(scores, -1) @ Vf).reshape(Z.shape), torch.logsumexp(scores, -1)
+
+
+def clustered_edges(B, n, strength, generator=None):
+    """K_n edge scores: strong (strength) inside three random clusters, weak (0) across; κ ~ e^strength."""
+    edges = torch.triu_indices(n, n, 1).T
+    lab = torch.randint(0, 3, (B, n), generator=generator)
+    same = (lab[:, edges[:, 0]] == lab[:, edges[:, 1]]).double()
+    return strength * same + torch.randn(B, len(edges), dtype=torch.float64, generator=generator), edges
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n", [4, 5])
+def test_spanning_tree_brute_force(n, method):
+    P = SpanningTree(n)
+    Z = 2 * torch.randn(6, P.edges.shape[0], dtype=torch.float64)
+    mu_bf, logz_bf = gibbs(P.vertices, Z)
+    mu = mt.spanning_tree_marginals(Z, P.edges, n, method=method)
+    torch.testing.assert_close(mu, mu_bf, atol=1e-8, rtol=0)
+    torch.testing.assert_close(mt.spanning_tree_log_partition(Z, P.edges, n, method=method), logz_bf, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n,root", [(4, 0), (4, 2), (5, 4), (5, 1)])
+def test_arborescence_brute_force(n, root, method):
+    A = Arborescence(n, root)
+    Z = 2 * torch.randn(6, n, n, dtype=torch.float64)
+    mu_bf, logz_bf = gibbs(A.vertices, Z)
+    torch.testing.assert_close(mt.arborescence_marginals(Z, root, method=method), mu_bf, atol=1e-8, rtol=0)
+    torch.testing.assert_close(mt.arborescence_log_partition(Z, root, method=method), logz_bf, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_general_graph_and_mask_brute_force(method):
+    edges = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4], [0, 4], [1, 3], [0, 2]])
+    P = SpanningTree(5, edges=edges)
+    Z = 2 * torch.randn(5, len(edges), dtype=torch.float64)
+    torch.testing.assert_close(mt.spanning_tree_marginals(Z, P.edges, 5, method=method), gibbs(P.vertices, Z)[0], atol=1e-8, rtol=0)
+    mask = torch.rand(5, 5) < 0.6
+    mask[0, 1:] = True  # reachable from the root
+    A = Arborescence(5, root=0, mask=mask)
+    Zd = 2 * torch.randn(5, 5, 5, dtype=torch.float64)
+    mu = mt.arborescence_marginals(Zd, 0, mask=mask, method=method)
+    torch.testing.assert_close(mu, gibbs(A.vertices, Zd)[0], atol=1e-8, rtol=0)
+    assert (mu[:, ~A.arcs] == 0).all()
+
+
+@pytest.mark.parametrize("n", [10, 30])
+def test_fast_stable_and_logdet_reference_agree(n):
+    edges = torch.triu_indices(n, n, 1).T
+    Z = torch.randn(8, len(edges), dtype=torch.float64, requires_grad=True)
+    fast = mt.spanning_tree_marginals(Z, edges, n, method="fast")
+    stable = mt.spanning_tree_marginals(Z, edges, n, method="stable")
+    torch.testing.assert_close(fast, stable, atol=1e-10, rtol=0)
+    # the naive reference: autograd of slogdet of the reduced Laplacian
+    W = torch.zeros(8, n, n, dtype=torch.float64)
+    W[:, edges[:, 0], edges[:, 1]] = Z.exp()
+    W = W + W.mT
+    L = torch.diag_embed(W.sum(-1)) - W
+    (ref,) = torch.autograd.grad(torch.linalg.slogdet(L[:, 1:, 1:])[1].sum(), Z, create_graph=True)
+    torch.testing.assert_close(fast, ref, atol=1e-10, rtol=0)
+    # the analytic backward of the fast path equals autograd of autograd (stable) and of slogdet
+    G = torch.randn_like(fast)
+    (g_fast,) = torch.autograd.grad((fast * G).sum(), Z)
+    (g_stable,) = torch.autograd.grad((stable * G).sum(), Z)
+    (g_ref,) = torch.autograd.grad((ref * G).sum(), Z)
+    torch.testing.assert_close(g_fast, g_stable, atol=1e-10, rtol=0)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-10, rtol=0)
+    # directed, root in the middle (exercises the permutation)
+    Zd = torch.randn(8, n, n, dtype=torch.float64, requires_grad=True)
+    a = mt.arborescence_marginals(Zd, n // 2, method="fast")
+    b = mt.arborescence_marginals(Zd, n // 2, method="stable")
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    G = torch.randn_like(a)
+    torch.testing.assert_close(
+        torch.autograd.grad((a * G).sum(), Zd)[0], torch.autograd.grad((b * G).sum(), Zd)[0], atol=1e-10, rtol=0
+    )
+
+
+def test_auto_falls_back_where_the_inverse_is_inaccurate():
+    """Clustered weights make L̂ ill-conditioned: the plain inverse loses digits, auto must not."""
+    g = torch.Generator().manual_seed(1)
+    Z, edges = clustered_edges(16, 12, 32.0, generator=g)
+    Z[:8] = torch.randn(8, Z.shape[1], dtype=torch.float64, generator=g)  # half well conditioned
+    exact = mt.spanning_tree_marginals(Z, edges, 12, method="stable")
+    fast = mt.spanning_tree_marginals(Z, edges, 12, method="fast")
+    auto = mt.spanning_tree_marginals(Z, edges, 12, method="auto")
+    assert (fast - exact).abs().max() > 1e-6  # the hazard is real on this input
+    torch.testing.assert_close(auto, exact, atol=1e-10, rtol=0)
+    torch.testing.assert_close(auto.sum(-1), torch.full((16,), 11.0, dtype=torch.float64), atol=1e-9, rtol=0)
+    logz = mt.spanning_tree_log_partition(Z, edges, 12)
+    torch.testing.assert_close(logz, mt.spanning_tree_log_partition(Z, edges, 12, method="stable"), atol=1e-9, rtol=1e-12)
+
+
+@pytest.mark.parametrize("strength", [5.0, 10.0, 15.0, 20.0])
+def test_auto_accuracy_across_conditioning(strength):
+    Z, edges = clustered_edges(32, 10, strength)
+    auto = mt.spanning_tree_marginals(Z, edges, 10)
+    exact = mt.spanning_tree_marginals(Z, edges, 10, method="stable")
+    torch.testing.assert_close(auto, exact, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n", [6, 20])
+def test_extreme_spread_is_exact_and_reaches_the_hard_tree(n):
+    """tau = 1e-3 with |theta| = 1e3: log-weights spread over 1e6; the marginals are the MST."""
+    P = SpanningTree(n)
+    theta = 1e3 * (2 * torch.rand(4, P.edges.shape[0], dtype=torch.float64) - 1)
+    Z = theta / 1e-3
+    mu = mt.spanning_tree_marginals(Z, P.edges, n)
+    hard = sstcvx.argmax(P, theta)
+    assert torch.isfinite(mu).all()
+    torch.testing.assert_close(mu, hard, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mu.sum(-1), torch.full((4,), n - 1.0, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        mt.spanning_tree_log_partition(Z, P.edges, n), (Z * hard).sum(-1), atol=1e-6, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("method", ("fast", "stable"))
+def test_gradcheck(method):
+    edges = torch.triu_indices(5, 5, 1).T
+    Z = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: mt.spanning_tree_marginals(z, edges, 5, method=method), (Z,))
+    for root in (0, 2, 4):
+        Zd = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda z: mt.arborescence_marginals(z, root, method=method), (Zd,))
+
+
+def test_gradcheck_mixed_batch_and_stable_second_order():
+    """auto with one element on each path; the stable path is twice differentiable."""
+    Z, edges = clustered_edges(2, 6, 0.0)
+    Z[1] = Z[1] + 40.0 * (torch.arange(15) % 4 == 0)  # an ill-conditioned element: stable path
+    assert mt._FastSpanningTree.apply(*mt._st_prepare(Z, edges, 6), True)[1].tolist() == [True, False]
+    Z.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: mt.spanning_tree_marginals(z, edges, 6), (Z,))
+    Zs = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
+    e4 = torch.triu_indices(4, 4, 1).T
+    assert torch.autograd.gradgradcheck(lambda z: mt.spanning_tree_marginals(z, e4, 4, method="stable"), (Zs,))
+
+
+def test_dtype_batch_and_bad_input():
+    edges = torch.triu_indices(6, 6, 1).T
+    Z = torch.randn(2, 3, 15)
+    mu = mt.spanning_tree_marginals(Z, edges, 6)
+    assert mu.shape == (2, 3, 15) and mu.dtype == torch.float32
+    torch.testing.assert_close(mu, mt.spanning_tree_marginals(Z.double(), edges, 6).float())
+    Zd = torch.randn(4, 5, 5, dtype=torch.float32)
+    assert mt.arborescence_marginals(Zd).dtype == torch.float32
+    assert mt.arborescence_log_partition(Zd).shape == (4,)
+    with pytest.raises(ValueError, match="method"):
+        mt.spanning_tree_marginals(Z, edges, 6, method="inverse")
+    with pytest.raises(ValueError, match="edges"):
+        mt.spanning_tree_marginals(Z, edges[:3], 6)
+    with pytest.raises(ValueError, match="root"):
+        mt.arborescence_marginals(Zd, root=7)
