@@ -292,10 +292,11 @@ def gibbs_marginals(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
 
     Precision: float64 internally, cast back.  Z is first shifted per row by
     its k-th largest entry (log e_k changes by k times the shift, the marginals
-    not at all); the marginals are then products of local softmax weights of
-    the DP, whose relative error grows like n eps, and float64 keeps them
-    exact to ~1e-13 for |Z| up to 1e6, while float32 would lose the 1e-6
-    sum constraint on long chains.
+    not at all).  The log-space sums round at eps * |Z - shift|, so the
+    marginals are accurate to about 1e-16 * spread(Z) (1e-10 at a spread of
+    1e6, i.e. tau = 1e-3 with |theta| = 1e3, and ~1e-15 for moderate Z); in
+    float32 the same bound is 6e-8 * spread, which would lose the 1e-6 sum
+    constraint as soon as the spread exceeds about 10.
     """
     k = P.k
     record = torch.is_grad_enabled() and Z.requires_grad
