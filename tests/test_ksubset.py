@@ -1,0 +1,181 @@
+"""polytopes.KSubset: top-k, LML, capped-simplex projection and the Gibbs-marginal DP against brute force and the generic path."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import sstcvx
+from polytopes import KSubset, Simplex
+from polytopes.ksubset import log_elementary_symmetric
+
+REGULARIZERS = ("binary_entropy", "euclidean", "exp_family_entropy")
+
+
+def relax(P, U, tau, regularizer):
+    return sstcvx.relax(P, U, tau, regularizer, solver="specialised")
+
+
+def brute_force_marginals(P, Z):
+    V = P.vertices.to(Z.dtype)
+    return torch.softmax(Z @ V.T, -1) @ V
+
+
+def test_rejects_bad_sizes():
+    for n, k in ((5, 0), (5, 5), (5, -1), (1, 1)):
+        with pytest.raises(ValueError, match=f"n={n}"):
+            KSubset(n, k)
+    with pytest.raises(TypeError, match="k"):
+        KSubset(5, 2.0)
+    with pytest.raises(TypeError, match="n"):
+        KSubset(True, 1)
+
+
+@pytest.mark.parametrize("n,k", [(5, 1), (6, 2), (7, 6)])
+def test_vertices_are_the_k_hot_vectors(n, k):
+    V = KSubset(n, k).vertices
+    assert V.shape == (math.comb(n, k), n) and V.dtype == torch.float64
+    assert (V.sum(-1) == k).all() and ((V == 0) | (V == 1)).all()
+    assert torch.unique(V, dim=0).shape[0] == V.shape[0]
+    assert KSubset(40, 20).vertices is None
+
+
+def test_argmax_is_the_brute_force_vertex():
+    P = KSubset(7, 3)
+    U = torch.randn(64, 7, dtype=torch.float64)
+    X = sstcvx.argmax(P, U, solver="specialised")
+    V = P.vertices
+    assert torch.equal(X, V[(U @ V.T).argmax(-1)])
+    assert ((X.unsqueeze(1) == V).all(-1).sum(-1) == 1).all()
+    assert torch.equal(X[:4], sstcvx.argmax(P, U[:4], solver="generic"))
+
+
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_agrees_with_generic_path(regularizer):
+    P = KSubset(6, 2)
+    U = 2 * torch.randn(3, 6, dtype=torch.float64)
+    fast = relax(P, U, 0.7, regularizer)
+    slow = sstcvx.relax(P, U, 0.7, regularizer, solver="generic")
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_lml_satisfies_its_optimality_conditions():
+    # x = sigmoid(Z - nu) with one nu per row: logit(x) - Z is constant along the row, and sum x = k
+    P = KSubset(9, 4)
+    Z = 3 * torch.randn(5, 9, dtype=torch.float64)
+    X = relax(P, Z, 1.0, "binary_entropy")
+    shift = torch.logit(X) - Z
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-9, rtol=0)
+    torch.testing.assert_close(X.sum(-1), torch.full((5,), 4.0, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_projection_is_nearest_point_on_random_feasible_points():
+    # the projection is no farther from Z than any feasible point (here: random convex combinations of vertices)
+    P = KSubset(8, 3)
+    Z = 2 * torch.randn(4, 8, dtype=torch.float64)
+    X = relax(P, Z, 1.0, "euclidean")
+    weights = torch.distributions.Dirichlet(torch.ones(P.vertices.shape[0], dtype=torch.float64)).sample((4, 200))
+    others = weights @ P.vertices  # (4, 200, 8)
+    assert ((others - Z.unsqueeze(1)).norm(dim=-1) >= (X - Z).norm(dim=-1, keepdim=True) - 1e-12).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9])
+def test_log_elementary_symmetric_is_exact(n):
+    z = 2 * torch.randn(3, n, dtype=torch.float64)
+    for k in range(1, n + 1):
+        subsets = torch.tensor(list(itertools.combinations(range(n), k)))
+        expected = z[:, subsets].sum(-1).logsumexp(-1)
+        torch.testing.assert_close(log_elementary_symmetric(z, k), expected, atol=1e-12, rtol=1e-13)
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (7, 3), (8, 4), (13, 4), (16, 5)])
+def test_exp_family_entropy_is_the_brute_force_gibbs_marginals(n, k):
+    P = KSubset(n, k)
+    Z = 3 * torch.randn(5, n, dtype=torch.float64)
+    torch.testing.assert_close(relax(P, Z, 1.0, "exp_family_entropy"), brute_force_marginals(P, Z), atol=1e-8, rtol=0)
+
+
+def test_exp_family_jacobian_is_the_gibbs_covariance():
+    P = KSubset(7, 3)
+    z = torch.randn(7, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda u: relax(P, u, 1.0, "exp_family_entropy"), z)
+    V = P.vertices
+    p = torch.softmax(V @ z, -1)
+    mean = p @ V
+    covariance = V.T @ (p.unsqueeze(-1) * V) - torch.outer(mean, mean)
+    torch.testing.assert_close(J, covariance, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_gradcheck(regularizer):
+    P = KSubset(7, 3)
+    U = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: relax(P, u, 0.5, regularizer), (U,))
+
+
+def test_gradgradcheck_exp_family_and_lml():
+    P = KSubset(5, 2)
+    U = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    for regularizer in ("binary_entropy", "exp_family_entropy"):
+        assert torch.autograd.gradgradcheck(lambda u: relax(P, u, 0.5, regularizer), (U,))
+
+
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_tau_limits(regularizer):
+    P = KSubset(7, 3)
+    U = torch.rand(8, 7).argsort(-1).double() * 0.1  # distinct values 0.1 apart: a unique top-3 with a margin
+    hard = sstcvx.argmax(P, U)
+    torch.testing.assert_close(relax(P, U, 1e-3, regularizer), hard, atol=1e-12, rtol=0)
+    # tau -> infinity: argmin of f over P, the barycentre k/n for all three regularizers
+    torch.testing.assert_close(relax(P, U, 1e7, regularizer), torch.full_like(U, 3 / 7), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("regularizer", ["euclidean", "exp_family_entropy"])
+def test_one_subsets_are_the_simplex(regularizer):
+    U = 2 * torch.randn(6, 9, dtype=torch.float64)
+    torch.testing.assert_close(
+        relax(KSubset(9, 1), U, 0.8, regularizer), relax(Simplex(9), U, 0.8, regularizer), atol=1e-12, rtol=0
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_batch_shape_and_dtype_preserved(batch, dtype):
+    P = KSubset(5, 2)
+    U = torch.randn(*batch, 5, dtype=dtype)
+    for X in [relax(P, U, 0.5, r) for r in REGULARIZERS] + [sstcvx.argmax(P, U)]:
+        assert X.shape == U.shape and X.dtype == dtype and X.device == U.device
+    if batch:
+        flat = relax(P, U.reshape(-1, 5), 0.5, "exp_family_entropy").reshape(U.shape)
+        torch.testing.assert_close(relax(P, U, 0.5, "exp_family_entropy"), flat, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("regularizer", REGULARIZERS)
+def test_robust_to_extreme_utilities(regularizer, dtype):
+    n, k = 40, 7
+    P = KSubset(n, k)
+    for tau in (1e-3, 1.0, 1e3):
+        theta = (1e3 * torch.randn(6, n, dtype=dtype)).requires_grad_(True)
+        X = relax(P, theta, tau, regularizer)
+        (X * torch.randn_like(X)).sum().backward()
+        assert torch.isfinite(X).all() and torch.isfinite(theta.grad).all()
+        assert (X >= 0).all() and (X <= 1).all()
+        tolerance = 1e-6 if dtype == torch.float64 else 1e-5  # float32 output rounds each entry to 6e-8
+        torch.testing.assert_close(X.sum(-1).double(), torch.full((6,), float(k), dtype=torch.float64), atol=tolerance, rtol=0)
+    hard = sstcvx.argmax(P, theta.detach())
+    torch.testing.assert_close(relax(P, theta.detach(), 1e-3, regularizer), hard, atol=1e-6, rtol=0)
+
+
+def test_exp_family_dp_stays_exact_at_large_spread():
+    # a spread of 2e6 (tau = 1e-3 with |theta| = 1e3): brute force (a stable softmax over the 15 vertices) agrees
+    P = KSubset(6, 2)
+    z = torch.tensor([[1e6, 0.3, 0.0, -1e6, 5e5, -2e5], [3.0, -1e6, 1e6, 2.0, 0.5, -3e5]], dtype=torch.float64)
+    torch.testing.assert_close(relax(P, z, 1.0, "exp_family_entropy"), brute_force_marginals(P, z), atol=1e-12, rtol=0)
+    # one sure item and a near-tie for the second slot: the tie splits as a logistic of the gap; log-space
+    # sums such as 1e6 + 0.3 round at eps * 1e6 = 1e-10, which bounds the error at this spread
+    z = torch.tensor([[1e6, 0.3, 0.0, -1e6, -5e5, -2e5]], dtype=torch.float64)
+    p = 1 / (1 + math.exp(-0.3))
+    tie = torch.tensor([[1.0, p, 1 - p, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(relax(P, z, 1.0, "exp_family_entropy"), tie, atol=1e-9, rtol=0)
