@@ -356,6 +356,8 @@ def maximum_arborescence(
 
     history = []  # per round: (idx, has_cycle, lab, on_cyc, in_arc, comp)
     while True:
+        if len(history) >= n:  # each round removes >= 1 slot: cannot happen
+            raise RuntimeError("maximum_arborescence: contraction made no progress")
         Br = S.shape[0]
         val, best = S.max(dim=1)  # (Br, n): best incoming arc of each slot
         want = live & not_root  # slots that need an incoming arc
