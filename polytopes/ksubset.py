@@ -164,45 +164,61 @@ def limited_multilabel(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+class _CappedSimplexProjection(torch.autograd.Function):
+    """x = clamp(Z - nu, 0, 1) with sum x = k; exact forward, backward on the free set F = {0 < x < 1}."""
+
+    @staticmethod
+    def forward(ctx, Z, k):
+        z = Z.detach().to(torch.float64)
+        n = z.shape[-1]
+        ascending, _ = torch.sort(z, dim=-1)
+        breaks, _ = torch.sort(torch.cat([z - 1.0, z], dim=-1), dim=-1)
+        # sum of the m largest entries = tail[n - m], tail[j] = sum of ascending[j:]
+        tail = torch.cat([ascending.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(z[..., :1])], dim=-1)
+        above = torch.searchsorted(ascending, breaks, right=True)  # n - #{Z > t}
+        at_cap = torch.searchsorted(ascending, breaks + 1.0)  # n - #{Z >= t + 1}
+        g = (n - at_cap).to(z.dtype) + tail.gather(-1, above) - tail.gather(-1, at_cap) - (at_cap - above) * breaks
+        # g(min Z - 1) = n > k and g(max Z) = 0 < k: the last breakpoint with g >= k starts the segment
+        lo = ((g >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)
+        inner = 0.5 * (breaks.gather(-1, lo) + breaks.gather(-1, lo + 1))
+        free = (z > inner) & (z - 1.0 < inner)
+        capped = z - 1.0 >= inner
+        count = free.sum(-1, keepdim=True).to(z.dtype)
+        # g crosses k strictly inside the segment, so F is non-empty; guard rounding anyway
+        nu = (torch.where(free, z, 0.0).sum(-1, keepdim=True) + capped.sum(-1, keepdim=True) - k) / count.clamp_min(1.0)
+        nu = torch.where(count > 0, nu, inner)
+        x = torch.where(free, z - nu, capped.to(z.dtype)).clamp(0.0, 1.0)
+        ctx.save_for_backward(free.to(Z.dtype))
+        return x.to(Z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        # dnu = sum_F dZ / |F|, so J = diag(F) - F F^T / |F| (symmetric) and J^T g = F (g - mean_F g);
+        # linear in g through differentiable ops, so it differentiates again (to zero, as it should)
+        (free,) = ctx.saved_tensors
+        count = free.sum(-1, keepdim=True).clamp_min(1.0)
+        return free * (g - (free * g).sum(-1, keepdim=True) / count), None
+
+
 @register_relaxation(KSubset, "euclidean")
 def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
     """argmin_{0 <= x <= 1, sum x = k} ||x - Z||^2 = clamp(Z - nu, 0, 1) with sum = k.
 
     g(nu) = sum_i clamp(Z_i - nu, 0, 1) is non-increasing and piecewise linear
-    with breakpoints {Z_i - 1, Z_i}.  A binary search over the 2n sorted
-    breakpoints finds the segment where g crosses k; on it the sets
-    F = {0 < Z - nu < 1} (free) and A = {Z - nu >= 1} (at the cap) are fixed,
-    and nu = (sum_F Z + |A| - k) / |F| exactly.  With the sets fixed, nu is
-    recomputed by differentiable ops, so autograd gives the exact Jacobian
-    diag(F) - F F^T / |F|.  Z: (..., n) -> (..., n), same dtype.
-    Cost O(n log n) (one sort, log2(2n) evaluations of g).
+    with breakpoints {Z_i - 1, Z_i}.  It is evaluated at all 2n sorted
+    breakpoints at once from the sorted Z and its suffix sums (counting, by
+    binary search, the entries above t and above t + 1), which locates the
+    segment where g crosses k; on it the sets F = {0 < Z - nu < 1} (free) and
+    A = {Z - nu >= 1} (at the cap) are fixed, and nu = (sum_F Z + |A| - k) / |F|
+    exactly.  Backward: the exact Jacobian diag(F) - F F^T / |F| applied in
+    O(n) (a torch.autograd.Function).  Z: (..., n) -> (..., n), same dtype.
+    Cost O(n log n) (two sorts, two batched binary searches), no iteration.
 
     Precision: float64 internally, cast back; nu is a difference of sums of
     size |Z| and x a difference Z - nu, which in float32 would lose sum x = k
     to rounding once |Z| reaches about 10 (see :func:`limited_multilabel`).
     """
-    k = P.k
-    z = Z.to(torch.float64)
-    n = z.shape[-1]
-    with torch.no_grad():
-        breaks, _ = torch.sort(torch.cat([z - 1.0, z], dim=-1), dim=-1)
-        # invariant: g(breaks[lo]) >= k > g(breaks[hi]); g(min z - 1) = n and g(max z) = 0
-        lo = torch.zeros(z.shape[:-1] + (1,), dtype=torch.long, device=z.device)
-        hi = torch.full_like(lo, 2 * n - 1)
-        for _ in range(max(1, math.ceil(math.log2(2 * n)))):
-            mid = (lo + hi) // 2
-            g = (z - breaks.gather(-1, mid)).clamp(0.0, 1.0).sum(-1, keepdim=True)
-            lo = torch.where(g >= k, mid, lo)
-            hi = torch.where(g >= k, hi, mid)
-        inner = 0.5 * (breaks.gather(-1, lo) + breaks.gather(-1, hi))
-        free = (z > inner) & (z - 1.0 < inner)
-        capped = (z - 1.0 >= inner).sum(-1, keepdim=True).to(z.dtype)
-        count = free.sum(-1, keepdim=True).to(z.dtype)
-    # g crosses k strictly inside the segment, so F is non-empty; guard rounding anyway
-    nu = (torch.where(free, z, torch.zeros_like(z)).sum(-1, keepdim=True) + capped - k) / count.clamp_min(1.0)
-    nu = torch.where(count > 0, nu, inner)
-    x = torch.where(free, z - nu, (z - 1.0 >= inner).to(z.dtype)).clamp(0.0, 1.0)
-    return x.to(Z.dtype)
+    return _CappedSimplexProjection.apply(Z, P.k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,22 +229,6 @@ def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
 # Padding items sit this far below the row minimum: every k-subset that uses one weighs less than
 # exp(-_PAD_GAP) times one that swaps it for an unused real item, so they change nothing in float64.
 _PAD_GAP = 1000.0
-_PAIRS: dict = {}
-
-
-def _convolution_pairs(d: int, d_out: int, device) -> tuple:
-    """Index pairs (i, c - i), 0 <= i, c - i <= d, for c = 0..d_out, padded to d + 1 per c, and their -inf mask."""
-    key = (d, d_out, str(device))
-    if key not in _PAIRS:
-        c = torch.arange(d_out + 1).unsqueeze(-1)
-        i = torch.arange(d + 1).unsqueeze(0)
-        j = c - i
-        valid = (j >= 0) & (j <= d)
-        mask = torch.zeros(valid.shape, dtype=torch.float64).masked_fill_(~valid, float("-inf"))
-        _PAIRS[key] = (i.expand_as(j).reshape(-1).to(device), j.clamp(0, d).reshape(-1).to(device), mask.to(device))
-    return _PAIRS[key]
-
-
 def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim, with terms more than 700 below the maximum floored at exp(-700).
 
@@ -239,6 +239,21 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     """
     top = x.detach().amax(-1, keepdim=True)
     return top.squeeze(-1) + (x - top).clamp_min(-700.0).exp().sum(-1).log()
+
+
+def _log_convolution(left: torch.Tensor, right: torch.Tensor, d_out: int) -> torch.Tensor:
+    """out[c] = logsumexp_i (left[i] + right[c - i]) for c = 0..d_out; left, right (..., d + 1).
+
+    The pairs are read as sliding windows (a view, no gather) of ``right``
+    padded with d entries of -inf on the left: window c holds right[c - d + i']
+    against left[d - i'].  Absent pairs (c - i outside 0..d) meet a -inf pad,
+    which :func:`_logsumexp` floors at exp(-700) relative weight.
+    """
+    d = left.shape[-1] - 1
+    pad_left = right.new_full(right.shape[:-1] + (d,), float("-inf"))
+    pad_right = right.new_full(right.shape[:-1] + (max(0, d_out - d),), float("-inf"))
+    windows = torch.cat([pad_left, right, pad_right], dim=-1).unfold(-1, d + 1, 1)[..., : d_out + 1, :]
+    return _logsumexp(left.flip(-1).unsqueeze(-2) + windows)
 
 
 def log_elementary_symmetric(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -253,30 +268,27 @@ def log_elementary_symmetric(z: torch.Tensor, k: int) -> torch.Tensor:
     e_c(G + H) = sum_i e_i(G) e_{c-i}(H).  Work O(n k) in total (the levels
     with |G| < k cost O(n |G|), those above O(n k^2 / |G|)).  n is padded to a
     power of two with items _PAD_GAP below the row minimum (detached), which
-    change log e_k by less than exp(-900).  Every stored entry is finite; the
-    only -inf are the masks of absent (i, c - i) pairs inside logsumexp, whose
-    first and second derivatives stay finite (exp(x - result) = 0).
-    Differentiable twice by autograd; the gradient is the vector of Gibbs
-    marginals.  Runs in the dtype of z.
+    change log e_k by less than exp(-900).  Every stored entry is finite (the
+    -inf pads of the convolution never leave :func:`_logsumexp`), so the first
+    and second derivatives are finite.  Differentiable twice by autograd; the
+    gradient is the vector of Gibbs marginals.  Runs in the dtype of z.
     """
     n = z.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k: expected 1 <= k <= n = {n}, got {k}")
-    size = 1 << max(0, (n - 1).bit_length())
+    if n == 1:
+        return z[..., 0]
+    size = 1 << (n - 1).bit_length()
     if size > n:
         pad = z.detach().amin(-1, keepdim=True) - _PAD_GAP
         z = torch.cat([z, pad.expand(*z.shape[:-1], size - n)], dim=-1)
-    # leaves: L[0] = log e_0 = 0, L[1] = z_i
-    table = torch.stack([torch.zeros_like(z), z], dim=-1)  # (B, groups, degree + 1)
-    degree = 1
+    # the first level in closed form: a pair {a, b} has log e_0 = 0, log e_1 = logaddexp(a, b), log e_2 = a + b
+    a, b = z[..., 0::2], z[..., 1::2]
+    table = torch.stack([torch.zeros_like(a), _logsumexp(torch.stack([a, b], dim=-1)), a + b], dim=-1)
+    table = table[..., : k + 1]  # (B, groups, degree + 1)
     while table.shape[-2] > 1:
-        left, right = table[..., 0::2, :], table[..., 1::2, :]
-        d_out = min(2 * degree, k)
-        i, j, mask = _convolution_pairs(degree, d_out, z.device)
-        terms = left.index_select(-1, i) + right.index_select(-1, j)
-        terms = terms.view(*terms.shape[:-1], d_out + 1, degree + 1) + mask.to(z.dtype)
-        table = _logsumexp(terms)
-        degree = d_out
+        d_out = min(2 * (table.shape[-1] - 1), k)
+        table = _log_convolution(table[..., 0::2, :], table[..., 1::2, :], d_out)
     return table[..., 0, k]
 
 
