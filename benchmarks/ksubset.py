@@ -1,0 +1,204 @@
+"""Benchmark of the k-subset solvers (and the simplex and hypercube ones) against the obvious alternatives.
+
+    python benchmarks/ksubset.py [--quick] [--threads T] [--wall]
+
+Prints, in one run:
+
+1. The k-subset exponential-family-entropy dynamic program at batch 128, n = 45, k = 9 and
+   n = 435, k = 29, float64:
+   * ``ours``: the marginals X = grad log e_k(exp Z) by ``polytopes.ksubset.gibbs_marginals``
+     (the log-space DP forward and its autograd backward);
+   * ``numpy-fd``: a numpy log-space DP over the items (vectorised over the batch and
+     over the perturbed copies), differentiated by central finite differences
+     (2n + 1 DP evaluations);
+   with the ratio numpy-fd / ours (target >= 10) and the largest absolute difference of
+   the marginals (the finite differences' own error is about 1e-9).  Also shown:
+   ``ours train``, the full training step of the relaxation (marginals forward, then the
+   backward of a loss <G, X> through them, i.e. a Hessian-vector product of log e_k).
+   With ``--quick`` the finite differences at n = 435 are taken for 24 coordinates only
+   and their time is scaled to all n (said in the output).
+2. Specialised vs generic (CVXPY/cvxpylayers) forward + backward time per instance at a
+   few sizes and batch 1, 32 and 256, for every specialised relaxation of ``KSubset``,
+   ``Simplex`` and ``Hypercube`` that has a CVXPY form, with the speedup (target >= 100 at
+   batch 32).  The generic path costs milliseconds per instance, so its batch is capped
+   (8 with ``--quick``, 32 otherwise) and its per-instance time at larger batches is
+   that of the capped batch (it solves elements one at a time, so per-instance time
+   hardly depends on the batch); rows where that happens are marked ``*``.
+
+Timing: the process's CPU time (``time.process_time``) by default, because on a shared
+machine wall-clock time mostly measures the other processes; ``--wall`` uses
+``time.perf_counter``.  ``--threads`` sets torch's intra-op threads (default 1).  The
+median over rounds is reported, after a warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import sstcvx  # noqa: E402
+from polytopes import Hypercube, KSubset, Simplex  # noqa: E402
+from polytopes.ksubset import gibbs_marginals  # noqa: E402
+
+CLOCK = time.process_time
+
+
+def median_time(fn, rounds: int, warmup: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        start = CLOCK()
+        fn()
+        samples.append(CLOCK() - start)
+    return statistics.median(samples)
+
+
+def fmt(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:8.2f} s "
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:8.2f} ms"
+    return f"{seconds * 1e6:8.1f} us"
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. the dynamic program against numpy with finite differences
+# ------------------------------------------------------------------------------------------------
+
+
+def numpy_log_esp(z: np.ndarray, k: int) -> np.ndarray:
+    """log e_k(exp z) for z (R, n): the sequential log-space DP, L[c] <- logaddexp(L[c], L[c-1] + z_j)."""
+    L = np.full((z.shape[0], k + 1), -np.inf)
+    L[:, 0] = 0.0
+    for j in range(z.shape[1]):
+        L[:, 1:] = np.logaddexp(L[:, 1:], L[:, :-1] + z[:, j : j + 1])
+    return L[:, k]
+
+
+def numpy_fd_marginals(z: np.ndarray, k: int, coordinates, h: float = 1e-5, chunk: int = 16) -> np.ndarray:
+    """Central differences (log e_k(z + h e_i) - log e_k(z - h e_i)) / 2h for the given coordinates i."""
+    B, n = z.shape
+    out = np.empty((B, len(coordinates)))
+    coordinates = np.asarray(coordinates)
+    for start in range(0, len(coordinates), chunk):
+        idx = coordinates[start : start + chunk]
+        m = len(idx)
+        shifted = np.repeat(z[None], 2 * m, axis=0)  # (2m, B, n): +h copies, then -h copies
+        shifted[np.arange(m), :, idx] += h
+        shifted[m + np.arange(m), :, idx] -= h
+        values = numpy_log_esp(shifted.reshape(-1, n), k).reshape(2 * m, B)
+        out[:, start : start + m] = ((values[:m] - values[m:]) / (2 * h)).T
+    numpy_log_esp(z, k)  # the forward value itself, as a training step would need it
+    return out
+
+
+def dp_section(quick: bool, rounds: int):
+    print("1. k-subset exp_family_entropy: log-space DP marginals vs numpy DP + central finite differences")
+    print("   batch 128, float64; ours = DP forward + autograd backward (the marginals)")
+    header = f"   {'n':>4} {'k':>3} | {'ours':>11} | {'numpy-fd':>11} | {'ratio':>7} | {'max |diff|':>10} | {'ours train':>11}"
+    print(header)
+    generator = np.random.default_rng(0)
+    for n, k in ((45, 9), (435, 29)):
+        P = KSubset(n, k)
+        z = generator.standard_normal((128, n))
+        Z = torch.from_numpy(z)
+        ours = median_time(lambda: gibbs_marginals(P, Z), rounds)
+        G = torch.randn(128, n, dtype=torch.float64)
+
+        def train():
+            Zg = Z.clone().requires_grad_(True)
+            (gibbs_marginals(P, Zg) * G).sum().backward()
+
+        ours_train = median_time(train, rounds)
+        coordinates = range(n) if not (quick and n > 100) else range(0, n, n // 24)[:24]
+        coordinates = list(coordinates)
+        start = CLOCK()
+        reference = numpy_fd_marginals(z, k, coordinates)
+        numpy_time = (CLOCK() - start) * n / len(coordinates)
+        diff = np.abs(gibbs_marginals(P, Z).numpy()[:, coordinates] - reference).max()
+        note = "" if len(coordinates) == n else f"  (numpy-fd timed on {len(coordinates)} of {n} coordinates, scaled)"
+        print(
+            f"   {n:>4} {k:>3} | {fmt(ours)} | {fmt(numpy_time)} | {numpy_time / ours:6.0f}x | {diff:10.2e} | {fmt(ours_train)}{note}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. specialised vs generic
+# ------------------------------------------------------------------------------------------------
+
+
+def forward_backward(P, U, G, regularizer, solver):
+    def run():
+        Ug = U.clone().requires_grad_(True)
+        (sstcvx.relax(P, Ug, 0.5, regularizer, solver=solver) * G).sum().backward()
+
+    return run
+
+
+def generic_section(quick: bool, rounds: int):
+    cap = 8 if quick else 32
+    sizes = (10, 30) if quick else (10, 30, 100)
+    batches = (1, 32, 256)
+    print()
+    print("2. specialised vs generic (CVXPY/cvxpylayers), forward + backward, time per instance, float64, tau = 0.5")
+    print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
+    print(f"   {'polytope':<22} {'regularizer':<15} {'batch':>5} | {'specialised':>11} | {'generic':>12} | {'speedup':>8}")
+    cases = []
+    for n in sizes:
+        cases += [(KSubset(n, n // 3), r) for r in ("binary_entropy", "euclidean", "exp_family_entropy")]
+        cases += [(Simplex(n), r) for r in ("entropy", "euclidean")]
+        cases += [(Hypercube(n), r) for r in ("binary_entropy", "euclidean")]
+    for P, regularizer in cases:
+        if regularizer == "exp_family_entropy" and P.vertices is None:
+            continue  # the generic path is enumeration of the vertices, which are not listed at this size
+        generic_per_instance = {}  # capped batch -> seconds per instance
+        for batch in batches:
+            U = torch.randn(batch, P.n, dtype=torch.float64)
+            G = torch.randn(batch, P.n, dtype=torch.float64)
+            fast = median_time(forward_backward(P, U, G, regularizer, "specialised"), max(rounds, 5)) / batch
+            b = min(batch, cap)
+            if b not in generic_per_instance:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    run = forward_backward(P, U[:b], G[:b], regularizer, "generic")
+                    generic_per_instance[b] = median_time(run, rounds) / b
+            slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
+            label = "enumeration" if regularizer == "exp_family_entropy" else ""
+            print(
+                f"   {P.name:<22} {regularizer:<15} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | "
+                f"{slow / fast:7.0f}x {label}"
+            )
+
+
+def main(argv=None):
+    global CLOCK
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds, sampled finite differences")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--wall", action="store_true", help="wall-clock time instead of process CPU time")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads: expected an int >= 1")
+    torch.set_num_threads(args.threads)
+    if args.wall:
+        CLOCK = time.perf_counter
+    torch.manual_seed(0)
+    rounds = 3 if args.quick else 5
+    print(f"torch {torch.__version__}, {args.threads} thread(s), clock: {'wall' if args.wall else 'process CPU'}")
+    dp_section(args.quick, rounds)
+    generic_section(args.quick, rounds)
+
+
+if __name__ == "__main__":
+    main()
