@@ -229,6 +229,8 @@ def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
 # Padding items sit this far below the row minimum: every k-subset that uses one weighs less than
 # exp(-_PAD_GAP) times one that swaps it for an unused real item, so they change nothing in float64.
 _PAD_GAP = 1000.0
+
+
 def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim, with terms more than 700 below the maximum floored at exp(-700).
 
@@ -259,7 +261,7 @@ def _log_convolution(left: torch.Tensor, right: torch.Tensor, d_out: int) -> tor
 def log_elementary_symmetric(z: torch.Tensor, k: int) -> torch.Tensor:
     """log e_k(exp z) = log sum_{|S| = k} exp(sum_{i in S} z_i): the k-subset log-partition function.
 
-    z: (B, n) -> (B,).  A dynamic program over (items, count) in log space,
+    z: (..., n) -> (...).  A dynamic program over (items, count) in log space,
     organised as a balanced binary tree over the items so that it takes
     log2(n) vectorised steps instead of n: a group G of items carries
     L_G[c] = log e_c(exp z_G) for c = 0..min(|G|, k), and two sibling groups
@@ -267,8 +269,9 @@ def log_elementary_symmetric(z: torch.Tensor, k: int) -> torch.Tensor:
     L_{G+H}[c] = logsumexp_i (L_G[i] + L_H[c - i]), since
     e_c(G + H) = sum_i e_i(G) e_{c-i}(H).  Work O(n k) in total (the levels
     with |G| < k cost O(n |G|), those above O(n k^2 / |G|)).  n is padded to a
-    power of two with items _PAD_GAP below the row minimum (detached), which
-    change log e_k by less than exp(-900).  Every stored entry is finite (the
+    power of two with items _PAD_GAP below the row minimum (detached), whose
+    terms :func:`_logsumexp` floors at relative weight exp(-700), so they
+    change log e_k by less than 1e-300.  Every stored entry is finite (the
     -inf pads of the convolution never leave :func:`_logsumexp`), so the first
     and second derivatives are finite.  Differentiable twice by autograd; the
     gradient is the vector of Gibbs marginals.  Runs in the dtype of z.
@@ -298,9 +301,11 @@ def gibbs_marginals(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
 
     This is argmax_{x in P} <Z, x> - A*(x) with A the k-subset log-partition
     function (:func:`log_elementary_symmetric`).  Z: (..., n) -> (..., n),
-    same dtype; sum x = k.  Cost O(n k) forward (the DP and its reverse sweep);
-    when Z requires grad the reverse sweep is recorded (create_graph), so the
-    marginals' own backward (the covariance of the Gibbs law) is exact too.
+    same dtype; sum x = k.  Cost O(n k) work in log2(n) vectorised steps for
+    the DP, the same again for its reverse sweep (autograd.grad), which gives
+    the marginals; when Z requires grad the reverse sweep is recorded
+    (create_graph), so the marginals' own backward (the covariance of the
+    Gibbs law, a Hessian-vector product) is exact too, at about twice the cost.
 
     Precision: float64 internally, cast back.  Z is first shifted per row by
     its k-th largest entry (log e_k changes by k times the shift, the marginals
