@@ -23,8 +23,9 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 
-# Above this many vertices (C(n, k)) _enumerate_vertices returns None.
+# _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
 MAX_VERTICES = 5000
+MAX_ENTRIES = 1_000_000
 
 
 def _check_int(value, name: str) -> int:
@@ -38,7 +39,7 @@ class KSubset(Polytope):
 
     ``KSubset(n, k)`` with n >= 2 and 1 <= k <= n - 1; event shape ``(n,)``.
     Vertices: the C(n, k) k-hot vectors in lexicographic order of their index
-    sets (listed while C(n, k) <= ``MAX_VERTICES``).
+    sets (listed while C(n, k) <= ``MAX_VERTICES`` and n C(n, k) <= ``MAX_ENTRIES``).
     """
 
     def __init__(self, n: int, k: int):
@@ -55,7 +56,8 @@ class KSubset(Polytope):
         return x, [x >= 0, x <= 1, cp.sum(x) == self.k]
 
     def _enumerate_vertices(self):
-        if math.comb(self.n, self.k) > MAX_VERTICES:
+        count = math.comb(self.n, self.k)
+        if count > MAX_VERTICES or count * self.n > MAX_ENTRIES:
             return None
         index = torch.combinations(torch.arange(self.n), self.k)  # (C(n, k), k), lexicographic
         if index.dim() == 1:  # torch.combinations of r = 1 returns a vector

@@ -16,8 +16,9 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 
-# Above this many vertices _enumerate_vertices returns None (brute force would be too big).
+# _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
 MAX_VERTICES = 5000
+MAX_ENTRIES = 1_000_000
 
 
 def _check_size(value, name: str, minimum: int) -> int:
@@ -32,7 +33,7 @@ class Simplex(Polytope):
     """conv of the n one-hot vectors of length n: {x in R^n : x >= 0, sum_i x_i = 1}.
 
     ``Simplex(n)``, n >= 1; event shape ``(n,)``.  Vertices: the rows of the
-    identity (listed for n <= ``MAX_VERTICES``).
+    identity (listed while n <= ``MAX_VERTICES`` and n^2 <= ``MAX_ENTRIES``, i.e. n <= 1000).
     """
 
     def __init__(self, n: int):
@@ -45,7 +46,7 @@ class Simplex(Polytope):
         return x, [x >= 0, cp.sum(x) == 1]
 
     def _enumerate_vertices(self):
-        if self.n > MAX_VERTICES:
+        if self.n > MAX_VERTICES or self.n * self.n > MAX_ENTRIES:
             return None
         return torch.eye(self.n, dtype=torch.float64)
 

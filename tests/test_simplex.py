@@ -28,6 +28,7 @@ def test_rejects_bad_sizes():
 def test_vertices_and_declaration():
     P = Simplex(4)
     assert torch.equal(P.vertices, torch.eye(4, dtype=torch.float64))
+    assert Simplex(1001).vertices is None  # a million entries at most
     x, constraints = P.cvxpy_declaration()
     assert x.shape == (4,) and len(constraints) == 2
 
