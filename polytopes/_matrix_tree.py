@@ -123,7 +123,7 @@ def _accept(dX, info):
     decides on the true κ.
     """
     lo, hi = dX.aminmax(dim=-1)
-    return (info == 0) & (lo >= 1 - 1e-9) & (hi <= _KAPPA_MAX)
+    return (lo >= 1 - 1e-9) & (hi <= _KAPPA_MAX) & (info == 0)
 
 
 class _FastMarginals(torch.autograd.Function):
@@ -344,10 +344,12 @@ class _Edges:
 
     ``gather`` (n*n,) maps each arc of the directed core to its edge (E = the -inf pad);
     ``mask`` (n, n) its arcs; ``arcs`` (2E,) the flat arcs i→j then j→i.  For the fused
-    fast path, positions in a flattened (m*m + 1) buffer, m = n − 1, whose last slot
-    ``dump`` absorbs (and for gathers, reads 0 for) the root's entries: ``off`` (2E,) the
-    off-diagonal (i, j), (j, i); ``diag`` (2E,) the diagonal (i, i), (j, j); ``quad`` (3E,)
-    (i, i), (j, j), (i, j) for b_eᵀ X b_e = X_ii + X_jj − 2 X_ij.
+    fast path (m = n − 1 non-root vertices): ``gather`` also builds the dense weight
+    matrix from the edge weights padded with a 0; ``ends`` (2, E) the endpoints;
+    ``ij`` (E,) the flat position (i, j) in an m × m matrix (0 for an edge at the root)
+    and ``ij_coef`` (E,) −2 (0 at the root), for b_eᵀ X b_e = X̃_ii + X̃_jj − 2 X̃_ij
+    with X̃ zero at the root.  All lookups are gathers along dim 1 with an expanded
+    index, which measured several times faster than scatters or advanced indexing.
     """
 
     def __init__(self, edges, n, device):
@@ -362,15 +364,10 @@ class _Edges:
         mask[self.arcs] = True
         self.mask = mask.reshape(n, n)
         self.mask[:, n - 1] = False  # root = n - 1: no arc enters it
-        dump = m * m
-
-        def pos(a, b):
-            return torch.where((a < m) & (b < m), a * m + b, torch.full_like(a, dump))
-
-        self.off = torch.cat([pos(i, j), pos(j, i)])
-        self.diag = torch.cat([pos(i, i), pos(j, j)])
-        self.quad = torch.cat([pos(i, i), pos(j, j), pos(i, j)])
-        self.coef = torch.tensor([1.0, 1.0, -2.0], dtype=torch.float64, device=device).reshape(1, 3, 1)
+        self.ends = torch.stack([i, j])
+        inner = (i < m) & (j < m)
+        self.ij = torch.where(inner, i * m + j, torch.zeros_like(i))
+        self.ij_coef = torch.where(inner, -2.0, 0.0).to(torch.float64)
 
 
 def _edge_structure(edges, n, device):
@@ -384,20 +381,22 @@ def _edge_structure(edges, n, device):
 
 
 def _edge_laplacian(w, S):
-    """Reduced Laplacian (B, m, m) of edge weights w (B, E), root n − 1 removed."""
-    B, m = w.shape[0], S.n - 1
-    flat = w.new_zeros(B, m * m + 1)
-    w2 = torch.cat([w, w], dim=1)
-    # scatter/gather along dim 1 with an expanded index measured fastest on the CPU
-    flat.scatter_add_(1, S.diag.expand(B, -1), w2).scatter_add_(1, S.off.expand(B, -1), w2.neg_())
-    return flat[:, : m * m].view(B, m, m)
+    """Reduced Laplacian (B, m, m), contiguous, of edge weights w (B, E), root n − 1 removed."""
+    B, n = w.shape[0], S.n
+    W = torch.gather(torch.nn.functional.pad(w, (0, 1)), 1, S.gather.expand(B, -1)).view(B, n, n)
+    L = W[:, : n - 1, : n - 1].neg()
+    L.diagonal(dim1=-2, dim2=-1).add_(W.sum(dim=-1)[:, : n - 1])
+    return L
 
 
 def _edge_quadratic(X, S):
-    """b_eᵀ X b_e = X̃_ii + X̃_jj − 2 X̃_ij for every edge (B, E); X (B, m, m), X̃ zero at the root."""
+    """b_eᵀ X b_e = X̃_ii + X̃_jj − 2 X̃_ij for every edge (B, E); X (B, m, m) symmetric, X̃ zero at the root."""
     B, m = X.shape[0], S.n - 1
-    flat = torch.nn.functional.pad(X.reshape(B, m * m), (0, 1))
-    return (torch.gather(flat, 1, S.quad.expand(B, -1)).view(B, 3, S.E) * S.coef).sum(dim=1)
+    if not X.is_contiguous() and X.mT.is_contiguous():
+        X = X.mT  # X is symmetric: LAPACK's column-major inverse is its own row-major transpose
+    d = torch.nn.functional.pad(torch.diagonal(X, dim1=-2, dim2=-1), (0, 1))  # (B, n), 0 at the root
+    R = torch.gather(d, 1, S.ends[0].expand(B, -1)).add_(torch.gather(d, 1, S.ends[1].expand(B, -1)))
+    return R.addcmul_(torch.gather(X.reshape(B, m * m), 1, S.ij.expand(B, -1)), S.ij_coef.to(X.dtype))
 
 
 class _FastSpanningTree(torch.autograd.Function):
@@ -411,7 +410,7 @@ class _FastSpanningTree(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, S, zero_rejected):
-        w = torch.exp(x - x.amax(dim=-1, keepdim=True))
+        w = (x - x.amax(dim=-1, keepdim=True)).exp_()
         L = _edge_laplacian(w, S)
         X, info = torch.linalg.inv_ex(L)
         ok = _accept(torch.diagonal(L, dim1=-2, dim2=-1) * torch.diagonal(X, dim1=-2, dim2=-1), info)
@@ -428,7 +427,7 @@ class _FastSpanningTree(torch.autograd.Function):
     def backward(ctx, G, _):
         w, X, mu = ctx.saved_tensors
         M = torch.bmm(torch.bmm(X, _edge_laplacian(G * w, ctx.S)), X)
-        return G * mu - w * _edge_quadratic(M, ctx.S), None, None
+        return torch.addcmul(G * mu, w, _edge_quadratic(M, ctx.S), value=-1.0), None, None
 
 
 def _st_prepare(scores, edges, n):
