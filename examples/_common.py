@@ -1,0 +1,67 @@
+"""Small helpers shared by the example scripts: seeding, output paths, tables, JSON, progress bars."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+#: Where the examples write their figures (and cached data) unless told otherwise.
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch.Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def progress(iterable, desc: str, quiet: bool = False, **kwargs):
+    """A tqdm progress bar (silent with ``quiet``)."""
+    return tqdm(iterable, desc=desc, disable=quiet, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def format_table(columns: list[str], rows: list[list], title: str | None = None) -> str:
+    """A plain-text table (Markdown pipe syntax) with numbers formatted to 4 significant digits."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
+        return str(v)
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(columns)]
+    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in body]
+    return "\n".join(([title, ""] if title else []) + out)
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_out(path) -> Path:
+    """The figure path as a Path, with its folder created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def smooth(values, width: int = 25) -> np.ndarray:
+    """A trailing moving average, for noisy learning curves."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or width <= 1:
+        return values
+    cums = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - width, 0)
+    return (cums[idx] - cums[lo]) / (idx - lo)
