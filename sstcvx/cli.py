@@ -1,24 +1,331 @@
-"""The ``sstcvx`` command line."""
+"""The ``sstcvx`` command line: ``compare``, ``bench`` and ``demo``.
+
+``main(argv)`` returns the exit status instead of exiting (0: done; 1: the run
+failed or, with ``--fail-above``, a check failed; 2: a wrong option or target),
+so tests can call it in process; ``python -m sstcvx`` and the ``sstcvx`` console
+script exit with it.  The polytope families (``polytopes``) are imported only
+by the commands that need them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import sys
+
+FAMILY_NAMES = ("simplex", "hypercube", "ksubset", "permutation", "spanning_tree", "arborescence")
+REGULARIZER_NAMES = ("entropy", "binary_entropy", "euclidean", "exp_family_entropy")
+
+
+class UsageError(Exception):
+    """A wrong option or target: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _temperatures(text):
+    taus = []
+    for part in text.split(","):
+        try:
+            tau = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected temperatures > 0 separated by commas, got {text!r}") from None
+        if not (math.isfinite(tau) and tau > 0):
+            raise argparse.ArgumentTypeError(f"expected temperatures > 0 separated by commas, got {text!r}")
+        taus.append(tau)
+    return taus
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _regularizers(text):
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [name for name in names if name not in REGULARIZER_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown regularizer {', '.join(map(repr, bad)) or repr(text)}; expected {', '.join(REGULARIZER_NAMES)}"
+        )
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sstcvx", description="Stochastic softmax tricks on polytopes.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("demo", help="a short tour: declare a polytope and sample it three ways")
+    parser = _Parser(
+        prog="sstcvx",
+        description="Stochastic softmax tricks on polytopes: compare the generic CVXPY path with "
+        "specialised solvers, benchmark them, or take the tour.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    commands.add_parser(
+        "demo",
+        help="the main job, about a minute: declare a polytope, sample it three ways, compare every family",
+        description="Declare the 3-subsets of 8 items with CVXPY, draw relaxed, hard and straight-through "
+        "samples, compare a user polytope with brute force, then print the generic-vs-specialised "
+        "comparison table of every family in polytopes at a small size.",
+    )
+
+    compare = commands.add_parser(
+        "compare",
+        help="generic CVXPY path vs specialised solver (or brute force) on the same utilities",
+        description="Run the generic CVXPY path and a reference (the specialised solver; for a polytope "
+        "without one, brute force over its vertices or a second conic solver) on the same random "
+        "utilities U = theta + Gumbel noise, and print their differences (relaxed samples, "
+        "vector-Jacobian products, hard samples) and timings as a table.",
+        epilog="Examples: 'sstcvx compare ksubset --n 20 --k 5'; 'sstcvx compare simplex --tau 0.1,1 "
+        "--json out.json'; 'sstcvx compare my_polytopes.py:make_polytope' where make_polytope() returns "
+        "an sstcvx.Polytope.",
+    )
+    compare.add_argument(
+        "target",
+        metavar="FAMILY|FILE.py:FUNCTION",
+        help=f"a family ({', '.join(FAMILY_NAMES)}) or FILE.py:FUNCTION, a function of a Python file "
+        "returning an sstcvx.Polytope (called with no arguments, or with n=/k= when --n/--k are given)",
+    )
+    compare.add_argument("--n", type=_positive_int, help="size of the family (default: the family's, e.g. 10 for ksubset)")
+    compare.add_argument("--k", type=_positive_int, help="subset size for ksubset (default n // 3)")
+    compare.add_argument("--batch", type=_positive_int, default=16, help="rows of utilities U (default 16)")
+    compare.add_argument(
+        "--tau", type=_temperatures, default=[1.0], help="temperature, or several separated by commas (default 1)"
+    )
+    compare.add_argument(
+        "--regularizer",
+        type=_regularizers,
+        action="append",
+        help=f"regularizer to compare ({', '.join(REGULARIZER_NAMES)}); repeat it or separate by commas "
+        "(default: the family's list; for a user polytope euclidean and entropy, plus "
+        "exp_family_entropy when it lists its vertices)",
+    )
+    compare.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    compare.add_argument("--csv", metavar="PATH", help="also write the report as CSV to PATH")
+    compare.add_argument("--repeats", type=_nonnegative_int, default=3, help="timed repetitions after the warm-up (default 3; 0: no timing)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the utilities and the cotangent (default 0)")
+    compare.add_argument(
+        "--reference",
+        choices=("auto", "specialised", "brute_force", "second_solver"),
+        default="auto",
+        help="what the generic path is compared with (default auto: specialised if registered, else "
+        "brute force over the vertices, else a second conic solver)",
+    )
+    compare.add_argument(
+        "--max-generic-batch",
+        type=_positive_int,
+        default=64,
+        help="run the generic path on at most this many rows (default 64; it costs ms per row)",
+    )
+    compare.add_argument(
+        "--fail-above",
+        type=_positive_float,
+        metavar="TOL",
+        help="exit with status 1 if a configuration failed or its max |X_generic - X_reference| exceeds TOL",
+    )
+
+    bench = commands.add_parser(
+        "bench",
+        help="sweep sizes, batch sizes and temperatures for every family; write JSON and PNG plots",
+        description="For every family and its default regularizers, time the generic and the specialised "
+        "path against the size n and the batch size, and measure their difference against the "
+        "temperature tau. Writes bench.json (every figure) and time_vs_n.png, time_vs_batch.png, "
+        "error_vs_tau.png into DIR. The generic path costs milliseconds per instance, so it runs "
+        "only up to a capped batch size and size n (printed).",
+    )
+    bench.add_argument("--quick", action="store_true", help="fewer sizes, batch sizes and repetitions (a few minutes)")
+    bench.add_argument("--out", metavar="DIR", default="bench_out", help="output directory (default bench_out)")
+    bench.add_argument(
+        "--families",
+        metavar="NAMES",
+        help=f"comma-separated subset of the families (default all: {','.join(FAMILY_NAMES)})",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_tour
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a wrong option (2)
+        return int(exit_.code or 0)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
 
-        run_tour()
+            run_demo()
+            return 0
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "bench":
+            return _bench(args)
+    except UsageError as error:
+        print(f"sstcvx {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sstcvx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# sstcvx compare
+# ----------------------------------------------------------------------------------------------
+
+
+def load_user_polytope(target: str, n=None, k=None):
+    """Call FUNCTION of FILE.py (``target`` = "FILE.py:FUNCTION") and check it returns a Polytope."""
+    import sstcvx
+
+    path, _, function = target.rpartition(":")
+    if not path or not function.isidentifier():
+        raise UsageError(f"target {target!r}: expected a family ({', '.join(FAMILY_NAMES)}) or FILE.py:FUNCTION")
+    if not os.path.isfile(path):
+        raise UsageError(f"target {target!r}: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"sstcvx_user_{abs(hash(os.path.abspath(path)))}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"target {target!r}: cannot load {path!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise UsageError(f"target {target!r}: importing {path} failed: {type(error).__name__}: {error}") from None
+    make = getattr(module, function, None)
+    if not callable(make):
+        raise UsageError(f"target {target!r}: {path} defines no function {function!r}")
+    kwargs = {name: value for name, value in (("n", n), ("k", k)) if value is not None}
+    try:
+        P = make(**kwargs)
+    except Exception as error:
+        raise UsageError(f"target {target!r}: {function}({', '.join(f'{a}={b}' for a, b in kwargs.items())}) "
+                         f"raised {type(error).__name__}: {error}") from None
+    if not isinstance(P, sstcvx.Polytope):
+        raise UsageError(f"target {target!r}: {function}() returned {type(P).__name__}, expected an sstcvx.Polytope")
+    return P
+
+
+def load_family(name: str, n=None, k=None):
+    """(polytope, family) for a family name; imports ``polytopes`` here, not at sstcvx import time."""
+    try:
+        import polytopes  # noqa: F401  (registers every family that polytopes/__init__ imports)
+        from polytopes.families import FAMILIES, FamilyUnavailable
+    except Exception as error:
+        raise RuntimeError(f"cannot import the polytopes package: {type(error).__name__}: {error}") from None
+    family = FAMILIES[name]
+    if k is not None and not family.uses_k:
+        raise UsageError(f"--k applies to ksubset only, not to {name}")
+    try:
+        return family(n, k), family
+    except FamilyUnavailable as error:
+        raise RuntimeError(str(error)) from None
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"{name} with n={n if n is not None else family.n}: {error}") from None
+
+
+def _compare(args) -> int:
+    import sstcvx
+
+    if args.target in FAMILY_NAMES:
+        try:
+            P, family = load_family(args.target, args.n, args.k)
+        except RuntimeError as error:
+            print(f"sstcvx compare: {error}", file=sys.stderr)
+            return 1
+        default_regs = list(family.regularizers)
+    elif ":" in args.target:
+        P = load_user_polytope(args.target, args.n, args.k)
+        default_regs = ["euclidean", "entropy"]
+        if args.reference != "second_solver" and P.vertices is not None:
+            default_regs.append("exp_family_entropy")
+    else:
+        raise UsageError(
+            f"unknown family {args.target!r}; expected one of {', '.join(FAMILY_NAMES)} or FILE.py:FUNCTION"
+        )
+    regs = [r for group in args.regularizer for r in group] if args.regularizer else default_regs
+    regs = list(dict.fromkeys(regs))
+    try:
+        report = sstcvx.compare(
+            P,
+            regs,
+            tau=args.tau,
+            batch=args.batch,
+            seed=args.seed,
+            repeats=args.repeats,
+            reference=args.reference,
+            max_generic_batch=args.max_generic_batch,
+        )
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    print(f"comparing on {P!r}: batch {args.batch}, seed {args.seed}, median of {args.repeats} timed runs after a warm-up")
+    print(report.table())
+    if args.json:
+        report.to_json(args.json)
+        print(f"wrote JSON to {args.json}")
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"wrote CSV to {args.csv}")
+    if report.failures or report.warnings:
+        print(f"{report.failures} failure(s), {report.warnings} solver warning(s): see the notes above")
+    if args.fail_above is not None:
+        bad = [r.key for r in report if r.failures or r.max_abs_diff is None or r.max_abs_diff > args.fail_above]
+        if bad:
+            print(f"FAILED --fail-above {args.fail_above:g}: {'; '.join(bad)}", file=sys.stderr)
+            return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# sstcvx bench
+# ----------------------------------------------------------------------------------------------
+
+
+def _bench(args) -> int:
+    names = list(FAMILY_NAMES)
+    if args.families:
+        names = [name.strip() for name in args.families.split(",") if name.strip()]
+        bad = [name for name in names if name not in FAMILY_NAMES]
+        if bad or not names:
+            raise UsageError(f"--families: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(FAMILY_NAMES)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    from .bench import run_bench
+
+    try:
+        run_bench(args.out, quick=args.quick, families=names, progress=not args.no_progress)
+    except RuntimeError as error:
+        print(f"sstcvx bench: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
