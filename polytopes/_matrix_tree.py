@@ -24,8 +24,12 @@ Two paths, chosen per batch element (``method="auto"``):
 
 1. **Fast** (``method="fast"``): w = exp(Z − max Z), one batched ``torch.linalg.inv_ex``
    of L̂, and μ(h→d) = w_hd (L̂⁻¹[d, d] − L̂⁻¹[d, h]) (the root's entries of L̂⁻¹ read as 0;
-   undirected: w_e (L̂⁻¹_ii + L̂⁻¹_jj − 2 L̂⁻¹_ij)).  Cost O(n³) per element in one LAPACK
-   call; the backward is analytic and exact (two batched matmuls, see ``_FastMarginals``).  The
+   undirected: w_e (L̂⁻¹_ii + L̂⁻¹_jj − 2 L̂⁻¹_ij), fused over the edge list in
+   ``_FastSpanningTree``).  Cost O(n³) per element in one LAPACK call plus O(n²) gathers;
+   the backward is analytic and exact (two batched matmuls, see ``_FastMarginals``), and
+   differentiable once (a second derivative through the fast path raises).  Measured
+   (benchmarks/trees.py, batch 128, one CPU thread): forward + backward 3-4× one batched
+   ``torch.linalg.inv`` of the same matrices, 0.6-0.75× the naive autograd-of-slogdet.  The
    accuracy is governed by κ = max_d L̂[d, d]·L̂⁻¹[d, d] ≥ 1: L̂ is a column diagonally
    dominant M-matrix, so Gaussian elimination needs no pivoting and only ever cancels on
    the diagonal, and κ bounds that cancellation ratio for every pivot in every
@@ -44,8 +48,13 @@ Two paths, chosen per batch element (``method="auto"``):
    requires grad, so X_tau stays differentiable).  Exact (relative error ~ n·eps in every
    weight) for any spread of Z, e.g. tau = 1e-3 with |theta| = 1e3 (spread 1e6), and so
    it reaches the hard argmax as tau → 0.  Cost O(n³) per element but in n − 1 sequential
-   batched steps, with autograd of autograd: several times slower than the fast path, so
-   it is used only where the fast path is not accurate.
+   batched steps, with autograd of autograd (to any order): measured 5× (n = 10) to 17×
+   (n = 30) the fast path, so it is used only where the fast path is not accurate.  With
+   Gumbel-perturbed theta ~ N(0, 1) every element is fast at tau ≥ 1, about half at
+   tau = 0.3 and almost none at tau ≤ 0.1.
+
+The per-element choice costs one host synchronisation per call (``bool(ok.all())``); the
+rest is batched tensor code that runs unchanged on a GPU.
 
 Precision.  Both paths compute internally in float64 whatever the input dtype, and cast
 the result back: the marginals are differences of entries of L̂⁻¹ (effective resistances),
