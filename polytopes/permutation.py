@@ -1,0 +1,372 @@
+"""The Birkhoff polytope: conv of the n x n permutation matrices, event shape (n, n).
+
+x[i, j] = 1 iff item i takes position j; P = {x >= 0, x 1 = 1, x^T 1 = 1}
+(Birkhoff-von Neumann).  Specialised solvers (Z = U / tau, shape (B, n, n)):
+
+* hard argmax: the Hungarian method (:func:`hungarian`), on the CPU;
+* ``entropy`` (f = sum x log x): the Sinkhorn fixed point (:func:`sinkhorn`),
+  solved in the log domain to a stated tolerance, with an implicit backward.
+
+Reference: Paulus et al., "Gradient estimation with stochastic softmax tricks",
+NeurIPS 2020 (Sec. 3 and App. on permutations); Cuturi, "Sinkhorn distances",
+NeurIPS 2013 (the entropic problem).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from sstcvx.polytope import Polytope
+from sstcvx.registry import register_argmax, register_relaxation
+
+# _enumerate_vertices lists the n! permutation matrices up to this n (720 at n = 6).
+MAX_ENUMERATE_N = 6
+
+# Sinkhorn defaults: largest |row or column sum - 1| accepted, and the Newton step budget.
+SINKHORN_TOL = 1e-12
+SINKHORN_MAX_ITER = 500
+
+# Continuation in the temperature: each stage solves Z / s with s decreasing by _SCALE_FACTOR
+# down to 1; the first stage has max(Z) - min(Z) <= _FIRST_SPREAD after scaling.
+_FIRST_SPREAD = 32.0
+_SCALE_FACTOR = 8.0
+_STAGE_TOL = 1e-2
+# Ridges on the reduced Laplacian (singular when entries of X underflow); its entries are O(1).
+# Newton's is relative to the residual (see _newton); the VJP's changes dL/dZ by at most the
+# coupling mass it neglects (see _sinkhorn_vjp).
+_NEWTON_RIDGE = 1e-3  # times max |column sum - 1|
+_RIDGE_FLOOR = 1e-13
+_VJP_RIDGE = 1e-12
+# Newton: largest change of a potential per step, and backtracking halvings before a Sinkhorn sweep.
+_MAX_STEP = 8.0
+_MAX_HALVINGS = 30
+# Sinkhorn sweeps (column then row normalisation) before Newton's steps at each stage.
+_SWEEPS = 2
+# Rounding allowance (per row) of the Armijo test, whose terms are O(1).
+_ARMIJO_SLACK = 1e-14
+# Entries of X below exp(_LOG_FLOOR) ~ 1e-150 are set to 0 (see _exp).
+_LOG_FLOOR = -345.0
+
+
+def _check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected an int, got {type(n).__name__} ({n!r})")
+    if n < 2:
+        raise ValueError(f"n: expected an int >= 2 (a permutation of at least two items), got {n}")
+    return int(n)
+
+
+def _check_square(T, name: str) -> None:
+    if not isinstance(T, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (..., n, n), got {type(T).__name__}")
+    if not T.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {T.dtype}")
+    if T.dim() < 2 or T.shape[-1] != T.shape[-2] or T.shape[-1] < 2:
+        raise ValueError(f"{name}: expected shape (..., n, n) with n >= 2, got {tuple(T.shape)}")
+
+
+class Permutation(Polytope):
+    """The Birkhoff polytope {x in R^(n x n) : x >= 0, rows and columns sum to 1}.
+
+    ``Permutation(n)``, n >= 2; event shape ``(n, n)``, x[i, j] = 1 iff item i
+    takes position j.  Its vertices are the n! permutation matrices (listed
+    for n <= ``MAX_ENUMERATE_N``).
+    """
+
+    def __init__(self, n: int):
+        n = _check_n(n)
+        super().__init__((n, n), name=f"Permutation(n={n})")
+        self.n = n
+
+    def _declare(self):
+        x = cp.Variable((self.n, self.n))
+        return x, [x >= 0, cp.sum(x, axis=1) == 1, cp.sum(x, axis=0) == 1]
+
+    def _enumerate_vertices(self):
+        if self.n > MAX_ENUMERATE_N:
+            return None
+        perms = torch.tensor(list(itertools.permutations(range(self.n))), dtype=torch.long)
+        eye = torch.eye(self.n, dtype=torch.float64)
+        return eye[perms]  # (n!, n, n): row i of vertex k is e_{perm_k[i]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard argmax
+# ---------------------------------------------------------------------------------------------
+
+
+def hungarian(U: torch.Tensor) -> torch.Tensor:
+    """The permutation matrix maximising <U, x>: argmax over the Birkhoff polytope's vertices.
+
+    U: (..., n, n) -> (..., n, n) permutation matrices, U's dtype and device.
+    Solved by the Hungarian method (SciPy's ``linear_sum_assignment``, a
+    shortest augmenting path variant) in float64 on the CPU, one batch element
+    at a time: O(n^3) each, plus a device round trip when U is on a GPU.
+    Ties (probability zero under continuous noise) are broken by SciPy.
+    """
+    _check_square(U, "U")
+    n = U.shape[-1]
+    flat = U.detach().reshape(-1, n, n).to("cpu", torch.float64).numpy()
+    if not np.isfinite(flat).all():
+        raise ValueError("U: expected finite values")
+    cols = np.empty((flat.shape[0], n), dtype=np.int64)
+    for k in range(flat.shape[0]):
+        cols[k] = linear_sum_assignment(flat[k], maximize=True)[1]
+    X = torch.zeros(flat.shape, dtype=U.dtype)
+    X.scatter_(-1, torch.from_numpy(cols).unsqueeze(-1), 1.0)
+    return X.reshape(U.shape).to(U.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy relaxation: Sinkhorn
+# ---------------------------------------------------------------------------------------------
+
+
+def _grounded_laplacian(X: torch.Tensor, r, ridge) -> torch.Tensor:
+    """S + 1 1^T + ridge I with S = diag(c) - X^T diag(1/r) X, c the column sums: (B, n, n).
+
+    ``r`` are the row sums of X, or None when they are 1.  S is the Laplacian
+    of the graph on positions with weights W_jk = sum_i X_ij X_ik / r_i, so
+    its diagonal is formed as the sum of the off-diagonal weights: no
+    cancellation when X is close to a permutation.  S 1 = 0; adding 1 1^T
+    makes it positive definite when the graph is connected, and S x = y with
+    1^T y = 0 then has the solution with 1^T x = 0 (no row or column needs to
+    be dropped).  The ridge keeps it definite when weights underflow to 0.
+    """
+    W = (X if r is None else X / r.unsqueeze(-1)).transpose(-1, -2) @ X
+    off_diagonal_sums = W.sum(-1) - torch.diagonal(W, dim1=-2, dim2=-1)
+    return torch.diagonal_scatter(1.0 - W, off_diagonal_sums + (1.0 + ridge), dim1=-2, dim2=-1)
+
+
+def _solve_spd(S: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched S^{-1} rhs for symmetric positive (semi)definite S by Cholesky.
+
+    Elements whose factorisation fails (rounding made S indefinite) are
+    refactorised with a larger ridge, 1e-8 times (1 + the largest diagonal entry).
+    """
+    L, info = torch.linalg.cholesky_ex(S)
+    bad = info > 0
+    if bool(bad.any()):
+        diag = torch.diagonal(S, dim1=-2, dim2=-1)
+        bump = 1e-8 * (1.0 + diag.abs().amax(-1)) * bad
+        L, _ = torch.linalg.cholesky_ex(S + torch.diag_embed(bump.unsqueeze(-1).expand_as(diag)))
+    return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+
+
+def _logsumexp(W: torch.Tensor, dim: int) -> torch.Tensor:
+    """log sum exp(W) along dim (kept), terms below exp(_LOG_FLOOR) times the largest counted as that.
+
+    torch.logsumexp on arguments below about -708 (W reaches -1e6 here) is
+    10-100x slower on the CPU; the clamp changes the result by at most n * 1e-150.
+    """
+    m = W.amax(dim=dim, keepdim=True)
+    return m + torch.logsumexp((W - m).clamp_min(_LOG_FLOOR), dim=dim, keepdim=True)
+
+
+def _normalise_rows(W: torch.Tensor) -> torch.Tensor:
+    return W - _logsumexp(W, -1)
+
+
+def _exp(W: torch.Tensor) -> torch.Tensor:
+    """exp(W) with entries below exp(_LOG_FLOOR) set to 0.
+
+    Changes sums by at most n * 1e-150, and keeps every product of two
+    entries a normal float64: subnormal operands and results make exp and bmm
+    on the CPU 10-100x slower.
+    """
+    return torch.where(W >= _LOG_FLOOR, torch.exp(W.clamp_min(_LOG_FLOOR)), 0.0)
+
+
+def _exp_floored(W: torch.Tensor) -> torch.Tensor:
+    """exp(max(W, _LOG_FLOOR)): entries below 1e-150 read as 1e-150 (cheaper than :func:`_exp`; see there)."""
+    return torch.exp(W.clamp_min(_LOG_FLOOR))
+
+
+@torch.no_grad()
+def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+    """X = exp(Z + a 1^T + 1 b^T) doubly stochastic, Z float64 (B, n, n).
+
+    The state is W = log X = Z + a 1^T + 1 b^T with the rows normalised; the
+    potentials are absorbed into W after every step instead of being kept
+    apart, so that entries that matter stay O(1) and rounding is relative to
+    them, not to |Z| (which reaches 1e6).  Newton's method on the dual (see
+    :func:`_newton`) drives the column sums to 1.  For large spreads of Z
+    (small tau) the problem is nearly a linear program and both plain
+    Sinkhorn and Newton from a cold start crawl, so it follows the path Z / s
+    for s decreasing geometrically to 1 (epsilon-scaling): the solution at s
+    scaled by s / s_next (potentials included) warm-starts the next stage.
+    """
+    B, n, _ = Z.shape
+    spread = Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1))
+    s = (spread / _FIRST_SPREAD).clamp_min(1.0)
+    W = _normalise_rows(Z / s[:, None, None])
+    steps = 0
+    while True:
+        final = s == 1.0
+        stage_tol = torch.where(final, torch.full_like(s, tol), torch.full_like(s, max(_STAGE_TOL, tol)))
+        W, used, err = _newton(W, stage_tol, max_iter - steps)
+        steps += used
+        if bool(final.all()) or steps >= max_iter:
+            break
+        s_next = (s / _SCALE_FACTOR).clamp_min(1.0)
+        W = _normalise_rows(W * (s / s_next)[:, None, None])
+        s = s_next
+    bad = (err > tol) | ~final
+    if bool(bad.any()):
+        warnings.warn(
+            f"sinkhorn: {int(bad.sum())} of {B} batch elements did not reach the tolerance {tol:g} "
+            f"within max_iter={max_iter} Newton steps (largest marginal violation "
+            f"{float(err.max()):.3g}); increase max_iter",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _exp(W)
+
+
+def _newton(W, tol, budget):
+    """Damped Newton for the column sums of X = exp(W), rows kept normalised; returns (W, steps, err).
+
+    Minimises the reduced dual psi(b) = sum_i logsumexp_j(W_ij + b_j) - sum_j b_j
+    (gradient c - 1, c the column sums; Hessian the Laplacian
+    diag(c) - X^T X, singular along b + const) until max |c - 1| <= tol per
+    element.  Each step solves the grounded Laplacian system for the
+    direction d, caps max |t d| at _MAX_STEP (a trust region: psi is far from
+    quadratic when X has tiny entries) and backtracks until the Armijo
+    condition holds.  psi(b + t d) - psi(b) is the sum of the row
+    log-normalisers of W + t d, which renormalising the rows computes anyway;
+    they are O(1) numbers, so the test is accurate to rounding of O(1), not of
+    |Z|.  An element with no Armijo step in _MAX_HALVINGS takes a Sinkhorn sweep.
+    """
+    n = W.shape[-1]
+    slack = _ARMIJO_SLACK * n
+    for _ in range(_SWEEPS):  # cheap Sinkhorn sweeps first: Newton then needs about two steps fewer
+        W = _normalise_rows(W - _logsumexp(W, -2))
+    X = _exp_floored(W)
+    g = X.sum(-2) - 1.0
+    err = g.abs().amax(-1)
+    for step in range(budget):
+        active = err > tol
+        if not bool(active.any()):
+            return W, step, err
+        # Levenberg-Marquardt ridge proportional to the residual: keeps the factorisation defined and
+        # rounding noise in null directions small against the step, without spoiling quadratic convergence.
+        ridge = (_NEWTON_RIDGE * err).clamp_min(_RIDGE_FLOOR).unsqueeze(-1)  # (B, 1)
+        d = _solve_spd(_grounded_laplacian(X, None, ridge), -g) * active.unsqueeze(-1)
+        slope = (g * d).sum(-1)
+        dsum = d.sum(-1)
+        t = (_MAX_STEP / d.abs().amax(-1).clamp_min(1e-300)).clamp(max=1.0)
+        W_new = None
+        pending = torch.ones_like(active)
+        for _ in range(_MAX_HALVINGS):
+            trial = W + (t.unsqueeze(-1) * d).unsqueeze(-2)
+            # rows of W are normalised and |t d| <= _MAX_STEP: each row's largest entry is >= -log n - 8
+            lse = torch.logsumexp(trial.clamp_min(_LOG_FLOOR), dim=-1, keepdim=True)
+            ok = pending & (lse.sum((-2, -1)) - t * dsum <= 1e-4 * t * slope + slack)
+            W_new = trial - lse if W_new is None else torch.where(ok[:, None, None], trial - lse, W_new)
+            pending = pending & ~ok
+            if not bool(pending.any()):
+                break
+            t = 0.5 * t
+        if bool(pending.any()):  # no Armijo step: a Sinkhorn sweep (columns, then rows) instead
+            sweep = _normalise_rows(W - _logsumexp(W, -2))
+            W_new = torch.where(pending[:, None, None], sweep, W_new)
+        W = W_new
+        X = _exp_floored(W)
+        g = X.sum(-2) - 1.0
+        err = g.abs().amax(-1)
+    return W, budget, err
+
+
+def _sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """dL/dZ from dL/dX = G at the Sinkhorn fixed point X (B, n, n), by implicit differentiation.
+
+    With X = exp(Z + a 1^T + 1 b^T) and the marginal constraints, a perturbation
+    dZ moves X by X * (dZ + da 1^T + 1 db^T) with (da, db) solving the
+    linearised constraints (2n equations of rank 2n-1: (da, db) is defined up
+    to (+1, -1), which leaves X unchanged).  The adjoint is
+    dL/dZ = X * (G - alpha 1^T - 1 beta^T) with
+        diag(r) alpha + X beta = (G*X) 1,  X^T alpha + diag(c) beta = (G*X)^T 1,
+    solved by eliminating alpha: a Laplacian system in beta, grounded by
+    1 1^T (see :func:`_grounded_laplacian`), one n x n Cholesky solve.
+    It is the residual of projecting sqrt(X)*G on the span of the constraint
+    gradients, so directions where the Laplacian is (nearly) singular -- blocks
+    of X coupled by tiny masses delta -- change the result by O(delta |G|): the
+    ridge on the Laplacian costs nothing there.  Differentiable ops only, so
+    autograd also gives second derivatives.
+    """
+    r = X.sum(-1)
+    GX = G * X
+    g1 = GX.sum(-1)
+    rhs = GX.sum(-2) - (X * (g1 / r).unsqueeze(-1)).sum(-2)
+    beta = _solve_spd(_grounded_laplacian(X, r, _VJP_RIDGE), rhs)
+    alpha = (g1 - (X @ beta.unsqueeze(-1)).squeeze(-1)) / r
+    return X * (G - alpha.unsqueeze(-1) - beta.unsqueeze(-2))
+
+
+class _Sinkhorn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, Z, tol, max_iter):
+        X = _sinkhorn_forward(Z.detach(), tol, max_iter)
+        ctx.save_for_backward(X)
+        return X
+
+    @staticmethod
+    def backward(ctx, G):
+        (X,) = ctx.saved_tensors
+        return _sinkhorn_vjp(X, G), None, None
+
+
+def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER) -> torch.Tensor:
+    """argmax_{x in Birkhoff} <Z, x> - sum_ij x_ij log x_ij: the Sinkhorn normalisation of exp(Z).
+
+    Z: (..., n, n) -> X (..., n, n), Z's dtype and device, with
+    X = exp(Z + a 1^T + 1 b^T) for dual potentials a, b; rows sum to 1 to
+    rounding and columns to within ``tol`` (default 1e-12).
+
+    Precision: float64 internally whatever the input, because the tolerance
+    and the spread of Z (|Z| reaches 1e6 at tau = 1e-3, |theta| = 1e3) are far
+    beyond float32.  The state is log X with the potentials absorbed, so
+    rounding is relative to the O(1) entries that matter, not to |Z|.
+
+    Forward: two Sinkhorn sweeps, then log-domain damped Newton on the dual
+    (an n x n Cholesky solve per step, O(n^3); 3-6 steps when
+    max(Z) - min(Z) <= 32).  Larger spreads
+    are nearly linear programs, where Sinkhorn's alternating normalisations
+    need O(spread) sweeps; Newton instead follows Z / s for s decreasing 8x
+    per stage down to 1 (epsilon-scaling, each stage warm-started by the
+    previous one), typically 10-30 steps in all at spreads up to 1e6.
+    Warns (RuntimeWarning) if ``max_iter`` steps do not reach ``tol``.
+
+    Backward: implicit differentiation of the fixed point (one n x n
+    Cholesky solve per element), never unrolled; differentiable again, so
+    second derivatives are available.
+    """
+    _check_square(Z, "Z")
+    if isinstance(tol, bool) or not isinstance(tol, (float, int)) or not tol > 0:
+        raise ValueError(f"tol: expected a positive float, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
+    n = Z.shape[-1]
+    if Z.numel() == 0:
+        return Z * 0
+    Z64 = Z.reshape(-1, n, n).to(torch.float64)
+    if not bool(torch.isfinite(Z64).all()):
+        raise ValueError("Z: expected finite values")
+    X = _Sinkhorn.apply(Z64, float(tol), max_iter)
+    return X.to(Z.dtype).reshape(Z.shape)
+
+
+@register_argmax(Permutation)
+def _permutation_argmax(P: Permutation, U: torch.Tensor) -> torch.Tensor:
+    return hungarian(U)
+
+
+@register_relaxation(Permutation, "entropy")
+def _permutation_entropy(P: Permutation, Z: torch.Tensor) -> torch.Tensor:
+    return sinkhorn(Z)

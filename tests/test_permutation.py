@@ -1,0 +1,192 @@
+"""polytopes.Permutation: Hungarian argmax and Sinkhorn (entropy) against brute force, the generic path and autograd."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import sstcvx
+from polytopes import Permutation
+from polytopes.permutation import hungarian, sinkhorn
+
+
+def relax(P, U, tau):
+    return sstcvx.relax(P, U, tau, "entropy", solver="specialised")
+
+
+def marginal_violation(X):
+    X = X.double()
+    return max((X.sum(-1) - 1).abs().max().item(), (X.sum(-2) - 1).abs().max().item())
+
+
+def unrolled_sinkhorn(Z, sweeps):
+    """Test-only reference: plain log-domain Sinkhorn, differentiated by autograd through every sweep."""
+    a = torch.zeros(Z.shape[:-1], dtype=Z.dtype)
+    b = torch.zeros_like(a)
+    for _ in range(sweeps):
+        a = -torch.logsumexp(Z + b.unsqueeze(-2), -1)
+        b = -torch.logsumexp(Z + a.unsqueeze(-1), -2)
+    return torch.exp(Z + a.unsqueeze(-1) + b.unsqueeze(-2))
+
+
+def test_rejects_bad_arguments():
+    for n in (1, 0, -3):
+        with pytest.raises(ValueError, match="n"):
+            Permutation(n)
+    for n in (2.0, True, "3"):
+        with pytest.raises(TypeError, match="n"):
+            Permutation(n)
+    with pytest.raises(ValueError, match="Z"):
+        sinkhorn(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="Z"):
+        sinkhorn(torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="Z"):
+        sinkhorn(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="tol"):
+        sinkhorn(torch.zeros(3, 3), tol=0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        sinkhorn(torch.zeros(3, 3), max_iter=0)
+    with pytest.raises(ValueError, match="U"):
+        hungarian(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="U"):
+        hungarian(torch.tensor([[0.0, float("inf")], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6])
+def test_vertices_are_the_permutation_matrices(n):
+    V = Permutation(n).vertices
+    assert V.shape == (math.factorial(n), n, n) and V.dtype == torch.float64
+    assert ((V == 0) | (V == 1)).all() and (V.sum(-1) == 1).all() and (V.sum(-2) == 1).all()
+    assert torch.unique(V.reshape(V.shape[0], -1), dim=0).shape[0] == V.shape[0]
+    assert Permutation(7).vertices is None
+
+
+def test_declaration_is_the_birkhoff_polytope():
+    P = Permutation(4)
+    x, constraints = P.cvxpy_declaration()
+    assert x.shape == (4, 4)
+    assert P.check(n_directions=4)  # LP vertices in random directions are integral
+
+
+def test_argmax_is_the_brute_force_vertex():
+    P = Permutation(5)
+    U = torch.randn(64, 5, 5, dtype=torch.float64)
+    X = sstcvx.argmax(P, U, solver="specialised")
+    V = P.vertices
+    torch.testing.assert_close(X, V[(U.reshape(64, 1, 25) * V.reshape(1, -1, 25)).sum(-1).argmax(-1)], atol=0, rtol=0)
+    assert ((X == 0) | (X == 1)).all() and (X.sum(-1) == 1).all() and (X.sum(-2) == 1).all()
+    torch.testing.assert_close(sstcvx.argmax(Permutation(4), U[:3, :4, :4], solver="generic"), hungarian(U[:3, :4, :4]))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_agrees_with_generic_path(n):
+    P = Permutation(n)
+    U = 2 * torch.randn(3, n, n, dtype=torch.float64)
+    for tau in (0.3, 2.0):
+        fast = relax(P, U, tau)
+        slow = sstcvx.relax(P, U, tau, "entropy", solver="generic")
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_satisfies_the_optimality_conditions():
+    # X = exp(Z + a 1^T + 1 b^T): log X - Z is a sum of a row and a column term (zero double-centring),
+    # and X is doubly stochastic
+    Z = 3 * torch.randn(5, 6, 6, dtype=torch.float64)
+    X = sinkhorn(Z)
+    R = X.log() - Z
+    centred = R - R.mean(-1, keepdim=True) - R.mean(-2, keepdim=True) + R.mean((-2, -1), keepdim=True)
+    assert centred.abs().max() < 1e-10
+    assert marginal_violation(X) < 1e-12
+
+
+def test_gradcheck():
+    P = Permutation(3)
+    U = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: relax(P, u, 0.5), (U,))
+
+
+def test_gradgradcheck():
+    U = torch.randn(1, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda u: sinkhorn(u / 0.7), (U,))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_vjp_matches_autograd_through_unrolled_sinkhorn(scale):
+    Z = (scale * torch.randn(4, 5, 5, dtype=torch.float64)).requires_grad_(True)
+    G = torch.randn(4, 5, 5, dtype=torch.float64)
+    X = sinkhorn(Z)
+    (ours,) = torch.autograd.grad((G * X).sum(), Z)
+    X_ref = unrolled_sinkhorn(Z, 2000)
+    (reference,) = torch.autograd.grad((G * X_ref).sum(), Z)
+    torch.testing.assert_close(X, X_ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ours, reference, atol=1e-9, rtol=0)
+    assert ours.abs().max() > 1e-2  # the comparison is not between two zeros
+
+
+def test_tau_limits():
+    P = Permutation(5)
+    U = torch.randn(8, 5, 5, dtype=torch.float64)
+    hard = sstcvx.argmax(P, U)
+    torch.testing.assert_close(relax(P, U, 1e-5), hard, atol=1e-9, rtol=0)
+    torch.testing.assert_close(relax(P, U, 1e7), torch.full_like(U, 1 / 5), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_batch_shape_and_dtype_preserved(batch, dtype):
+    P = Permutation(4)
+    U = torch.randn(*batch, 4, 4, dtype=dtype)
+    for X in (relax(P, U, 0.5), sstcvx.argmax(P, U), hungarian(U), sinkhorn(U)):
+        assert X.shape == U.shape and X.dtype == dtype and X.device == U.device
+    if batch:
+        flat = relax(P, U.reshape(-1, 4, 4), 0.5).reshape(U.shape)
+        torch.testing.assert_close(relax(P, U, 0.5), flat, atol=0, rtol=0)
+        assert torch.equal(hungarian(U), hungarian(U.reshape(-1, 4, 4)).reshape(U.shape))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_preserved():
+    U = torch.randn(4, 5, 5, device="cuda", requires_grad=True)
+    X = relax(Permutation(5), U, 0.5)
+    X.sum().backward()
+    assert X.device == U.device and U.grad.device == U.device
+    assert hungarian(U).device == U.device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 8])
+def test_robust_to_extreme_utilities(n, dtype):
+    P = Permutation(n)
+    gumbel = -torch.log(-torch.log(torch.rand(16, n, n, dtype=torch.float64)))
+    for tau in (1e-3, 1.0, 1e3):
+        for scale in (1.0, 1e3):
+            theta = ((2 * torch.rand(16, n, n, dtype=torch.float64) - 1) * scale).to(dtype).requires_grad_(True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the tolerance is reached: no RuntimeWarning
+                X = relax(P, theta + gumbel.to(dtype), tau)
+            (X * torch.randn_like(X)).sum().backward()
+            assert torch.isfinite(X).all() and torch.isfinite(theta.grad).all()
+            assert (X >= 0).all() and marginal_violation(X) <= 1e-6
+    # |theta| ~ 1e3 separates the best assignment by far more than tau = 1e-3
+    U = theta.detach() + gumbel.to(dtype)
+    torch.testing.assert_close(relax(P, U, 1e-3), sstcvx.argmax(P, U), atol=1e-6, rtol=0)
+
+
+def test_nearly_tied_vertices_at_a_huge_spread():
+    # identity and the swap of items 0 and 1 differ by 1 in score inside a spread of 3e6; on the 2 x 2 block
+    # the fixed point has X00 X11 / (X01 X10) = exp(Z00 + Z11 - Z01 - Z10) = e, so X00 = sigmoid(1/2).  Getting
+    # this to 1e-9 needs rounding relative to O(1), not to |Z| = 1e6 (where one ulp is 1e-10).
+    Z = torch.full((3, 3), -1e6, dtype=torch.float64)
+    Z[0, 0] = Z[1, 1] = 1e6
+    Z[0, 1] = Z[1, 0] = 1e6 - 0.5
+    Z[2, 2] = 2e6
+    p = 1 / (1 + math.exp(-0.5))
+    expected = torch.tensor([[p, 1 - p, 0.0], [1 - p, p, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(sinkhorn(Z), expected, atol=1e-9, rtol=0)
+
+
+def test_warns_when_the_iteration_budget_is_too_small():
+    Z = 1e4 * torch.randn(2, 6, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        sinkhorn(Z, max_iter=2)
