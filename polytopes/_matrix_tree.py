@@ -215,8 +215,10 @@ def _stable(Zd, mask, root):
     if torch.is_grad_enabled() and Zd.requires_grad:
         (mu,) = torch.autograd.grad(_stable_logdet(Zd, mask, root).sum(), Zd, create_graph=True)
         return mu
-    with torch.enable_grad():
-        Zl = Zd.detach().requires_grad_(True)
+    # no graph wanted: differentiate a detached copy (cloned, since a tensor made under
+    # torch.inference_mode cannot enter autograd even where grad mode is re-enabled)
+    with torch.inference_mode(False), torch.enable_grad():
+        Zl = Zd.detach().clone().requires_grad_(True)
         (mu,) = torch.autograd.grad(_stable_logdet(Zl, mask, root).sum(), Zl)
     return mu
 
@@ -275,6 +277,11 @@ def _arc_structure(n, root, mask, device):
         key = (n, root, str(device))
         if key in _ARC_CACHE:
             return _ARC_CACHE[key]
+    with torch.inference_mode(False):  # cached tables must be usable by autograd later
+        return _build_arc_structure(n, root, mask, device, key)
+
+
+def _build_arc_structure(n, root, mask, device, key):
     arcs = ~torch.eye(n, dtype=torch.bool, device=device)
     arcs[:, root] = False
     if mask is not None:
@@ -385,7 +392,8 @@ def _edge_structure(edges, n, device):
     if hit is None:
         if len(_EDGE_CACHE) > 64:
             _EDGE_CACHE.clear()
-        hit = _EDGE_CACHE[key] = _Edges(edges, n, device)
+        with torch.inference_mode(False):  # cached tables must be usable by autograd later
+            hit = _EDGE_CACHE[key] = _Edges(edges, n, device)
     return hit
 
 

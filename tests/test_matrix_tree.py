@@ -172,3 +172,17 @@ def test_dtype_batch_and_bad_input():
         mt.spanning_tree_marginals(Z, edges[:3], 6)
     with pytest.raises(ValueError, match="root"):
         mt.arborescence_marginals(Zd, root=7)
+
+
+def test_no_grad_and_inference_mode():
+    """The stable path differentiates internally; it must work where autograd is off."""
+    edges = torch.triu_indices(6, 6, 1).T
+    Z = 1e3 * torch.randn(3, 15, dtype=torch.float64)  # spread far too large for the inverse
+    expected = mt.spanning_tree_marginals(Z, edges, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(mt.spanning_tree_marginals(Z, edges, 6), expected, atol=0, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(mt.spanning_tree_marginals(Z, edges, 6), expected, atol=0, rtol=0)
+        Zd = 1e3 * torch.randn(2, 7, 7, dtype=torch.float64)
+        mu = mt.arborescence_marginals(Zd, root=3)
+    torch.testing.assert_close(mu.sum(-2)[:, [0, 1, 2, 4, 5, 6]], torch.ones(2, 6, dtype=torch.float64), atol=1e-9, rtol=0)
