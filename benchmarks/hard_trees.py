@@ -102,6 +102,8 @@ def main(argv=None):
         f"hard tree samplers vs networkx {nx.__version__}: batch {B}, float64, "
         f"device {device}, torch {torch.__version__} with {torch.get_num_threads()} threads"
     )
+    if hasattr(os, "getloadavg"):
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings scale with it)")
     print(
         f"networkx on {n_nx} of {B} elements"
         + (" (time scaled to the batch, marked ~)" if n_nx < B else "")
