@@ -146,9 +146,9 @@ def maximum_spanning_tree(weights: Tensor, mask: Optional[Tensor] = None) -> Ten
     Prim's algorithm on the dense graph, started at vertex 0: ``n - 1`` steps,
     each a handful of batched ``O(B n)`` tensor ops (argmax over the frontier
     keys, then a key update with the new vertex's row), so ``O(B n^2)`` work,
-    ``O(B n)`` extra memory and ``n - 1`` sequential steps, all on the input's
-    device; the only host synchronisation is the final connectivity check when a
-    mask is given.  Only comparisons of the input weights are made (no
+    one ``(B, n, n)`` working copy of the weights and ``n - 1`` sequential steps,
+    all on the input's device; besides input validation, the only host
+    synchronisation is the final connectivity check when a mask is given.  Only comparisons of the input weights are made (no
     arithmetic), so the result is exact in any floating dtype.
 
     Ties: when all the edge weights are distinct (with probability 1 for
@@ -162,7 +162,7 @@ def maximum_spanning_tree(weights: Tensor, mask: Optional[Tensor] = None) -> Ten
     """
     n = _check_square("weights", weights)
     batch_shape = weights.shape[:-2]
-    W = weights.reshape(-1, n, n)
+    W = weights.detach().reshape(-1, n, n)  # a hard sample: no gradient
     B = W.shape[0]
     device, dtype = W.device, W.dtype
     M = _check_mask(mask, n, batch_shape, device)
@@ -300,8 +300,9 @@ def maximum_arborescence(
     The arborescence is then expanded in reverse: a contracted cycle keeps all
     of its chosen arcs except the one into the member that the arc entering the
     cycle points to (``O(B n)`` per round).  Total: ``O(B n^2)`` once, plus per
-    round ``O(B n log n + K n)`` work in a few dozen tensor ops and one host
-    synchronisation (to learn whether a cycle is left); worst case
+    round ``O(B n log n + K n)`` work in a few dozen tensor ops and three host
+    synchronisations (whether a cycle is left, and the sizes of the member and
+    rep lists, from ``nonzero``); worst case
     ``O(B n^3)``.  Memory ``O(B n^2)`` plus ``O(B n)`` per round.
 
     Precision: scores are handled in float64 whatever the input dtype, so that
@@ -331,7 +332,7 @@ def maximum_arborescence(
     if not 0 <= root < n:
         raise ValueError(f"root must satisfy 0 <= root < n = {n}, got root = {root}")
     batch_shape = scores.shape[:-2]
-    S0 = scores.reshape(-1, n, n)
+    S0 = scores.detach().reshape(-1, n, n)  # a hard sample: no gradient
     B = S0.shape[0]
     device, dtype = S0.device, S0.dtype
     M = _check_mask(mask, n, batch_shape, device)

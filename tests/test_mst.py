@@ -466,3 +466,13 @@ def test_arborescence_large_scores_close_reduced_costs(dtype):
     assert_arborescence(X, 0)
     assert total(X, S) == brute_arborescence_max(S.double(), 0)
     assert X[0, 1] == 1 and X[1, 2] == 1
+
+
+def test_inputs_requiring_grad_are_not_modified():
+    S = torch.randn(4, 6, 6, requires_grad=True)
+    W = sym(S.detach()).requires_grad_()
+    S_copy, W_copy = S.detach().clone(), W.detach().clone()
+    X, T = maximum_arborescence(S), maximum_spanning_tree(W)
+    assert not X.requires_grad and not T.requires_grad
+    assert torch.equal(S.detach(), S_copy) and torch.equal(W.detach(), W_copy)
+    assert torch.equal(X, maximum_arborescence(S_copy))
