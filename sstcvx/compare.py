@@ -187,10 +187,14 @@ class ComparisonReport:
         return self.table()
 
     def to_dict(self) -> dict:
-        return {
-            "format": "sstcvx.compare/1",
-            "configurations": {r.key: dataclasses.asdict(r) for r in self.rows},
-        }
+        configurations = {}
+        for r in self.rows:
+            key, copy = r.key, 1
+            while key in configurations:  # the same configuration twice (reports added up)
+                copy += 1
+                key = f"{r.key} #{copy}"
+            configurations[key] = dataclasses.asdict(r)
+        return {"format": "sstcvx.compare/1", "configurations": configurations}
 
     def to_json(self, path=None, indent: int = 2) -> str:
         """The report as JSON: ``{"configurations": {key: {field: value}}}``; written to ``path`` if given."""
