@@ -37,7 +37,7 @@ SINKHORN_MAX_ITER = 500
 _FIRST_SPREAD = 32.0
 _SCALE_FACTOR = 8.0
 _STAGE_TOL = 1e-2
-# Ridges on the reduced Laplacian (singular when entries of X underflow); its entries are O(1).
+# Ridges on the grounded Laplacian (singular when entries of X underflow); its entries are O(1).
 # Newton's is relative to the residual (see _newton); the VJP's changes dL/dZ by at most the
 # coupling mass it neglects (see _sinkhorn_vjp).
 _NEWTON_RIDGE = 1e-3  # times max |column sum - 1|
@@ -189,8 +189,10 @@ def _exp_floored(W: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
     """X = exp(Z + a 1^T + 1 b^T) doubly stochastic, Z float64 (B, n, n).
+
+    Returns (X, number of elements short of ``tol``, largest column violation).
 
     The state is W = log X = Z + a 1^T + 1 b^T with the rows normalised; the
     potentials are absorbed into W after every step instead of being kept
@@ -217,16 +219,8 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int) -> torch.Tenso
         s_next = (s / _SCALE_FACTOR).clamp_min(1.0)
         W = _normalise_rows(W * (s / s_next)[:, None, None])
         s = s_next
-    bad = (err > tol) | ~final
-    if bool(bad.any()):
-        warnings.warn(
-            f"sinkhorn: {int(bad.sum())} of {B} batch elements did not reach the tolerance {tol:g} "
-            f"within max_iter={max_iter} Newton steps (largest marginal violation "
-            f"{float(err.max()):.3g}); increase max_iter",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    return _exp(W)
+    unconverged = (err > tol) | ~final
+    return _exp(W), int(unconverged.sum()), float(err.max())
 
 
 def _newton(W, tol, budget):
@@ -251,25 +245,28 @@ def _newton(W, tol, budget):
     g = X.sum(-2) - 1.0
     err = g.abs().amax(-1)
     for step in range(budget):
-        active = err > tol
-        if not bool(active.any()):
+        if not bool((err > tol).any()):
             return W, step, err
         # Levenberg-Marquardt ridge proportional to the residual: keeps the factorisation defined and
         # rounding noise in null directions small against the step, without spoiling quadratic convergence.
+        # Converged elements take their (rounding-sized) steps too: masking them costs more than it saves.
         ridge = (_NEWTON_RIDGE * err).clamp_min(_RIDGE_FLOOR).unsqueeze(-1)  # (B, 1)
-        d = _solve_spd(_grounded_laplacian(X, None, ridge), -g) * active.unsqueeze(-1)
-        slope = (g * d).sum(-1)
-        dsum = d.sum(-1)
+        d = _solve_spd(_grounded_laplacian(X, None, ridge), -g)
+        # Armijo: psi(b + t d) - psi(b) = sum of row log-normalisers - t sum(d) <= 1e-4 t <g, d>
+        armijo = d.sum(-1) + 1e-4 * (g * d).sum(-1)
         t = (_MAX_STEP / d.abs().amax(-1).clamp_min(1e-300)).clamp(max=1.0)
-        W_new = None
-        pending = torch.ones_like(active)
+        W_new = pending = None
         for _ in range(_MAX_HALVINGS):
             trial = W + (t.unsqueeze(-1) * d).unsqueeze(-2)
             # rows of W are normalised and |t d| <= _MAX_STEP: each row's largest entry is >= -log n - 8
             lse = torch.logsumexp(trial.clamp_min(_LOG_FLOOR), dim=-1, keepdim=True)
-            ok = pending & (lse.sum((-2, -1)) - t * dsum <= 1e-4 * t * slope + slack)
-            W_new = trial - lse if W_new is None else torch.where(ok[:, None, None], trial - lse, W_new)
-            pending = pending & ~ok
+            ok = lse.sum((-2, -1)) <= t * armijo + slack
+            if W_new is None:
+                W_new, pending = trial - lse, ~ok
+            else:
+                ok = ok & pending
+                W_new = torch.where(ok[:, None, None], trial - lse, W_new)
+                pending = pending & ~ok
             if not bool(pending.any()):
                 break
             t = 0.5 * t
@@ -311,15 +308,15 @@ def _sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 class _Sinkhorn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, Z, tol, max_iter):
-        X = _sinkhorn_forward(Z.detach(), tol, max_iter)
+    def forward(ctx, Z, tol, max_iter, report):
+        X, report["unconverged"], report["violation"] = _sinkhorn_forward(Z, tol, max_iter)
         ctx.save_for_backward(X)
         return X
 
     @staticmethod
     def backward(ctx, G):
         (X,) = ctx.saved_tensors
-        return _sinkhorn_vjp(X, G), None, None
+        return _sinkhorn_vjp(X, G), None, None, None
 
 
 def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER) -> torch.Tensor:
@@ -336,8 +333,7 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
 
     Forward: two Sinkhorn sweeps, then log-domain damped Newton on the dual
     (an n x n Cholesky solve per step, O(n^3); 3-6 steps when
-    max(Z) - min(Z) <= 32).  Larger spreads
-    are nearly linear programs, where Sinkhorn's alternating normalisations
+    max(Z) - min(Z) <= 32).  Larger spreads are nearly linear programs, where Sinkhorn's alternating normalisations
     need O(spread) sweeps; Newton instead follows Z / s for s decreasing 8x
     per stage down to 1 (epsilon-scaling, each stage warm-started by the
     previous one), typically 10-30 steps in all at spreads up to 1e6.
@@ -358,7 +354,16 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     Z64 = Z.reshape(-1, n, n).to(torch.float64)
     if not bool(torch.isfinite(Z64).all()):
         raise ValueError("Z: expected finite values")
-    X = _Sinkhorn.apply(Z64, float(tol), max_iter)
+    report = {}
+    X = _Sinkhorn.apply(Z64, float(tol), max_iter, report)
+    if report["unconverged"]:
+        warnings.warn(
+            f"sinkhorn: {report['unconverged']} of {Z64.shape[0]} batch elements did not reach the tolerance "
+            f"{tol:g} within max_iter={max_iter} Newton steps (largest column-sum violation "
+            f"{report['violation']:.3g}); increase max_iter",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return X.to(Z.dtype).reshape(Z.shape)
 
 
