@@ -175,19 +175,19 @@ class _CappedSimplexProjection(torch.autograd.Function):
         n = z.shape[-1]
         ascending, _ = torch.sort(z, dim=-1)
         breaks, _ = torch.sort(torch.cat([z - 1.0, z], dim=-1), dim=-1)
-        # sum of the m largest entries = tail[n - m], tail[j] = sum of ascending[j:]
-        tail = torch.cat([ascending.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(z[..., :1])], dim=-1)
+        prefix = torch.nn.functional.pad(ascending.cumsum(-1), (1, 0))  # prefix[j] = sum of ascending[:j]
         above = torch.searchsorted(ascending, breaks, right=True)  # n - #{Z > t}
         at_cap = torch.searchsorted(ascending, breaks + 1.0)  # n - #{Z >= t + 1}
-        g = (n - at_cap).to(z.dtype) + tail.gather(-1, above) - tail.gather(-1, at_cap) - (at_cap - above) * breaks
+        # g(t) = #{Z >= t + 1} + sum_{t < Z < t + 1} (Z - t)
+        g = (n - at_cap) + (prefix.gather(-1, at_cap) - prefix.gather(-1, above)) - (at_cap - above) * breaks
         # g(min Z - 1) = n > k and g(max Z) = 0 < k: the last breakpoint with g >= k starts the segment
         lo = ((g >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)
-        inner = 0.5 * (breaks.gather(-1, lo) + breaks.gather(-1, lo + 1))
-        free = (z > inner) & (z - 1.0 < inner)
+        inner = breaks.gather(-1, torch.cat([lo, lo + 1], dim=-1)).mean(-1, keepdim=True)
         capped = z - 1.0 >= inner
-        count = free.sum(-1, keepdim=True).to(z.dtype)
+        free = (z > inner) & ~capped
+        count = free.sum(-1, keepdim=True)
         # g crosses k strictly inside the segment, so F is non-empty; guard rounding anyway
-        nu = (torch.where(free, z, 0.0).sum(-1, keepdim=True) + capped.sum(-1, keepdim=True) - k) / count.clamp_min(1.0)
+        nu = (torch.where(free, z, 0.0).sum(-1, keepdim=True) + (capped.sum(-1, keepdim=True) - k)) / count.clamp_min(1)
         nu = torch.where(count > 0, nu, inner)
         x = torch.where(free, z - nu, capped.to(z.dtype)).clamp(0.0, 1.0)
         ctx.save_for_backward(free.to(Z.dtype))
@@ -208,7 +208,7 @@ def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
 
     g(nu) = sum_i clamp(Z_i - nu, 0, 1) is non-increasing and piecewise linear
     with breakpoints {Z_i - 1, Z_i}.  It is evaluated at all 2n sorted
-    breakpoints at once from the sorted Z and its suffix sums (counting, by
+    breakpoints at once from the sorted Z and its prefix sums (counting, by
     binary search, the entries above t and above t + 1), which locates the
     segment where g crosses k; on it the sets F = {0 < Z - nu < 1} (free) and
     A = {Z - nu >= 1} (at the cap) are fixed, and nu = (sum_F Z + |A| - k) / |F|
