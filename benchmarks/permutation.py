@@ -151,7 +151,7 @@ def bipartite_graph(weights: np.ndarray) -> nx.Graph:
 def matching_to_matrix(matching, n: int) -> np.ndarray:
     X = np.zeros((n, n))
     for a, b in matching.items() if isinstance(matching, dict) else matching:
-        (side, i), (_, j) = (a, b) if a[0] == "r" else (b, a)
+        (_, i), (_, j) = (a, b) if a[0] == "r" else (b, a)
         X[i, j] = 1.0
     return X
 

@@ -7,9 +7,10 @@ x[i, j] = 1 iff item i takes position j; P = {x >= 0, x 1 = 1, x^T 1 = 1}
 * ``entropy`` (f = sum x log x): the Sinkhorn fixed point (:func:`sinkhorn`),
   solved in the log domain to a stated tolerance, with an implicit backward.
 
-Reference: Paulus et al., "Gradient estimation with stochastic softmax tricks",
-NeurIPS 2020 (Sec. 3 and App. on permutations); Cuturi, "Sinkhorn distances",
-NeurIPS 2013 (the entropic problem).
+References: Paulus et al., "Gradient estimation with stochastic softmax tricks",
+NeurIPS 2020; Mena et al., "Learning latent permutations with Gumbel-Sinkhorn
+networks", ICLR 2018 (the relaxation); Cuturi, "Sinkhorn distances", NeurIPS
+2013 (the entropic problem and its fixed point).
 """
 
 from __future__ import annotations
@@ -369,9 +370,11 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
 
 @register_argmax(Permutation)
 def _permutation_argmax(P: Permutation, U: torch.Tensor) -> torch.Tensor:
+    """The registered hard argmax: :func:`hungarian` (CPU, O(n^3) per element)."""
     return hungarian(U)
 
 
 @register_relaxation(Permutation, "entropy")
 def _permutation_entropy(P: Permutation, Z: torch.Tensor) -> torch.Tensor:
+    """The registered entropy relaxation: :func:`sinkhorn` at its default tolerance 1e-12."""
     return sinkhorn(Z)

@@ -65,7 +65,7 @@ def test_vertices_are_the_permutation_matrices(n):
 def test_declaration_is_the_birkhoff_polytope():
     P = Permutation(4)
     x, constraints = P.cvxpy_declaration()
-    assert x.shape == (4, 4)
+    assert x.shape == (4, 4) and len(constraints) == 3
     assert P.check(n_directions=4)  # LP vertices in random directions are integral
 
 
