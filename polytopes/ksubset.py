@@ -173,16 +173,30 @@ class _CappedSimplexProjection(torch.autograd.Function):
     def forward(ctx, Z, k):
         z = Z.detach().to(torch.float64)
         n = z.shape[-1]
-        ascending, _ = torch.sort(z, dim=-1)
-        breaks, _ = torch.sort(torch.cat([z - 1.0, z], dim=-1), dim=-1)
-        prefix = torch.nn.functional.pad(ascending.cumsum(-1), (1, 0))  # prefix[j] = sum of ascending[:j]
-        above = torch.searchsorted(ascending, breaks, right=True)  # n - #{Z > t}
-        at_cap = torch.searchsorted(ascending, breaks + 1.0)  # n - #{Z >= t + 1}
-        # g(t) = #{Z >= t + 1} + sum_{t < Z < t + 1} (Z - t)
-        g = (n - at_cap) + (prefix.gather(-1, at_cap) - prefix.gather(-1, above)) - (at_cap - above) * breaks
-        # g(min Z - 1) = n > k and g(max Z) = 0 < k: the last breakpoint with g >= k starts the segment
-        lo = ((g >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)
-        inner = breaks.gather(-1, torch.cat([lo, lo + 1], dim=-1)).mean(-1, keepdim=True)
+        s, _ = torch.sort(z, dim=-1)  # s_0 <= ... <= s_{n-1}
+        prefix = torch.nn.functional.pad(s.cumsum(-1), (1, 0))  # prefix[j] = s_0 + ... + s_{j-1}
+        j = torch.arange(n, device=z.device).expand_as(s)
+        # g(t) = #{Z >= t + 1} + sum_{t < Z < t + 1} (Z - t) at the breakpoints t = s_j and t = s_j - 1,
+        # two ascending families; entries tied with t count either way (they add Z - t = 0, or 1 = the cap)
+        cap_upper = torch.searchsorted(s, s + 1.0)  # first index with Z >= s_j + 1
+        g_upper = (n - cap_upper) + (prefix.gather(-1, cap_upper) - prefix[..., 1:]) - (cap_upper - j - 1) * s
+        lower = s - 1.0
+        free_lower = torch.searchsorted(s, lower, right=True)  # first index with Z > s_j - 1
+        g_lower = (n - j) + (prefix[..., :-1] - prefix.gather(-1, free_lower)) - (j - free_lower) * lower
+        # g is non-increasing: in each family the breakpoints with g >= k come first.  g(s_0 - 1) = n > k
+        # and g(s_{n-1}) = 0 < k, so the crossing lies between the last breakpoint with g >= k (of either
+        # family) and the first with g < k.
+        last_upper = (g_upper >= k).sum(-1, keepdim=True) - 1  # may be -1
+        last_lower = (g_lower >= k).sum(-1, keepdim=True) - 1  # >= 0
+        infinity = torch.full_like(s[..., :1], float("inf"))
+        left = torch.maximum(
+            torch.where(last_upper >= 0, s.gather(-1, last_upper.clamp_min(0)), -infinity), lower.gather(-1, last_lower)
+        )
+        right = torch.minimum(
+            s.gather(-1, last_upper + 1),
+            torch.where(last_lower + 1 < n, lower.gather(-1, (last_lower + 1).clamp_max(n - 1)), infinity),
+        )
+        inner = 0.5 * (left + right)
         capped = z - 1.0 >= inner
         free = (z > inner) & ~capped
         count = free.sum(-1, keepdim=True)
@@ -207,14 +221,14 @@ def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
     """argmin_{0 <= x <= 1, sum x = k} ||x - Z||^2 = clamp(Z - nu, 0, 1) with sum = k.
 
     g(nu) = sum_i clamp(Z_i - nu, 0, 1) is non-increasing and piecewise linear
-    with breakpoints {Z_i - 1, Z_i}.  It is evaluated at all 2n sorted
-    breakpoints at once from the sorted Z and its prefix sums (counting, by
-    binary search, the entries above t and above t + 1), which locates the
-    segment where g crosses k; on it the sets F = {0 < Z - nu < 1} (free) and
-    A = {Z - nu >= 1} (at the cap) are fixed, and nu = (sum_F Z + |A| - k) / |F|
-    exactly.  Backward: the exact Jacobian diag(F) - F F^T / |F| applied in
+    with breakpoints {Z_i - 1, Z_i}, two ascending families once Z is sorted.
+    It is evaluated at all 2n breakpoints at once from the sorted Z and its
+    prefix sums (one binary search per breakpoint counts the entries beyond
+    t + 1 or t), which locates the segment where g crosses k; on it the sets
+    F = {0 < Z - nu < 1} (free) and A = {Z - nu >= 1} (at the cap) are fixed,
+    and nu = (sum_F Z + |A| - k) / |F| exactly.  Backward: the exact Jacobian diag(F) - F F^T / |F| applied in
     O(n) (a torch.autograd.Function).  Z: (..., n) -> (..., n), same dtype.
-    Cost O(n log n) (two sorts, two batched binary searches), no iteration.
+    Cost O(n log n) (one sort, 2n binary searches), no iteration.
 
     Precision: float64 internally, cast back; nu is a difference of sums of
     size |Z| and x a difference Z - nu, which in float32 would lose sum x = k
