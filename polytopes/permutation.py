@@ -47,8 +47,13 @@ _VJP_RIDGE = 1e-12
 # Newton: largest change of a potential per step, and backtracking halvings before a Sinkhorn sweep.
 _MAX_STEP = 8.0
 _MAX_HALVINGS = 30
-# Sinkhorn sweeps (column then row normalisation) before Newton's steps at each stage.
+# Sinkhorn sweeps (column then row normalisation) before Newton's steps at each stage, and when
+# max(Z) - min(Z) <= _NARROW_SPREAD (one stage, cheaper sweeps).
 _SWEEPS = 2
+_NARROW_SPREAD = 64.0
+_NARROW_SWEEPS = 6
+# Newton steps with max |d| <= _SAFE_STEP are taken in full, without a line search (see _newton).
+_SAFE_STEP = 0.3
 # Rounding allowance (per row) of the Armijo test, whose terms are O(1).
 _ARMIJO_SLACK = 1e-14
 # Entries of X below exp(_LOG_FLOOR) ~ 1e-150 are set to 0 (see _exp).
@@ -207,6 +212,9 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
     """
     B, n, _ = Z.shape
     spread = Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1))
+    if bool((spread <= _NARROW_SPREAD).all()):  # the common case (tau ~ 1): one stage, no floors
+        W, steps, err = _newton(Z - torch.logsumexp(Z, dim=-1, keepdim=True), tol, max_iter, narrow=True)
+        return torch.exp(W), int((err > tol).sum()), float(err.max())
     s = (spread / _FIRST_SPREAD).clamp_min(1.0)
     W = _normalise_rows(Z / s[:, None, None])
     steps = 0
@@ -224,25 +232,37 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
     return _exp(W), int(unconverged.sum()), float(err.max())
 
 
-def _newton(W, tol, budget):
+def _newton(W, tol, budget, narrow=False):
     """Damped Newton for the column sums of X = exp(W), rows kept normalised; returns (W, steps, err).
 
     Minimises the reduced dual psi(b) = sum_i logsumexp_j(W_ij + b_j) - sum_j b_j
     (gradient c - 1, c the column sums; Hessian the Laplacian
     diag(c) - X^T X, singular along b + const) until max |c - 1| <= tol per
-    element.  Each step solves the grounded Laplacian system for the
-    direction d, caps max |t d| at _MAX_STEP (a trust region: psi is far from
-    quadratic when X has tiny entries) and backtracks until the Armijo
-    condition holds.  psi(b + t d) - psi(b) is the sum of the row
-    log-normalisers of W + t d, which renormalising the rows computes anyway;
-    they are O(1) numbers, so the test is accurate to rounding of O(1), not of
-    |Z|.  An element with no Armijo step in _MAX_HALVINGS takes a Sinkhorn sweep.
+    element, after a few Sinkhorn sweeps (cheap, and they save Newton steps).
+    Each step solves the grounded Laplacian system for the direction d.  A
+    step with max |d| <= _SAFE_STEP is taken in full: psi is a sum of
+    log-sum-exps, whose third derivative is bounded by 2 max |d| times the
+    second, so such a Newton step decreases psi.  Otherwise max |t d| is
+    capped at _MAX_STEP (a trust region: psi is far from quadratic when X has
+    tiny entries) and t backtracks until the Armijo condition holds;
+    psi(b + t d) - psi(b) is the sum of the row log-normalisers of W + t d,
+    which renormalising the rows computes anyway, O(1) numbers, so the test
+    is accurate to rounding of O(1), not of |Z|.  An element with no Armijo
+    step in _MAX_HALVINGS takes a Sinkhorn sweep.
+
+    ``narrow``: every entry of W is within ~200 of its row's and column's
+    maximum, so plain logsumexp and exp are fast and no floor is needed.
     """
     n = W.shape[-1]
     slack = _ARMIJO_SLACK * n
-    for _ in range(_SWEEPS):  # cheap Sinkhorn sweeps first: Newton then needs about two steps fewer
-        W = _normalise_rows(W - _logsumexp(W, -2))
-    X = _exp_floored(W)
+    if narrow:
+        lse, expo, sweeps = (lambda T, dim: torch.logsumexp(T, dim=dim, keepdim=True)), torch.exp, _NARROW_SWEEPS
+    else:
+        lse, expo, sweeps = _logsumexp, _exp_floored, _SWEEPS
+    for _ in range(sweeps):
+        W = W - lse(W, -2)
+        W = W - lse(W, -1)
+    X = expo(W)
     g = X.sum(-2) - 1.0
     err = g.abs().amax(-1)
     for step in range(budget):
@@ -253,32 +273,43 @@ def _newton(W, tol, budget):
         # Converged elements take their (rounding-sized) steps too: masking them costs more than it saves.
         ridge = (_NEWTON_RIDGE * err).clamp_min(_RIDGE_FLOOR).unsqueeze(-1)  # (B, 1)
         d = _solve_spd(_grounded_laplacian(X, None, ridge), -g)
-        # Armijo: psi(b + t d) - psi(b) = sum of row log-normalisers - t sum(d) <= 1e-4 t <g, d>
-        armijo = d.sum(-1) + 1e-4 * (g * d).sum(-1)
-        t = (_MAX_STEP / d.abs().amax(-1).clamp_min(1e-300)).clamp(max=1.0)
-        W_new = pending = None
-        for _ in range(_MAX_HALVINGS):
-            trial = W + (t.unsqueeze(-1) * d).unsqueeze(-2)
-            # rows of W are normalised and |t d| <= _MAX_STEP: each row's largest entry is >= -log n - 8
-            lse = torch.logsumexp(trial.clamp_min(_LOG_FLOOR), dim=-1, keepdim=True)
-            ok = lse.sum((-2, -1)) <= t * armijo + slack
-            if W_new is None:
-                W_new, pending = trial - lse, ~ok
-            else:
-                ok = ok & pending
-                W_new = torch.where(ok[:, None, None], trial - lse, W_new)
-                pending = pending & ~ok
-            if not bool(pending.any()):
-                break
-            t = 0.5 * t
-        if bool(pending.any()):  # no Armijo step: a Sinkhorn sweep (columns, then rows) instead
-            sweep = _normalise_rows(W - _logsumexp(W, -2))
-            W_new = torch.where(pending[:, None, None], sweep, W_new)
-        W = W_new
-        X = _exp_floored(W)
+        d_max = d.abs().amax(-1)
+        if bool((d_max <= _SAFE_STEP).all()):
+            # rows of W are normalised and |d| <= 1: each row's largest entry is >= -log n - 1
+            trial = W + d.unsqueeze(-2)
+            W = trial - torch.logsumexp(trial if narrow else trial.clamp_min(_LOG_FLOOR), dim=-1, keepdim=True)
+        else:
+            W = _armijo_step(W, d, g, d_max, slack, lse)
+        X = expo(W)
         g = X.sum(-2) - 1.0
         err = g.abs().amax(-1)
     return W, budget, err
+
+
+def _armijo_step(W, d, g, d_max, slack, lse):
+    """W + t d with its rows renormalised, t <= _MAX_STEP / max |d| halved until Armijo holds (see _newton)."""
+    # Armijo: psi(b + t d) - psi(b) = sum of row log-normalisers - t sum(d) <= 1e-4 t <g, d>
+    armijo = d.sum(-1) + 1e-4 * (g * d).sum(-1)
+    t = (_MAX_STEP / d_max.clamp_min(1e-300)).clamp(max=1.0)
+    W_new = pending = None
+    for _ in range(_MAX_HALVINGS):
+        trial = W + (t.unsqueeze(-1) * d).unsqueeze(-2)
+        # rows of W are normalised and |t d| <= _MAX_STEP: each row's largest entry is >= -log n - 8
+        lse_rows = torch.logsumexp(trial.clamp_min(_LOG_FLOOR), dim=-1, keepdim=True)
+        ok = lse_rows.sum((-2, -1)) <= t * armijo + slack
+        if W_new is None:
+            W_new, pending = trial - lse_rows, ~ok
+        else:
+            ok = ok & pending
+            W_new = torch.where(ok[:, None, None], trial - lse_rows, W_new)
+            pending = pending & ~ok
+        if not bool(pending.any()):
+            return W_new
+        t = 0.5 * t
+    # no Armijo step: a Sinkhorn sweep (columns, then rows) instead
+    sweep = W - lse(W, -2)
+    sweep = sweep - lse(sweep, -1)
+    return torch.where(pending[:, None, None], sweep, W_new)
 
 
 def _sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -332,12 +363,13 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     beyond float32.  The state is log X with the potentials absorbed, so
     rounding is relative to the O(1) entries that matter, not to |Z|.
 
-    Forward: two Sinkhorn sweeps, then log-domain damped Newton on the dual
-    (an n x n Cholesky solve per step, O(n^3); 3-6 steps when
-    max(Z) - min(Z) <= 32).  Larger spreads are nearly linear programs, where Sinkhorn's alternating normalisations
-    need O(spread) sweeps; Newton instead follows Z / s for s decreasing 8x
-    per stage down to 1 (epsilon-scaling, each stage warm-started by the
-    previous one), typically 10-30 steps in all at spreads up to 1e6.
+    Forward: a few Sinkhorn sweeps, then log-domain damped Newton on the
+    dual (an n x n Cholesky solve per step, O(n^3); 3-5 steps when
+    max(Z) - min(Z) <= 64, the usual case at tau ~ 1).  Larger spreads are
+    nearly linear programs, where Sinkhorn's alternating normalisations need
+    O(spread) sweeps; Newton instead follows Z / s for s decreasing 8x per
+    stage down to 1 (epsilon-scaling, each stage warm-started by the previous
+    one), typically 10-30 steps in all at spreads up to 1e6.
     Warns (RuntimeWarning) if ``max_iter`` steps do not reach ``tol``.
 
     Backward: implicit differentiation of the fixed point (one n x n
@@ -349,21 +381,26 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
+    if not bool(torch.isfinite(Z).all()):
+        raise ValueError("Z: expected finite values")
+    return _sinkhorn(Z, float(tol), max_iter, stacklevel=3)
+
+
+def _sinkhorn(Z, tol=SINKHORN_TOL, max_iter=SINKHORN_MAX_ITER, stacklevel=2):
+    """:func:`sinkhorn` without argument checks (the registered solver's inputs are checked by sstcvx)."""
     n = Z.shape[-1]
     if Z.numel() == 0:
         return Z * 0
     Z64 = Z.reshape(-1, n, n).to(torch.float64)
-    if not bool(torch.isfinite(Z64).all()):
-        raise ValueError("Z: expected finite values")
     report = {}
-    X = _Sinkhorn.apply(Z64, float(tol), max_iter, report)
+    X = _Sinkhorn.apply(Z64, tol, max_iter, report)
     if report["unconverged"]:
         warnings.warn(
             f"sinkhorn: {report['unconverged']} of {Z64.shape[0]} batch elements did not reach the tolerance "
             f"{tol:g} within max_iter={max_iter} Newton steps (largest column-sum violation "
             f"{report['violation']:.3g}); increase max_iter",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     return X.to(Z.dtype).reshape(Z.shape)
 
@@ -377,4 +414,4 @@ def _permutation_argmax(P: Permutation, U: torch.Tensor) -> torch.Tensor:
 @register_relaxation(Permutation, "entropy")
 def _permutation_entropy(P: Permutation, Z: torch.Tensor) -> torch.Tensor:
     """The registered entropy relaxation: :func:`sinkhorn` at its default tolerance 1e-12."""
-    return sinkhorn(Z)
+    return _sinkhorn(Z)
