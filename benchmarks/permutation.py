@@ -32,6 +32,7 @@ path, whose milliseconds are more exposed to the load of a shared machine).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -52,14 +53,26 @@ CLOCK = time.process_time
 
 
 def median_time(fn, rounds: int, warmup: int = 1) -> float:
-    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls."""
+    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls.
+
+    The garbage collector is run first and paused while timing (as ``timeit`` does):
+    the generic path leaves many CVXPY objects behind, whose collection would
+    otherwise land in whichever call happens to trigger it.
+    """
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(rounds):
-        start = CLOCK()
-        fn()
-        samples.append(CLOCK() - start)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = []
+        for _ in range(rounds):
+            start = CLOCK()
+            fn()
+            samples.append(CLOCK() - start)
+    finally:
+        if was_enabled:
+            gc.enable()
     return statistics.median(samples)
 
 
