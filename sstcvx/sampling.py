@@ -76,6 +76,8 @@ def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_arg
     tau_b = check_tau(tau, U, P.event_dim)
     fn, path = relaxation_solver(P, regularizer, solver)
     Z = U / tau_b
+    if not torch.isfinite(Z.detach()).all():
+        raise ValueError(f"tau: U / tau overflows {U.dtype} (tau too small for |U|); use a larger tau or float64")
     batch_shape, Zf = _flatten(P, Z)
     if Zf.shape[0] == 0:
         return Z * 0

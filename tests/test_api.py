@@ -203,6 +203,8 @@ def test_bad_relax_arguments():
         sstcvx.relax(P, U, tau=torch.ones(3))
     with pytest.raises(ValueError, match=r"U: expected shape \(\*batch, 6\).*got \(2, 5\)"):
         sstcvx.relax(P, torch.randn(2, 5))
+    with pytest.raises(ValueError, match="tau: U / tau overflows torch.float32"):
+        sstcvx.relax(P, torch.full((6,), 1e30), tau=1e-10)
     with pytest.raises(ValueError, match="U: expected finite values"):
         sstcvx.relax(P, torch.tensor([[float("nan")] * 6]))
     with pytest.raises(TypeError, match="U: expected a floating-point tensor"):
