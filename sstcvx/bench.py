@@ -108,6 +108,12 @@ def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress:
     )
     for name, why in skipped.items():
         echo(f"skipped {name}: {why}")
+    load = _load_average()
+    if load is not None and load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        echo(
+            f"note: load average {load:.1f} on {os.cpu_count()} CPUs; torch threads waiting for a busy core "
+            "stall for milliseconds and distort the fast solvers' times (consider --threads 1)"
+        )
 
     tasks = _tasks(available, settings)
     records = []
@@ -167,6 +173,8 @@ def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress:
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "load_average_before": load,
+            "load_average_after": _load_average(),
         },
         "seconds": round(elapsed, 1),
         "records": records,
@@ -185,6 +193,13 @@ def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress:
         echo(f"plots skipped: {error} (pip install matplotlib)")
     echo(f"done in {elapsed:.0f} s; wrote " + ", ".join(written))
     return data
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 class _NoBar:
@@ -274,6 +289,17 @@ def plot(data, out_dir) -> list:
             ax.axis("off")
         return fig, {f: ax for f, ax in zip(families, axes.flat)}
 
+    def ticks(ax, values):
+        """Plain tick labels at the swept values (log axes otherwise print 3x10^0)."""
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+        values = sorted(set(values))
+        if values:
+            ax.xaxis.set_major_locator(FixedLocator(values))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.tick_params(axis="x", labelsize=7)
+
     def finish(fig, name):
         fig.tight_layout(rect=(0, 0, 1, 0.95))
         path = os.path.join(out_dir, name)
@@ -298,6 +324,7 @@ def plot(data, out_dir) -> list:
             if gen:
                 ax.plot(*zip(*gen), "--o", color=colors.get(reg), ms=3, label=f"{reg} (generic)")
         ax.set(xscale="log", yscale="log", title=family, xlabel="n", ylabel="ms per instance")
+        ticks(ax, [rec["n"] for rec in data["records"] if rec["family"] == family and rec["sweep"] == "n"])
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6)
     finish(fig, "time_vs_n.png")
@@ -316,6 +343,7 @@ def plot(data, out_dir) -> list:
                 ax.plot(*zip(*gen), "--o", color=colors.get(reg), ms=3, label=f"{reg} (generic)")
         ax.set(xscale="log", yscale="log", title=f"{family} (n={data['families'][family]['n']})", xlabel="batch size",
                ylabel="ms per call")
+        ticks(ax, data["settings"]["batches"])
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6)
     finish(fig, "time_vs_batch.png")
@@ -334,6 +362,7 @@ def plot(data, out_dir) -> list:
                 ax.plot(*zip(*grad), ":", color=colors.get(reg), label=f"{reg} VJP")
         ax.set(xscale="log", yscale="log", title=f"{family} (n={data['families'][family]['n']})", xlabel="tau",
                ylabel="max abs difference")
+        ticks(ax, data["settings"]["taus"])
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6)
     finish(fig, "error_vs_tau.png")

@@ -88,11 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sstcvx",
         description="Stochastic softmax tricks on polytopes: compare the generic CVXPY path with "
         "specialised solvers, benchmark them, or take the tour.",
+        epilog="Run 'sstcvx COMMAND --help' for a command's options. Exit status: 0 done; 1 the run failed "
+        "(or a --fail-above check did); 2 a wrong option or target, with a one-line error.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch intra-op threads (default: torch's choice). On a busy machine, 1 avoids the "
+        "millisecond stalls of threads waiting for a core, which distort the specialised solvers' times",
+    )
 
     commands.add_parser(
         "demo",
+        parents=[common],
         help="the main job, about a minute: declare a polytope, sample it three ways, compare every family",
         description="Declare the 3-subsets of 8 items with CVXPY, draw relaxed, hard and straight-through "
         "samples, compare a user polytope with brute force, then print the generic-vs-specialised "
@@ -101,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare",
+        parents=[common],
         help="generic CVXPY path vs specialised solver (or brute force) on the same utilities",
         description="Run the generic CVXPY path and a reference (the specialised solver; for a polytope "
         "without one, brute force over its vertices or a second conic solver) on the same random "
@@ -156,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
+        parents=[common],
         help="sweep sizes, batch sizes and temperatures for every family; write JSON and PNG plots",
         description="For every family and its default regularizers, time the generic and the specialised "
         "path against the size n and the batch size, and measure their difference against the "
@@ -180,6 +192,11 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a wrong option (2)
         return int(exit_.code or 0)
+    _quiet_highs_banner()
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -197,6 +214,31 @@ def main(argv=None) -> int:
         print(f"sstcvx {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _quiet_highs_banner() -> None:
+    """HiGHS writes a two-line banner to file descriptor 1 the first time a solver object is made
+    in a process (verbose=False does not stop it); make that first one with fd 1 on /dev/null so the
+    commands' output stays a table."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+    except Exception:  # noqa: BLE001  cosmetic only
+        pass
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +329,14 @@ def _compare(args) -> int:
         )
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
-    print(f"comparing on {P!r}: batch {args.batch}, seed {args.seed}, median of {args.repeats} timed runs after a warm-up")
+    import torch
+
+    timing = (
+        f"median of at least {args.repeats} timed runs after a warm-up, {torch.get_num_threads()} torch thread(s)"
+        if args.repeats
+        else "no timing (--repeats 0)"
+    )
+    print(f"comparing on {P!r}: batch {args.batch}, seed {args.seed}, {timing}")
     print(report.table())
     if args.json:
         report.to_json(args.json)

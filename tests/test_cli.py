@@ -119,9 +119,10 @@ def test_wrong_options_give_one_line_and_status_2(capsys, user_file, argv):
     "command, options",
     [
         ("compare", ["--n", "--k", "--batch", "--tau", "--regularizer", "--json", "--csv", "--repeats", "--seed",
-                     "--reference", "--max-generic-batch", "--fail-above", "FILE.py:FUNCTION", "spanning_tree"]),
-        ("bench", ["--quick", "--out", "--families", "--no-progress"]),
-        ("demo", []),
+                     "--reference", "--max-generic-batch", "--fail-above", "--threads", "FILE.py:FUNCTION",
+                     "spanning_tree"]),
+        ("bench", ["--quick", "--out", "--families", "--no-progress", "--threads"]),
+        ("demo", ["--threads"]),
     ],
 )
 def test_help_explains_every_option(capsys, command, options):
