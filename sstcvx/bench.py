@@ -109,10 +109,11 @@ def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress:
     for name, why in skipped.items():
         echo(f"skipped {name}: {why}")
     load = _load_average()
-    if load is not None and load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+    if torch.get_num_threads() > 1:
         echo(
-            f"note: load average {load:.1f} on {os.cpu_count()} CPUs; torch threads waiting for a busy core "
-            "stall for milliseconds and distort the fast solvers' times (consider --threads 1)"
+            f"note: {torch.get_num_threads()} torch threads, load average {load if load is not None else '?'} on "
+            f"{os.cpu_count()} CPUs; when another process holds a core, a torch thread waiting for it stalls "
+            "a microsecond call for milliseconds: --threads 1 gives steadier times for the fast solvers"
         )
 
     tasks = _tasks(available, settings)
