@@ -101,7 +101,7 @@ class Comparison:
 
 
 _COLUMNS = [  # (header, width, formatter)
-    ("polytope", 22, lambda r: r.polytope),
+    ("polytope", 26, lambda r: r.polytope),
     ("regularizer", 18, lambda r: r.regularizer),
     ("tau", 6, lambda r: f"{r.tau:g}"),
     ("batch", 6, lambda r: str(r.batch) if r.generic_batch == r.batch else f"{r.generic_batch}/{r.batch}"),
