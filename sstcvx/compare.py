@@ -445,7 +445,7 @@ def compare(
             that does not enumerate its own (``P.vertices is None``).
         max_generic_batch: run the generic path on at most this many rows of U (it costs
             milliseconds per row); the differences are over those rows.
-        solver_args: the generic path's conic solver settings (default ``DEFAULT_SOLVER_ARGS``).
+        solver_args: the generic path's conic solver settings (default ``sstcvx.generic.default_solver_args``).
         reference_solver_args: the second solver's settings (default ``FALLBACK_SOLVER_ARGS``, SCS).
         hard: also compare the hard samples.
         generic: run the generic path (False: time the reference alone, e.g. at sizes the

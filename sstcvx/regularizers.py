@@ -26,6 +26,10 @@ class Regularizer:
 
     name: str = "regularizer"
     has_cvxpy_form: bool = True
+    #: True when f'' >= 1 / max(1, x) entrywise, so that the Jacobian of X_tau with respect
+    #: to Z = U / tau has spectral norm at most max(1, max |X_tau|); the generic path uses
+    #: it to catch a wrong derivative from the conic solver.
+    bounded_jacobian: bool = False
 
     def cvxpy(self, x: cp.Expression) -> cp.Expression:
         raise NotImplementedError
@@ -63,6 +67,7 @@ class Entropy(Regularizer):
     """Negative Shannon entropy f(x) = sum_i x_i log x_i (implies x >= 0)."""
 
     name = "entropy"
+    bounded_jacobian = True
 
     def cvxpy(self, x):
         return -cp.sum(cp.entr(x))
@@ -75,6 +80,7 @@ class BinaryEntropy(Regularizer):
     """f(x) = sum_i x_i log x_i + (1 - x_i) log(1 - x_i) (implies 0 <= x <= 1)."""
 
     name = "binary_entropy"
+    bounded_jacobian = True
 
     def cvxpy(self, x):
         return -cp.sum(cp.entr(x) + cp.entr(1 - x))
@@ -87,6 +93,7 @@ class Euclidean(Regularizer):
     """f(x) = 1/2 ||x||^2: X_tau is the Euclidean projection of U / tau onto P."""
 
     name = "euclidean"
+    bounded_jacobian = True
 
     def cvxpy(self, x):
         return 0.5 * cp.sum_squares(x)

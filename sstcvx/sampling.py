@@ -65,7 +65,7 @@ def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_arg
             ``"exp_family_entropy"`` or a :class:`sstcvx.Regularizer`.
         solver: ``"auto"``, ``"generic"`` or ``"specialised"``.
         solver_args: conic solver settings for the generic path (default
-            :data:`sstcvx.generic.DEFAULT_SOLVER_ARGS`).
+            :func:`sstcvx.generic.default_solver_args`: SCS for "euclidean", Clarabel otherwise).
 
     Returns X_tau with U's shape, dtype and device, differentiable in U (and tau).
     Cost: the specialised solver's, or one conic solve per element on the generic path.

@@ -178,3 +178,28 @@ def test_layer_is_built_once_and_reused():
     cached = dict(P._generic_cache)
     sstcvx.relax(P, torch.randn(7, 3, 4), 0.1, "entropy")
     assert dict(P._generic_cache) == cached
+
+
+def test_implausible_derivative_is_recomputed():
+    """A case where diffcp's derivative from Clarabel's solution was off by 3e4 (one element)."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn((16, 10), generator=g)
+    U = theta + sstcvx.get_noise("gumbel").sample(theta.shape, dtype=torch.float64, generator=g)
+    G = torch.randn(U.shape, generator=g)
+    P = simplex(10)
+    u = U.clone().requires_grad_()
+    X = sstcvx.relax(P, u, 0.3, "entropy", solver="generic")
+    with pytest.warns(RuntimeWarning, match="derivative of batch element 10 was implausible"):
+        (vjp,) = torch.autograd.grad((X * G).sum(), u)
+    u2 = U.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((torch.softmax(u2 / 0.3, -1) * G).sum(), u2)
+    torch.testing.assert_close(vjp, expected, atol=1e-3, rtol=0)
+
+
+def test_euclidean_defaults_to_scs_and_is_accurate():
+    P = ksubset(10, 3)
+    U = torch.randn(16, 10) * 2
+    X = sstcvx.relax(P, U, 0.5, "euclidean", solver="generic")
+    reference = sstcvx.relax(P, U, 0.5, "euclidean", solver="generic", solver_args=sstcvx.generic.CLARABEL_ARGS)
+    torch.testing.assert_close(X, reference, atol=1e-5, rtol=0)  # both solvers agree
+    torch.testing.assert_close(X.sum(-1), torch.full((16,), 3.0), atol=1e-8, rtol=0)
