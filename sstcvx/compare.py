@@ -34,7 +34,7 @@ import torch
 from . import registry
 from ._checks import check_polytope
 from .enumeration import best_vertex, gibbs_marginals
-from .generic import FALLBACK_SOLVER_ARGS, AffineFeasibility, generic_relaxation
+from .generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
 from .noise import get_noise
 from .polytope import VertexPolytope
 from .regularizers import get_regularizer
@@ -446,7 +446,7 @@ def compare(
         max_generic_batch: run the generic path on at most this many rows of U (it costs
             milliseconds per row); the differences are over those rows.
         solver_args: the generic path's conic solver settings (default ``sstcvx.generic.default_solver_args``).
-        reference_solver_args: the second solver's settings (default ``FALLBACK_SOLVER_ARGS``, SCS).
+        reference_solver_args: the second solver's settings (default: the generic path's fallback for the regularizer).
         hard: also compare the hard samples.
         generic: run the generic path (False: time the reference alone, e.g. at sizes the
             generic path cannot reach).
@@ -523,7 +523,8 @@ def _reference(P, reg, reference, V, reference_solver_args):
     def specialised(tau):
         return _Path("specialised", lambda u: relax(P, u, tau, reg, solver="specialised"))
 
-    args = dict(FALLBACK_SOLVER_ARGS if reference_solver_args is None else reference_solver_args)
+    # the second solver is the other one of the pair the generic path picks for this regularizer
+    args = dict(fallback_solver_args(default_solver_args(reg)) if reference_solver_args is None else reference_solver_args)
 
     def second(tau):
         return _Path(f"second solver ({args.get('solve_method', '?')})", lambda u: relax(P, u, tau, reg, solver="generic", solver_args=args))
