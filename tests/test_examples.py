@@ -1,0 +1,68 @@
+"""Smoke tests: every example runs in its tiny configuration and writes sane results and a PNG."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_example(name, tmp_path, *extra):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, js = tmp_path / f"{name}.png", tmp_path / f"{name}.json"
+    returned = module.main(["--tiny", "--quiet", "--out", str(out), "--json", str(js), *extra])
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    written = json.loads(js.read_text())
+    assert written == json.loads(json.dumps(returned))
+    return written
+
+
+def in_unit_interval(*values):
+    return all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values)
+
+
+def test_graph_layout(tmp_path):
+    results = run_example("graph_layout", tmp_path, "--no-cache")
+    assert set(results) == {"spanning_tree", "topk", "independent"}
+    for method, r in results.items():
+        assert math.isfinite(r["elbo"]), method
+        assert in_unit_interval(r["edge_precision"], r["edge_recall"]), (method, r)
+    # Trees and top-(n-1) sets both have n - 1 edges, so precision equals recall.
+    for method in ("spanning_tree", "topk"):
+        assert results[method]["edge_precision"] == pytest.approx(results[method]["edge_recall"])
+
+
+def test_subset_selection(tmp_path):
+    results = run_example("subset_selection", tmp_path)
+    assert set(results) == {"binary_entropy", "exp_family_entropy", "euclidean", "straight_through", "independent"}
+    for method, r in results.items():
+        assert in_unit_interval(r["accuracy"], r["subset_precision"]), (method, r)
+
+
+def test_custom_polytope(tmp_path):
+    results = run_example("custom_polytope", tmp_path)
+    for path in ("generic", "specialised"):
+        assert results[path]["vertices"] == 1.0
+        assert in_unit_interval(results[path]["accuracy"])
+    # Same seed, same U: the two paths train the same model up to the conic solver's tolerance.
+    assert results["generic"]["final_loss"] == pytest.approx(results["specialised"]["final_loss"], abs=1e-4)
+    assert results["compare"]["max_abs_diff"] < 1e-6
+    assert results["compare"]["hard_agreement"] == 1.0
+
+
+def test_new_relaxation(tmp_path):
+    results = run_example("new_relaxation", tmp_path)
+    assert results["tsallis_1.5"]["path"] == "generic"
+    assert results["entropy+euclidean"]["path"] == "generic"
+    assert results["binary_entropy"]["path"] == "specialised"
+    for name, r in results.items():
+        assert in_unit_interval(r["subset_precision"], r["boundary_fraction"], r["relaxed_hard_gap"]), (name, r)
+        assert math.isfinite(r["final_loss"])
+    # The Euclidean projection reaches the boundary of P.
+    assert results["euclidean"]["boundary_fraction"] > 0
