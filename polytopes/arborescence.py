@@ -32,6 +32,7 @@ from sstcvx.registry import register_argmax, register_relaxation
 
 from ._matrix_tree import arborescence_log_partition, arborescence_marginals
 from ._mst import maximum_arborescence
+from ._validation import check_int
 from .spanning_tree import rooted_parent_arrays
 
 __all__ = ["Arborescence", "MAX_DECLARED_N", "MAX_ENUMERATED_N"]
@@ -51,12 +52,8 @@ class Arborescence(Polytope):
     """
 
     def __init__(self, n: int, root: int = 0, mask=None):
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n: expected an int, got {type(n).__name__} ({n!r})")
-        if n < 2:
-            raise ValueError(f"n: expected an int >= 2 (an arborescence needs an arc), got {n}")
-        if isinstance(root, bool) or not isinstance(root, int):
-            raise TypeError(f"root: expected an int, got {type(root).__name__} ({root!r})")
+        n = check_int(n, "n", 2, "an arborescence needs an arc")
+        root = check_int(root, "root")
         if not 0 <= root < n:
             raise ValueError(f"root: expected a vertex in [0, {n}), got {root}")
         arcs = ~torch.eye(n, dtype=torch.bool)

@@ -16,16 +16,10 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 
+from ._validation import check_int
+
 # Above this many vertices (2^n) _enumerate_vertices returns None.
 MAX_VERTICES = 5000
-
-
-def _check_size(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
 
 
 class Hypercube(Polytope):
@@ -36,7 +30,7 @@ class Hypercube(Polytope):
     """
 
     def __init__(self, n: int):
-        n = _check_size(n, "n", 1)
+        n = check_int(n, "n", 1)
         super().__init__((n,), name=f"Hypercube(n={n})")
         self.n = n
 

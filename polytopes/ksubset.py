@@ -23,15 +23,11 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 
+from ._validation import check_int
+
 # _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
 MAX_VERTICES = 5000
 MAX_ENTRIES = 1_000_000
-
-
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    return value
 
 
 class KSubset(Polytope):
@@ -43,7 +39,7 @@ class KSubset(Polytope):
     """
 
     def __init__(self, n: int, k: int):
-        n, k = _check_int(n, "n"), _check_int(k, "k")
+        n, k = check_int(n, "n"), check_int(k, "k")
         if n < 2:
             raise ValueError(f"n: expected an int >= 2 (k-subsets need 1 <= k <= n - 1), got n={n}")
         if not 1 <= k <= n - 1:

@@ -26,6 +26,8 @@ from scipy.optimize import linear_sum_assignment
 from sstcvx.polytope import Polytope
 from sstcvx.registry import register_argmax, register_relaxation
 
+from ._validation import check_int
+
 # _enumerate_vertices lists the n! permutation matrices up to this n (720 at n = 6).
 MAX_ENUMERATE_N = 6
 
@@ -60,14 +62,6 @@ _ARMIJO_SLACK = 1e-14
 _LOG_FLOOR = -345.0
 
 
-def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"n: expected an int, got {type(n).__name__} ({n!r})")
-    if n < 2:
-        raise ValueError(f"n: expected an int >= 2 (a permutation of at least two items), got {n}")
-    return int(n)
-
-
 def _check_square(T, name: str) -> None:
     if not isinstance(T, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (..., n, n), got {type(T).__name__}")
@@ -86,7 +80,7 @@ class Permutation(Polytope):
     """
 
     def __init__(self, n: int):
-        n = _check_n(n)
+        n = check_int(n, "n", 2, "a permutation of at least two items")
         super().__init__((n, n), name=f"Permutation(n={n})")
         self.n = n
 

@@ -16,17 +16,11 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 
+from ._validation import check_int
+
 # _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
 MAX_VERTICES = 5000
 MAX_ENTRIES = 1_000_000
-
-
-def _check_size(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
 
 
 class Simplex(Polytope):
@@ -37,7 +31,7 @@ class Simplex(Polytope):
     """
 
     def __init__(self, n: int):
-        n = _check_size(n, "n", 1)
+        n = check_int(n, "n", 1)
         super().__init__((n,), name=f"Simplex(n={n})")
         self.n = n
 

@@ -29,6 +29,7 @@ from sstcvx.registry import register_argmax, register_relaxation
 
 from ._matrix_tree import spanning_tree_log_partition, spanning_tree_marginals
 from ._mst import maximum_spanning_tree
+from ._validation import check_int
 
 __all__ = ["SpanningTree", "MAX_DECLARED_N", "MAX_ENUMERATED_N"]
 
@@ -36,14 +37,6 @@ __all__ = ["SpanningTree", "MAX_DECLARED_N", "MAX_ENUMERATED_N"]
 MAX_DECLARED_N = 8
 #: Largest n whose trees are listed by ``_enumerate_vertices`` (n^(n−2) trees of K_n).
 MAX_ENUMERATED_N = 7
-
-
-def _check_n(n):
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n: expected an int, got {type(n).__name__} ({n!r})")
-    if n < 2:
-        raise ValueError(f"n: expected an int >= 2 (a spanning tree needs an edge), got {n}")
-    return n
 
 
 def _check_edges(edges, n):
@@ -112,7 +105,7 @@ class SpanningTree(Polytope):
     """
 
     def __init__(self, n: int, edges=None):
-        n = _check_n(n)
+        n = check_int(n, "n", 2, "a spanning tree needs an edge")
         if edges is None:
             self.edges = torch.triu_indices(n, n, 1).T.contiguous()
             name = f"SpanningTree(n={n})"
