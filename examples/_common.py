@@ -65,3 +65,30 @@ def smooth(values, width: int = 25) -> np.ndarray:
     idx = np.arange(1, len(values) + 1)
     lo = np.maximum(idx - width, 0)
     return (cums[idx] - cums[lo]) / (idx - lo)
+
+
+def add_run_arguments(parser, name: str, tiny: bool = True) -> None:
+    """The options every example takes: --seed, --tiny, --out, --json, --threads, --quiet."""
+    parser.add_argument("--seed", type=int, default=0)
+    if tiny:
+        parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
+    parser.add_argument("--out", default=str(OUT_DIR / f"{name}.png"), help="PNG path")
+    parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def start_run(args):
+    """Apply --threads, create the figure's folder and seed everything; returns (figure path, generator)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return prepare_out(args.out), seed_everything(args.seed)
+
+
+def finish_run(args, out, results: dict) -> dict:
+    """Say where the figure went and write --json; returns the results."""
+    print(f"figure: {out}")
+    if args.json:
+        write_json(args.json, results)
+        print(f"results: {args.json}")
+    return results

@@ -133,12 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--compare-batch", type=int, default=16, help="utilities compared by sstcvx.compare")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
-    p.add_argument("--out", default=str(_common.OUT_DIR / "custom_polytope.png"), help="PNG path")
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common.add_run_arguments(p, "custom_polytope")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch_size, args.compare_batch, args.train, args.test = 2, 4, 4, 32, 32
@@ -147,10 +142,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = _common.prepare_out(args.out)
-    gen = _common.seed_everything(args.seed)
+    out, gen = _common.start_run(args)
     data = make_data((args.train, args.test), args.groups, args.items, args.features, gen)
     P = one_item_per_group(args.groups, args.items)
 
@@ -182,11 +174,7 @@ def main(argv=None) -> dict:
     columns = ["path", "ms per step", "final loss", "test exact match", "hard samples that are vertices"]
     print(_common.format_table(columns, rows, title))
     plot(out, curves)
-    print(f"figure: {out}")
-    if args.json:
-        _common.write_json(args.json, results)
-        print(f"results: {args.json}")
-    return results
+    return _common.finish_run(args, out, results)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ in minutes.
 Data.  A random spanning tree of K_n (n = 10) is the maximum spanning tree under i.i.d.
 Gumbel(0, 1) edge weights, i.e. the hard sample of ``polytopes.SpanningTree`` with
 theta = 0.  Its n vertices start at standard-normal positions in the plane and
-networkx's force-directed ``spring_layout`` moves them one iteration at a time; the T
-frames after iterations 1..T form a trajectory.  Coordinates are standardised with the
-training set's mean and standard deviation.
+networkx's force-directed ``spring_layout`` (Fruchterman-Reingold) moves them one
+iteration at a time; the T frames after iterations 1..T form a trajectory.  Coordinates
+are standardised once, with the training set's mean and standard deviation (not per
+frame: spring_layout's own per-call rescaling is switched off, see ``simulate``).
 
 Model.  A variational auto-encoder with a latent edge set:
 
 * encoder: a graph network on the fully connected graph maps a trajectory to one logit
-  theta_e per undirected edge;
+  theta_e per undirected edge (NRI's encoder, plus each pair's relative trajectory);
 * latent: U = theta + Gumbel noise, relaxed to X_tau by a stochastic softmax trick on
   one of three polytopes (below);
 * decoder: a graph network predicts frame t+1 from frame t; every vertex pair exchanges a
@@ -94,7 +95,9 @@ def simulate(count: int, n: int, frames: int, seed: int, quiet: bool = False):
         graph.add_edges_from(e for e, on in zip(edges, trees[b].tolist()) if on)
         pos = dict(enumerate(rng.standard_normal((n, 2))))
         for t in range(frames):
-            pos = nx.spring_layout(graph, pos=pos, iterations=1, seed=0)
+            # scale=None: no re-centring and rescaling to [-1, 1] after each call, which would add a
+            # global contraction that has nothing to do with the tree (and that the edges then learn).
+            pos = nx.spring_layout(graph, pos=pos, iterations=1, seed=0, scale=None)
             positions[b, t] = [pos[v] for v in range(n)]
     return torch.from_numpy(positions), trees.float()
 
@@ -140,13 +143,19 @@ class FullGraph:
 
 
 class Encoder(nn.Module):
-    """Trajectories ``(B, T, n, 2)`` -> one logit per undirected edge ``(B, E)`` (NRI's MLP encoder)."""
+    """Trajectories ``(B, T, n, 2)`` -> one logit per undirected edge ``(B, E)``.
+
+    NRI's MLP encoder (node -> edge -> node -> edge message passing on K_n), with the
+    relative trajectory of each pair (displacement and distance at every frame) as an
+    extra input of the first edge layer.
+    """
 
     def __init__(self, graph: FullGraph, frames: int, hidden: int):
         super().__init__()
         self.g = graph
         self.node = mlp(2 * frames, hidden, hidden)
-        self.edge = mlp(2 * hidden, hidden, hidden)
+        self.pair = mlp(3 * frames, hidden, hidden)
+        self.edge = mlp(3 * hidden, hidden, hidden)
         self.node2 = mlp(hidden, hidden, hidden)
         self.edge2 = mlp(3 * hidden, hidden, hidden)
         self.out = nn.Linear(hidden, 1)
@@ -154,7 +163,9 @@ class Encoder(nn.Module):
     def forward(self, x):
         g = self.g
         h = self.node(x.transpose(1, 2).flatten(2))  # (B, n, H)
-        e = self.edge(torch.cat([h[:, g.senders], h[:, g.receivers]], -1))  # (B, A, H)
+        d = x[:, :, g.receivers] - x[:, :, g.senders]  # (B, T, A, 2)
+        pair = self.pair(torch.cat([d, d.norm(dim=-1, keepdim=True)], -1).transpose(1, 2).flatten(2))
+        e = self.edge(torch.cat([h[:, g.senders], h[:, g.receivers], pair], -1))  # (B, A, H)
         v = self.node2(g.incoming @ e / (g.incoming.shape[0] - 1))  # mean of incoming arcs
         e = self.edge2(torch.cat([v[:, g.senders], v[:, g.receivers], e], -1))
         logits = self.out(e).squeeze(-1)  # (B, A), one per arc
@@ -340,12 +351,8 @@ def parse_args(argv=None):
     p.add_argument("--sigma", type=float, default=0.05, help="scale of the Gaussian likelihood")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(_common.OUT_DIR / "graph_layout.png"), help="PNG path")
-    p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the simulated data cache")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common.add_run_arguments(p, "graph_layout", tiny=False)
     args = p.parse_args(argv)
     defaults = SIZES["full" if args.full else "tiny" if args.tiny else "default"]
     for name, value in zip(("train", "valid", "test", "steps"), defaults):
@@ -380,11 +387,7 @@ def main(argv=None) -> dict:
     )
     print(_common.format_table(["method", "ELBO", "edge precision", "edge recall", "train s"], rows, title))
     plot(out, curves, (x_test[0], trees_test[0], recovered), results, args.vertices)
-    print(f"figure: {out}")
-    if args.json:
-        _common.write_json(args.json, results)
-        print(f"results: {args.json}")
-    return results
+    return _common.finish_run(args, out, results)
 
 
 if __name__ == "__main__":

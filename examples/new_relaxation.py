@@ -132,12 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--compare-batch", type=int, default=8, help="utilities checked by sstcvx.compare")
     p.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=list(REGULARIZERS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
-    p.add_argument("--out", default=str(_common.OUT_DIR / "new_relaxation.png"), help="PNG path")
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common.add_run_arguments(p, "new_relaxation")
     args = p.parse_args(argv)
     if args.tiny:
         args.items, args.k, args.steps, args.batch_size, args.train, args.test, args.compare_batch = 6, 2, 2, 4, 32, 8, 2
@@ -146,10 +141,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = _common.prepare_out(args.out)
-    gen = _common.seed_everything(args.seed)
+    out, gen = _common.start_run(args)
     P = polytopes.KSubset(args.items, args.k)
     data = make_data((args.train, args.test), args.items, args.k, args.features, gen)
 
@@ -172,11 +164,7 @@ def main(argv=None) -> dict:
     title = f"{P.name}, tau={args.tau}, {args.steps} steps of batch {args.batch_size}, {args.test} held-out contexts"
     print(_common.format_table(columns, rows, title))
     plot(out, curves, args.tau)
-    print(f"figure: {out}")
-    if args.json:
-        _common.write_json(args.json, results)
-        print(f"results: {args.json}")
-    return results
+    return _common.finish_run(args, out, results)
 
 
 if __name__ == "__main__":

@@ -166,12 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.5, help="temperature of every SST")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
-    p.add_argument("--out", default=str(_common.OUT_DIR / "subset_selection.png"), help="PNG path")
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common.add_run_arguments(p, "subset_selection")
     args = p.parse_args(argv)
     if args.tiny:
         args.train, args.test, args.steps, args.eval_every, args.hidden = 200, 100, 5, 5, 16
@@ -180,10 +175,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = _common.prepare_out(args.out)
-    gen = _common.seed_everything(args.seed)
+    out, gen = _common.start_run(args)
     data = make_data(args.train, args.features, gen), make_data(args.test, args.features, gen)
     results, curves = {}, {}
     for method in args.methods:
@@ -204,11 +196,7 @@ def main(argv=None) -> dict:
     columns = ["method", "accuracy", "subset precision", "first step with precision >= 0.9", "train s"]
     print(_common.format_table(columns, rows, title))
     plot(out, curves)
-    print(f"figure: {out}")
-    if args.json:
-        _common.write_json(args.json, results)
-        print(f"results: {args.json}")
-    return results
+    return _common.finish_run(args, out, results)
 
 
 if __name__ == "__main__":
