@@ -51,6 +51,9 @@ __all__ = [
     "RelaxedStochasticArgmax",
     "StraightThroughStochasticArgmax",
     "SolverError",
+    "compare",
+    "Comparison",
+    "ComparisonReport",
     "DEFAULT_SOLVER_ARGS",
     "FALLBACK_SOLVER_ARGS",
 ]
