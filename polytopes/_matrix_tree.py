@@ -135,6 +135,19 @@ def _accept(dX, info):
     return (lo >= 1 - 1e-9) & (hi <= _KAPPA_MAX) & (info == 0)
 
 
+def _accepted_inverse(L, diag_L, zero_rejected):
+    """X = L̂⁻¹ (B, m, m) and the per-element acceptance flag (see ``_accept``).
+
+    With ``zero_rejected`` the rejected elements' X is replaced by 0 (their marginals and
+    gradients are then 0, to be overwritten by the stable path).
+    """
+    X, info = torch.linalg.inv_ex(L)
+    ok = _accept(diag_L * torch.diagonal(X, dim1=-2, dim2=-1), info)
+    if zero_rejected and not bool(ok.all()):
+        X = torch.where(ok[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+    return X, ok
+
+
 class _FastMarginals(torch.autograd.Function):
     """Arc marginals μ = w ∘ (diag(L̂⁻¹) − L̂⁻ᵀ) by one batched inverse, with an analytic backward.
 
@@ -152,11 +165,7 @@ class _FastMarginals(torch.autograd.Function):
         Zm = Zd.masked_fill(~mask, float("-inf"))
         w = torch.exp(Zm - Zm.amax(dim=(-2, -1), keepdim=True))
         L, din = _reduced_laplacian(w, root)
-        X, info = torch.linalg.inv_ex(L)
-        Xd = torch.diagonal(X, dim1=-2, dim2=-1)
-        ok = _accept(din * Xd, info)
-        if zero_rejected and not bool(ok.all()):
-            X = torch.where(ok[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+        X, ok = _accepted_inverse(L, din, zero_rejected)
         mu = _resistance_form(w, X, root)
         ctx.root = root
         ctx.save_for_backward(w, X, mu)
@@ -440,10 +449,7 @@ class _FastSpanningTree(torch.autograd.Function):
     def forward(ctx, x, S, zero_rejected):
         w = (x - x.amax(dim=-1, keepdim=True)).exp_()
         L = _edge_laplacian(w, S)
-        X, info = torch.linalg.inv_ex(L)
-        ok = _accept(torch.diagonal(L, dim1=-2, dim2=-1) * torch.diagonal(X, dim1=-2, dim2=-1), info)
-        if zero_rejected and not bool(ok.all()):
-            X = torch.where(ok[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+        X, ok = _accepted_inverse(L, torch.diagonal(L, dim1=-2, dim2=-1), zero_rejected)
         mu = w * _edge_quadratic(X, S)
         ctx.S = S
         ctx.save_for_backward(w, X, mu)
