@@ -65,8 +65,11 @@ METHODS = {
     "independent": (lambda n: polytopes.Hypercube(n * (n - 1) // 2), "binary_entropy"),
 }
 
+#: Bumped whenever ``simulate`` changes, so that stale caches are not read.
+DATA_VERSION = 2
+
 SIZES = {  # (train, valid, test, steps)
-    "default": (2000, 200, 500, 600),
+    "default": (2000, 200, 500, 2000),
     "full": (50_000, 10_000, 10_000, 50_000),
     "tiny": (24, 8, 8, 4),
 }
@@ -105,7 +108,7 @@ def simulate(count: int, n: int, frames: int, seed: int, quiet: bool = False):
 def load_data(args, cache_dir: Path):
     """Train/valid/test splits, simulated once per configuration and cached as a .pt file."""
     sizes = (args.train, args.valid, args.test)
-    path = cache_dir / f"graph_layout_n{args.vertices}_T{args.frames}_{'_'.join(map(str, sizes))}_s{args.seed}.pt"
+    path = cache_dir / f"graph_layout_v{DATA_VERSION}_n{args.vertices}_T{args.frames}_{'_'.join(map(str, sizes))}_s{args.seed}.pt"
     if path.exists() and not args.no_cache:
         return torch.load(path)
     x, trees = simulate(sum(sizes), args.vertices, args.frames, args.seed, args.quiet)
@@ -349,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine decay to 0)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of every SST")
     p.add_argument("--sigma", type=float, default=0.05, help="scale of the Gaussian likelihood")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--no-cache", action="store_true", help="do not read or write the simulated data cache")
     _common.add_run_arguments(p, "graph_layout", tiny=False)
