@@ -128,7 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--features", type=int, default=5, help="context dimension")
     p.add_argument("--train", type=int, default=512)
     p.add_argument("--test", type=int, default=128, help="held-out contexts (the generic path solves an LP for each)")
-    p.add_argument("--steps", type=int, default=30, help="training steps (generic path: ms per instance)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (generic path: ms per instance)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     p.add_argument("--tau", type=float, default=0.5)
