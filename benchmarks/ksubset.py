@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -49,30 +47,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sstcvx  # noqa: E402
+from _timing import clock, fmt, median_time, use_wall_clock  # noqa: E402
 from polytopes import Hypercube, KSubset, Simplex  # noqa: E402
 from polytopes.ksubset import gibbs_marginals  # noqa: E402
 
-CLOCK = time.process_time
 
 
-def median_time(fn, rounds: int, warmup: int = 1) -> float:
-    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        start = CLOCK()
-        fn()
-        samples.append(CLOCK() - start)
-    return statistics.median(samples)
 
-
-def fmt(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:8.2f} s "
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:8.2f} ms"
-    return f"{seconds * 1e6:8.1f} us"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,9 +107,9 @@ def dp_section(quick: bool, rounds: int):
         ours_train = median_time(train, rounds)
         coordinates = range(n) if not (quick and n > 100) else range(0, n, n // 24)[:24]
         coordinates = list(coordinates)
-        start = CLOCK()
+        start = clock()
         reference = numpy_fd_marginals(z, k, coordinates)
-        numpy_time = (CLOCK() - start) * n / len(coordinates)
+        numpy_time = (clock() - start) * n / len(coordinates)
         diff = np.abs(gibbs_marginals(P, Z).numpy()[:, coordinates] - reference).max()
         note = "" if len(coordinates) == n else f"  (numpy-fd timed on {len(coordinates)} of {n} coordinates, scaled)"
         print(
@@ -187,7 +168,6 @@ def generic_section(quick: bool, rounds: int):
 
 
 def main(argv=None):
-    global CLOCK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds, sampled finite differences")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -196,8 +176,7 @@ def main(argv=None):
     if args.threads < 1:
         parser.error("--threads: expected an int >= 1")
     torch.set_num_threads(args.threads)
-    if args.wall:
-        CLOCK = time.perf_counter
+    use_wall_clock(args.wall)
     torch.manual_seed(0)
     rounds = 3 if args.quick else 5
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock: {'wall' if args.wall else 'process CPU'}")

@@ -32,11 +32,8 @@ path, whose milliseconds are more exposed to the load of a shared machine).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import networkx as nx
@@ -46,42 +43,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sstcvx  # noqa: E402
+from _timing import clock, fmt, median_time, use_wall_clock  # noqa: E402
 from polytopes import Permutation  # noqa: E402
 from polytopes.permutation import hungarian  # noqa: E402
 
-CLOCK = time.process_time
 
 
-def median_time(fn, rounds: int, warmup: int = 1) -> float:
-    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls.
 
-    The garbage collector is run first and paused while timing (as ``timeit`` does):
-    the generic path leaves many CVXPY objects behind, whose collection would
-    otherwise land in whichever call happens to trigger it.
-    """
-    for _ in range(warmup):
-        fn()
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        samples = []
-        for _ in range(rounds):
-            start = CLOCK()
-            fn()
-            samples.append(CLOCK() - start)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return statistics.median(samples)
-
-
-def fmt(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:8.2f} s "
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:8.2f} ms"
-    return f"{seconds * 1e6:8.1f} us"
 
 
 def gumbel_utilities(batch, n, scale, generator):
@@ -198,9 +166,9 @@ def hungarian_section(quick: bool, rounds: int, generator):
         def nx_blossom():
             return [nx.max_weight_matching(g, maxcardinality=True) for g in blossom_graphs]
 
-        start = CLOCK()
+        start = clock()
         blossom = nx_blossom()
-        blossom_time = (CLOCK() - start) * batch / blossom_subset
+        blossom_time = (clock() - start) * batch / blossom_subset
         same = same and all(np.array_equal(matching_to_matrix(m, n), X[b]) for b, m in enumerate(blossom))
         print(
             f"   {n:>3} | {fmt(ours)} | {fmt(full_time)} | {full_time / ours:6.0f}x | {fmt(blossom_time)} | "
@@ -209,7 +177,6 @@ def hungarian_section(quick: bool, rounds: int, generator):
 
 
 def main(argv=None):
-    global CLOCK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller generic batches, fewer rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -218,8 +185,7 @@ def main(argv=None):
     if args.threads < 1:
         parser.error("--threads: expected an int >= 1")
     torch.set_num_threads(args.threads)
-    if args.wall:
-        CLOCK = time.perf_counter
+    use_wall_clock(args.wall)
     generator = torch.Generator().manual_seed(0)
     rounds = 3 if args.quick else 5
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock: {'wall' if args.wall else 'process CPU'}")

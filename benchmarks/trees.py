@@ -35,21 +35,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import sstcvx
+from _timing import clock, fmt, use_wall_clock
 from polytopes import _matrix_tree as mt
 from polytopes.arborescence import Arborescence
 from polytopes.spanning_tree import SpanningTree
 
 
-CLOCK = time.process_time
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds with ``CLOCK``."""
+    """Median seconds per call of each function, timed in interleaved rounds with the chosen clock."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -58,18 +57,12 @@ def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            start = CLOCK()
+            start = clock()
             fns[name]()
-            times[name].append(CLOCK() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def fmt(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:8.0f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:8.2f} ms"
-    return f"{seconds:8.2f} s "
 
 
 def matrix_tree_section(quick: bool):
@@ -186,12 +179,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
     args = parser.parse_args(argv)
-    global CLOCK
-    CLOCK = time.perf_counter if args.wall else time.process_time
+    use_wall_clock(args.wall)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    clock = "wall clock" if args.wall else "process CPU time"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, timed by {clock}")
+    clock_name = "wall clock" if args.wall else "process CPU time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, timed by {clock_name}")
     matrix_tree_section(args.quick)
     specialised_vs_generic_section(args.quick)
 

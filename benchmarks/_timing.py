@@ -1,0 +1,57 @@
+"""Timing helpers shared by the benchmark scripts.
+
+The scripts time by process CPU time by default: on a shared machine wall-clock time
+mostly measures other processes.  ``use_wall_clock()`` switches to wall time.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+_clock = time.process_time
+
+
+def use_wall_clock(wall: bool = True) -> None:
+    """Time with ``time.perf_counter`` (wall) instead of process CPU time."""
+    global _clock
+    _clock = time.perf_counter if wall else time.process_time
+
+
+def clock() -> float:
+    """The current reading of the chosen clock, in seconds."""
+    return _clock()
+
+
+def median_time(fn, rounds: int, warmup: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls.
+
+    The garbage collector is run first and paused while timing (as ``timeit`` does): the
+    generic path leaves many CVXPY objects behind, whose collection would otherwise land
+    in whichever call happens to trigger it.
+    """
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = []
+        for _ in range(rounds):
+            start = _clock()
+            fn()
+            samples.append(_clock() - start)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return statistics.median(samples)
+
+
+def fmt(seconds: float) -> str:
+    """A duration in s, ms or us, right-aligned in 11 characters."""
+    if seconds >= 1.0:
+        return f"{seconds:8.2f} s "
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:8.2f} ms"
+    return f"{seconds * 1e6:8.1f} us"
