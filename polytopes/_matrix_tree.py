@@ -22,14 +22,17 @@ edge marginal is μ_e = μ(i→j) + μ(j→i).
 
 Two paths, chosen per batch element (``method="auto"``):
 
-1. **Fast** (``method="fast"``): w = exp(Z − max Z), one batched ``torch.linalg.inv_ex``
-   of L̂, and μ(h→d) = w_hd (L̂⁻¹[d, d] − L̂⁻¹[d, h]) (the root's entries of L̂⁻¹ read as 0;
+1. **Fast** (``method="fast"``): w = exp(Z − max Z), one batched inverse of L̂
+   (``torch.linalg.inv_ex``; for spanning trees L̂ is symmetric positive definite, so
+   Cholesky, one triangular solve and one matmul, ``_spd_inverse``), and
+   μ(h→d) = w_hd (L̂⁻¹[d, d] − L̂⁻¹[d, h]) (the root's entries of L̂⁻¹ read as 0;
    undirected: w_e (L̂⁻¹_ii + L̂⁻¹_jj − 2 L̂⁻¹_ij), fused over the edge list in
-   ``_FastSpanningTree``).  Cost O(n³) per element in one LAPACK call plus O(n²) gathers;
-   the backward is analytic and exact (two batched matmuls, see ``_FastMarginals``), and
-   differentiable once (a second derivative through the fast path raises).  Measured
-   (benchmarks/trees.py, batch 128, one CPU thread): forward + backward 3-4× one batched
-   ``torch.linalg.inv`` of the same matrices, 0.6-0.75× the naive autograd-of-slogdet.  The
+   ``_FastSpanningTree``).  Cost O(n³) per element in LAPACK calls plus O(n²) gathers (or
+   one small matmul, for small graphs); the backward is analytic and exact (two batched
+   matmuls, see ``_FastMarginals``), and differentiable once (a second derivative
+   through the fast path raises).  Measured for spanning trees (benchmarks/trees.py,
+   batch 128, one CPU thread, n = 10 and 30): forward + backward 2.6-2.9× one batched
+   ``torch.linalg.inv`` of the same matrices, 0.45-0.5× the naive autograd-of-slogdet.  The
    accuracy is governed by κ = max_d L̂[d, d]·L̂⁻¹[d, d] ≥ 1: L̂ is a column diagonally
    dominant M-matrix, so Gaussian elimination needs no pivoting and only ever cancels on
    the diagonal, and κ bounds that cancellation ratio for every pivot in every
@@ -122,7 +125,7 @@ def _reduced_laplacian(w, root):
 
 
 def _accept(dX, info):
-    """Per-element acceptance of the inverse: dX = L̂[d, d]·X[d, d] (B, m), info from LAPACK.
+    """Per-element acceptance of an inverse: dX = L̂[d, d]·X[d, d] (B, m), info from LAPACK.
 
     Exactly, 1 ≤ dX[d] ≤ κ for every d.  Accept when LAPACK succeeded and the computed
     values satisfy 1 − 1e-9 ≤ min dX and max dX = κ ≤ _KAPPA_MAX.  If the elimination
@@ -135,25 +138,33 @@ def _accept(dX, info):
     return (lo >= 1 - 1e-9) & (hi <= _KAPPA_MAX) & (info == 0)
 
 
-def _accepted_inverse(L, diag_L, zero_rejected):
-    """X = L̂⁻¹ (B, m, m) and the per-element acceptance flag (see ``_accept``).
+def _accepted(X, info, diag_L, fallback):
+    """Screen an inverse X = L̂⁻¹ (B, m, m) element by element (see ``_accept``).
 
-    With ``zero_rejected`` the rejected elements' X is replaced by 0 (their marginals and
-    gradients are then 0, to be overwritten by the stable path).
+    Returns (X, ok).  Without ``fallback`` nothing is checked and ok is None.  With it,
+    ok is None when every element is accepted (the common case: decided from the batch's
+    extreme dX and worst info in one host transfer), else the (B,) bool flag, and the
+    rejected elements' X is replaced by 0 (their marginals and gradients are then 0, to
+    be overwritten by the stable path).
     """
-    X, info = torch.linalg.inv_ex(L)
-    ok = _accept(diag_L * torch.diagonal(X, dim1=-2, dim2=-1), info)
-    if zero_rejected and not bool(ok.all()):
-        X = torch.where(ok[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
-    return X, ok
+    if not fallback:
+        return X, None
+    dX = diag_L * torch.diagonal(X, dim1=-2, dim2=-1)
+    lo, hi = dX.aminmax()  # nan propagates, and fails the test below
+    lo, hi, failed = torch.stack((lo, hi, info.amax().to(lo.dtype))).tolist()
+    if failed == 0 and lo >= 1 - 1e-9 and hi <= _KAPPA_MAX:
+        return X, None
+    ok = _accept(dX, info)
+    return torch.where(ok[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device)), ok
 
 
 class _FastMarginals(torch.autograd.Function):
     """Arc marginals μ = w ∘ (diag(L̂⁻¹) − L̂⁻ᵀ) by one batched inverse, with an analytic backward.
 
-    Forward: w = exp(Z − max Z), X = L̂(w)⁻¹, μ = F(w, X) (see ``_resistance_form``), and a
-    per-element acceptance flag (``_accept``).  With ``zero_rejected`` the rejected elements' X is replaced by 0
-    (their μ and gradients are then 0, to be overwritten by the stable path).
+    Forward: w = exp(Z − max Z), X = L̂(w)⁻¹, μ = F(w, X) (see ``_resistance_form``), and
+    with ``fallback`` the per-element acceptance flag, None when all are accepted
+    (``_accepted``; rejected elements get μ = 0 and zero gradients, for the caller to
+    overwrite by the stable path).
     Backward, for upstream G: with a = G ∘ w and M = X L̂(a) X (two batched matmuls),
     ∂⟨G, μ⟩/∂Z = G ∘ μ − F(w, M).  (∂/∂L̂ of ⟨G, μ⟩ through X is −(X L̂(a) X)ᵀ, and L̂ is
     linear in w with the same incidence as μ.)  Exact; differentiable once (second
@@ -161,15 +172,16 @@ class _FastMarginals(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Zd, mask, root, zero_rejected):
+    def forward(ctx, Zd, mask, root, fallback):
         Zm = Zd.masked_fill(~mask, float("-inf"))
         w = torch.exp(Zm - Zm.amax(dim=(-2, -1), keepdim=True))
         L, din = _reduced_laplacian(w, root)
-        X, ok = _accepted_inverse(L, din, zero_rejected)
+        X, ok = _accepted(*torch.linalg.inv_ex(L), din, fallback)
         mu = _resistance_form(w, X, root)
         ctx.root = root
         ctx.save_for_backward(w, X, mu)
-        ctx.mark_non_differentiable(ok)
+        if ok is not None:
+            ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
@@ -237,7 +249,7 @@ def _dir_marginals(Zd, mask, root, method):
     if method == "stable":
         return _stable(Zd, mask, root)
     mu, ok = _FastMarginals.apply(Zd, mask, root, method == "auto")
-    if method == "fast" or bool(ok.all()):
+    if ok is None:
         return mu
     bad = (~ok).nonzero().squeeze(-1)
     return mu.index_copy(0, bad, _stable(Zd.index_select(0, bad), mask, root))
@@ -362,19 +374,30 @@ def arborescence_log_partition(scores, root: int = 0, mask=None, method: str = "
 # public: spanning trees
 # --------------------------------------------------------------------------------------------
 _EDGE_CACHE: dict = {}
+_EDGE_BY_ID: dict = {}
+
+
+# Build the reduced Laplacian and the edge quadratic forms with one dense matmul against
+# the incidence table when its size m²·E is at most this (K_n up to n = 17); beyond it, by
+# gathers.  Measured crossover (benchmarks/trees.py style, batch 128, one thread): the
+# matmul wins by 10-25% of the whole forward + backward at n = 10-16 and loses at n = 20.
+_DENSE_INCIDENCE_MAX = 40_000
 
 
 class _Edges:
     """Index tables of an undirected graph for the reduced Laplacian (root n − 1), cached.
 
     ``gather`` (n*n,) maps each arc of the directed core to its edge (E = the -inf pad);
-    ``mask`` (n, n) its arcs; ``arcs`` (2E,) the flat arcs i→j then j→i.  For the fused
-    fast path (m = n − 1 non-root vertices): ``lap`` (m·n,) the first m rows of ``gather``,
-    which build the reduced Laplacian from the edge weights padded with a 0; ``quad`` (E,)
-    the flat position of edge (i, j) in an m × n matrix R with R[i, j] = X_ii + X_jj − 2 X_ij
-    and last column R[i, root] = X_ii, for b_eᵀ X b_e = X̃_ii + X̃_jj − 2 X̃_ij with X̃ zero
-    at the root.  All lookups are gathers along dim 1 with an expanded index, which
-    measured several times faster than scatters or advanced indexing.
+    ``mask`` (n, n) its arcs; ``arcs`` (2E,) the flat arcs i→j then j→i; ``eye`` the
+    (m, m) identity, m = n − 1 non-root vertices.  For the fused fast path, either
+    ``incidence`` (E, m²), the rows vec(b_e b_eᵀ) with b_e = e_i − e_j (the root's
+    coordinate dropped), so that vec L̂ = w @ incidence and b_eᵀ X b_e = (vec X @ incidenceᵀ)_e
+    (small graphs, see ``_DENSE_INCIDENCE_MAX``), or None and gather tables: ``lap``
+    (m·n,) the first m rows of ``gather``, which build the reduced Laplacian from the
+    edge weights padded with a 0; ``quad`` (E,) the flat position of edge (i, j) in an
+    m × n matrix R with R[i, j] = X_ii + X_jj − 2 X_ij and last column R[i, root] = X_ii.
+    All gathers run along dim 1 with an expanded index, which measured several times
+    faster than scatters or advanced indexing.
     """
 
     def __init__(self, edges, n, device):
@@ -389,12 +412,27 @@ class _Edges:
         mask[self.arcs] = True
         self.mask = mask.reshape(n, n)
         self.mask[:, n - 1] = False  # root = n - 1: no arc enters it
+        self.eye = torch.eye(m, dtype=torch.float64, device=device)
+        self.incidence = None
+        if m * m * E <= _DENSE_INCIDENCE_MAX:
+            K = torch.zeros(E, m, m, dtype=torch.float64, device=device)
+            e = torch.arange(E, device=device)
+            for p, q, sign in ((i, i, 1.0), (j, j, 1.0), (i, j, -1.0), (j, i, -1.0)):
+                keep = (p < m) & (q < m)
+                K[e[keep], p[keep], q[keep]] = sign
+            self.incidence = K.reshape(E, m * m)
         self.lap = self.gather[: m * n]  # the non-root rows only
         # position of edge (i, j) in an m × n matrix whose last column is the root's
         self.quad = torch.where(j == m, i * n + m, torch.where(i == m, j * n + m, i * n + j))
 
 
 def _edge_structure(edges, n, device):
+    """The cached ``_Edges`` of an edge list: looked up by the tensor's identity first (the
+    polytope passes the same ``P.edges`` on every call, and reading 2E ints back for a
+    content key measured 5-35 µs), then by content."""
+    known = _EDGE_BY_ID.get(id(edges))
+    if known is not None and known[0] is edges and known[1] == (edges._version, n, str(device)):
+        return known[2]
     key = (n, str(device), edges.shape[0], tuple(edges.reshape(-1).tolist()))
     hit = _EDGE_CACHE.get(key)
     if hit is None:
@@ -402,16 +440,23 @@ def _edge_structure(edges, n, device):
             _EDGE_CACHE.clear()
         with torch.inference_mode(False):  # cached tables must be usable by autograd later
             hit = _EDGE_CACHE[key] = _Edges(edges, n, device)
+    if len(_EDGE_BY_ID) > 64:  # callers that build a fresh edge tensor per call
+        _EDGE_BY_ID.clear()
+    # the entry keeps ``edges`` alive, so no other tensor can take its id meanwhile
+    _EDGE_BY_ID[id(edges)] = (edges, (edges._version, n, str(device)), hit)
     return hit
 
 
 def _edge_laplacian(w, S):
     """Reduced Laplacian (B, m, m) of edge weights w (B, E), root n − 1 removed.
 
-    A view with row stride n (LAPACK and bmm copy or stride it anyway): one gather of the
-    non-root rows of −W, whose diagonal (the pad, 0) then receives the in-weights.
+    Small graphs: one matmul with the incidence table.  Otherwise a view with row stride
+    n (LAPACK copies it anyway): one gather of the non-root rows of −W, whose diagonal
+    (the pad, 0) then receives the in-weights.
     """
     B, n = w.shape[0], S.n
+    if S.incidence is not None:
+        return (w @ S.incidence).view(B, n - 1, n - 1)
     W = torch.gather(torch.nn.functional.pad(w.neg(), (0, 1)), 1, S.lap.expand(B, -1)).view(B, n - 1, n)
     L = W[:, :, : n - 1]
     L.diagonal(dim1=-2, dim2=-1).sub_(W.sum(dim=-1))
@@ -421,12 +466,15 @@ def _edge_laplacian(w, S):
 def _edge_quadratic(X, S):
     """b_eᵀ X b_e = X̃_ii + X̃_jj − 2 X̃_ij for every edge (B, E); X (B, m, m) symmetric, X̃ zero at the root.
 
-    Dense R[i, j] = X_ii + X_jj − 2 X_ij (B, m, n), last column R[i, root] = X_ii, then one
+    Small graphs: one matmul with the incidence table.  Otherwise dense
+    R[i, j] = X_ii + X_jj − 2 X_ij (B, m, n), last column R[i, root] = X_ii, then one
     gather of the edges' entries.
     """
     B, m = X.shape[0], S.n - 1
     if not X.is_contiguous() and X.mT.is_contiguous():
-        X = X.mT  # X is symmetric: LAPACK's column-major inverse is its own row-major transpose
+        X = X.mT  # X is symmetric: a column-major inverse is its own row-major transpose
+    if S.incidence is not None:
+        return X.reshape(B, m * m) @ S.incidence.mT
     d = torch.diagonal(X, dim1=-2, dim2=-1).contiguous()  # broadcasts far faster than the strided view
     R = X.new_empty(B, m, m + 1)
     Ri = R[:, :, :m]
@@ -436,24 +484,42 @@ def _edge_quadratic(X, S):
     return torch.gather(R.view(B, -1), 1, S.quad.expand(B, -1))
 
 
+def _spd_inverse(L, eye):
+    """L⁻¹ (B, m, m) of symmetric positive definite L by Cholesky, and LAPACK's info (B,).
+
+    L = C Cᵀ, Y = C⁻¹ by one triangular solve, L⁻¹ = Yᵀ Y: measured 25-30% cheaper than
+    ``torch.linalg.inv`` (LU, then a solve against the identity) at m = 9-29, batch 128.
+    For the reduced Laplacian (an M-matrix) C is a triangular M-matrix, so Y ≥ 0 is
+    computed to small componentwise relative error and Yᵀ Y sums positive terms: all the
+    rounding that matters happens in the factorisation, whose pivots C_vv² are those of
+    Gaussian elimination, so ``_accept``'s κ test applies unchanged.  A failed
+    factorisation (info > 0) leaves non-finite or wrong entries that ``_accept`` rejects.
+    """
+    C, info = torch.linalg.cholesky_ex(L)
+    Y = torch.linalg.solve_triangular(C, eye.expand_as(L), upper=False)
+    return torch.bmm(Y.mT, Y), info
+
+
 class _FastSpanningTree(torch.autograd.Function):
     """Edge marginals μ_e = w_e b_eᵀ L̂⁻¹ b_e by one batched inverse, analytic backward.
 
     The undirected case of ``_FastMarginals`` fused over the edge list, so that only the
-    inverse and two matmuls touch (B, n, n) data.  b_e is the incidence vector of e with
-    the root's coordinate dropped.  Backward, for upstream G (B, E): with a = G ∘ w and
+    inverse and two matmuls touch (B, m, m) data; L̂ is symmetric positive definite, so
+    the inverse goes through Cholesky (``_spd_inverse``).  b_e is the incidence vector of
+    e with the root's coordinate dropped.  Backward, for upstream G: with a = G ∘ w and
     M = X L̂(a) X, ∂⟨G, μ⟩/∂x_e = G_e μ_e − w_e b_eᵀ M b_e.  Exact, differentiable once.
     """
 
     @staticmethod
-    def forward(ctx, x, S, zero_rejected):
-        w = (x - x.amax(dim=-1, keepdim=True)).exp_()
+    def forward(ctx, x, S, fallback):
+        w = (x - x.amax(dim=-1, keepdim=True)).exp_()  # (torch.softmax measured 2-3× slower in float64)
         L = _edge_laplacian(w, S)
-        X, ok = _accepted_inverse(L, torch.diagonal(L, dim1=-2, dim2=-1), zero_rejected)
+        X, ok = _accepted(*_spd_inverse(L, S.eye), torch.diagonal(L, dim1=-2, dim2=-1), fallback)
         mu = w * _edge_quadratic(X, S)
         ctx.S = S
         ctx.save_for_backward(w, X, mu)
-        ctx.mark_non_differentiable(ok)
+        if ok is not None:
+            ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
@@ -473,7 +539,8 @@ def _st_prepare(scores, edges, n):
             f"edges: expected shape (E, 2) with E = scores.shape[-1] = {scores.shape[-1]}, got {tuple(edges.shape)}"
         )
     S = _edge_structure(edges, n, scores.device)
-    return scores.reshape(-1, scores.shape[-1]).to(torch.float64), S
+    x = scores if scores.dim() == 2 else scores.reshape(-1, scores.shape[-1])  # no view node when already (B, E)
+    return x.to(torch.float64), S
 
 
 def _st_directed(x, S):
@@ -503,10 +570,10 @@ def spanning_tree_marginals(scores, edges, n: int, method: str = "auto"):
         mu = stable(x)
     else:
         mu, ok = _FastSpanningTree.apply(x, S, method == "auto")
-        if method == "auto" and not bool(ok.all()):
+        if ok is not None:
             bad = (~ok).nonzero().squeeze(-1)
             mu = mu.index_copy(0, bad, stable(x.index_select(0, bad)))
-    return mu.reshape(scores.shape).to(scores.dtype)
+    return (mu if scores.dim() == 2 else mu.reshape(scores.shape)).to(scores.dtype)
 
 
 def spanning_tree_log_partition(scores, edges, n: int, method: str = "auto"):
