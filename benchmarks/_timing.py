@@ -48,6 +48,33 @@ def median_time(fn, rounds: int, warmup: int = 1) -> float:
     return statistics.median(samples)
 
 
+def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function in ``fns``, timed in interleaved rounds.
+
+    One call of each per round, the order rotating, so that a slow spell of the shared
+    machine hits every candidate alike; the garbage collector is paused as in
+    ``median_time``.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = _clock()
+                fns[name]()
+                times[name].append(_clock() - start)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def fmt(seconds: float) -> str:
     """A duration in s, ms or us, right-aligned in 11 characters."""
     if seconds >= 1.0:

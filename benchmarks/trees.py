@@ -8,14 +8,17 @@ Prints, in one run:
    edge scores), batch 128, n = 10 and 30, float64, for
    * ``ours``: ``polytopes._matrix_tree.spanning_tree_marginals`` (method "auto"; on these
      well-conditioned inputs every element takes the inverse path);
-   * ``ours-stable``: the same forced onto the log-space path (what ill-conditioned
-     elements, e.g. small tau, cost);
    * ``naive``: autograd.grad of ``torch.linalg.slogdet`` of the reduced Laplacian with
      ``create_graph=True``, then the backward of the loss through it (the obvious
      reference, as in the paper's code but in float64);
    * ``inv``: one batched ``torch.linalg.inv`` of the same reduced Laplacians, the cost
-     floor (any inverse-based method computes at least that);
-   with the ratios ours/naive (target <= 1) and ours/inv (target <= 3).
+     floor named by the target (any inverse-based method computes an inverse);
+   * ``chol-inv``: the same inverse the way ``ours`` computes it (Cholesky, a triangular
+     solve, one matmul), which is cheaper than ``inv``: ours/chol-inv is the overhead of
+     everything around the inverse;
+   with the ratios ours/naive (target <= 1) and ours/inv (target <= 3); and on its own
+   * ``ours-stable``: ``ours`` forced onto the log-space path (what ill-conditioned
+     elements, e.g. small tau, cost), timed outside the rotation of the others.
 2. Specialised vs generic for ``SpanningTree`` and ``Arborescence``, forward + backward at
    batch 1, 32 and 256.  For ``exp_family_entropy`` the generic path *is* enumeration of
    the vertex list (softmax over all n^(n-2) trees), so that is the comparison at n = 4..6;
@@ -34,41 +37,20 @@ the work done; with more threads CPU time adds up over threads).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 import sstcvx
-from _timing import clock, fmt, use_wall_clock
+from _timing import fmt, interleaved, median_time, use_wall_clock
 from polytopes import _matrix_tree as mt
 from polytopes.arborescence import Arborescence
 from polytopes.spanning_tree import SpanningTree
 
 
-
-
-def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds with the chosen clock."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            start = clock()
-            fns[name]()
-            times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-
-
 def matrix_tree_section(quick: bool):
     print("== Spanning-tree marginals, forward + backward, batch 128, float64 ==")
     B = 128
-    rounds = 15 if quick else 40
+    rounds = 30 if quick else 100
     rows = []
     for n in (10, 30):
         edges = torch.triu_indices(n, n, 1).T
@@ -77,6 +59,7 @@ def matrix_tree_section(quick: bool):
         Z = torch.randn(B, E, dtype=torch.float64, generator=g)
         G = torch.randn(B, E, dtype=torch.float64, generator=g)
         i, j = edges[:, 0], edges[:, 1]
+        eye = torch.eye(n - 1, dtype=torch.float64)
 
         def laplacian(z):
             W = z.new_zeros(B, n * n).index_copy(1, i * n + j, z.exp()).view(B, n, n)
@@ -101,23 +84,30 @@ def matrix_tree_section(quick: bool):
         def inv():
             torch.linalg.inv(Lhat)
 
-        fns = {"ours": ours("auto"), "naive": naive, "inv": inv}
+        def chol_inv():  # the inverse as ours computes it: Cholesky, C⁻¹ by a triangular solve, C⁻ᵀC⁻¹
+            C = torch.linalg.cholesky_ex(Lhat)[0]
+            Y = torch.linalg.solve_triangular(C, eye.expand_as(Lhat), upper=False)
+            torch.bmm(Y.mT, Y)
+
+        t = interleaved({"ours": ours("auto"), "naive": naive, "inv": inv, "chol-inv": chol_inv}, rounds if n == 10 else rounds // 2)
+        # the log-space path is timed on its own: its 10-100 ms calls churn the allocator and
+        # the caches, which would tax whichever candidate follows them in a shared rotation
         if n == 10 or not quick:
-            fns["ours-stable"] = ours("stable")
-        t = interleaved(fns, rounds if n == 10 else max(8, rounds // 2))
+            t["ours-stable"] = median_time(ours("stable"), rounds=5 if quick else 10)
         # sanity: same numbers
         z = Z.clone().requires_grad_(True)
         mu = mt.spanning_tree_marginals(Z, edges, n)
         logdet = torch.linalg.slogdet(laplacian(z)[:, :-1, :-1])[1]
         (ref,) = torch.autograd.grad(logdet.sum(), z)
         err = (mu - ref).abs().max().item()
-        line = (
-            f"n={n:3d} E={E:4d}  ours {fmt(t['ours'])}  naive {fmt(t['naive'])}  inv {fmt(t['inv'])}"
+        print(
+            f"n={n:3d} E={E:4d}  ours {fmt(t['ours'])}  naive {fmt(t['naive'])}  inv {fmt(t['inv'])}  chol-inv {fmt(t['chol-inv'])}"
             + (f"  ours-stable {fmt(t['ours-stable'])}" if "ours-stable" in t else "")
-            + f"   ours/naive {t['ours'] / t['naive']:5.2f}  ours/inv {t['ours'] / t['inv']:5.2f}"
-            + f"   max|ours - naive| {err:.1e}"
         )
-        print(line)
+        print(
+            f"          ours/naive {t['ours'] / t['naive']:5.2f} (target <= 1)   ours/inv {t['ours'] / t['inv']:5.2f} (target <= 3)"
+            f"   ours/chol-inv {t['ours'] / t['chol-inv']:5.2f}   max|ours - naive| {err:.1e}"
+        )
         rows.append((n, t))
     return rows
 
