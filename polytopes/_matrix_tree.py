@@ -489,11 +489,13 @@ def _spd_inverse(L, eye):
 
     L = C Cᵀ, Y = C⁻¹ by one triangular solve, L⁻¹ = Yᵀ Y: measured 25-30% cheaper than
     ``torch.linalg.inv`` (LU, then a solve against the identity) at m = 9-29, batch 128.
-    For the reduced Laplacian (an M-matrix) C is a triangular M-matrix, so Y ≥ 0 is
-    computed to small componentwise relative error and Yᵀ Y sums positive terms: all the
-    rounding that matters happens in the factorisation, whose pivots C_vv² are those of
-    Gaussian elimination, so ``_accept``'s κ test applies unchanged.  A failed
-    factorisation (info > 0) leaves non-finite or wrong entries that ``_accept`` rejects.
+    For the reduced Laplacian (an M-matrix) the computed C keeps the signs of an M-matrix
+    factor (positive diagonal, off-diagonal ≤ 0: each update subtracts a product of two
+    non-positive entries from a non-positive one), so substitution against the identity
+    only ever adds non-negative terms, and so does Yᵀ Y (Y ≥ 0): no cancellation after
+    the factorisation, whose pivots C_vv² are those of Gaussian elimination, so
+    ``_accept``'s κ test applies unchanged.  A failed factorisation (info > 0) leaves
+    non-finite or wrong entries that ``_accept`` rejects.
     """
     C, info = torch.linalg.cholesky_ex(L)
     Y = torch.linalg.solve_triangular(C, eye.expand_as(L), upper=False)
@@ -504,7 +506,7 @@ class _FastSpanningTree(torch.autograd.Function):
     """Edge marginals μ_e = w_e b_eᵀ L̂⁻¹ b_e by one batched inverse, analytic backward.
 
     The undirected case of ``_FastMarginals`` fused over the edge list, so that only the
-    inverse and two matmuls touch (B, m, m) data; L̂ is symmetric positive definite, so
+    inverse and the backward's two matmuls touch (B, m, m) data; L̂ is symmetric positive definite, so
     the inverse goes through Cholesky (``_spd_inverse``).  b_e is the incidence vector of
     e with the root's coordinate dropped.  Backward, for upstream G: with a = G ∘ w and
     M = X L̂(a) X, ∂⟨G, μ⟩/∂x_e = G_e μ_e − w_e b_eᵀ M b_e.  Exact, differentiable once.
