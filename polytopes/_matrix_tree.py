@@ -395,7 +395,8 @@ class _Edges:
     (small graphs, see ``_DENSE_INCIDENCE_MAX``), or None and gather tables: ``lap``
     (m·n,) the first m rows of ``gather``, which build the reduced Laplacian from the
     edge weights padded with a 0; ``quad`` (E,) the flat position of edge (i, j) in an
-    m × n matrix R with R[i, j] = X_ii + X_jj − 2 X_ij and last column R[i, root] = X_ii.
+    m × m matrix R with R[i, j] = X_ii + X_jj − 2 X_ij and diagonal R[i, i] = X_ii, the
+    value for the edge (i, root).
     All gathers run along dim 1 with an expanded index, which measured several times
     faster than scatters or advanced indexing.
     """
@@ -422,8 +423,8 @@ class _Edges:
                 K[e[keep], p[keep], q[keep]] = sign
             self.incidence = K.reshape(E, m * m)
         self.lap = self.gather[: m * n]  # the non-root rows only
-        # position of edge (i, j) in an m × n matrix whose last column is the root's
-        self.quad = torch.where(j == m, i * n + m, torch.where(i == m, j * n + m, i * n + j))
+        # position of edge (i, j) in an m × m matrix, the edge (i, root) on the diagonal at (i, i)
+        self.quad = torch.where(j == m, i * (m + 1), torch.where(i == m, j * (m + 1), i * m + j))
 
 
 def _edge_structure(edges, n, device):
@@ -467,8 +468,8 @@ def _edge_quadratic(X, S):
     """b_eᵀ X b_e = X̃_ii + X̃_jj − 2 X̃_ij for every edge (B, E); X (B, m, m) symmetric, X̃ zero at the root.
 
     Small graphs: one matmul with the incidence table.  Otherwise dense
-    R[i, j] = X_ii + X_jj − 2 X_ij (B, m, n), last column R[i, root] = X_ii, then one
-    gather of the edges' entries.
+    R[i, j] = X_ii + X_jj − 2 X_ij (B, m, m), whose diagonal (0 by this formula) then
+    holds X_ii = b_eᵀ X b_e for the edge (i, root), and one gather of the edges' entries.
     """
     B, m = X.shape[0], S.n - 1
     if not X.is_contiguous() and X.mT.is_contiguous():
@@ -476,11 +477,8 @@ def _edge_quadratic(X, S):
     if S.incidence is not None:
         return X.reshape(B, m * m) @ S.incidence.mT
     d = torch.diagonal(X, dim1=-2, dim2=-1).contiguous()  # broadcasts far faster than the strided view
-    R = X.new_empty(B, m, m + 1)
-    Ri = R[:, :, :m]
-    torch.add(d.unsqueeze(-1), d.unsqueeze(-2), out=Ri)
-    Ri.add_(X, alpha=-2.0)
-    R.select(-1, m).copy_(d)
+    R = torch.add(d.unsqueeze(-1), d.unsqueeze(-2)).add_(X, alpha=-2.0)
+    R.diagonal(dim1=-2, dim2=-1).copy_(d)
     return torch.gather(R.view(B, -1), 1, S.quad.expand(B, -1))
 
 
