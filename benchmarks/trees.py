@@ -32,6 +32,15 @@ time (``time.process_time``) by default, because on a shared machine wall-clock 
 mostly measures the other processes; ``--wall`` uses ``time.perf_counter`` instead.
 ``--threads`` sets torch's intra-op threads (default 1, which makes CPU time equal to
 the work done; with more threads CPU time adds up over threads).
+
+Two things move ours/inv on a shared Linux machine.  Contention from other tenants slows
+memory-bound code (ours: gathers, elementwise passes) more than LAPACK (inv); ratios
+measured while inv itself ran 1.6-1.9× slower than usual reached 3.0-3.3 at n = 30.  And
+glibc's malloc returns the freed heap top to the OS between calls, so every call of ours
+(a few MB of temporaries, against inv's two buffers) faults its pages in again: with
+``MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=100000000`` (or jemalloc)
+ours/inv measured 2.46 (n = 10) and 2.48 (n = 30) in a run whose default-allocator
+runs gave 2.7-2.9.  The figures printed are for the default allocator.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Two paths, chosen per batch element (``method="auto"``):
    one small matmul, for small graphs); the backward is analytic and exact (two batched
    matmuls, see ``_FastMarginals``), and differentiable once (a second derivative
    through the fast path raises).  Measured for spanning trees (benchmarks/trees.py,
-   batch 128, one CPU thread, n = 10 and 30): forward + backward 2.6-2.9× one batched
+   batch 128, one CPU thread, n = 10 and 30): forward + backward 2.5-3.0× one batched
    ``torch.linalg.inv`` of the same matrices, 0.45-0.5× the naive autograd-of-slogdet.  The
    accuracy is governed by κ = max_d L̂[d, d]·L̂⁻¹[d, d] ≥ 1: L̂ is a column diagonally
    dominant M-matrix, so Gaussian elimination needs no pivoting and only ever cancels on
