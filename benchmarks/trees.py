@@ -39,8 +39,8 @@ measured while inv itself ran 1.6-1.9× slower than usual reached 3.0-3.3 at n =
 glibc's malloc returns the freed heap top to the OS between calls, so every call of ours
 (a few MB of temporaries, against inv's two buffers) faults its pages in again: with
 ``MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=100000000`` (or jemalloc)
-ours/inv measured 2.46 (n = 10) and 2.48 (n = 30) in a run whose default-allocator
-runs gave 2.7-2.9.  The figures printed are for the default allocator.
+ours/inv measured 2.46 (n = 10) and 2.48 (n = 30), against 2.7-2.9 in the
+default-allocator runs just before.  The figures printed are for the default allocator.
 """
 
 from __future__ import annotations
