@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import registry
-from ._checks import check_mode, check_polytope, check_solver, check_tau, check_utility
+from ._checks import all_finite, check_mode, check_polytope, check_solver, check_tau, check_utility
 from .errors import SolverError
 from .generic import generic_argmax, generic_relaxation
 from .noise import get_noise
@@ -25,6 +25,8 @@ def _flatten(P, U):
 
 
 def _check_finite_output(X, P, what):
+    if all_finite(X):
+        return
     bad = ~torch.isfinite(X.detach().reshape(X.shape[0], -1)).all(dim=-1)
     if bad.any():
         element = int(bad.nonzero()[0])
@@ -72,11 +74,12 @@ def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_arg
     Reference: Paulus et al., "Gradient Estimation with Stochastic Softmax Tricks", 2020.
     """
     check_polytope(P)
-    U = check_utility(P, U, "U")
+    U = check_utility(P, U, "U", finite=False)  # U / tau is checked below, which covers U
     tau_b = check_tau(tau, U, P.event_dim)
     fn, path = relaxation_solver(P, regularizer, solver)
     Z = U / tau_b
-    if not torch.isfinite(Z.detach()).all():
+    if not all_finite(Z):
+        check_utility(P, U, "U")  # names U if U itself is not finite
         raise ValueError(f"tau: U / tau overflows {U.dtype} (tau too small for |U|); use a larger tau or float64")
     batch_shape, Zf = _flatten(P, Z)
     if Zf.shape[0] == 0:

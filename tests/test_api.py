@@ -6,6 +6,7 @@ import torch
 
 import sstcvx
 from sstcvx import generic
+from sstcvx._checks import all_finite
 
 
 def ksubset(n=6, k=2):
@@ -233,3 +234,11 @@ def test_check_warns_on_non_integral_declaration():
     with pytest.warns(UserWarning, match="not integral"):
         assert not P.check(n_directions=32, generator=torch.Generator().manual_seed(0))
     assert ksubset().check(n_directions=8)
+
+
+def test_all_finite_is_exact_when_the_sum_overflows():
+    assert all_finite(torch.tensor([3e38, 3e38]))  # the float32 sum overflows, the entries are finite
+    assert not all_finite(torch.tensor([1.0, float("inf")]))
+    assert not all_finite(torch.tensor([float("-inf"), float("inf")]))
+    assert not all_finite(torch.tensor([[0.0, float("nan")]]))
+    assert all_finite(torch.zeros(0, 3))

@@ -94,3 +94,9 @@ def test_robust_to_extreme_utilities(regularizer, dtype):
         assert (X >= 0).all() and (X <= 1).all()
     hard = sstcvx.argmax(P, theta.detach())
     torch.testing.assert_close(relax(P, theta.detach(), 1e-3, regularizer), hard, atol=1e-6, rtol=0)
+
+
+def test_finite_utilities_whose_sum_overflows_are_accepted():
+    """relax checks U / tau with one sum; a sum that overflows on finite entries must not raise."""
+    X = sstcvx.relax(Hypercube(2), torch.tensor([3e38, 3e38]), tau=1.0, regularizer="binary_entropy")
+    assert X.tolist() == [1.0, 1.0]
