@@ -7,6 +7,8 @@ with a CVXPY form, :class:`GenericRelaxation` builds once
 
 with ``u`` a ``cp.Parameter`` (so tau, applied to U in torch, never enters the
 DPP question), wraps it as a ``CvxpyLayer`` and solves whole batches with it.
+``exp_family_entropy`` has no CVXPY form in x; on a polytope that lists its vertices
+V it is solved lifted to the vertex weights (see :class:`GenericRelaxation`).
 :class:`GenericArgmax` solves the LP (f removed) with a simplex-type LP solver
 that returns a vertex.  Both are cached on the polytope per regularizer.
 
@@ -24,10 +26,9 @@ import cvxpy as cp
 import numpy as np
 import torch
 
-from .enumeration import gibbs_marginals
 from .errors import SolverError
-from .polytope import LP_SOLVER, solve_linear_objective
-from .regularizers import CvxpyRegularizer
+from .polytope import LP_SOLVER, Polytope, solve_linear_objective
+from .regularizers import CvxpyRegularizer, get_regularizer
 
 #: Clarabel at tight tolerances: about 1e-8 from the closed forms on exponential cones (the entropies).
 CLARABEL_ARGS = {
@@ -94,23 +95,36 @@ class GenericRelaxation:
     """X_tau = argmax_{x in P} <Z, x> - f(x) for a batch Z, through one CvxpyLayer.
 
     ``build_time`` is the one-off cost of building the layer (seconds).
-    For ``exp_family_entropy``, which has no CVXPY form, it enumerates ``P.vertices``.
+
+    ``exp_family_entropy`` (f = A*, the conjugate of the log-partition over the vertices
+    V) has no CVXPY form in x, but A*(x) = min {sum_v l_v log l_v : l in the simplex,
+    V^T l = x}, so the relaxation is the entropy relaxation over the vertex weights l
+    with utilities V z, mapped back by x = V^T l: one conic problem with |V| exponential
+    cones per element (``lifted``), the same solver checks, exact up to the solver's
+    tolerance.  Its backward is the lifted problem's exact Jacobian at the solver's
+    weights (see ``_VertexWeightsMean``), not diffcp's.  It needs ``P.vertices``.
     """
 
     def __init__(self, P, regularizer):
         self.polytope = P
         self.regularizer = regularizer
         self.layer = None
+        self.lifted = None
         start = time.perf_counter()
         if not regularizer.has_cvxpy_form:
             if P.vertices is None:
                 raise ValueError(
                     f"regularizer {regularizer.name!r} on {P.name}: it has no CVXPY form, and the "
-                    "generic path can only compute it by enumerating the vertices, which this "
-                    "polytope does not list; register a specialised solver (see polytopes) or "
-                    "declare the polytope with Polytope.from_vertices"
+                    "generic path can only solve it over the vertex weights, which needs the vertices "
+                    "that this polytope does not list; register a specialised solver (see polytopes) "
+                    "or declare the polytope with Polytope.from_vertices"
                 )
-            self.build_time = 0.0
+            V = P.vertices
+            self.vertices = V.reshape(V.shape[0], -1).to(device="cpu", dtype=torch.float64)
+            weights = cp.Variable(V.shape[0])
+            simplex = Polytope.from_cvxpy(weights, [weights >= 0, cp.sum(weights) == 1], name=f"vertex weights of {P.name}")
+            self.lifted = GenericRelaxation(simplex, get_regularizer("entropy"))
+            self.build_time = time.perf_counter() - start
             return
         from cvxpylayers.torch import CvxpyLayer
 
@@ -137,8 +151,13 @@ class GenericRelaxation:
         is not finite) is re-solved with the fallback solver, and a
         :class:`SolverError` names it if that fails too.
         """
-        if self.layer is None:
-            return gibbs_marginals(self.polytope, Z)
+        if self.lifted is not None:
+            Z64 = Z.reshape(Z.shape[0], -1).to(device="cpu", dtype=torch.float64)
+            args = dict(default_solver_args(self.lifted.regularizer) if solver_args is None else solver_args)
+            with torch.no_grad():
+                weights = self.lifted.solve(Z64 @ self.vertices.T, args)
+            X = _VertexWeightsMean.apply(Z64, weights, self.vertices)
+            return X.reshape(Z.shape).to(dtype=Z.dtype, device=Z.device)
         args = dict(default_solver_args(self.regularizer) if solver_args is None else solver_args)
         Z64 = Z.to(device="cpu", dtype=torch.float64)
         if torch.is_grad_enabled() and Z64.requires_grad:
@@ -219,6 +238,30 @@ class GenericRelaxation:
             stacklevel=4,
         )
         return row
+
+
+class _VertexWeightsMean(torch.autograd.Function):
+    """X = V^T l for the conic solver's vertex weights l (B, m), with the lifted problem's exact Jacobian.
+
+    The weights solve max <V z, l> + H(l) over the simplex, whose Jacobian in V z is
+    diag(l) - l l^T; so dX/dz = V^T (diag(l) - l l^T) V, the covariance of the vertices
+    under l (DESIGN.md: the E.F. Jacobian is a covariance), applied at the solver's l.
+    diffcp's derivative of this problem, with one exponential cone per vertex, measured
+    off by 1e-3 to 1e-2 at tau = 0.1 and once by 4e4 (then by 5 after the SCS retry).
+    Forward Z64 (B, d) is only the node to differentiate; V (m, d).  Cost O(B m d).
+    """
+
+    @staticmethod
+    def forward(ctx, Z64, weights, V):
+        ctx.save_for_backward(weights, V)
+        return weights @ V
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G):
+        weights, V = ctx.saved_tensors
+        g = G @ V.T
+        return ((g - (weights * g).sum(-1, keepdim=True)) * weights) @ V, None, None
 
 
 class _CheckedBackward(torch.autograd.Function):

@@ -3,8 +3,10 @@
 All three take inputs of shape ``(*batch, *P.event_shape)`` (any number of batch
 dimensions, none included) and return that shape, dtype and device.  Dispatch
 (``solver``): ``"auto"`` uses a registered specialised solver when one exists
-and the generic CVXPY path otherwise; ``"generic"`` and ``"specialised"`` force
-one path (an error if no specialised solver is registered).
+and the generic CVXPY path otherwise (except ``exp_family_entropy`` on a
+polytope that lists its vertices: exact enumeration, one matmul); ``"generic"``
+and ``"specialised"`` force one path (an error if no specialised solver is
+registered).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from . import registry
 from ._checks import all_finite, check_mode, check_polytope, check_solver, check_tau, check_utility
+from .enumeration import gibbs_marginals
 from .errors import SolverError
 from .generic import generic_argmax, generic_relaxation
 from .noise import get_noise
@@ -39,7 +42,9 @@ def _check_finite_output(X, P, what):
 
 
 def relaxation_solver(P, regularizer, solver: str = "auto"):
-    """The function ``fn(Z) -> X`` (flattened batch) that ``relax`` would use, and its path name."""
+    """The function ``fn(Z) -> X`` (flattened batch) that ``relax`` would use, and its path name:
+    ``"specialised"``, ``"generic"``, or ``"enumeration"`` (``exp_family_entropy`` with
+    ``solver="auto"`` on a polytope that lists its vertices and has no specialised solver)."""
     reg = get_regularizer(regularizer)
     check_solver(solver)
     if solver != "generic":
@@ -51,6 +56,9 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
                 f"solver='specialised': no specialised solver for regularizer {reg.name!r} on {P.name}; "
                 f"registered: {registry.specialised_regularizers(P) or 'none'}. Use solver='generic' or 'auto'"
             )
+        if reg.name == "exp_family_entropy" and P.vertices is not None:
+            # exact, and one matmul instead of the generic path's conic problem over the vertex weights
+            return (lambda Z, **_: gibbs_marginals(P, Z)), "enumeration"
     layer = generic_relaxation(P, reg)
     return layer, "generic"
 

@@ -57,7 +57,8 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n, root):
     V = A.vertices.reshape(-1, n * n)
     brute = (torch.softmax(U.reshape(6, -1) / tau @ V.T, -1) @ V).reshape(6, n, n)
     torch.testing.assert_close(X, brute, atol=1e-8, rtol=0)
-    torch.testing.assert_close(X, sstcvx.relax(A, U, tau, "exp_family_entropy", solver="generic"), atol=1e-8, rtol=0)
+    # the generic path: Clarabel on the entropy problem over the vertex weights, to its tolerance
+    torch.testing.assert_close(X, sstcvx.relax(A, U, tau, "exp_family_entropy", solver="generic"), atol=1e-6, rtol=0)
     # ignored entries: diagonal and the root's column do not matter and are exactly 0
     U2 = U.clone()
     U2[:, :, root] = 1e3 * torch.randn(6, n, dtype=torch.float64)

@@ -40,8 +40,9 @@ def test_family_agrees_with_specialised_and_brute_force(ksubset_report):
         assert r.max_abs_grad_diff < 1e-4
         assert r.hard_agreement == 1.0 and r.hard_is_vertex is True
         assert r.batch == r.generic_batch == 4 and r.size == 6
-    # exp_family_entropy: the specialised DP and the generic enumeration against exact brute force
-    assert report[2].brute_force_max_abs_diff < 1e-10
+    # exp_family_entropy: the specialised DP and the generic path (a conic problem over the vertex
+    # weights) against exact brute force, the worse of the two at the conic solver's tolerance
+    assert report[2].brute_force_max_abs_diff < 1e-6
     assert report[0].brute_force_max_abs_diff is None  # no brute force for a CVXPY regularizer here
 
 
@@ -94,7 +95,7 @@ def test_vertex_polytope_and_user_regularizer():
     P = sstcvx.Polytope.from_vertices(k_hot(4, 2))
     reg = sstcvx.Regularizer.from_cvxpy(lambda x: cp.sum_squares(x), name="my_l2")
     report = sstcvx.compare(P, ["exp_family_entropy", reg], batch=2, repeats=0)
-    assert report[0].reference == "specialised" and report[0].max_abs_diff < 1e-12
+    assert report[0].reference == "specialised" and report[0].max_abs_diff < 1e-6  # enumeration vs the conic solve
     assert report[1].regularizer == "my_l2" and report[1].reference.startswith("solver:")
     assert report[1].max_abs_diff < 1e-4 and report[1].hard_agreement == 1.0
 

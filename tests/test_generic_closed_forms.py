@@ -202,3 +202,23 @@ def test_euclidean_defaults_to_scs_and_is_accurate():
     reference = sstcvx.relax(P, U, 0.5, "euclidean", solver="generic", solver_args=sstcvx.generic.CLARABEL_ARGS)
     torch.testing.assert_close(X, reference, atol=1e-5, rtol=0)  # both solvers agree
     torch.testing.assert_close(X.sum(-1), torch.full((16,), 3.0), atol=1e-8, rtol=0)
+
+
+def test_exp_family_entropy_generic_path_is_a_conic_problem_over_the_vertex_weights():
+    """A*(x) = min {sum l log l : l in the simplex, V^T l = x}: the generic path solves the entropy
+    relaxation over the vertex weights by CVXPY and maps back; it equals the Gibbs marginals, and
+    its Jacobian the Gibbs covariance / tau (DESIGN.md: the E.F. Jacobian is a covariance)."""
+    V = torch.tensor([list(b) for b in itertools.product([0.0, 1.0], repeat=5) if sum(b) == 2])
+    P = sstcvx.Polytope.from_vertices(V)
+    relaxation, path = sstcvx.relaxation_solver(P, "exp_family_entropy", solver="generic")
+    assert path == "generic" and relaxation.lifted is not None and relaxation.lifted.layer is not None
+    tau = 0.6
+    U = torch.randn(4, 5, requires_grad=True)
+    G = torch.randn(4, 5)
+    X = sstcvx.relax(P, U, tau, "exp_family_entropy", solver="generic")
+    p = torch.softmax(U.detach() / tau @ V.T, -1)
+    mean = p @ V
+    torch.testing.assert_close(X, mean, atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad((X * G).sum(), U)
+    covariance = torch.einsum("bm,mi,mj->bij", p, V, V) - mean[:, :, None] * mean[:, None, :]
+    torch.testing.assert_close(grad, torch.einsum("bij,bj->bi", covariance, G) / tau, atol=1e-5, rtol=0)

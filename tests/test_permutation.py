@@ -190,3 +190,18 @@ def test_warns_when_the_iteration_budget_is_too_small():
     Z = 1e4 * torch.randn(2, 6, 6, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="max_iter"):
         sinkhorn(Z, max_iter=2)
+
+
+def test_exp_family_entropy_by_enumeration_on_auto_and_by_the_conic_path_on_generic():
+    """No specialised solver (the marginals need a permanent): auto enumerates the n! vertices
+    exactly, generic solves the entropy problem over the vertex weights with CVXPY."""
+    P = Permutation(4)
+    assert sstcvx.relaxation_solver(P, "exp_family_entropy")[1] == "enumeration"
+    with pytest.raises(ValueError, match="no specialised solver"):
+        sstcvx.relax(P, torch.randn(4, 4), 0.5, "exp_family_entropy", solver="specialised")
+    U = torch.randn(3, 4, 4, dtype=torch.float64)
+    V = P.vertices.reshape(-1, 16)
+    brute = (torch.softmax(U.reshape(3, 16) / 0.5 @ V.T, -1) @ V).reshape(3, 4, 4)
+    torch.testing.assert_close(sstcvx.relax(P, U, 0.5, "exp_family_entropy"), brute, atol=1e-12, rtol=0)
+    generic = sstcvx.relax(P, U, 0.5, "exp_family_entropy", solver="generic")
+    torch.testing.assert_close(generic, brute, atol=1e-6, rtol=0)
