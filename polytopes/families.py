@@ -8,8 +8,8 @@ from it the regularizers worth comparing on that family and sensible sizes:
 * ``sizes`` / ``quick_sizes``: the sizes swept by ``sstcvx bench`` (full / ``--quick``);
 * ``max_generic_n``: the largest n at which the bench also runs the generic CVXPY
   path.  The tree families' CVXPY declarations have one row per vertex subset
-  (2^n of them), and their generic ``exp_family_entropy`` is enumeration of
-  ``P.vertices`` (n^(n-2) trees), so the generic path is only run for small n.
+  (2^n of them), and their generic ``exp_family_entropy`` is a conic problem over the
+  weights of ``P.vertices`` (n^(n-2) trees), so the generic path is only run for small n.
 
 Each family's module is imported when the family is first called, so that a
 family whose module is missing or broken fails alone, with its import error.

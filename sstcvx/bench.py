@@ -70,7 +70,7 @@ def _run_generic(family, reg, P, n):
     if reg == "exp_family_entropy":
         try:
             if P.vertices is None:
-                return False, "no vertex list (exp_family_entropy is vertex enumeration on the generic path)"
+                return False, "no vertex list (the generic exp_family_entropy is a problem over the vertex weights)"
         except Exception as error:  # noqa: BLE001
             return False, f"vertex enumeration failed ({error})"
     return True, ""

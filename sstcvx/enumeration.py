@@ -3,7 +3,9 @@
 With the finite set listed, the exponential-family entropy relaxation is
 X_tau = softmax(V Z)^T V (the Gibbs marginals, Z = U / tau) and the LP argmax is
 the best listed vertex.  This is the brute-force oracle of every specialised
-solver, and the generic path's way to serve ``exp_family_entropy``.
+solver, and what ``solver="auto"`` uses for ``exp_family_entropy`` on a polytope
+that lists its vertices but has no specialised solver (the generic path solves
+the same problem by CVXPY over the vertex weights).
 Cost: O(B m d) for d = prod(event_shape).
 """
 
