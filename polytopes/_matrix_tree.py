@@ -89,6 +89,12 @@ __all__ = [
 # against the log-space path is ~2e-16·κ, so κ ≤ 1e5 keeps it near 1e-11.
 _KAPPA_MAX = 1e5
 _METHODS = ("auto", "fast", "stable")
+# Build reduced Laplacians and the marginals' linear forms in L̂⁻¹ with one dense matmul
+# against an incidence table when the table has at most this many entries (m²·E for spanning
+# trees: K_n up to n = 17; n²·m² for arborescences: n ≤ 14), by slicing or gathers beyond.
+# Measured crossover for spanning trees (benchmarks/trees.py style, batch 128, one thread):
+# the matmul wins by 10-25% of the whole forward + backward at n = 10-16, loses at n = 20.
+_DENSE_INCIDENCE_MAX = 40_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,13 +106,53 @@ def _block(n, root):
     return slice(1, n) if root == 0 else slice(0, n - 1)
 
 
-def _resistance_form(w, X, root):
+_DIRECTED_INCIDENCE: dict = {}
+
+
+def _directed_incidence(n, root, device):
+    """(K_lap (n², m²), K_res (m², n²)) for root 0 or n − 1, or None when too large; cached.
+
+    vec L̂ = vec(w) @ K_lap (row-major vec of both), and R = vec_c(X) @ K_res with
+    R[h, d] = X̃[d, d] − X̃[d, h] and vec_c the column-major vec of X (B, m, m), so that
+    LAPACK's column-major inverse is read without a copy.  The same tables serve every
+    mask: weights off the mask are exactly 0.
+    """
+    key = (n, root, str(device))
+    if key not in _DIRECTED_INCIDENCE:
+        m = n - 1
+        tables = None
+        if n * n * m * m <= _DENSE_INCIDENCE_MAX:
+            off = 1 if root == 0 else 0  # the non-root vertices are off .. off + m - 1
+            lap = torch.zeros(n, n, m, m, dtype=torch.float64)  # [h, d, a, b] = ∂L̂[a, b] / ∂w[h, d]
+            res = torch.zeros(m, m, n, n, dtype=torch.float64)  # [a, b, h, d] = ∂R[h, d] / ∂X[a, b]
+            for d in range(off, off + m):
+                for h in range(n):
+                    if h == d:
+                        continue
+                    lap[h, d, d - off, d - off] += 1.0
+                    res[d - off, d - off, h, d] += 1.0
+                    if off <= h < off + m:
+                        lap[h, d, h - off, d - off] -= 1.0
+                        res[d - off, h - off, h, d] -= 1.0
+            with torch.inference_mode(False):  # cached tables must be usable by autograd later
+                tables = (
+                    lap.reshape(n * n, m * m).to(device),
+                    res.permute(1, 0, 2, 3).reshape(m * m, n * n).to(device),
+                )
+        _DIRECTED_INCIDENCE[key] = tables
+    return _DIRECTED_INCIDENCE[key]
+
+
+def _resistance_form(w, X, root, tables=None):
     """F[h, d] = w[h, d] (X̃[d, d] − X̃[d, h]), X̃ = X padded with a zero row/column at ``root``.
 
     With X = L̂⁻¹ this is the arc marginal; with X = L̂⁻¹ A L̂⁻¹ it is the adjoint used in the
     backward pass.  w (B, n, n), X (B, n-1, n-1) -> (B, n, n), 0 in the root's column.
+    With ``tables`` (``_directed_incidence``) one matmul, else five ops on slices.
     """
     B, n, _ = w.shape
+    if tables is not None:
+        return w * (X.mT.reshape(B, -1) @ tables[1]).view(B, n, n)
     sl = _block(n, root)
     out = w.new_zeros(B, n, n)
     V = out[:, :, sl]  # a view: columns of the non-root vertices
@@ -115,8 +161,16 @@ def _resistance_form(w, X, root):
     return out
 
 
-def _reduced_laplacian(w, root):
-    """L̂ = diag(in-weights) − w on the non-root vertices: (B, n-1, n-1), and the in-weights (B, n-1)."""
+def _reduced_laplacian(w, root, tables=None):
+    """L̂ = diag(in-weights) − w on the non-root vertices: (B, n-1, n-1), and the in-weights (B, n-1).
+
+    With ``tables`` (``_directed_incidence``) one matmul (w is 0 on the diagonal, so the
+    diagonal of L̂ is the in-weights), else four ops on slices.
+    """
+    if tables is not None:
+        B, n, _ = w.shape
+        L = (w.reshape(B, n * n) @ tables[0]).view(B, n - 1, n - 1)
+        return L, torch.diagonal(L, dim1=-2, dim2=-1)
     sl = _block(w.shape[-1], root)
     din = w[:, :, sl].sum(dim=-2)
     L = w[:, sl, sl].neg()
@@ -175,10 +229,11 @@ class _FastMarginals(torch.autograd.Function):
     def forward(ctx, Zd, mask, root, fallback):
         Zm = Zd.masked_fill(~mask, float("-inf"))
         w = torch.exp(Zm - Zm.amax(dim=(-2, -1), keepdim=True))
-        L, din = _reduced_laplacian(w, root)
+        tables = _directed_incidence(Zd.shape[-1], root, Zd.device)
+        L, din = _reduced_laplacian(w, root, tables)
         X, ok = _accepted(*torch.linalg.inv_ex(L), din, fallback)
-        mu = _resistance_form(w, X, root)
-        ctx.root = root
+        mu = _resistance_form(w, X, root, tables)
+        ctx.root, ctx.tables = root, tables
         ctx.save_for_backward(w, X, mu)
         if ok is not None:
             ctx.mark_non_differentiable(ok)
@@ -188,9 +243,9 @@ class _FastMarginals(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, G, _):
         w, X, mu = ctx.saved_tensors
-        La, _ = _reduced_laplacian(G * w, ctx.root)
+        La, _ = _reduced_laplacian(G * w, ctx.root, ctx.tables)
         M = torch.bmm(torch.bmm(X, La), X)
-        return G * mu - _resistance_form(w, M, ctx.root), None, None, None
+        return G * mu - _resistance_form(w, M, ctx.root, ctx.tables), None, None, None
 
 
 def _logaddexp(a, b):
@@ -333,7 +388,7 @@ def _arb_prepare(scores, root, mask):
         raise ValueError(f"root: expected a vertex in [0, {n}), got {root}")
     root = root % n
     arcs, perm = _arc_structure(n, root, mask, scores.device)
-    Zd = scores.reshape(-1, n, n).to(torch.float64)
+    Zd = (scores if scores.dim() == 3 else scores.reshape(-1, n, n)).to(torch.float64)  # no view node for (B, n, n)
     if perm is not None:
         Zd = Zd[:, perm][:, :, perm]
     return Zd, arcs, perm, (root if perm is None else 0)
@@ -356,7 +411,7 @@ def arborescence_marginals(scores, root: int = 0, mask=None, method: str = "auto
     if perm is not None:
         inv = torch.argsort(perm)
         mu = mu[:, inv][:, :, inv]
-    return mu.reshape(scores.shape).to(scores.dtype)
+    return (mu if scores.dim() == 3 else mu.reshape(scores.shape)).to(scores.dtype)
 
 
 def arborescence_log_partition(scores, root: int = 0, mask=None, method: str = "auto"):
@@ -375,13 +430,6 @@ def arborescence_log_partition(scores, root: int = 0, mask=None, method: str = "
 # --------------------------------------------------------------------------------------------
 _EDGE_CACHE: dict = {}
 _EDGE_BY_ID: dict = {}
-
-
-# Build the reduced Laplacian and the edge quadratic forms with one dense matmul against
-# the incidence table when its size m²·E is at most this (K_n up to n = 17); beyond it, by
-# gathers.  Measured crossover (benchmarks/trees.py style, batch 128, one thread): the
-# matmul wins by 10-25% of the whole forward + backward at n = 10-16 and loses at n = 20.
-_DENSE_INCIDENCE_MAX = 40_000
 
 
 class _Edges:
