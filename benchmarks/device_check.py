@@ -1,0 +1,120 @@
+"""Every specialised solver on an accelerator against the same solver on the CPU, in one short run.
+
+    python benchmarks/device_check.py [--device cuda] [--batch 256] [--quick]
+
+For each family of ``polytopes.families.FAMILIES`` at a mid size, for each specialised
+relaxation (and the hard argmax), on one batch of utilities in float64 and float32:
+
+* the relaxed sample X_tau and its vector-Jacobian product with one cotangent are computed
+  on ``--device`` and on the CPU, and their largest difference is printed (float64 must
+  agree to 1e-9, float32 to 1e-3 relative to the float64 CPU result);
+* the result keeps the input's device and dtype;
+* forward + backward time per call on the device (synchronised) and on the CPU.
+
+The hard argmax must be identical on both.  Exit status 1 if any check fails, so that a
+session lent an accelerator can run it as one command.  Hungarian (Permutation's argmax)
+runs on the CPU by design, and is only checked for agreement and the output device.
+With ``--device cpu`` (the default when no accelerator is present) both sides are the
+CPU: a smoke run of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import sstcvx
+from polytopes.families import FAMILIES
+
+#: (family, n) checked: mid sizes where every solver does real work but a run stays short.
+CASES = (("simplex", 50), ("hypercube", 50), ("ksubset", 40), ("permutation", 8), ("spanning_tree", 20), ("arborescence", 20))
+QUICK_CASES = (("simplex", 10), ("hypercube", 10), ("ksubset", 10), ("permutation", 4), ("spanning_tree", 6), ("arborescence", 6))
+TAU = 0.5
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, rounds: int = 5) -> float:
+    """Median seconds per call of fn on device (synchronised), after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def relax_and_vjp(P, U, G, regularizer):
+    u = U.detach().clone().requires_grad_(True)
+    X = sstcvx.relax(P, u, TAU, regularizer, solver="specialised")
+    (grad,) = torch.autograd.grad((X * G).sum(), u)
+    return X.detach(), grad
+
+
+def check_case(P, regularizer, batch, device, generator) -> tuple[bool, str]:
+    shape = (batch,) + tuple(P.event_shape)
+    U64 = torch.randn(shape, dtype=torch.float64, generator=generator)
+    G64 = torch.randn(shape, dtype=torch.float64, generator=generator)
+    X_ref, g_ref = relax_and_vjp(P, U64, G64, regularizer)
+    scale = max(1.0, float(g_ref.abs().max()))
+    ok, parts = True, []
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        U, G = U64.to(device=device, dtype=dtype), G64.to(device=device, dtype=dtype)
+        X, g = relax_and_vjp(P, U, G, regularizer)
+        same_place = X.device == U.device and X.dtype == dtype and g.device == U.device
+        dx = float((X.double().cpu() - X_ref).abs().max())
+        dg = float((g.double().cpu() - g_ref).abs().max()) / scale
+        good = same_place and dx <= tol and dg <= tol and bool(torch.isfinite(X).all())
+        ok &= good
+        parts.append(f"{str(dtype)[6:]}: |dX| {dx:.1e} |dVJP|/max {dg:.1e}{'' if same_place else ' WRONG DEVICE/DTYPE'}")
+    U, G = U64.to(device), G64.to(device)
+    t_dev = timed(lambda: relax_and_vjp(P, U, G, regularizer), device)
+    t_cpu = timed(lambda: relax_and_vjp(P, U64, G64, regularizer), torch.device("cpu"))
+    parts.append(f"fwd+bwd {t_dev * 1e3:8.2f} ms on {device.type}, {t_cpu * 1e3:8.2f} ms on cpu")
+    return ok, "   ".join(parts)
+
+
+def check_argmax(P, batch, device, generator) -> tuple[bool, str]:
+    U = torch.randn((batch,) + tuple(P.event_shape), dtype=torch.float64, generator=generator)
+    X_ref = sstcvx.argmax(P, U, solver="specialised")
+    X = sstcvx.argmax(P, U.to(device), solver="specialised")
+    ok = X.device == U.to(device).device and torch.equal(X.cpu(), X_ref)
+    t_dev = timed(lambda: sstcvx.argmax(P, U.to(device), solver="specialised"), device)
+    return ok, f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default, help=f"the device to check (default {default})")
+    parser.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    failures = 0
+    for name, n in QUICK_CASES if args.quick else CASES:
+        P = FAMILIES[name](n)
+        for regularizer in sstcvx.registry.specialised_regularizers(P):
+            ok, line = check_case(P, regularizer, args.batch, device, generator)
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {regularizer:<19} {line}")
+        ok, line = check_argmax(P, args.batch, device, generator)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {'argmax':<19} {line}")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
