@@ -51,13 +51,14 @@ Two paths, chosen per batch element (``method="auto"``):
    requires grad, so X_tau stays differentiable).  Exact (relative error ~ n·eps in every
    weight) for any spread of Z, e.g. tau = 1e-3 with |theta| = 1e3 (spread 1e6), and so
    it reaches the hard argmax as tau → 0.  Cost O(n³) per element but in n − 1 sequential
-   batched steps, with autograd of autograd (to any order): measured 5× (n = 10) to 17×
-   (n = 30) the fast path, so it is used only where the fast path is not accurate.  With
+   batched steps, with autograd of autograd (to any order): measured 10-15× (n = 10) and
+   15-20× (n = 30) the fast path, so it is used only where the fast path is not accurate.  With
    Gumbel-perturbed theta ~ N(0, 1) every element is fast at tau ≥ 1, about half at
    tau = 0.3 and almost none at tau ≤ 0.1.
 
-The per-element choice costs one host synchronisation per call (``bool(ok.all())``); the
-rest is batched tensor code that runs unchanged on a GPU.
+The per-element choice costs one host synchronisation per call (the batch's extreme κ and
+LAPACK status, see ``_accepted``); the rest is batched tensor code that runs unchanged on
+a GPU.
 
 Precision.  Both paths compute internally in float64 whatever the input dtype, and cast
 the result back: the marginals are differences of entries of L̂⁻¹ (effective resistances),
