@@ -14,7 +14,9 @@ Prints, in one run:
    batches is that of the capped batch; such rows are marked ``*``.  A last block times
    the specialised path alone at the hard end of the range (tau = 1e-3, |theta| up to
    1e3: spreads of Z = U / tau up to 2e6, solved by epsilon-scaling), where the generic
-   conic solver is not a meaningful reference.
+   conic solver is not a meaningful reference.  The same table for the ``euclidean``
+   relaxation (``polytopes.permutation.birkhoff_projection``: semi-smooth Newton on the
+   dual, exact piecewise linear backward) against the generic path's projection.
 2. Hard samples at batch 128, n = 10, 30, 50: ``polytopes.permutation.hungarian``
    (SciPy's linear_sum_assignment per element, on the CPU) against networkx on the same
    inputs: ``bipartite.minimum_weight_full_matching`` (sparse, SciPy underneath) and
@@ -58,10 +60,10 @@ def gumbel_utilities(batch, n, scale, generator):
     return theta - torch.log(-torch.log(uniform))
 
 
-def forward_backward(P, U, G, tau, solver):
+def forward_backward(P, U, G, tau, solver, regularizer="entropy"):
     def run():
         Ug = U.clone().requires_grad_(True)
-        (sstcvx.relax(P, Ug, tau, "entropy", solver=solver) * G).sum().backward()
+        (sstcvx.relax(P, Ug, tau, regularizer, solver=solver) * G).sum().backward()
 
     return run
 
@@ -73,29 +75,31 @@ def forward_backward(P, U, G, tau, solver):
 
 def relaxation_section(quick: bool, rounds: int, generator):
     cap = 8 if quick else 32
-    print("1. entropy relaxation (Sinkhorn), specialised vs generic (CVXPY/cvxpylayers), forward + backward,")
-    print("   time per instance, float64, tau = 1, theta ~ N(0, 1) + Gumbel")
-    print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-    print(f"   {'n':>3} {'batch':>5} | {'specialised':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}")
-    for n in (3, 5, 8):
-        P = Permutation(n)
-        generic_per_instance = {}
-        for batch in (1, 32, 256):
-            U = gumbel_utilities(batch, n, 1.0, generator)
-            G = torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
-            fast = median_time(forward_backward(P, U, G, 1.0, "specialised"), 5 * rounds) / batch
-            b = min(batch, cap)
-            if b not in generic_per_instance:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    run = forward_backward(P, U[:b], G[:b], 1.0, "generic")
-                    generic_per_instance[b] = median_time(run, rounds) / b
-                    diff = (
-                        sstcvx.relax(P, U[:b], 1.0, "entropy", solver="generic")
-                        - sstcvx.relax(P, U[:b], 1.0, "entropy", solver="specialised")
-                    ).abs().max().item()
-            slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
-            print(f"   {n:>3} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | {slow / fast:7.0f}x | {diff:12.1e}")
+    for regularizer, method in (("entropy", "Sinkhorn"), ("euclidean", "Birkhoff projection")):
+        print(f"1. {regularizer} relaxation ({method}), specialised vs generic (CVXPY/cvxpylayers), forward + backward,")
+        print("   time per instance, float64, tau = 1, theta ~ N(0, 1) + Gumbel")
+        print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
+        print(f"   {'n':>3} {'batch':>5} | {'specialised':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}")
+        for n in (3, 5, 8):
+            P = Permutation(n)
+            generic_per_instance = {}
+            for batch in (1, 32, 256):
+                U = gumbel_utilities(batch, n, 1.0, generator)
+                G = torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
+                fast = median_time(forward_backward(P, U, G, 1.0, "specialised", regularizer), 5 * rounds) / batch
+                b = min(batch, cap)
+                if b not in generic_per_instance:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        run = forward_backward(P, U[:b], G[:b], 1.0, "generic", regularizer)
+                        generic_per_instance[b] = median_time(run, rounds) / b
+                        diff = (
+                            sstcvx.relax(P, U[:b], 1.0, regularizer, solver="generic")
+                            - sstcvx.relax(P, U[:b], 1.0, regularizer, solver="specialised")
+                        ).abs().max().item()
+                slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
+                print(f"   {n:>3} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | {slow / fast:7.0f}x | {diff:12.1e}")
+        print()
     print()
     print("   specialised only, hard end: tau = 1e-3, theta uniform in [-s, s] + Gumbel, spread of Z = U / tau ~ 2e3 s")
     print("   (s = 1: near-ties, X_tau genuinely fractional; s = 1e3: nearly a vertex)")

@@ -8,7 +8,7 @@ import torch
 
 import sstcvx
 from polytopes import Permutation
-from polytopes.permutation import hungarian, sinkhorn
+from polytopes.permutation import birkhoff_projection, hungarian, sinkhorn
 
 
 def relax(P, U, tau):
@@ -205,3 +205,81 @@ def test_exp_family_entropy_by_enumeration_on_auto_and_by_the_conic_path_on_gene
     torch.testing.assert_close(sstcvx.relax(P, U, 0.5, "exp_family_entropy"), brute, atol=1e-12, rtol=0)
     generic = sstcvx.relax(P, U, 0.5, "exp_family_entropy", solver="generic")
     torch.testing.assert_close(generic, brute, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# euclidean: the projection onto the Birkhoff polytope
+# ---------------------------------------------------------------------------------------------
+
+
+def project(P, U, tau):
+    return sstcvx.relax(P, U, tau, "euclidean")
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_projection_is_exact_against_every_vertex(n):
+    """X = proj_P(Z) iff <Z - X, V - X> <= 0 for every vertex V: brute force over the n! permutations."""
+    P = Permutation(n)
+    Z = 2 * torch.randn(8, n, n, dtype=torch.float64)
+    X = birkhoff_projection(Z)
+    V = P.vertices
+    slack = torch.einsum("bij,mij->bm", Z - X, V) - ((Z - X) * X).sum((-2, -1)).unsqueeze(-1)
+    assert slack.max() < 1e-10
+    assert (X >= 0).all() and marginal_violation(X) < 1e-11
+    assert (X == 0).any()  # a projection, not a smoothing: exact zeros
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_projection_agrees_with_generic_path(n):
+    P = Permutation(n)
+    U = 2 * torch.randn(3, n, n, dtype=torch.float64)
+    for tau in (0.3, 2.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slow = sstcvx.relax(P, U, tau, "euclidean", solver="generic")
+        torch.testing.assert_close(project(P, U, tau), slow, atol=1e-6, rtol=0)
+
+
+def test_projection_gradcheck_and_exact_jacobian():
+    P = Permutation(4)
+    U = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: project(P, u, 0.5), (U,))
+    # the Jacobian is an orthogonal projection: symmetric and idempotent
+    J = torch.autograd.functional.jacobian(lambda u: project(P, u, 1.0), U[0].detach()).reshape(16, 16)
+    torch.testing.assert_close(J, J.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(J @ J, J, atol=1e-10, rtol=0)
+
+
+def test_projection_tau_limits():
+    P = Permutation(5)
+    U = torch.randn(8, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(project(P, U, 1e-5), sstcvx.argmax(P, U), atol=1e-9, rtol=0)
+    torch.testing.assert_close(project(P, U, 1e7), torch.full_like(U, 1 / 5), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 8])
+def test_projection_robust_to_extreme_utilities(n, dtype):
+    P = Permutation(n)
+    gumbel = -torch.log(-torch.log(torch.rand(16, n, n, dtype=torch.float64)))
+    for tau in (1e-3, 1.0, 1e3):
+        for scale in (1.0, 1e3):
+            theta = ((2 * torch.rand(16, n, n, dtype=torch.float64) - 1) * scale).to(dtype).requires_grad_(True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the tolerance is reached: no RuntimeWarning
+                X = project(P, theta + gumbel.to(dtype), tau)
+            (X * torch.randn_like(X)).sum().backward()
+            assert torch.isfinite(X).all() and torch.isfinite(theta.grad).all()
+            assert X.dtype == dtype and (X >= 0).all() and marginal_violation(X) <= 1e-6
+    U = theta.detach() + gumbel.to(dtype)
+    torch.testing.assert_close(project(P, U, 1e-3), sstcvx.argmax(P, U), atol=1e-6, rtol=0)
+
+
+def test_projection_arguments_and_budget():
+    with pytest.raises(ValueError, match="tol"):
+        birkhoff_projection(torch.zeros(3, 3), tol=0.0)
+    with pytest.raises(ValueError, match="Z: expected finite"):
+        birkhoff_projection(torch.full((3, 3), float("nan")))
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        birkhoff_projection(1e4 * torch.randn(2, 6, 6, dtype=torch.float64), max_iter=1)
+    assert birkhoff_projection(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
