@@ -30,6 +30,7 @@ from sstcvx.polytope import Polytope
 from sstcvx.registry import register_argmax, register_relaxation
 
 from ._validation import check_int
+from .simplex import sparsemax_threshold
 
 # _enumerate_vertices lists the n! permutation matrices up to this n (720 at n = 6).
 MAX_ENUMERATE_N = 6
@@ -419,15 +420,9 @@ _BIRKHOFF_SWEEPS = 4  # alternating row and column projections before the Newton
 def _project_rows(V: torch.Tensor):
     """Each row of V (..., n) onto the probability simplex: (max(V - alpha, 0), alpha), rows summing to 1.
 
-    The threshold alpha comes exactly from the sorted row and its cumulative sums
-    (the sparsemax threshold).  Cost O(n log n) per row.
+    The threshold alpha is the sparsemax threshold, exact by sorting; O(n log n) per row.
     """
-    n = V.shape[-1]
-    s, _ = torch.sort(V, dim=-1, descending=True)
-    cum = s.cumsum(-1) - 1.0
-    ranks = torch.arange(1, n + 1, dtype=V.dtype, device=V.device)
-    size = (s * ranks > cum).sum(-1, keepdim=True)  # holds exactly for the support's sizes 1..|S|
-    alpha = cum.gather(-1, size - 1) / size.to(V.dtype)
+    alpha, _, _ = sparsemax_threshold(V)
     return (V - alpha).clamp_min(0.0), alpha.squeeze(-1)
 
 

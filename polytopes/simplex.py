@@ -75,20 +75,28 @@ def gibbs_marginals(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
     return torch.softmax(Z, dim=-1)
 
 
+def sparsemax_threshold(z: torch.Tensor):
+    """t (..., 1) with sum max(z - t, 0) = 1 over the last dim, the support size (..., 1), and z sorted descending.
+
+    Exact from the sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1); O(n log n).
+    """
+    n = z.shape[-1]
+    zs, _ = torch.sort(z, dim=-1, descending=True)
+    cum = zs.cumsum(-1) - 1.0
+    ranks = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
+    # the support size is the largest r with z_(r) > (sum_{j<=r} z_(j) - 1) / r; the condition holds
+    # exactly for r = 1..size, so counting it gives size
+    size = (zs * ranks > cum).sum(-1, keepdim=True)
+    return cum.gather(-1, size - 1) / size.to(z.dtype), size, zs
+
+
 class _Sparsemax(torch.autograd.Function):
     """max(Z - t, 0) with sum 1; exact forward by sorting, backward on the support S = {x > 0}."""
 
     @staticmethod
     def forward(ctx, Z):
         z = Z.detach().to(torch.float64)
-        n = z.shape[-1]
-        zs, _ = torch.sort(z, dim=-1, descending=True)
-        cum = zs.cumsum(-1) - 1.0
-        ranks = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
-        # the support size is the largest r with z_(r) > (sum_{j<=r} z_(j) - 1) / r; the condition holds
-        # exactly for r = 1..size, so counting it gives size
-        size = (zs * ranks > cum).sum(-1, keepdim=True)
-        threshold = cum.gather(-1, size - 1) / size.to(z.dtype)
+        threshold, size, zs = sparsemax_threshold(z)
         # the support is the `size` largest entries (entries tied with the last one belong to it too)
         support = z >= zs.gather(-1, size - 1)
         x = torch.where(support, z - threshold, 0.0).clamp_min(0.0)
