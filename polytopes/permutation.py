@@ -374,6 +374,12 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     Cholesky solve per element), never unrolled; differentiable again, so
     second derivatives are available.
     """
+    _check_solver_arguments(Z, tol, max_iter)
+    return _sinkhorn(Z, float(tol), max_iter, stacklevel=3)
+
+
+def _check_solver_arguments(Z, tol, max_iter) -> None:
+    """The public iterative solvers' checks: square finite Z, tol > 0, max_iter >= 1."""
     _check_square(Z, "Z")
     if isinstance(tol, bool) or not isinstance(tol, (float, int)) or not tol > 0:
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
@@ -381,26 +387,35 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
         raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
     if not bool(torch.isfinite(Z).all()):
         raise ValueError("Z: expected finite values")
-    return _sinkhorn(Z, float(tol), max_iter, stacklevel=3)
 
 
-def _sinkhorn(Z, tol=SINKHORN_TOL, max_iter=SINKHORN_MAX_ITER, stacklevel=2):
-    """:func:`sinkhorn` without argument checks (the registered solver's inputs are checked by sstcvx)."""
+def _run_batched(function, name, Z, tol, max_iter, stacklevel):
+    """Apply an iterative solver's autograd ``function`` to Z (..., n, n) as a float64 batch.
+
+    Returns X in Z's shape and dtype; warns (RuntimeWarning, naming ``name``) when
+    elements did not reach ``tol`` within ``max_iter`` Newton steps, with ``stacklevel``
+    counted from the solver wrapper that calls this (one frame is added here).
+    """
     n = Z.shape[-1]
     if Z.numel() == 0:
         return Z * 0
     Z64 = Z.reshape(-1, n, n).to(torch.float64)
     report = {}
-    X = _Sinkhorn.apply(Z64, tol, max_iter, report)
+    X = function.apply(Z64, tol, max_iter, report)
     if report["unconverged"]:
         warnings.warn(
-            f"sinkhorn: {report['unconverged']} of {Z64.shape[0]} batch elements did not reach the tolerance "
+            f"{name}: {report['unconverged']} of {Z64.shape[0]} batch elements did not reach the tolerance "
             f"{tol:g} within max_iter={max_iter} Newton steps (largest column-sum violation "
             f"{report['violation']:.3g}); increase max_iter",
             RuntimeWarning,
-            stacklevel=stacklevel,
+            stacklevel=stacklevel + 1,
         )
     return X.to(Z.dtype).reshape(Z.shape)
+
+
+def _sinkhorn(Z, tol=SINKHORN_TOL, max_iter=SINKHORN_MAX_ITER, stacklevel=2):
+    """:func:`sinkhorn` without argument checks (the registered solver's inputs are checked by sstcvx)."""
+    return _run_batched(_Sinkhorn, "sinkhorn", Z, tol, max_iter, stacklevel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,33 +565,13 @@ def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: in
     Precision: float64 internally whatever the input (the potentials reach |Z|, 1e6
     at tau = 1e-3 with |theta| = 1e3, and X is their difference with Z).
     """
-    _check_square(Z, "Z")
-    if isinstance(tol, bool) or not isinstance(tol, (float, int)) or not tol > 0:
-        raise ValueError(f"tol: expected a positive float, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
-    if not bool(torch.isfinite(Z).all()):
-        raise ValueError("Z: expected finite values")
+    _check_solver_arguments(Z, tol, max_iter)
     return _birkhoff(Z, float(tol), max_iter, stacklevel=3)
 
 
 def _birkhoff(Z, tol=BIRKHOFF_TOL, max_iter=BIRKHOFF_MAX_ITER, stacklevel=2):
     """:func:`birkhoff_projection` without argument checks (the registered solver's inputs are checked by sstcvx)."""
-    n = Z.shape[-1]
-    if Z.numel() == 0:
-        return Z * 0
-    Z64 = Z.reshape(-1, n, n).to(torch.float64)
-    report = {}
-    X = _BirkhoffProjection.apply(Z64, tol, max_iter, report)
-    if report["unconverged"]:
-        warnings.warn(
-            f"birkhoff_projection: {report['unconverged']} of {Z64.shape[0]} batch elements did not reach the "
-            f"tolerance {tol:g} within max_iter={max_iter} Newton steps (largest column-sum violation "
-            f"{report['violation']:.3g}); increase max_iter",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-    return X.to(Z.dtype).reshape(Z.shape)
+    return _run_batched(_BirkhoffProjection, "birkhoff_projection", Z, tol, max_iter, stacklevel)
 
 
 @register_argmax(Permutation)
