@@ -6,6 +6,7 @@ mostly measures other processes.  ``use_wall_clock()`` switches to wall time.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
@@ -73,6 +74,26 @@ def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
         if was_enabled:
             gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def benchmark_arguments(doc: str, quick_help: str, argv=None) -> argparse.Namespace:
+    """Parse ``--quick``, ``--threads T`` (>= 1, default 1) and ``--wall``, and apply the last two.
+
+    ``doc``: the script's docstring (its first paragraph is the description).  Sets
+    torch's intra-op threads and the clock (:func:`use_wall_clock`).
+    """
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--wall", action="store_true", help="wall-clock time instead of process CPU time")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads: expected an int >= 1")
+    torch.set_num_threads(args.threads)
+    use_wall_clock(args.wall)
+    return args
 
 
 def fmt(seconds: float) -> str:

@@ -33,7 +33,6 @@ path, whose milliseconds are more exposed to the load of a shared machine).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -45,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sstcvx  # noqa: E402
-from _timing import clock, fmt, median_time, use_wall_clock  # noqa: E402
+from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
 from polytopes import Permutation  # noqa: E402
 from polytopes.permutation import hungarian  # noqa: E402
 
@@ -181,15 +180,7 @@ def hungarian_section(quick: bool, rounds: int, generator):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller generic batches, fewer rounds")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--wall", action="store_true", help="wall-clock time instead of process CPU time")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads: expected an int >= 1")
-    torch.set_num_threads(args.threads)
-    use_wall_clock(args.wall)
+    args = benchmark_arguments(__doc__, "smaller generic batches, fewer rounds", argv)
     generator = torch.Generator().manual_seed(0)
     rounds = 3 if args.quick else 5
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock: {'wall' if args.wall else 'process CPU'}")

@@ -47,12 +47,11 @@ default-allocator runs just before.  The figures printed are for the default all
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import sstcvx
-from _timing import fmt, interleaved, median_time, use_wall_clock
+from _timing import benchmark_arguments, fmt, interleaved, median_time
 from sstcvx.enumeration import gibbs_marginals
 from polytopes import _matrix_tree as mt
 from polytopes.arborescence import Arborescence
@@ -171,13 +170,7 @@ def specialised_vs_generic_section(quick: bool):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes (about a minute)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
-    args = parser.parse_args(argv)
-    use_wall_clock(args.wall)
-    torch.set_num_threads(args.threads)
+    args = benchmark_arguments(__doc__, "fewer rounds and sizes (about a minute)", argv)
     torch.manual_seed(0)
     clock_name = "wall clock" if args.wall else "process CPU time"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, timed by {clock_name}")
