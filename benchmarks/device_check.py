@@ -2,7 +2,7 @@
 
     python benchmarks/device_check.py [--device cuda] [--batch 256] [--quick]
 
-For each family of ``polytopes.families.FAMILIES`` at a mid size, for each specialised
+For each registered family (:mod:`sstcvx.families`) at its ``device_check_n``, for each specialised
 relaxation (and the hard argmax), on one batch of utilities in float64 and float32:
 
 * the relaxed sample X_tau and its vector-Jacobian product with one cotangent are computed
@@ -27,11 +27,8 @@ import time
 import torch
 
 import sstcvx
-from polytopes.families import FAMILIES
+from sstcvx.families import families
 
-#: (family, n) checked: mid sizes where every solver does real work but a run stays short.
-CASES = (("simplex", 50), ("hypercube", 50), ("ksubset", 40), ("permutation", 8), ("spanning_tree", 20), ("arborescence", 20))
-QUICK_CASES = (("simplex", 10), ("hypercube", 10), ("ksubset", 10), ("permutation", 4), ("spanning_tree", 6), ("arborescence", 6))
 TAU = 0.5
 
 
@@ -103,8 +100,8 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     failures = 0
-    for name, n in QUICK_CASES if args.quick else CASES:
-        P = FAMILIES[name](n)
+    for family in families().values():
+        P = family(family.quick_device_check_n if args.quick else family.device_check_n)
         for regularizer in sstcvx.registry.specialised_regularizers(P):
             ok, line = check_case(P, regularizer, args.batch, device, generator)
             failures += not ok

@@ -1,15 +1,17 @@
 """The library of known polytope families with specialised solvers.
 
-Importing this package registers every family's hard argmax and relaxed
-solvers with :mod:`sstcvx`, so that ``sstcvx.relax``/``argmax``/``sample``
-with ``solver="auto"`` take the fast path on these classes.
+Importing this package imports every family module; each registers its solvers with
+:mod:`sstcvx.registry` and its tooling facts with :mod:`sstcvx.families`, so that
+``sstcvx.relax``/``argmax``/``sample`` with ``solver="auto"`` take the fast path on these
+classes and ``sstcvx compare``/``bench``/``demo`` list them.  A new family is one module
+here plus its import line below.
 """
 
-from .arborescence import Arborescence
+from .simplex import Simplex
 from .hypercube import Hypercube
 from .ksubset import KSubset
 from .permutation import Permutation
-from .simplex import Simplex
 from .spanning_tree import SpanningTree
+from .arborescence import Arborescence
 
 __all__ = ["Simplex", "Hypercube", "KSubset", "Permutation", "SpanningTree", "Arborescence"]

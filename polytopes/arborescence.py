@@ -27,6 +27,7 @@ import cvxpy as cp
 import numpy as np
 import torch
 
+from sstcvx.families import Family, register_family
 from sstcvx.polytope import Polytope
 from sstcvx.registry import register_argmax, register_relaxation
 
@@ -144,3 +145,18 @@ def tutte_marginals(P: Arborescence, Z: torch.Tensor) -> torch.Tensor:
     float64 inside.  Cost O(B n³); exact backward.  See ``polytopes._matrix_tree``.
     """
     return arborescence_marginals(Z, P.root, P._mask)
+
+
+register_family(
+    Family(
+        name="arborescence",
+        make=lambda n, k: Arborescence(n, root=0),
+        regularizers=("exp_family_entropy",),
+        n=5,
+        sizes=(3, 4, 5, 6, 8, 12, 16, 32),
+        quick_sizes=(3, 4, 5),
+        max_generic_n=6,
+        device_check_n=20,
+        quick_device_check_n=6,
+    )
+)

@@ -15,6 +15,7 @@ import cvxpy as cp
 import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
+from sstcvx.families import Family, register_family
 
 from ._validation import check_int
 
@@ -83,3 +84,18 @@ def clamp(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
     precision (no arithmetic); the Jacobian is the indicator of 0 < Z < 1.
     """
     return Z.clamp(0.0, 1.0)
+
+
+register_family(
+    Family(
+        name="hypercube",
+        make=lambda n, k: Hypercube(n),
+        regularizers=("binary_entropy", "euclidean"),
+        n=10,
+        sizes=(5, 10, 20, 50, 100, 300, 1000),
+        quick_sizes=(5, 20, 100),
+        max_generic_n=300,
+        device_check_n=50,
+        quick_device_check_n=10,
+    )
+)

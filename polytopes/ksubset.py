@@ -22,6 +22,7 @@ import cvxpy as cp
 import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
+from sstcvx.families import Family, register_family
 
 from ._validation import check_int
 
@@ -337,3 +338,24 @@ def gibbs_marginals(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
         log_partition = log_elementary_symmetric(z - shift, k)
         (marginals,) = torch.autograd.grad(log_partition.sum(), z, create_graph=record)
     return marginals.to(Z.dtype)
+
+
+def _make_ksubset(n: int, k: int | None) -> KSubset:
+    """KSubset(n, k), with k about n / 3 (within 1 <= k <= n - 1) when not given."""
+    return KSubset(n, max(1, min(n - 1, n // 3)) if k is None else k)
+
+
+register_family(
+    Family(
+        name="ksubset",
+        make=_make_ksubset,
+        regularizers=("binary_entropy", "euclidean", "exp_family_entropy"),
+        n=10,
+        sizes=(6, 10, 20, 50, 100, 300, 1000),
+        quick_sizes=(6, 20, 100),
+        max_generic_n=300,
+        device_check_n=40,
+        quick_device_check_n=10,
+        uses_k=True,
+    )
+)

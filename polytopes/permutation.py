@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from sstcvx.families import Family, register_family
 from sstcvx.polytope import Polytope
 from sstcvx.registry import register_argmax, register_relaxation
 
@@ -590,3 +591,18 @@ def _permutation_entropy(P: Permutation, Z: torch.Tensor) -> torch.Tensor:
 def _permutation_euclidean(P: Permutation, Z: torch.Tensor) -> torch.Tensor:
     """The registered euclidean relaxation: :func:`birkhoff_projection` at its default tolerance 1e-12."""
     return _birkhoff(Z)
+
+
+register_family(
+    Family(
+        name="permutation",
+        make=lambda n, k: Permutation(n),
+        regularizers=("entropy", "euclidean"),
+        n=4,
+        sizes=(3, 4, 6, 8, 12, 16, 32),
+        quick_sizes=(3, 5, 8),
+        max_generic_n=12,
+        device_check_n=8,
+        quick_device_check_n=4,
+    )
+)

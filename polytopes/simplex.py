@@ -15,6 +15,7 @@ import cvxpy as cp
 import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
+from sstcvx.families import Family, register_family
 
 from ._validation import check_int
 
@@ -128,3 +129,18 @@ def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
     |Z| reaches about 10 (tau = 1e-3 with |theta| = 1e-2 already gives that).
     """
     return _Sparsemax.apply(Z)
+
+
+register_family(
+    Family(
+        name="simplex",
+        make=lambda n, k: Simplex(n),
+        regularizers=("entropy", "euclidean", "exp_family_entropy"),
+        n=10,
+        sizes=(5, 10, 20, 50, 100, 300, 1000),
+        quick_sizes=(5, 20, 100),
+        max_generic_n=300,
+        device_check_n=50,
+        quick_device_check_n=10,
+    )
+)

@@ -24,6 +24,7 @@ import cvxpy as cp
 import numpy as np
 import torch
 
+from sstcvx.families import Family, register_family
 from sstcvx.polytope import Polytope
 from sstcvx.registry import register_argmax, register_relaxation
 
@@ -206,3 +207,18 @@ def matrix_tree_marginals(P: SpanningTree, Z: torch.Tensor) -> torch.Tensor:
     See ``polytopes._matrix_tree``.
     """
     return spanning_tree_marginals(Z, P.edges, P.n)
+
+
+register_family(
+    Family(
+        name="spanning_tree",
+        make=lambda n, k: SpanningTree(n),
+        regularizers=("exp_family_entropy",),
+        n=5,
+        sizes=(3, 4, 5, 6, 8, 12, 16, 32),
+        quick_sizes=(3, 4, 5),
+        max_generic_n=6,
+        device_check_n=20,
+        quick_device_check_n=6,
+    )
+)

@@ -8,7 +8,7 @@ See DESIGN.md for the mathematics.
 """
 
 from . import enumeration as _enumeration
-from .compare import Comparison, ComparisonReport, compare
+from .harness.compare import Comparison, ComparisonReport, compare
 from .distributions import RelaxedStochasticArgmax, StochasticArgmax, StraightThroughStochasticArgmax
 from .errors import SolverError
 from .generic import DEFAULT_SOLVER_ARGS, FALLBACK_SOLVER_ARGS

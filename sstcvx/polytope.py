@@ -45,7 +45,6 @@ class Polytope:
         self._declaration = None
         self._vertices = None
         self._vertices_known = False
-        self._generic_cache = {}
 
     # -- the CVXPY declaration -------------------------------------------------------------
     def _declare(self):

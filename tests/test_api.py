@@ -151,7 +151,7 @@ def test_solver_failure_names_the_element(monkeypatch):
     with pytest.warns(RuntimeWarning, match="batch element 0 failed"):
         X = sstcvx.relax(P, U, 1.0, "entropy", solver="generic", solver_args=bad)
     torch.testing.assert_close(X, torch.softmax(U, -1), atol=1e-6, rtol=0)
-    monkeypatch.setattr(generic, "FALLBACK_SOLVER_ARGS", {"solve_method": "Clarabel", "max_iter": 1})
+    monkeypatch.setattr(generic.settings, "FALLBACK_SOLVER_ARGS", {"solve_method": "Clarabel", "max_iter": 1})
     with pytest.raises(sstcvx.SolverError, match=r"batch element 0 failed with solver Clarabel") as info:
         sstcvx.relax(P, U, 1.0, "entropy", solver="generic", solver_args=bad)
     assert info.value.element == 0 and info.value.solver == "Clarabel"

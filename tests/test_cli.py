@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 import sstcvx
-from sstcvx import bench as bench_module
-from sstcvx.cli import main
+from sstcvx.harness import bench as bench_module
+from sstcvx.harness.cli import main
 
 USER_FILE = textwrap.dedent(
     """
@@ -142,16 +142,16 @@ def test_python_m_sstcvx_help_does_not_import_polytopes():
     for command in ("compare", "bench", "demo"):
         assert command in result.stdout
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
-    assert "sstcvx" in imported and "sstcvx.cli" in imported
+    assert "sstcvx" in imported and "sstcvx.harness.cli" in imported
     assert not any(name == "polytopes" or name.startswith("polytopes.") for name in imported)
 
 
 @pytest.fixture
 def tiny_bench(monkeypatch):
-    from polytopes.families import FAMILIES
+    from sstcvx import families
 
-    simplex = dataclasses.replace(FAMILIES["simplex"], n=4, quick_sizes=(3, 5), regularizers=("euclidean",))
-    monkeypatch.setitem(FAMILIES, "simplex", simplex)
+    simplex = dataclasses.replace(families.get_family("simplex"), n=4, quick_sizes=(3, 5), regularizers=("euclidean",))
+    monkeypatch.setitem(families._FAMILIES, "simplex", simplex)
     monkeypatch.setitem(
         bench_module.SETTINGS,
         "quick",
@@ -189,7 +189,7 @@ def test_bench_out_must_be_a_directory(capsys, tmp_path):
 
 
 def test_demo_tour_and_comparison():
-    from sstcvx.demo import run_demo
+    from sstcvx.harness.demo import run_demo
 
     lines = []
     run_demo(out=lines.append, batch=2, repeats=0, families=["simplex"])

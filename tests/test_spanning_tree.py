@@ -61,9 +61,11 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n):
     V = P.vertices
     brute = torch.softmax(U / tau @ V.T, -1) @ V
     torch.testing.assert_close(X, brute, atol=1e-8, rtol=0)
-    # the generic path: Clarabel on the entropy problem over the vertex weights, to its tolerance
+    # the generic path: Clarabel on the entropy problem over the vertex weights (125 exponential
+    # cones at n = 5), to its tolerance: measured up to 1.4e-6 on some draws with the packages of
+    # this release, hence 5e-6
     generic = sstcvx.relax(P, U, tau, "exp_family_entropy", solver="generic")
-    torch.testing.assert_close(X, generic, atol=1e-6, rtol=0)
+    torch.testing.assert_close(X, generic, atol=5e-6, rtol=0)
     # and its backward (the lifted problem's covariance at the solver's weights), down to tau = 0.1
     G = torch.randn_like(U)
     for t in (tau, 0.1):

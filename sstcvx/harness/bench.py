@@ -1,6 +1,6 @@
 """``sstcvx bench``: sweep sizes, batch sizes and temperatures of every family; JSON and PNG plots.
 
-For each family of ``polytopes.families.FAMILIES`` and each of its default
+For each registered family (:mod:`sstcvx.families`) and each of its default
 regularizers, three sweeps of :func:`sstcvx.compare`:
 
 * ``n``: time of both paths against the size n at a fixed batch (the generic path
@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from ..families import families as registered_families
+from ..families import load_errors
 from .compare import compare
 
 SETTINGS = {
@@ -78,23 +80,14 @@ def _run_generic(family, reg, P, n):
 
 def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress: bool = True, echo=print) -> dict:
     """Run the sweeps, write ``bench.json`` and the PNG plots into ``out_dir``; return the JSON data."""
-    try:
-        import polytopes  # noqa: F401  (registers the families polytopes/__init__ imports)
-        from polytopes.families import FAMILIES, FamilyUnavailable
-    except Exception as error:  # noqa: BLE001
-        raise RuntimeError(f"cannot import the polytopes package: {type(error).__name__}: {error}") from None
+    registered = registered_families()
 
     mode = "quick" if quick else "full"
     settings = SETTINGS[mode]
-    names = list(families) if families is not None else list(FAMILIES)
-    available, skipped = [], {}
-    for name in names:
-        family = FAMILIES[name]
-        try:
-            family.polytope_class()
-            available.append(family)
-        except FamilyUnavailable as error:
-            skipped[name] = str(error)
+    names = list(families) if families is not None else list(registered)
+    available = [registered[name] for name in names if name in registered]
+    skipped = {name: "not registered" for name in names if name not in registered}
+    skipped.update({f"package {name}": error for name, error in load_errors().items()})
 
     os.makedirs(out_dir, exist_ok=True)
     echo(

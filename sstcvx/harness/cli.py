@@ -3,8 +3,8 @@
 ``main(argv)`` returns the exit status instead of exiting (0: done; 1: the run
 failed or, with ``--fail-above``, a check failed; 2: a wrong option or target),
 so tests can call it in process; ``python -m sstcvx`` and the ``sstcvx`` console
-script exit with it.  The polytope families (``polytopes``) are imported only
-by the commands that need them.
+script exit with it.  The polytope families are found through the family registry
+(:mod:`sstcvx.families`), never by name.
 """
 
 from __future__ import annotations
@@ -15,8 +15,18 @@ import math
 import os
 import sys
 
-FAMILY_NAMES = ("simplex", "hypercube", "ksubset", "permutation", "spanning_tree", "arborescence")
+from ..families import families
+
 REGULARIZER_NAMES = ("entropy", "binary_entropy", "euclidean", "exp_family_entropy")
+
+
+def _family_names() -> tuple:
+    """The registered families' names (loads the ``sstcvx.families`` entry-point group)."""
+    return tuple(families())
+
+
+def _names_with_k() -> list:
+    return [name for name, family in families().items() if family.uses_k]
 
 
 class UsageError(Exception):
@@ -82,7 +92,10 @@ def _regularizers(text):
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
+    """The parser; ``family_names`` (listed in the help of compare and bench) are only loaded
+    by :func:`main` for those commands, so that ``sstcvx --help`` imports no family."""
+    listed = f" ({', '.join(family_names)})" if family_names else ""
     parser = _Parser(
         prog="sstcvx",
         description="Stochastic softmax tricks on polytopes: compare the generic CVXPY path with "
@@ -105,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job, about a minute: declare a polytope, sample it three ways, compare every family",
         description="Declare the 3-subsets of 8 items with CVXPY, draw relaxed, hard and straight-through "
         "samples, compare a user polytope with brute force, then print the generic-vs-specialised "
-        "comparison table of every family in polytopes at a small size.",
+        "comparison table of every registered family at a small size.",
     )
 
     compare = commands.add_parser(
@@ -123,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "target",
         metavar="FAMILY|FILE.py:FUNCTION",
-        help=f"a family ({', '.join(FAMILY_NAMES)}) or FILE.py:FUNCTION, a function of a Python file "
+        help=f"a registered family{listed} or FILE.py:FUNCTION, a function of a Python file "
         "returning an sstcvx.Polytope (called with no arguments, or with n=/k= when --n/--k are given)",
     )
     compare.add_argument("--n", type=_positive_int, help="size of the family (default: the family's, e.g. 10 for ksubset)")
@@ -179,14 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--families",
         metavar="NAMES",
-        help=f"comma-separated subset of the families (default all: {','.join(FAMILY_NAMES)})",
+        help=f"comma-separated subset of the registered families (default all{': ' + ','.join(family_names) if family_names else ''})",
     )
     bench.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_family_names() if argv and argv[0] in ("compare", "bench") else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a wrong option (2)
@@ -251,7 +265,7 @@ def load_user_polytope(target: str, n=None, k=None):
 
     path, _, function = target.rpartition(":")
     if not path or not function.isidentifier():
-        raise UsageError(f"target {target!r}: expected a family ({', '.join(FAMILY_NAMES)}) or FILE.py:FUNCTION")
+        raise UsageError(f"target {target!r}: expected a family ({', '.join(_family_names())}) or FILE.py:FUNCTION")
     if not os.path.isfile(path):
         raise UsageError(f"target {target!r}: no such file {path!r}")
     spec = importlib.util.spec_from_file_location(f"sstcvx_user_{abs(hash(os.path.abspath(path)))}", path)
@@ -277,19 +291,12 @@ def load_user_polytope(target: str, n=None, k=None):
 
 
 def load_family(name: str, n=None, k=None):
-    """(polytope, family) for a family name; imports ``polytopes`` here, not at sstcvx import time."""
-    try:
-        import polytopes  # noqa: F401  (registers every family that polytopes/__init__ imports)
-        from polytopes.families import FAMILIES, FamilyUnavailable
-    except Exception as error:
-        raise RuntimeError(f"cannot import the polytopes package: {type(error).__name__}: {error}") from None
-    family = FAMILIES[name]
+    """(polytope, family) for a registered family name (see :mod:`sstcvx.families`)."""
+    family = families()[name]
     if k is not None and not family.uses_k:
-        raise UsageError(f"--k applies to ksubset only, not to {name}")
+        raise UsageError(f"--k: family {name} takes no k (families with one: {', '.join(_names_with_k())})")
     try:
         return family(n, k), family
-    except FamilyUnavailable as error:
-        raise RuntimeError(str(error)) from None
     except (TypeError, ValueError) as error:
         raise UsageError(f"{name} with n={n if n is not None else family.n}: {error}") from None
 
@@ -297,7 +304,7 @@ def load_family(name: str, n=None, k=None):
 def _compare(args) -> int:
     import sstcvx
 
-    if args.target in FAMILY_NAMES:
+    if args.target in _family_names():
         try:
             P, family = load_family(args.target, args.n, args.k)
         except RuntimeError as error:
@@ -311,7 +318,7 @@ def _compare(args) -> int:
             default_regs.append("exp_family_entropy")
     else:
         raise UsageError(
-            f"unknown family {args.target!r}; expected one of {', '.join(FAMILY_NAMES)} or FILE.py:FUNCTION"
+            f"unknown family {args.target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION"
         )
     regs = [r for group in args.regularizer for r in group] if args.regularizer else default_regs
     regs = list(dict.fromkeys(regs))
@@ -359,12 +366,12 @@ def _compare(args) -> int:
 
 
 def _bench(args) -> int:
-    names = list(FAMILY_NAMES)
+    names = list(_family_names())
     if args.families:
         names = [name.strip() for name in args.families.split(",") if name.strip()]
-        bad = [name for name in names if name not in FAMILY_NAMES]
+        bad = [name for name in names if name not in _family_names()]
         if bad or not names:
-            raise UsageError(f"--families: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(FAMILY_NAMES)}")
+            raise UsageError(f"--families: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(_family_names())}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
     from .bench import run_bench

@@ -31,14 +31,14 @@ from typing import Sequence
 
 import torch
 
-from . import registry
-from ._checks import check_polytope
-from .enumeration import best_vertex, gibbs_marginals
-from .generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
-from .noise import get_noise
-from .polytope import VertexPolytope
-from .regularizers import get_regularizer
-from .sampling import argmax, relax
+from .. import registry
+from .._checks import check_polytope
+from ..enumeration import best_vertex, gibbs_marginals
+from ..generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
+from ..noise import get_noise
+from ..polytope import VertexPolytope
+from ..regularizers import get_regularizer
+from ..sampling import argmax, relax
 
 REFERENCES = ("auto", "specialised", "brute_force", "second_solver")
 #: Above this many vertices, brute force is not attempted.

@@ -8,6 +8,10 @@ import cvxpy as cp
 import torch
 
 import sstcvx
+from sstcvx.families import families as registered_families
+from sstcvx.families import load_errors
+
+from .compare import ComparisonReport
 
 
 def run_tour(out=print, seed: int = 0) -> None:
@@ -54,7 +58,7 @@ def _path_independent_sets(n: int = 6):
 def run_demo(out=print, seed: int = 0, batch: int = 8, repeats: int = 3, families=None) -> None:
     """The README's main job (about a minute): the tour, a user polytope checked by brute force, every family compared.
 
-    ``families``: names of ``polytopes.families.FAMILIES`` to compare (default all);
+    ``families``: names of registered families (:mod:`sstcvx.families`) to compare (default all);
     ``batch`` and ``repeats`` are passed to :func:`sstcvx.compare`.
     """
     start = time.perf_counter()
@@ -69,22 +73,15 @@ def run_demo(out=print, seed: int = 0, batch: int = 8, repeats: int = 3, familie
     out(report.table())
 
     out("")
-    out("== 3. every family in polytopes: generic CVXPY path vs specialised solver on the same utilities")
-    try:
-        import polytopes  # noqa: F401
-        from polytopes.families import FAMILIES, FamilyUnavailable
-    except Exception as error:  # noqa: BLE001
-        out(f"polytopes is not importable ({type(error).__name__}: {error}); skipping the families")
-        return
-    combined = sstcvx.ComparisonReport()
-    for name in FAMILIES if families is None else families:
-        family = FAMILIES[name]
+    out("== 3. every registered family: generic CVXPY path vs specialised solver on the same utilities")
+    registered = registered_families()
+    for package, error in load_errors().items():
+        out(f"  family package {package} skipped: {error}")
+    combined = ComparisonReport()
+    for name in registered if families is None else families:
+        family = registered[name]
         t0 = time.perf_counter()
-        try:
-            Q = family()
-        except FamilyUnavailable as error:
-            out(f"  {name:<14} skipped: {error}")
-            continue
+        Q = family()
         combined = combined + sstcvx.compare(Q, list(family.regularizers), batch=batch, repeats=repeats, seed=seed)
         out(f"  {name:<14} {Q!r}: {', '.join(family.regularizers)} ({time.perf_counter() - t0:.1f} s)")
     out(combined.table())
