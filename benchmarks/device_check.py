@@ -1,8 +1,8 @@
-"""Every specialised solver on an accelerator against the same solver on the CPU, in one short run.
+"""Every specialized solver on an accelerator against the same solver on the CPU, in one short run.
 
     python benchmarks/device_check.py [--device cuda] [--batch 256] [--quick]
 
-For each registered family (:mod:`sstcvx.families`) at its ``device_check_n``, for each specialised
+For each registered family (:mod:`sstcvx.families`) at its ``device_check_n``, for each specialized
 relaxation (and the hard argmax), on one batch of utilities in float64 and float32:
 
 * the relaxed sample X_tau and its vector-Jacobian product with one cotangent are computed
@@ -52,7 +52,7 @@ def timed(fn, device: torch.device, rounds: int = 5) -> float:
 
 def relax_and_vjp(P, U, G, regularizer):
     u = U.detach().clone().requires_grad_(True)
-    X = sstcvx.relax(P, u, TAU, regularizer, solver="specialised")
+    X = sstcvx.relax(P, u, TAU, regularizer, solver="specialized")
     (grad,) = torch.autograd.grad((X * G).sum(), u)
     return X.detach(), grad
 
@@ -82,10 +82,10 @@ def check_case(P, regularizer, batch, device, generator) -> tuple[bool, str]:
 
 def check_argmax(P, batch, device, generator) -> tuple[bool, str]:
     U = torch.randn((batch,) + tuple(P.event_shape), dtype=torch.float64, generator=generator)
-    X_ref = sstcvx.argmax(P, U, solver="specialised")
-    X = sstcvx.argmax(P, U.to(device), solver="specialised")
+    X_ref = sstcvx.argmax(P, U, solver="specialized")
+    X = sstcvx.argmax(P, U.to(device), solver="specialized")
     ok = X.device == U.to(device).device and torch.equal(X.cpu(), X_ref)
-    t_dev = timed(lambda: sstcvx.argmax(P, U.to(device), solver="specialised"), device)
+    t_dev = timed(lambda: sstcvx.argmax(P, U.to(device), solver="specialized"), device)
     return ok, f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms"
 
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     failures = 0
     for family in families().values():
         P = family(family.quick_device_check_n if args.quick else family.device_check_n)
-        for regularizer in sstcvx.registry.specialised_regularizers(P):
+        for regularizer in sstcvx.registry.specialized_regularizers(P):
             ok, line = check_case(P, regularizer, args.batch, device, generator)
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {regularizer:<19} {line}")

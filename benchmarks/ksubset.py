@@ -17,8 +17,8 @@ Prints, in one run:
    backward of a loss <G, X> through them, i.e. a Hessian-vector product of log e_k).
    With ``--quick`` the finite differences at n = 435 are taken for 24 coordinates only
    and their time is scaled to all n (said in the output).
-2. Specialised vs generic (CVXPY/cvxpylayers) forward + backward time per instance at a
-   few sizes and batch 1, 32 and 256, for every specialised relaxation of ``KSubset``,
+2. Specialized vs generic (CVXPY/cvxpylayers) forward + backward time per instance at a
+   few sizes and batch 1, 32 and 256, for every specialized relaxation of ``KSubset``,
    ``Simplex`` and ``Hypercube`` that has a CVXPY form, with the speedup (target >= 100 at
    batch 32).  The generic path costs milliseconds per instance, so its batch is capped
    (8 with ``--quick``, 32 otherwise) and its per-instance time at larger batches is
@@ -31,7 +31,7 @@ Prints, in one run:
 Timing: the process's CPU time (``time.process_time``) by default, because on a shared
 machine wall-clock time mostly measures the other processes; ``--wall`` uses
 ``time.perf_counter``.  ``--threads`` sets torch's intra-op threads (default 1).  The
-median over rounds is reported, after a warm-up call (the specialised path, which takes
+median over rounds is reported, after a warm-up call (the specialized path, which takes
 microseconds and is the noisier, gets five times as many rounds as the generic one).
 """
 
@@ -119,7 +119,7 @@ def dp_section(quick: bool, rounds: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. specialised vs generic
+# 2. specialized vs generic
 # ------------------------------------------------------------------------------------------------
 
 
@@ -146,9 +146,9 @@ def generic_section(quick: bool, rounds: int):
     sizes = (10, 30) if quick else (10, 30, 100)
     batches = (1, 32, 256)
     print()
-    print("2. specialised vs generic (CVXPY/cvxpylayers), forward + backward, time per instance, float64, tau = 0.5")
+    print("2. specialized vs generic (CVXPY/cvxpylayers), forward + backward, time per instance, float64, tau = 0.5")
     print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-    print(f"   {'polytope':<22} {'regularizer':<18} {'batch':>5} | {'specialised':>11} | {'generic':>12} | {'speedup':>8}")
+    print(f"   {'polytope':<22} {'regularizer':<18} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8}")
     cases = []
     for n in sizes:
         cases += [(KSubset(n, n // 3), r) for r in ("binary_entropy", "euclidean", "exp_family_entropy")]
@@ -161,7 +161,7 @@ def generic_section(quick: bool, rounds: int):
         for batch in batches:
             U = torch.randn(batch, P.n, dtype=torch.float64)
             G = torch.randn(batch, P.n, dtype=torch.float64)
-            fast = median_time(forward_backward(P, U, G, regularizer, "specialised"), 5 * rounds) / batch
+            fast = median_time(forward_backward(P, U, G, regularizer, "specialized"), 5 * rounds) / batch
             b = min(batch, cap)
             if b not in generic_per_instance:
                 with warnings.catch_warnings():
@@ -172,7 +172,7 @@ def generic_section(quick: bool, rounds: int):
             label = ""
             if regularizer == "exp_family_entropy":
                 enum = median_time(enumeration_forward_backward(P, U, G), 5 * rounds) / batch
-                label = f"  (enumeration {fmt(enum).strip()}: specialised {enum / fast:.2g}x as fast)"
+                label = f"  (enumeration {fmt(enum).strip()}: specialized {enum / fast:.2g}x as fast)"
             ratio = slow / fast
             print(
                 f"   {P.name:<22} {regularizer:<18} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | "

@@ -4,7 +4,7 @@
 
 Prints, in one run:
 
-1. Specialised (``polytopes.permutation.sinkhorn``: log-domain Newton-Sinkhorn with an
+1. Specialized (``polytopes.permutation.sinkhorn``: log-domain Newton-Sinkhorn with an
    implicit backward) vs generic (CVXPY/cvxpylayers, the entropy-regularised program
    on the Birkhoff polytope) forward + backward time per instance, float64, at n = 3, 5, 8
    and batch 1, 32, 256, tau = 1, U = theta + Gumbel with theta ~ N(0, 1); speedup ratio
@@ -12,7 +12,7 @@ Prints, in one run:
    path costs milliseconds per instance and solves the elements one at a time, so its
    batch is capped (8 with ``--quick``, 32 otherwise) and its per-instance time at larger
    batches is that of the capped batch; such rows are marked ``*``.  A last block times
-   the specialised path alone at the hard end of the range (tau = 1e-3, |theta| up to
+   the specialized path alone at the hard end of the range (tau = 1e-3, |theta| up to
    1e3: spreads of Z = U / tau up to 2e6, solved by epsilon-scaling), where the generic
    conic solver is not a meaningful reference.  The same table for the ``euclidean``
    relaxation (``polytopes.permutation.birkhoff_projection``: semi-smooth Newton on the
@@ -27,7 +27,7 @@ Prints, in one run:
 Timing: the process's CPU time (``time.process_time``) by default, because on a shared
 machine wall-clock time mostly measures the other processes; ``--wall`` uses
 ``time.perf_counter``.  ``--threads`` sets torch's intra-op threads (default 1).  The
-median over rounds is reported, after a warm-up call (5x more rounds for the specialised
+median over rounds is reported, after a warm-up call (5x more rounds for the specialized
 path, whose milliseconds are more exposed to the load of a shared machine).
 """
 
@@ -68,24 +68,24 @@ def forward_backward(P, U, G, tau, solver, regularizer="entropy"):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. specialised vs generic
+# 1. specialized vs generic
 # ------------------------------------------------------------------------------------------------
 
 
 def relaxation_section(quick: bool, rounds: int, generator):
     cap = 8 if quick else 32
     for regularizer, method in (("entropy", "Sinkhorn"), ("euclidean", "Birkhoff projection")):
-        print(f"1. {regularizer} relaxation ({method}), specialised vs generic (CVXPY/cvxpylayers), forward + backward,")
+        print(f"1. {regularizer} relaxation ({method}), specialized vs generic (CVXPY/cvxpylayers), forward + backward,")
         print("   time per instance, float64, tau = 1, theta ~ N(0, 1) + Gumbel")
         print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-        print(f"   {'n':>3} {'batch':>5} | {'specialised':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}")
+        print(f"   {'n':>3} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}")
         for n in (3, 5, 8):
             P = Permutation(n)
             generic_per_instance = {}
             for batch in (1, 32, 256):
                 U = gumbel_utilities(batch, n, 1.0, generator)
                 G = torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
-                fast = median_time(forward_backward(P, U, G, 1.0, "specialised", regularizer), 5 * rounds) / batch
+                fast = median_time(forward_backward(P, U, G, 1.0, "specialized", regularizer), 5 * rounds) / batch
                 b = min(batch, cap)
                 if b not in generic_per_instance:
                     with warnings.catch_warnings():
@@ -94,13 +94,13 @@ def relaxation_section(quick: bool, rounds: int, generator):
                         generic_per_instance[b] = median_time(run, rounds) / b
                         diff = (
                             sstcvx.relax(P, U[:b], 1.0, regularizer, solver="generic")
-                            - sstcvx.relax(P, U[:b], 1.0, regularizer, solver="specialised")
+                            - sstcvx.relax(P, U[:b], 1.0, regularizer, solver="specialized")
                         ).abs().max().item()
                 slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
                 print(f"   {n:>3} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | {slow / fast:7.0f}x | {diff:12.1e}")
         print()
     print()
-    print("   specialised only, hard end: tau = 1e-3, theta uniform in [-s, s] + Gumbel, spread of Z = U / tau ~ 2e3 s")
+    print("   specialized only, hard end: tau = 1e-3, theta uniform in [-s, s] + Gumbel, spread of Z = U / tau ~ 2e3 s")
     print("   (s = 1: near-ties, X_tau genuinely fractional; s = 1e3: nearly a vertex)")
     print(f"   {'n':>3} {'s':>5} {'batch':>5} | {'fwd+bwd/inst':>12} | {'max marginal violation':>22}")
     for n in (3, 8) if quick else (3, 8, 30):
@@ -110,7 +110,7 @@ def relaxation_section(quick: bool, rounds: int, generator):
                 theta = scale * (2 * torch.rand(batch, n, n, dtype=torch.float64, generator=generator) - 1)
                 U = theta + gumbel_utilities(batch, n, 0.0, generator)
                 G = torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
-                t = median_time(forward_backward(P, U, G, 1e-3, "specialised"), rounds) / batch
+                t = median_time(forward_backward(P, U, G, 1e-3, "specialized"), rounds) / batch
                 X = sstcvx.relax(P, U, 1e-3, "entropy")
                 violation = max((X.sum(-1) - 1).abs().max().item(), (X.sum(-2) - 1).abs().max().item())
                 print(f"   {n:>3} {scale:>5g} {batch:>5} | {fmt(t)}   | {violation:22.1e}")

@@ -19,12 +19,12 @@ Prints, in one run:
    with the ratios ours/naive (target <= 1) and ours/inv (target <= 3); and on its own
    * ``ours-stable``: ``ours`` forced onto the log-space path (what ill-conditioned
      elements, e.g. small tau, cost), timed outside the rotation of the others.
-2. Specialised vs generic ``exp_family_entropy`` for ``SpanningTree`` and ``Arborescence``,
+2. Specialized vs generic ``exp_family_entropy`` for ``SpanningTree`` and ``Arborescence``,
    forward + backward time per instance at batch 1, 32 and 256, n = 4..6, with the speedup
    (target >= 100 at batch 32).  The generic path solves the entropy relaxation over the
    vertex weights with CVXPY (A*(x) = min sum l log l over weights l with mean x), so it
    exists only where the vertices are listed; plain enumeration of the vertex list (one
-   softmax, what ``solver="auto"`` does where no specialised solver exists) is timed too:
+   softmax, what ``solver="auto"`` does where no specialized solver exists) is timed too:
    below a few thousand vertices it is faster than the structured solvers, which are what
    scale past enumeration.
 
@@ -134,12 +134,12 @@ def enumeration_fb(P, U, tau):
     (gibbs_marginals(P, u / tau)).sum().backward()
 
 
-def specialised_vs_generic_section(quick: bool):
+def specialized_vs_generic_section(quick: bool):
     print()
-    print("== Specialised vs generic exp_family_entropy, forward + backward per instance (float64, tau 0.5) ==")
+    print("== Specialized vs generic exp_family_entropy, forward + backward per instance (float64, tau 0.5) ==")
     print("   generic: CVXPY over the vertex weights (one exponential cone per vertex and element); its batch is")
     print("   capped at 8 (quick, or n = 6) or 32, '*' = the capped batch's time per instance used for a larger one")
-    print("   enumeration: one softmax over P.vertices (what solver='auto' does where no specialised solver exists)")
+    print("   enumeration: one softmax over P.vertices (what solver='auto' does where no specialized solver exists)")
     batches = (1, 32, 256)
     sizes = (4, 5) if quick else (4, 5, 6)
     for cls in (SpanningTree, Arborescence):
@@ -152,7 +152,7 @@ def specialised_vs_generic_section(quick: bool):
                 U = torch.randn((B,) + tuple(P.event_shape), dtype=torch.float64)
                 t = interleaved(
                     {
-                        "specialised": lambda: relax_fb(P, U, 0.5, "exp_family_entropy", "specialised"),
+                        "specialized": lambda: relax_fb(P, U, 0.5, "exp_family_entropy", "specialized"),
                         "enumeration": lambda: enumeration_fb(P, U, 0.5),
                     },
                     rounds=5 if quick else 15,
@@ -161,10 +161,10 @@ def specialised_vs_generic_section(quick: bool):
                 if b not in generic_per_instance:
                     run = lambda: relax_fb(P, U[:b], 0.5, "exp_family_entropy", "generic")  # noqa: E731
                     generic_per_instance[b] = median_time(run, rounds=2 if (quick or n >= 6) else 3) / b
-                special, enum = t["specialised"] / B, t["enumeration"] / B
+                special, enum = t["specialized"] / B, t["enumeration"] / B
                 generic, marker = generic_per_instance[b], ("*" if b < B else " ")
                 print(
-                    f"{P.name:28s} B={B:4d}  specialised {fmt(special)}  generic {fmt(generic)}{marker} "
+                    f"{P.name:28s} B={B:4d}  specialized {fmt(special)}  generic {fmt(generic)}{marker} "
                     f"speedup {generic / special:8.0f}x   enumeration ({len(P.vertices):4d} vertices) {fmt(enum)}"
                 )
 
@@ -175,7 +175,7 @@ def main(argv=None):
     clock_name = "wall clock" if args.wall else "process CPU time"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, timed by {clock_name}")
     matrix_tree_section(args.quick)
-    specialised_vs_generic_section(args.quick)
+    specialized_vs_generic_section(args.quick)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Your own polytope: declare it in CVXPY, train through the generic path, then specialise it.
+"""Your own polytope: declare it in CVXPY, train through the generic path, then specialize it.
 
 The set X: choose exactly one item from each of G groups of M items (a menu: one starter,
 one main, one dessert).  X is a set of 0/1 matrices (G, M) with one 1 per row, and its
@@ -11,7 +11,7 @@ of CVXPY, and no family in ``polytopes`` covers it.
    instance): a linear map from a context c to utilities theta (G, M), relaxed samples
    X_tau with the entropy regularizer, squared loss to the best menu for c.
 3. Check the hard samples (the LP solved by HiGHS) are vertices: 0/1 with one item per group.
-4. Register a specialised solver: the entropy is separable and the groups are
+4. Register a specialized solver: the entropy is separable and the groups are
    independent simplices, so X_tau is a softmax per group, exactly; the argmax is an
    argmax per group.  ``sstcvx.compare`` checks it against the generic path on the same
    utilities, and the model is retrained through it.
@@ -70,7 +70,7 @@ def is_vertex(X) -> torch.Tensor:
 
 
 def train(P, solver: str, data, args):
-    """Fit theta = Linear(c) through ``solver`` ("generic" or "specialised").
+    """Fit theta = Linear(c) through ``solver`` ("generic" or "specialized").
 
     Returns the training losses and, on the test contexts, the exact-match rate of the most
     likely menu, the fraction of hard samples (random U) that are vertices, and the time per step.
@@ -150,12 +150,12 @@ def main(argv=None) -> dict:
     curves, results = {}, {}
     curves["generic"], results["generic"] = train(P, "generic", data, args)
 
-    # 4: register the specialised solvers on this polytope, compare them with the generic path, retrain.
+    # 4: register the specialized solvers on this polytope, compare them with the generic path, retrain.
     sstcvx.register_relaxation(P, "entropy")(per_group_softmax)
     sstcvx.register_argmax(P)(per_group_argmax)
     report = sstcvx.compare(P, "entropy", tau=args.tau, batch=args.compare_batch, seed=args.seed, repeats=2)
     print(report.table())
-    curves["specialised"], results["specialised"] = train(P, "specialised", data, args)
+    curves["specialized"], results["specialized"] = train(P, "specialized", data, args)
     row = report[0]
     results["compare"] = {
         "max_abs_diff": row.max_abs_diff,
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
             for name, r in results.items() if name != "compare"]
     title = (
         f"{P.name}, entropy, tau={args.tau}, {args.steps} steps of batch {args.batch_size}; "
-        f"generic vs specialised X_tau on the same U: max |dX| = {row.max_abs_diff:.2g}, "
+        f"generic vs specialized X_tau on the same U: max |dX| = {row.max_abs_diff:.2g}, "
         f"max |dVJP| = {row.max_abs_grad_diff:.2g}"
     )
     columns = ["path", "ms per step", "final loss", "test exact match", "hard samples that are vertices"]

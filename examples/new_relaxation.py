@@ -13,7 +13,7 @@ polytope.  Two new ones are prototyped here on the k-subset polytope ``polytopes
 They are checked against an independent formulation (``sstcvx.compare`` with the brute-force
 reference: the same program stated on the vertex list of P), then trained on the same task as
 the built-in relaxations: binary entropy, Euclidean and exponential-family entropy
-(specialised solvers) and the plain entropy (no specialised solver on k-subsets, so
+(specialized solvers) and the plain entropy (no specialized solver on k-subsets, so
 the generic path).
 
 Task: a linear map from a context c to utilities theta; relaxed k-subsets X_tau of

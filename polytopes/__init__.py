@@ -1,4 +1,4 @@
-"""The library of known polytope families with specialised solvers.
+"""The library of known polytope families with specialized solvers.
 
 Importing this package imports every family module; each registers its solvers with
 :mod:`sstcvx.registry` and its tooling facts with :mod:`sstcvx.families`, so that

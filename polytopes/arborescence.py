@@ -6,7 +6,7 @@ cycle.  The diagonal and the root's column are always 0 (entries of U there are
 ignored).  ``Arborescence(n, root, mask=M)`` restricts the arcs to a digraph (every
 vertex must be reachable from the root).
 
-Specialised solvers (Z = U / tau, shape (B, n, n)):
+Specialized solvers (Z = U / tau, shape (B, n, n)):
 
 * hard argmax: Chu-Liu/Edmonds, batched (``polytopes._mst.maximum_arborescence``);
 * ``exp_family_entropy``: the arc marginals of p(A) ∝ exp⟨Z, A⟩ by the directed
@@ -86,9 +86,9 @@ class Arborescence(Polytope):
             raise ValueError(
                 f"{self.name}: the CVXPY declaration of the arborescence polytope needs one row per "
                 f"subset of non-root vertices (2^{n - 1}); it is built only for n <= {MAX_DECLARED_N}. "
-                "Use the specialised solvers instead: sstcvx.relax(P, U, tau, 'exp_family_entropy', "
-                "solver='specialised') (directed Matrix-Tree marginals) and sstcvx.argmax(P, U, "
-                "solver='specialised') (Chu-Liu/Edmonds)"
+                "Use the specialized solvers instead: sstcvx.relax(P, U, tau, 'exp_family_entropy', "
+                "solver='specialized') (directed Matrix-Tree marginals) and sstcvx.argmax(P, U, "
+                "solver='specialized') (Chu-Liu/Edmonds)"
             )
         x = cp.Variable((n, n))
         off = (~self.arcs).numpy().astype(np.float64)

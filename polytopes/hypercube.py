@@ -1,6 +1,6 @@
 """The unit hypercube: P = conv{0, 1}^n = [0, 1]^n, event shape (n,): n independent bits.
 
-Specialised solvers (Z = U / tau, shape (B, n)), all coordinate-wise closed forms:
+Specialized solvers (Z = U / tau, shape (B, n)), all coordinate-wise closed forms:
 
 * hard argmax: the indicator of U > 0;
 * ``binary_entropy`` (f = sum x log x + (1 - x) log(1 - x)) and

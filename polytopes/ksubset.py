@@ -1,6 +1,6 @@
 """k-subsets: P = conv{x in {0, 1}^n : sum x = k} = {0 <= x <= 1, sum x = k}, event shape (n,).
 
-Specialised solvers (Z = U / tau, shape (B, n)):
+Specialized solvers (Z = U / tau, shape (B, n)):
 
 * hard argmax: the indicator of the k largest U_i (top-k);
 * ``binary_entropy``: sigmoid(Z - nu) with the scalar nu solving

@@ -1,7 +1,7 @@
 """The Birkhoff polytope: conv of the n x n permutation matrices, event shape (n, n).
 
 x[i, j] = 1 iff item i takes position j; P = {x >= 0, x 1 = 1, x^T 1 = 1}
-(Birkhoff-von Neumann).  Specialised solvers (Z = U / tau, shape (B, n, n)):
+(Birkhoff-von Neumann).  Specialized solvers (Z = U / tau, shape (B, n, n)):
 
 * hard argmax: the Hungarian method (:func:`hungarian`), on the CPU;
 * ``entropy`` (f = sum x log x): the Sinkhorn fixed point (:func:`sinkhorn`),

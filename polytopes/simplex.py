@@ -1,6 +1,6 @@
 """The probability simplex: P = conv{e_1, ..., e_n} = {x >= 0, sum x = 1}, event shape (n,).
 
-Specialised solvers (Z = U / tau, shape (B, n)):
+Specialized solvers (Z = U / tau, shape (B, n)):
 
 * hard argmax: the one-hot vector of argmax_i U_i;
 * ``entropy`` (f = sum x log x) and ``exp_family_entropy`` (on the simplex the

@@ -5,7 +5,7 @@ the edge ``P.edges[e] = (i, j)``, i < j, in the row-major order of
 ``torch.triu_indices(n, n, 1)``.  ``SpanningTree(n, edges=...)`` takes any connected
 simple graph given by its edge list (E, 2).
 
-Specialised solvers (Z = U / tau, shape (B, E)):
+Specialized solvers (Z = U / tau, shape (B, E)):
 
 * hard argmax: a maximum-weight spanning tree (batched Prim, ``polytopes._mst``);
 * ``exp_family_entropy``: the edge marginals of p(T) ∝ exp⟨Z, T⟩ by Kirchhoff's
@@ -133,9 +133,9 @@ class SpanningTree(Polytope):
         if n > MAX_DECLARED_N:
             raise ValueError(
                 f"{self.name}: the CVXPY declaration of the spanning-tree polytope needs one row per "
-                f"vertex subset (2^{n}); it is built only for n <= {MAX_DECLARED_N}. Use the specialised "
-                "solvers instead: sstcvx.relax(P, U, tau, 'exp_family_entropy', solver='specialised') "
-                "(Matrix-Tree marginals) and sstcvx.argmax(P, U, solver='specialised') (maximum spanning tree)"
+                f"vertex subset (2^{n}); it is built only for n <= {MAX_DECLARED_N}. Use the specialized "
+                "solvers instead: sstcvx.relax(P, U, tau, 'exp_family_entropy', solver='specialized') "
+                "(Matrix-Tree marginals) and sstcvx.argmax(P, U, solver='specialized') (maximum spanning tree)"
             )
         ends = self.edges.numpy()
         rows, rhs = [], []

@@ -3,7 +3,7 @@
 Declare a polytope P = conv(X) with CVXPY constraints (or list its vertices),
 then draw hard samples (the LP argmax), relaxed samples (the regularized LP)
 and straight-through samples with gradients, through a generic cvxpylayers
-path or, for known polytopes (the ``polytopes`` package), specialised solvers.
+path or, for known polytopes (the ``polytopes`` package), specialized solvers.
 See DESIGN.md for the mathematics.
 """
 
@@ -14,11 +14,11 @@ from .errors import SolverError
 from .generic import DEFAULT_SOLVER_ARGS, FALLBACK_SOLVER_ARGS
 from .noise import Exponential, Gaussian, Gumbel, Logistic, Noise, get_noise
 from .polytope import DeclaredPolytope, Polytope, VertexPolytope
-from .registry import find_argmax, find_relaxation, register_argmax, register_relaxation, specialised_regularizers
+from .registry import find_argmax, find_relaxation, register_argmax, register_relaxation, specialized_regularizers
 from .regularizers import Regularizer, get_regularizer
 from .sampling import argmax, perturb, relax, relaxation_solver, sample, straight_through
 
-# The explicit vertex list is the exact, specialised solver of from_vertices polytopes.
+# The explicit vertex list is the exact, specialized solver of from_vertices polytopes.
 register_relaxation(VertexPolytope, "exp_family_entropy")(_enumeration.gibbs_marginals)
 register_argmax(VertexPolytope)(_enumeration.best_vertex)
 
@@ -46,7 +46,7 @@ __all__ = [
     "register_argmax",
     "find_relaxation",
     "find_argmax",
-    "specialised_regularizers",
+    "specialized_regularizers",
     "StochasticArgmax",
     "RelaxedStochasticArgmax",
     "StraightThroughStochasticArgmax",

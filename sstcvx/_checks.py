@@ -8,7 +8,9 @@ import torch
 
 from .polytope import Polytope
 
-SOLVERS = ("auto", "generic", "specialised")
+SOLVERS = ("auto", "generic", "specialized")
+#: Other spellings accepted for ``solver=`` values, mapped to the canonical (American) one.
+SOLVER_ALIASES = {"specialised": "specialized"}
 MODES = ("relaxed", "hard", "straight_through")
 
 
@@ -53,6 +55,8 @@ def check_utility(P, U, argument: str = "U", finite: bool = True) -> torch.Tenso
 
 
 def check_solver(solver: str) -> str:
+    """The canonical name of a ``solver=`` value (``"specialised"`` is accepted for ``"specialized"``)."""
+    solver = SOLVER_ALIASES.get(solver, solver) if isinstance(solver, str) else solver
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     return solver

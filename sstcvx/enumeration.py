@@ -2,9 +2,9 @@
 
 With the finite set listed, the exponential-family entropy relaxation is
 X_tau = softmax(V Z)^T V (the Gibbs marginals, Z = U / tau) and the LP argmax is
-the best listed vertex.  This is the brute-force oracle of every specialised
+the best listed vertex.  This is the brute-force oracle of every specialized
 solver, and what ``solver="auto"`` uses for ``exp_family_entropy`` on a polytope
-that lists its vertices but has no specialised solver (the generic path solves
+that lists its vertices but has no specialized solver (the generic path solves
 the same problem by CVXPY over the vertex weights).
 Cost: O(B m d) for d = prod(event_shape).
 """
@@ -19,7 +19,7 @@ def _flat_vertices(P, like: torch.Tensor) -> torch.Tensor:
     if V is None:
         raise ValueError(
             f"{P.name}: its vertices are unknown or too many to list, so the exponential-family "
-            "entropy cannot be computed by enumeration; use a polytope with a specialised "
+            "entropy cannot be computed by enumeration; use a polytope with a specialized "
             "'exp_family_entropy' solver (see polytopes) or declare it with Polytope.from_vertices"
         )
     return V.reshape(V.shape[0], -1).to(dtype=like.dtype, device=like.device)

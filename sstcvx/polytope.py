@@ -2,7 +2,7 @@
 
 A :class:`Polytope` knows its event shape, its CVXPY declaration (built lazily,
 once, because the tree families need exponentially many rows) and, when the set
-is small or given explicitly, its vertex list.  Specialised solvers attach to
+is small or given explicitly, its vertex list.  Specialized solvers attach to
 polytope classes through :mod:`sstcvx.registry`.
 """
 
@@ -54,7 +54,7 @@ class Polytope:
         """``(x, constraints)``: the CVXPY variable and the constraints whose feasible set is P.
 
         Built on first use and cached; may raise ``ValueError`` when the
-        declaration is too large to build (then use the specialised solver).
+        declaration is too large to build (then use the specialized solver).
         """
         if self._declaration is None:
             x, constraints = self._declare()

@@ -1,8 +1,8 @@
-"""The registry of specialised solvers, keyed by polytope and regularizer.
+"""The registry of specialized solvers, keyed by polytope and regularizer.
 
 ``polytopes`` (or a user) registers fast solvers here; ``sstcvx.relax`` and
 ``sstcvx.argmax`` look them up when ``solver`` is ``"auto"`` or
-``"specialised"``.  A target is either a :class:`~sstcvx.Polytope` subclass
+``"specialized"``.  A target is either a :class:`~sstcvx.Polytope` subclass
 (the solver serves every instance, subclasses included) or one polytope
 instance (for a user's own ``from_cvxpy`` declaration).
 
@@ -44,7 +44,7 @@ def _instance_table(target, attribute):
 
 
 def register_relaxation(target, regularizer: str) -> Callable:
-    """Decorator: register ``fn(P, Z)`` as the specialised solver of ``regularizer`` on ``target``."""
+    """Decorator: register ``fn(P, Z)`` as the specialized solver of ``regularizer`` on ``target``."""
     _check_target(target)
     from .regularizers import get_regularizer
 
@@ -61,7 +61,7 @@ def register_relaxation(target, regularizer: str) -> Callable:
 
 
 def register_argmax(target) -> Callable:
-    """Decorator: register ``fn(P, U)`` as the specialised hard argmax (LP oracle) of ``target``."""
+    """Decorator: register ``fn(P, U)`` as the specialized hard argmax (LP oracle) of ``target``."""
     _check_target(target)
 
     def decorate(fn):
@@ -75,7 +75,7 @@ def register_argmax(target) -> Callable:
 
 
 def find_relaxation(P, regularizer_name: str):
-    """The specialised relaxation solver for ``(P, regularizer)``, or ``None``."""
+    """The specialized relaxation solver for ``(P, regularizer)``, or ``None``."""
     own = P.__dict__.get("_own_relaxations") or {}
     if regularizer_name in own:
         return own[regularizer_name]
@@ -87,7 +87,7 @@ def find_relaxation(P, regularizer_name: str):
 
 
 def find_argmax(P):
-    """The specialised hard argmax for ``P``, or ``None``."""
+    """The specialized hard argmax for ``P``, or ``None``."""
     own = P.__dict__.get("_own_argmax")
     if own is not None:
         return own
@@ -98,9 +98,13 @@ def find_argmax(P):
     return None
 
 
-def specialised_regularizers(P) -> list[str]:
-    """Names of the regularizers with a specialised solver on ``P``."""
+def specialized_regularizers(P) -> list[str]:
+    """Names of the regularizers with a specialized solver on ``P``."""
     names = set((P.__dict__.get("_own_relaxations") or {}).keys())
     for cls in type(P).__mro__:
         names.update(name for (c, name) in _RELAXATIONS if c is cls)
     return sorted(names)
+
+
+#: The British spelling of :func:`specialized_regularizers`, kept as an alias.
+specialised_regularizers = specialized_regularizers

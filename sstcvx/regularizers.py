@@ -1,10 +1,10 @@
 """Strongly convex regularizers f of the relaxed program argmax_{x in P} <U, x> - tau f(x).
 
-Each regularizer has a name (the key of the specialised-solver registry), a CVXPY
+Each regularizer has a name (the key of the specialized-solver registry), a CVXPY
 form for the generic path (``cvxpy(x)``, convex in ``x``) and a torch value
 (``value(x)``, summed over the event dimensions) for reporting.  The
 exponential-family entropy A*(x) has no CVXPY form: it is computed from the
-structure of P (specialised solvers) or from its explicit vertex list.
+structure of P (specialized solvers) or from its explicit vertex list.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Regularizer:
         convex expression; convexity is checked when the generic problem is
         built, strong convexity (needed for a unique, differentiable X_tau) is
         the user's promise.  Only the generic path serves it unless a
-        specialised solver is registered under ``name``.
+        specialized solver is registered under ``name``.
         """
         if not callable(fn):
             raise TypeError(f"fn: expected a callable x -> cvxpy expression, got {type(fn).__name__}")
@@ -116,7 +116,7 @@ class ExpFamilyEntropy(Regularizer):
     def cvxpy(self, x):
         raise NotImplementedError(
             "regularizer 'exp_family_entropy' has no CVXPY form: X_tau is the gradient of "
-            "log sum_y exp<U/tau, y>, which needs the polytope's structure (a specialised "
+            "log sum_y exp<U/tau, y>, which needs the polytope's structure (a specialized "
             "solver) or its vertices (declare it with Polytope.from_vertices)"
         )
 

@@ -2,10 +2,10 @@
 
 All three take inputs of shape ``(*batch, *P.event_shape)`` (any number of batch
 dimensions, none included) and return that shape, dtype and device.  Dispatch
-(``solver``): ``"auto"`` uses a registered specialised solver when one exists
+(``solver``): ``"auto"`` uses a registered specialized solver when one exists
 and the generic CVXPY path otherwise (except ``exp_family_entropy`` on a
 polytope that lists its vertices: exact enumeration, one matmul); ``"generic"``
-and ``"specialised"`` force one path (an error if no specialised solver is
+and ``"specialized"`` force one path (an error if no specialized solver is
 registered).
 """
 
@@ -43,18 +43,18 @@ def _check_finite_output(X, P, what):
 
 def relaxation_solver(P, regularizer, solver: str = "auto"):
     """The function ``fn(Z) -> X`` (flattened batch) that ``relax`` would use, and its path name:
-    ``"specialised"``, ``"generic"``, or ``"enumeration"`` (``exp_family_entropy`` with
-    ``solver="auto"`` on a polytope that lists its vertices and has no specialised solver)."""
+    ``"specialized"``, ``"generic"``, or ``"enumeration"`` (``exp_family_entropy`` with
+    ``solver="auto"`` on a polytope that lists its vertices and has no specialized solver)."""
     reg = get_regularizer(regularizer)
-    check_solver(solver)
+    solver = check_solver(solver)
     if solver != "generic":
         fn = registry.find_relaxation(P, reg.name)
         if fn is not None:
-            return (lambda Z, **_: fn(P, Z)), "specialised"
-        if solver == "specialised":
+            return (lambda Z, **_: fn(P, Z)), "specialized"
+        if solver == "specialized":
             raise ValueError(
-                f"solver='specialised': no specialised solver for regularizer {reg.name!r} on {P.name}; "
-                f"registered: {registry.specialised_regularizers(P) or 'none'}. Use solver='generic' or 'auto'"
+                f"solver='specialized': no specialized solver for regularizer {reg.name!r} on {P.name}; "
+                f"registered: {registry.specialized_regularizers(P) or 'none'}. Use solver='generic' or 'auto'"
             )
         if reg.name == "exp_family_entropy" and P.vertices is not None:
             # exact, and one matmul instead of the generic path's conic problem over the vertex weights
@@ -73,12 +73,12 @@ def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_arg
             (differentiable).
         regularizer: ``"entropy"``, ``"binary_entropy"``, ``"euclidean"``,
             ``"exp_family_entropy"`` or a :class:`sstcvx.Regularizer`.
-        solver: ``"auto"``, ``"generic"`` or ``"specialised"``.
+        solver: ``"auto"``, ``"generic"`` or ``"specialized"``.
         solver_args: conic solver settings for the generic path (default
             :func:`sstcvx.generic.default_solver_args`: SCS for "euclidean", Clarabel otherwise).
 
     Returns X_tau with U's shape, dtype and device, differentiable in U (and tau).
-    Cost: the specialised solver's, or one conic solve per element on the generic path.
+    Cost: the specialized solver's, or one conic solve per element on the generic path.
     Reference: Paulus et al., "Gradient Estimation with Stochastic Softmax Tricks", 2020.
     """
     check_polytope(P)
@@ -103,14 +103,14 @@ def argmax(P, U, solver: str = "auto") -> torch.Tensor:
     ``U``: ``(*batch, *P.event_shape)``; returns a detached tensor of the same
     shape, dtype and device.  The generic path solves one LP per element with
     HiGHS and snaps entries within 1e-6 of an integer (see
-    :class:`sstcvx.generic.GenericArgmax`); specialised oracles are exact.
+    :class:`sstcvx.generic.GenericArgmax`); specialized oracles are exact.
     """
     check_polytope(P)
     U = check_utility(P, U, "U").detach()
-    check_solver(solver)
+    solver = check_solver(solver)
     fn = registry.find_argmax(P) if solver != "generic" else None
-    if fn is None and solver == "specialised":
-        raise ValueError(f"solver='specialised': no specialised argmax is registered for {P.name}")
+    if fn is None and solver == "specialized":
+        raise ValueError(f"solver='specialized': no specialized argmax is registered for {P.name}")
     batch_shape, Uf = _flatten(P, U)
     if Uf.shape[0] == 0:
         return U.clone()
@@ -154,7 +154,7 @@ def sample(
     """
     check_polytope(P)
     check_mode(mode)
-    check_solver(solver)
+    solver = check_solver(solver)
     theta = check_utility(P, theta, "theta")
     if mode != "hard":
         check_tau(tau, theta, P.event_dim)

@@ -113,15 +113,15 @@ def test_distribution_objects():
         hard.log_prob(s)
 
 
-def test_dispatch_specialised_and_generic():
+def test_dispatch_specialized_and_generic():
     V = torch.eye(3)
     P = sstcvx.Polytope.from_vertices(V)
-    assert sstcvx.relaxation_solver(P, "exp_family_entropy")[1] == "specialised"
+    assert sstcvx.relaxation_solver(P, "exp_family_entropy")[1] == "specialized"
     assert sstcvx.relaxation_solver(P, "entropy")[1] == "generic"
-    with pytest.raises(ValueError, match="no specialised solver for regularizer 'entropy'"):
-        sstcvx.relax(P, torch.randn(3), regularizer="entropy", solver="specialised")
-    with pytest.raises(ValueError, match="no specialised argmax"):
-        sstcvx.argmax(simplex(3), torch.randn(3), solver="specialised")
+    with pytest.raises(ValueError, match="no specialized solver for regularizer 'entropy'"):
+        sstcvx.relax(P, torch.randn(3), regularizer="entropy", solver="specialized")
+    with pytest.raises(ValueError, match="no specialized argmax"):
+        sstcvx.argmax(simplex(3), torch.randn(3), solver="specialized")
 
 
 def test_register_on_an_instance():
@@ -242,3 +242,13 @@ def test_all_finite_is_exact_when_the_sum_overflows():
     assert not all_finite(torch.tensor([float("-inf"), float("inf")]))
     assert not all_finite(torch.tensor([[0.0, float("nan")]]))
     assert all_finite(torch.zeros(0, 3))
+
+
+def test_british_spelling_of_solver_values_is_an_alias():
+    from polytopes import Simplex
+
+    P = Simplex(4)
+    U = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(
+        sstcvx.relax(P, U, 1.0, "entropy", solver="specialised"), sstcvx.relax(P, U, 1.0, "entropy", solver="specialized")
+    )

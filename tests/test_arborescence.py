@@ -53,7 +53,7 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n, root):
     A = Arborescence(n, root)
     U = 3 * torch.randn(6, n, n, dtype=torch.float64)
     tau = 0.6
-    X = sstcvx.relax(A, U, tau, "exp_family_entropy", solver="specialised")
+    X = sstcvx.relax(A, U, tau, "exp_family_entropy", solver="specialized")
     V = A.vertices.reshape(-1, n * n)
     brute = (torch.softmax(U.reshape(6, -1) / tau @ V.T, -1) @ V).reshape(6, n, n)
     torch.testing.assert_close(X, brute, atol=1e-8, rtol=0)
@@ -72,7 +72,7 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n, root):
 def test_argmax_equals_brute_force_and_is_a_vertex(n, root):
     A = Arborescence(n, root)
     U = torch.randn(20, n, n, dtype=torch.float64)
-    X = sstcvx.argmax(A, U, solver="specialised")
+    X = sstcvx.argmax(A, U, solver="specialized")
     V = A.vertices
     best = V[(U.reshape(20, -1) @ V.reshape(V.shape[0], -1).T).argmax(-1)]
     torch.testing.assert_close(X, best, atol=0, rtol=0)
@@ -96,8 +96,8 @@ def test_declaration_is_the_arborescence_polytope():
     assert max(float(c.violation().max()) for c in constraints) > 0.5
 
 
-def test_declaration_size_limit_names_the_specialised_solver():
-    with pytest.raises(ValueError, match="specialised"):
+def test_declaration_size_limit_names_the_specialized_solver():
+    with pytest.raises(ValueError, match="specialized"):
         Arborescence(9).cvxpy_declaration()
     assert Arborescence(12).vertices is None
 

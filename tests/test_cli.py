@@ -51,14 +51,14 @@ def test_compare_family_prints_a_table_and_writes_json_and_csv(capsys, tmp_path)
         "--json", str(json_path), "--csv", str(csv_path),
     )
     assert status == 0, err
-    assert "KSubset(n=6, k=2)" in out and "max|dX|" in out and "specialised" in out
+    assert "KSubset(n=6, k=2)" in out and "max|dX|" in out and "specialized" in out
     assert f"wrote JSON to {json_path}" in out and csv_path.exists()
     report = sstcvx.ComparisonReport.from_json(json_path)
     assert [r.regularizer for r in report] == ["euclidean", "binary_entropy"]
     assert all(r.tau == 0.5 and r.batch == 3 and r.max_abs_diff < 1e-4 for r in report)
     data = json.loads(json_path.read_text())
     for values in data["configurations"].values():
-        assert {"max_abs_diff", "max_abs_grad_diff", "time_generic", "time_specialised", "speedup"} <= set(values)
+        assert {"max_abs_diff", "max_abs_grad_diff", "time_generic", "time_specialized", "speedup"} <= set(values)
     assert sstcvx.ComparisonReport.from_json(report.to_json()) == report
 
 

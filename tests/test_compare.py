@@ -1,4 +1,4 @@
-"""sstcvx.compare: the generic path against specialised solvers, brute force and a second solver."""
+"""sstcvx.compare: the generic path against specialized solvers, brute force and a second solver."""
 
 import csv
 import io
@@ -13,7 +13,7 @@ import torch
 import sstcvx
 from polytopes.ksubset import KSubset
 
-REQUIRED_KEYS = {"max_abs_diff", "max_abs_grad_diff", "time_generic", "time_specialised", "speedup"}
+REQUIRED_KEYS = {"max_abs_diff", "max_abs_grad_diff", "time_generic", "time_specialized", "speedup"}
 
 
 def k_hot(n, k):
@@ -30,17 +30,17 @@ def ksubset_report():
     return sstcvx.compare(KSubset(6, 2), ["binary_entropy", "euclidean", "exp_family_entropy"], batch=4, repeats=1)
 
 
-def test_family_agrees_with_specialised_and_brute_force(ksubset_report):
+def test_family_agrees_with_specialized_and_brute_force(ksubset_report):
     report = ksubset_report
     assert [r.regularizer for r in report] == ["binary_entropy", "euclidean", "exp_family_entropy"]
     for r in report:
-        assert r.reference == "specialised"
+        assert r.reference == "specialized"
         assert r.failures == 0, r.messages
         assert r.max_abs_diff < 1e-4 and r.mean_abs_diff <= r.max_abs_diff
         assert r.max_abs_grad_diff < 1e-4
         assert r.hard_agreement == 1.0 and r.hard_is_vertex is True
         assert r.batch == r.generic_batch == 4 and r.size == 6
-    # exp_family_entropy: the specialised DP and the generic path (a conic problem over the vertex
+    # exp_family_entropy: the specialized DP and the generic path (a conic problem over the vertex
     # weights) against exact brute force, the worse of the two at the conic solver's tolerance
     assert report[2].brute_force_max_abs_diff < 1e-6
     assert report[0].brute_force_max_abs_diff is None  # no brute force for a CVXPY regularizer here
@@ -48,18 +48,18 @@ def test_family_agrees_with_specialised_and_brute_force(ksubset_report):
 
 def test_family_times_and_speedup(ksubset_report):
     for r in ksubset_report:
-        for t in (r.time_generic, r.time_generic_backward, r.time_specialised, r.time_reference, r.time_generic_argmax):
+        for t in (r.time_generic, r.time_generic_backward, r.time_specialized, r.time_reference, r.time_generic_argmax):
             assert t is not None and t > 0
-        assert r.time_specialised == r.time_reference
-        assert r.speedup == pytest.approx(r.time_generic / r.time_specialised)
+        assert r.time_specialized == r.time_reference
+        assert r.speedup == pytest.approx(r.time_generic / r.time_specialized)
     assert ksubset_report[0].build_time_generic > 0
 
 
-def test_harness_catches_a_wrong_specialised_solver():
+def test_harness_catches_a_wrong_specialized_solver():
     P = declared_k_subsets(5, 2)
     sstcvx.register_relaxation(P, "euclidean")(lambda P, Z: torch.softmax(Z, -1))  # wrong: not the projection
     (row,) = sstcvx.compare(P, "euclidean", batch=3, repeats=0, hard=False)
-    assert row.reference == "specialised"
+    assert row.reference == "specialized"
     assert row.max_abs_diff > 0.1
 
 
@@ -85,7 +85,7 @@ def test_user_polytope_without_vertices_uses_a_second_solver():
     P = declared_k_subsets(5, 2)
     (row,) = sstcvx.compare(P, "entropy", tau=0.5, batch=3, repeats=1, hard=False)
     assert row.reference.startswith("solver:") and row.failures == 0
-    assert row.max_abs_diff < 1e-4 and row.time_specialised is None and row.time_reference > 0
+    assert row.max_abs_diff < 1e-4 and row.time_specialized is None and row.time_reference > 0
     custom = sstcvx.compare(P, "entropy", batch=2, repeats=0, hard=False,
                             reference_solver_args={"solve_method": "ECOS"})
     assert custom[0].reference == "solver:ECOS"
@@ -95,7 +95,7 @@ def test_vertex_polytope_and_user_regularizer():
     P = sstcvx.Polytope.from_vertices(k_hot(4, 2))
     reg = sstcvx.Regularizer.from_cvxpy(lambda x: cp.sum_squares(x), name="my_l2")
     report = sstcvx.compare(P, ["exp_family_entropy", reg], batch=2, repeats=0)
-    assert report[0].reference == "specialised" and report[0].max_abs_diff < 1e-6  # enumeration vs the conic solve
+    assert report[0].reference == "specialized" and report[0].max_abs_diff < 1e-6  # enumeration vs the conic solve
     assert report[1].regularizer == "my_l2" and report[1].reference.startswith("solver:")
     assert report[1].max_abs_diff < 1e-4 and report[1].hard_agreement == 1.0
 
@@ -178,8 +178,8 @@ def test_bad_arguments_raise(kwargs, match):
         sstcvx.compare(P, **kwargs)
 
 
-def test_specialised_reference_requires_a_solver():
-    with pytest.raises(ValueError, match="no specialised solver"):
-        sstcvx.compare(declared_k_subsets(4, 2), "euclidean", reference="specialised")
+def test_specialized_reference_requires_a_solver():
+    with pytest.raises(ValueError, match="no specialized solver"):
+        sstcvx.compare(declared_k_subsets(4, 2), "euclidean", reference="specialized")
     with pytest.raises(TypeError, match="Polytope"):
         sstcvx.compare("ksubset", "euclidean")

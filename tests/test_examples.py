@@ -47,11 +47,11 @@ def test_subset_selection(tmp_path):
 
 def test_custom_polytope(tmp_path):
     results = run_example("custom_polytope", tmp_path)
-    for path in ("generic", "specialised"):
+    for path in ("generic", "specialized"):
         assert results[path]["vertices"] == 1.0
         assert in_unit_interval(results[path]["accuracy"])
     # Same seed, same U: the two paths train the same model up to the conic solver's tolerance.
-    assert results["generic"]["final_loss"] == pytest.approx(results["specialised"]["final_loss"], abs=1e-4)
+    assert results["generic"]["final_loss"] == pytest.approx(results["specialized"]["final_loss"], abs=1e-4)
     assert results["compare"]["max_abs_diff"] < 1e-6
     assert results["compare"]["hard_agreement"] == 1.0
 
@@ -60,7 +60,7 @@ def test_new_relaxation(tmp_path):
     results = run_example("new_relaxation", tmp_path)
     assert results["tsallis_1.5"]["path"] == "generic"
     assert results["entropy+euclidean"]["path"] == "generic"
-    assert results["binary_entropy"]["path"] == "specialised"
+    assert results["binary_entropy"]["path"] == "specialized"
     for name, r in results.items():
         assert in_unit_interval(r["subset_precision"], r["boundary_fraction"], r["relaxed_hard_gap"]), (name, r)
         assert math.isfinite(r["final_loss"])

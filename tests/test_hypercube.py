@@ -10,7 +10,7 @@ REGULARIZERS = ("binary_entropy", "euclidean", "exp_family_entropy")
 
 
 def relax(P, U, tau, regularizer):
-    return sstcvx.relax(P, U, tau, regularizer, solver="specialised")
+    return sstcvx.relax(P, U, tau, regularizer, solver="specialized")
 
 
 def test_rejects_bad_sizes():
@@ -30,7 +30,7 @@ def test_vertices_are_all_bit_vectors():
 def test_argmax_is_the_brute_force_vertex():
     P = Hypercube(5)
     U = torch.randn(64, 5, dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialised")
+    X = sstcvx.argmax(P, U, solver="specialized")
     V = P.vertices
     assert torch.equal(X, V[(U @ V.T).argmax(-1)])
     assert ((X.unsqueeze(1) == V).all(-1).sum(-1) == 1).all()

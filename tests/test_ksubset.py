@@ -14,7 +14,7 @@ REGULARIZERS = ("binary_entropy", "euclidean", "exp_family_entropy")
 
 
 def relax(P, U, tau, regularizer):
-    return sstcvx.relax(P, U, tau, regularizer, solver="specialised")
+    return sstcvx.relax(P, U, tau, regularizer, solver="specialized")
 
 
 def brute_force_marginals(P, Z):
@@ -44,7 +44,7 @@ def test_vertices_are_the_k_hot_vectors(n, k):
 def test_argmax_is_the_brute_force_vertex():
     P = KSubset(7, 3)
     U = torch.randn(64, 7, dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialised")
+    X = sstcvx.argmax(P, U, solver="specialized")
     V = P.vertices
     assert torch.equal(X, V[(U @ V.T).argmax(-1)])
     assert ((X.unsqueeze(1) == V).all(-1).sum(-1) == 1).all()

@@ -12,7 +12,7 @@ from polytopes.permutation import birkhoff_projection, hungarian, sinkhorn
 
 
 def relax(P, U, tau):
-    return sstcvx.relax(P, U, tau, "entropy", solver="specialised")
+    return sstcvx.relax(P, U, tau, "entropy", solver="specialized")
 
 
 def marginal_violation(X):
@@ -72,7 +72,7 @@ def test_declaration_is_the_birkhoff_polytope():
 def test_argmax_is_the_brute_force_vertex():
     P = Permutation(5)
     U = torch.randn(64, 5, 5, dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialised")
+    X = sstcvx.argmax(P, U, solver="specialized")
     V = P.vertices
     torch.testing.assert_close(X, V[(U.reshape(64, 1, 25) * V.reshape(1, -1, 25)).sum(-1).argmax(-1)], atol=0, rtol=0)
     assert ((X == 0) | (X == 1)).all() and (X.sum(-1) == 1).all() and (X.sum(-2) == 1).all()
@@ -194,12 +194,12 @@ def test_warns_when_the_iteration_budget_is_too_small():
 
 
 def test_exp_family_entropy_by_enumeration_on_auto_and_by_the_conic_path_on_generic():
-    """No specialised solver (the marginals need a permanent): auto enumerates the n! vertices
+    """No specialized solver (the marginals need a permanent): auto enumerates the n! vertices
     exactly, generic solves the entropy problem over the vertex weights with CVXPY."""
     P = Permutation(4)
     assert sstcvx.relaxation_solver(P, "exp_family_entropy")[1] == "enumeration"
-    with pytest.raises(ValueError, match="no specialised solver"):
-        sstcvx.relax(P, torch.randn(4, 4), 0.5, "exp_family_entropy", solver="specialised")
+    with pytest.raises(ValueError, match="no specialized solver"):
+        sstcvx.relax(P, torch.randn(4, 4), 0.5, "exp_family_entropy", solver="specialized")
     U = torch.randn(3, 4, 4, dtype=torch.float64)
     V = P.vertices.reshape(-1, 16)
     brute = (torch.softmax(U.reshape(3, 16) / 0.5 @ V.T, -1) @ V).reshape(3, 4, 4)

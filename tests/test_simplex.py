@@ -10,7 +10,7 @@ REGULARIZERS = ("entropy", "euclidean", "exp_family_entropy")
 
 
 def relax(P, U, tau, regularizer):
-    return sstcvx.relax(P, U, tau, regularizer, solver="specialised")
+    return sstcvx.relax(P, U, tau, regularizer, solver="specialized")
 
 
 def separated_utilities(batch, n, gap=0.1, dtype=torch.float64):
@@ -36,7 +36,7 @@ def test_vertices_and_declaration():
 def test_argmax_is_the_brute_force_vertex():
     P = Simplex(6)
     U = torch.randn(64, 6, dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialised")
+    X = sstcvx.argmax(P, U, solver="specialized")
     V = P.vertices
     assert torch.equal(X, V[(U @ V.T).argmax(-1)])
     assert ((X.unsqueeze(1) == V).all(-1).sum(-1) == 1).all()  # each row is exactly one vertex

@@ -57,7 +57,7 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n):
     P = SpanningTree(n)
     U = 3 * torch.randn(7, P.edges.shape[0], dtype=torch.float64)
     tau = 0.7
-    X = sstcvx.relax(P, U, tau, "exp_family_entropy", solver="specialised")
+    X = sstcvx.relax(P, U, tau, "exp_family_entropy", solver="specialized")
     V = P.vertices
     brute = torch.softmax(U / tau @ V.T, -1) @ V
     torch.testing.assert_close(X, brute, atol=1e-8, rtol=0)
@@ -70,7 +70,7 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n):
     G = torch.randn_like(U)
     for t in (tau, 0.1):
         grads = []
-        for solver in ("specialised", "generic"):
+        for solver in ("specialized", "generic"):
             u = U.clone().requires_grad_(True)
             Xs = sstcvx.relax(P, u, t, "exp_family_entropy", solver=solver)
             grads.append(torch.autograd.grad((Xs * G).sum(), u)[0])
@@ -82,7 +82,7 @@ def test_exp_family_entropy_equals_brute_force_and_generic(n):
 def test_argmax_equals_brute_force_and_is_a_vertex(n):
     P = SpanningTree(n)
     U = torch.randn(20, P.edges.shape[0], dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialised")
+    X = sstcvx.argmax(P, U, solver="specialized")
     V = P.vertices
     torch.testing.assert_close(X, V[(U @ V.T).argmax(-1)], atol=0, rtol=0)
     assert ((X == 0) | (X == 1)).all()
@@ -105,9 +105,9 @@ def test_declaration_is_the_spanning_tree_polytope():
     assert max(float(np.max(c.violation())) for c in constraints) > 0.5
 
 
-def test_declaration_size_limit_names_the_specialised_solver():
+def test_declaration_size_limit_names_the_specialized_solver():
     P = SpanningTree(9)
-    with pytest.raises(ValueError, match="specialised"):
+    with pytest.raises(ValueError, match="specialized"):
         P.cvxpy_declaration()
     assert SpanningTree(12).vertices is None
     U = torch.randn(3, 66, dtype=torch.float64)

@@ -30,7 +30,7 @@ class VertexWeightsRelaxation:
             raise ValueError(
                 f"regularizer {regularizer.name!r} on {P.name}: it has no CVXPY form, and the "
                 "generic path can only solve it over the vertex weights, which needs the vertices "
-                "that this polytope does not list; register a specialised solver (see polytopes) "
+                "that this polytope does not list; register a specialized solver (see polytopes) "
                 "or declare the polytope with Polytope.from_vertices"
             )
         start = time.perf_counter()

@@ -96,7 +96,7 @@ def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress:
     )
     echo(
         f"the generic path runs on at most {settings['max_generic_batch']} rows per call (larger batches: "
-        "specialised path only) and only up to each family's max_generic_n: "
+        "specialized path only) and only up to each family's max_generic_n: "
         + ", ".join(f"{f.name} n<={f.max_generic_n}" for f in available)
     )
     for name, why in skipped.items():
@@ -230,7 +230,7 @@ def _rows(data, sweep):
 def summary(data) -> list:
     """Text lines: per family and regularizer at its default n and tau = 1, the per-instance times and errors."""
     lines = [
-        f"{'family':<14}{'regularizer':<20}{'n':>5}{'generic ms/inst':>17}{'specialised ms/inst':>21}"
+        f"{'family':<14}{'regularizer':<20}{'n':>5}{'generic ms/inst':>17}{'specialized ms/inst':>21}"
         f"{'speedup':>10}{'fwd+bwd':>10}{'max|dX|':>10}{'max|dVJP|':>10}{'hard=':>7}"
     ]
     lines.append("-" * len(lines[0]))
@@ -305,7 +305,7 @@ def plot(data, out_dir) -> list:
 
     # time against n: per-instance forward time at a fixed batch
     fig, axes = figure(
-        f"forward time per instance vs size n (batch {data['settings']['batch']}; solid: specialised, dashed: generic)"
+        f"forward time per instance vs size n (batch {data['settings']['batch']}; solid: specialized, dashed: generic)"
     )
     for family in families:
         ax = axes[family]
@@ -314,7 +314,7 @@ def plot(data, out_dir) -> list:
             spec = [(n, r["time_reference"] / r["batch"] * 1e3) for n, r in pts if r["time_reference"]]
             gen = [(n, r["time_generic"] / r["generic_batch"] * 1e3) for n, r in pts if r["time_generic"]]
             if spec:
-                ax.plot(*zip(*spec), "-s", color=colors.get(reg), ms=3, label=f"{reg} (specialised)")
+                ax.plot(*zip(*spec), "-s", color=colors.get(reg), ms=3, label=f"{reg} (specialized)")
             if gen:
                 ax.plot(*zip(*gen), "--o", color=colors.get(reg), ms=3, label=f"{reg} (generic)")
         ax.set(xscale="log", yscale="log", title=family, xlabel="n", ylabel="ms per instance")
@@ -332,7 +332,7 @@ def plot(data, out_dir) -> list:
             spec = [(r["batch"], r["time_reference"] * 1e3) for r in pts if r["time_reference"]]
             gen = [(r["generic_batch"], r["time_generic"] * 1e3) for r in pts if r["time_generic"]]
             if spec:
-                ax.plot(*zip(*spec), "-s", color=colors.get(reg), ms=3, label=f"{reg} (specialised)")
+                ax.plot(*zip(*spec), "-s", color=colors.get(reg), ms=3, label=f"{reg} (specialized)")
             if gen:
                 ax.plot(*zip(*gen), "--o", color=colors.get(reg), ms=3, label=f"{reg} (generic)")
         ax.set(xscale="log", yscale="log", title=f"{family} (n={data['families'][family]['n']})", xlabel="batch size",

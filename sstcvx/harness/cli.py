@@ -99,7 +99,7 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sstcvx",
         description="Stochastic softmax tricks on polytopes: compare the generic CVXPY path with "
-        "specialised solvers, benchmark them, or take the tour.",
+        "specialized solvers, benchmark them, or take the tour.",
         epilog="Run 'sstcvx COMMAND --help' for a command's options. Exit status: 0 done; 1 the run failed "
         "(or a --fail-above check did); 2 a wrong option or target, with a one-line error.",
     )
@@ -109,7 +109,7 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         help="torch intra-op threads (default: torch's choice). On a busy machine, 1 avoids the "
-        "millisecond stalls of threads waiting for a core, which distort the specialised solvers' times",
+        "millisecond stalls of threads waiting for a core, which distort the specialized solvers' times",
     )
 
     commands.add_parser(
@@ -117,15 +117,15 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         parents=[common],
         help="the main job, about a minute: declare a polytope, sample it three ways, compare every family",
         description="Declare the 3-subsets of 8 items with CVXPY, draw relaxed, hard and straight-through "
-        "samples, compare a user polytope with brute force, then print the generic-vs-specialised "
+        "samples, compare a user polytope with brute force, then print the generic-vs-specialized "
         "comparison table of every registered family at a small size.",
     )
 
     compare = commands.add_parser(
         "compare",
         parents=[common],
-        help="generic CVXPY path vs specialised solver (or brute force) on the same utilities",
-        description="Run the generic CVXPY path and a reference (the specialised solver; for a polytope "
+        help="generic CVXPY path vs specialized solver (or brute force) on the same utilities",
+        description="Run the generic CVXPY path and a reference (the specialized solver; for a polytope "
         "without one, brute force over its vertices or a second conic solver) on the same random "
         "utilities U = theta + Gumbel noise, and print their differences (relaxed samples, "
         "vector-Jacobian products, hard samples) and timings as a table.",
@@ -159,9 +159,9 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0, help="seed of the utilities and the cotangent (default 0)")
     compare.add_argument(
         "--reference",
-        choices=("auto", "specialised", "brute_force", "second_solver"),
+        choices=("auto", "specialized", "brute_force", "second_solver"),
         default="auto",
-        help="what the generic path is compared with (default auto: specialised if registered, else "
+        help="what the generic path is compared with (default auto: specialized if registered, else "
         "brute force over the vertices, else a second conic solver)",
     )
     compare.add_argument(
@@ -181,7 +181,7 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         "bench",
         parents=[common],
         help="sweep sizes, batch sizes and temperatures for every family; write JSON and PNG plots",
-        description="For every family and its default regularizers, time the generic and the specialised "
+        description="For every family and its default regularizers, time the generic and the specialized "
         "path against the size n and the batch size, and measure their difference against the "
         "temperature tau. Writes bench.json (every figure) and time_vs_n.png, time_vs_batch.png, "
         "error_vs_tau.png into DIR. The generic path costs milliseconds per instance, so it runs "

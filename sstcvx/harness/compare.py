@@ -2,7 +2,7 @@
 
 The reference is, in order of preference (``reference="auto"``):
 
-1. ``"specialised"``: the solver registered for (P, regularizer) in the registry;
+1. ``"specialized"``: the solver registered for (P, regularizer) in the registry;
 2. ``"brute_force"``: enumeration of ``P.vertices`` (or of ``vertices=`` given by the
    caller): for ``exp_family_entropy`` the exact Gibbs marginals softmax(V Z)^T V; for a
    CVXPY regularizer the same relaxed program stated on the vertex list,
@@ -40,7 +40,7 @@ from ..polytope import VertexPolytope
 from ..regularizers import get_regularizer
 from ..sampling import argmax, relax
 
-REFERENCES = ("auto", "specialised", "brute_force", "second_solver")
+REFERENCES = ("auto", "specialized", "brute_force", "second_solver")
 #: Above this many vertices, brute force is not attempted.
 MAX_BRUTE_FORCE_VERTICES = 5000
 #: Above this many vertices, the vertex formulation of a CVXPY regularizer is not attempted
@@ -81,8 +81,8 @@ class Comparison:
     hard_is_vertex: bool | None = None
     time_generic: float | None = None
     time_generic_backward: float | None = None
-    time_specialised: float | None = None
-    time_specialised_backward: float | None = None
+    time_specialized: float | None = None
+    time_specialized_backward: float | None = None
     time_reference: float | None = None
     time_reference_backward: float | None = None
     time_generic_argmax: float | None = None
@@ -425,7 +425,7 @@ def compare(
       absolute difference, and the same for the VJP with a random cotangent G;
     * when brute force applies and is not the reference (``exp_family_entropy`` with
       ``P.vertices`` known), the worst distance of either path from it;
-    * the hard samples (LP argmax) of the generic path and of the specialised oracle
+    * the hard samples (LP argmax) of the generic path and of the specialized oracle
       (or brute force): the fraction that agree and whether every one is a vertex;
     * the median over at least ``repeats`` timed calls (more for fast paths, up to
       50 calls or 0.05 s; after the measuring call, which is the
@@ -440,7 +440,7 @@ def compare(
         U: utilities ``(batch, *P.event_shape)`` to use instead of random ones.
         noise, seed: the noise law of U and the seed of theta, the noise and G.
         repeats: timed repetitions (0: no timing).
-        reference: ``"auto"``, ``"specialised"``, ``"brute_force"`` or ``"second_solver"``.
+        reference: ``"auto"``, ``"specialized"``, ``"brute_force"`` or ``"second_solver"``.
         vertices: the point list ``(m, *event_shape)`` of P, for brute force on a polytope
             that does not enumerate its own (``P.vertices is None``).
         max_generic_batch: run the generic path on at most this many rows of U (it costs
@@ -465,6 +465,7 @@ def compare(
     for t in taus:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"tau: expected finite temperatures > 0, got {t!r}")
+    reference = {"specialised": "specialized"}.get(reference, reference) if isinstance(reference, str) else reference
     if reference not in REFERENCES:
         raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
@@ -508,7 +509,7 @@ def compare(
 
 def _reference(P, reg, reference, V, reference_solver_args):
     """(name, path factory tau -> _Path or None, brute-force factory or None) for one regularizer."""
-    has_specialised = registry.find_relaxation(P, reg.name) is not None
+    has_specialized = registry.find_relaxation(P, reg.name) is not None
     brute_exact = V is not None and reg.name == "exp_family_entropy"
     vertex_formulation = (
         V is not None and reg.has_cvxpy_form and not isinstance(P, VertexPolytope) and V.shape[0] <= MAX_VERTEX_FORMULATION
@@ -520,8 +521,8 @@ def _reference(P, reg, reference, V, reference_solver_args):
             return _Path("brute force", lambda u: gibbs_marginals(Pv, u / tau))
         return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver="generic"))
 
-    def specialised(tau):
-        return _Path("specialised", lambda u: relax(P, u, tau, reg, solver="specialised"))
+    def specialized(tau):
+        return _Path("specialized", lambda u: relax(P, u, tau, reg, solver="specialized"))
 
     # the second solver is the other one of the pair the generic path picks for this regularizer
     args = dict(fallback_solver_args(default_solver_args(reg)) if reference_solver_args is None else reference_solver_args)
@@ -531,21 +532,21 @@ def _reference(P, reg, reference, V, reference_solver_args):
 
     choice = reference
     if choice == "auto":
-        if has_specialised:
-            choice = "specialised"
+        if has_specialized:
+            choice = "specialized"
         elif brute_exact or vertex_formulation:
             choice = "brute_force"
         elif reg.has_cvxpy_form:
             choice = "second_solver"
         else:
             return "none", None, None
-    if choice == "specialised":
-        if not has_specialised:
+    if choice == "specialized":
+        if not has_specialized:
             raise ValueError(
-                f"reference='specialised': no specialised solver for {reg.name!r} on {P.name}; "
-                f"registered: {registry.specialised_regularizers(P) or 'none'}"
+                f"reference='specialized': no specialized solver for {reg.name!r} on {P.name}; "
+                f"registered: {registry.specialized_regularizers(P) or 'none'}"
             )
-        return "specialised", specialised, (brute if brute_exact else None)
+        return "specialized", specialized, (brute if brute_exact else None)
     if choice == "brute_force":
         if not (brute_exact or vertex_formulation):
             raise ValueError(
@@ -562,7 +563,7 @@ def _compare_hard(P, U, Ug, V, repeats, log, generic):
     stats = {}
     Pv = VertexPolytope(V, name=f"vertices of {P.name}") if V is not None else None
     if registry.find_argmax(P) is not None:
-        ref_fn = lambda u: argmax(P, u, solver="specialised")  # noqa: E731
+        ref_fn = lambda u: argmax(P, u, solver="specialized")  # noqa: E731
     elif Pv is not None:
         ref_fn = lambda u: best_vertex(Pv, u)  # noqa: E731
     else:
@@ -608,7 +609,7 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
     if ref_path is None:
         log.failures += 1
         log.note(
-            f"no reference for {reg.name!r} on {P.name}: no specialised solver, no vertex list, "
+            f"no reference for {reg.name!r} on {P.name}: no specialized solver, no vertex list, "
             "and no CVXPY form for a second solver"
         )
         X_ref = g_ref = None
@@ -639,8 +640,8 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
             row.brute_force_max_abs_diff = max(worst) if worst else None
     if X_ref is not None and bool(ok_ref.all()):
         row.time_reference, row.time_reference_backward = ref.times(U, G, repeats)
-        if ref_name == "specialised":
-            row.time_specialised, row.time_specialised_backward = row.time_reference, row.time_reference_backward
+        if ref_name == "specialized":
+            row.time_specialized, row.time_specialized_backward = row.time_reference, row.time_reference_backward
     row.speedup = _per_instance_ratio(row.time_generic, row.generic_batch, row.time_reference, row.batch)
     row.speedup_backward = _per_instance_ratio(
         row.time_generic_backward, row.generic_batch, row.time_reference_backward, row.batch

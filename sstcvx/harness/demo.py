@@ -73,7 +73,7 @@ def run_demo(out=print, seed: int = 0, batch: int = 8, repeats: int = 3, familie
     out(report.table())
 
     out("")
-    out("== 3. every registered family: generic CVXPY path vs specialised solver on the same utilities")
+    out("== 3. every registered family: generic CVXPY path vs specialized solver on the same utilities")
     registered = registered_families()
     for package, error in load_errors().items():
         out(f"  family package {package} skipped: {error}")
