@@ -50,7 +50,7 @@ import sstcvx  # noqa: E402
 from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
 from polytopes import Hypercube, KSubset, Simplex  # noqa: E402
 from polytopes.ksubset import gibbs_marginals  # noqa: E402
-from sstcvx.enumeration import gibbs_marginals as enumerated_marginals  # noqa: E402
+from sstcvx.enumeration import vertex_marginals as enumerated_marginals  # noqa: E402
 
 
 

@@ -52,7 +52,7 @@ import torch
 
 import sstcvx
 from _timing import benchmark_arguments, fmt, interleaved, median_time
-from sstcvx.enumeration import gibbs_marginals
+from sstcvx.enumeration import vertex_marginals as gibbs_marginals
 from polytopes import _matrix_tree as mt
 from polytopes.arborescence import Arborescence
 from polytopes.spanning_tree import SpanningTree

@@ -17,9 +17,10 @@ from .polytope import DeclaredPolytope, Polytope, VertexPolytope
 from .registry import find_argmax, find_relaxation, register_argmax, register_relaxation, specialized_regularizers
 from .regularizers import Regularizer, get_regularizer
 from .sampling import argmax, perturb, relax, relaxation_solver, sample, straight_through
+from .validation import set_validate_args
 
 # The explicit vertex list is the exact, specialized solver of from_vertices polytopes.
-register_relaxation(VertexPolytope, "exp_family_entropy")(_enumeration.gibbs_marginals)
+register_relaxation(VertexPolytope, "exp_family_entropy")(_enumeration.vertex_marginals)
 register_argmax(VertexPolytope)(_enumeration.best_vertex)
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "sample",
     "perturb",
     "straight_through",
+    "set_validate_args",
     "relaxation_solver",
     "register_relaxation",
     "register_argmax",

@@ -8,7 +8,7 @@ All draw U = theta + noise with theta of shape ``(*batch_shape, *P.event_shape)`
   forward pass and the Jacobian of X_tau in the backward pass.
 
 ``log_prob`` is not offered: the law of the LP argmax under Gumbel noise has no
-closed form on structured sets (it is not the Gibbs distribution; DESIGN.md §1).
+closed form on structured sets (it is not the Gibbs distribution).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch.distributions import Distribution
 
-from ._checks import check_polytope, check_solver, check_tau, check_utility
 from .noise import get_noise
 from .regularizers import get_regularizer
-from .sampling import argmax, relax, straight_through
+from .sampling import _hard, _relaxed, relaxation_solver, straight_through
+from .validation import check_polytope, check_solver, check_tau, check_utility, shape_tau, validation_enabled
 
 
 class StochasticArgmax(Distribution):
@@ -28,10 +28,14 @@ class StochasticArgmax(Distribution):
     arg_constraints: dict = {}
     has_rsample = False
 
-    def __init__(self, polytope, theta, noise="gumbel", solver="auto", generator=None):
-        check_polytope(polytope)
+    def __init__(self, polytope, theta, noise="gumbel", solver="auto", generator=None, validate_args=None):
+        #: whether samples check their outputs (the arguments are checked here, once)
+        self.validate = validation_enabled(validate_args)
+        if self.validate:
+            check_polytope(polytope)
+            theta = check_utility(polytope, theta, "theta")
         self.polytope = polytope
-        self.theta = check_utility(polytope, theta, "theta")
+        self.theta = theta
         self.noise = get_noise(noise)
         self.solver = check_solver(solver)
         self.generator = generator
@@ -46,7 +50,7 @@ class StochasticArgmax(Distribution):
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
-            return argmax(self.polytope, self.utilities(sample_shape), self.solver)
+            return _hard(self.polytope, self.utilities(sample_shape), self.solver, self.validate)
 
     def log_prob(self, value):
         raise NotImplementedError(
@@ -60,14 +64,32 @@ class RelaxedStochasticArgmax(StochasticArgmax):
 
     has_rsample = True
 
-    def __init__(self, polytope, theta, tau=1.0, regularizer="entropy", noise="gumbel", solver="auto", generator=None):
-        super().__init__(polytope, theta, noise, solver, generator)
-        check_tau(tau, self.theta, polytope.event_dim)
+    def __init__(
+        self,
+        polytope,
+        theta,
+        tau=1.0,
+        regularizer="entropy",
+        noise="gumbel",
+        solver="auto",
+        generator=None,
+        validate_args=None,
+    ):
+        super().__init__(polytope, theta, noise, solver, generator, validate_args)
+        if self.validate:
+            check_tau(tau, self.theta, polytope.event_dim)
         self.tau = tau
         self.regularizer = get_regularizer(regularizer)
 
+    def _relaxed(self, U: torch.Tensor) -> torch.Tensor:
+        """X_tau for utilities U of shape ``sample_shape + batch_shape + event_shape``."""
+        # tau broadcasts against the batch shape, so it is shaped for U's own batch dimensions
+        tau = shape_tau(self.tau, U, self.polytope.event_dim)
+        fn, path = relaxation_solver(self.polytope, self.regularizer, self.solver)
+        return _relaxed(self.polytope, U, tau, fn, path, None, self.validate)
+
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return relax(self.polytope, self.utilities(sample_shape), self.tau, self.regularizer, self.solver)
+        return self._relaxed(self.utilities(sample_shape))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
@@ -79,9 +101,8 @@ class StraightThroughStochasticArgmax(RelaxedStochasticArgmax):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         U = self.utilities(sample_shape)
-        soft = relax(self.polytope, U, self.tau, self.regularizer, self.solver)
-        return straight_through(argmax(self.polytope, U, self.solver), soft)
+        return straight_through(_hard(self.polytope, U.detach(), self.solver, self.validate), self._relaxed(U))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
-            return argmax(self.polytope, self.utilities(sample_shape), self.solver)
+            return _hard(self.polytope, self.utilities(sample_shape), self.solver, self.validate)

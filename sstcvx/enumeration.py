@@ -25,7 +25,7 @@ def _flat_vertices(P, like: torch.Tensor) -> torch.Tensor:
     return V.reshape(V.shape[0], -1).to(dtype=like.dtype, device=like.device)
 
 
-def gibbs_marginals(P, Z: torch.Tensor) -> torch.Tensor:
+def vertex_marginals(P, Z: torch.Tensor) -> torch.Tensor:
     """Marginals E[y] of p(y) ∝ exp<Z, y> over the vertices y of P; Z: (B, *event_shape)."""
     V = _flat_vertices(P, Z)
     weights = torch.softmax(Z.reshape(Z.shape[0], -1) @ V.T, dim=-1)

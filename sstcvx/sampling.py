@@ -14,8 +14,17 @@ from __future__ import annotations
 import torch
 
 from . import registry
-from ._checks import all_finite, check_mode, check_polytope, check_solver, check_tau, check_utility
-from .enumeration import gibbs_marginals
+from .validation import (
+    all_finite,
+    check_mode,
+    check_polytope,
+    check_solver,
+    check_tau,
+    check_utility,
+    shape_tau,
+    validation_enabled,
+)
+from .enumeration import vertex_marginals
 from .errors import SolverError
 from .generic import generic_argmax, generic_relaxation
 from .noise import get_noise
@@ -23,8 +32,10 @@ from .regularizers import get_regularizer
 
 
 def _flatten(P, U):
-    batch_shape = U.shape[: U.dim() - P.event_dim]
-    return batch_shape, U.reshape((-1,) + tuple(P.event_shape))
+    """U as a (B, *event_shape) batch (no view is made when it already is one)."""
+    if U.dim() == P.event_dim + 1:
+        return U
+    return U.reshape((-1,) + tuple(P.event_shape))
 
 
 def _check_finite_output(X, P, what):
@@ -58,12 +69,55 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
             )
         if reg.name == "exp_family_entropy" and P.vertices is not None:
             # exact, and one matmul instead of the generic path's conic problem over the vertex weights
-            return (lambda Z, **_: gibbs_marginals(P, Z)), "enumeration"
+            return (lambda Z, **_: vertex_marginals(P, Z)), "enumeration"
     layer = generic_relaxation(P, reg)
     return layer, "generic"
 
 
-def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_args: dict | None = None):
+def _relaxed(P, U, tau, fn, path, solver_args, validate: bool, utility_name: str = "U"):
+    """X_tau for utilities U and a shaped tau (see ``check_tau``), by ``fn`` of ``relaxation_solver``.
+
+    With ``validate``, U / tau must be finite (a non-finite U is named as ``utility_name``) and so
+    must the solver's output.
+    """
+    Z = U if isinstance(tau, float) and tau == 1.0 else U / tau
+    if validate and not all_finite(Z):
+        check_utility(P, U, utility_name)  # names U if U itself is not finite
+        raise ValueError(f"tau: U / tau overflows {U.dtype} (tau too small for |U|); use a larger tau or float64")
+    Zf = _flatten(P, Z)
+    if Zf.shape[0] == 0:
+        return Z * 0
+    X = fn(Zf, solver_args=solver_args) if path == "generic" else fn(Zf)
+    if validate:
+        _check_finite_output(X, P, f"{path} relaxation")
+    return X if X.shape == U.shape else X.reshape(U.shape)
+
+
+def _hard(P, U, solver: str, validate: bool) -> torch.Tensor:
+    """The LP argmax for detached utilities U and a canonical ``solver`` name."""
+    fn = registry.find_argmax(P) if solver != "generic" else None
+    if fn is None and solver == "specialized":
+        raise ValueError(f"solver='specialized': no specialized argmax is registered for {P.name}")
+    Uf = _flatten(P, U)
+    if Uf.shape[0] == 0:
+        return U.clone()
+    X = fn(P, Uf) if fn is not None else generic_argmax(P)(Uf)
+    if validate:
+        _check_finite_output(X, P, "argmax")
+    if X.shape != U.shape:
+        X = X.reshape(U.shape)
+    return X.to(dtype=U.dtype, device=U.device)
+
+
+def relax(
+    P,
+    U,
+    tau=1.0,
+    regularizer="entropy",
+    solver: str = "auto",
+    solver_args: dict | None = None,
+    validate_args: bool | None = None,
+):
     """The stochastic softmax trick's relaxed sample X_tau = argmax_{x in P} <U, x> - tau f(x).
 
     Args:
@@ -76,47 +130,37 @@ def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_arg
         solver: ``"auto"``, ``"generic"`` or ``"specialized"``.
         solver_args: conic solver settings for the generic path (default
             :func:`sstcvx.generic.default_solver_args`: SCS for "euclidean", Clarabel otherwise).
+        validate_args: check the arguments and the output (``None``: the global default, see
+            :func:`sstcvx.set_validate_args`).
 
     Returns X_tau with U's shape, dtype and device, differentiable in U (and tau).
     Cost: the specialized solver's, or one conic solve per element on the generic path.
     Reference: Paulus et al., "Gradient Estimation with Stochastic Softmax Tricks", 2020.
     """
-    check_polytope(P)
-    U = check_utility(P, U, "U", finite=False)  # U / tau is checked below, which covers U
-    tau_b = check_tau(tau, U, P.event_dim)
+    validate = validation_enabled(validate_args)
+    if validate:
+        check_polytope(P)
+        U = check_utility(P, U, "U", finite=False)  # U / tau is checked in _relaxed, which covers U
+        tau = check_tau(tau, U, P.event_dim)
+    else:
+        tau = shape_tau(tau, U, P.event_dim)
     fn, path = relaxation_solver(P, regularizer, solver)
-    Z = U / tau_b
-    if not all_finite(Z):
-        check_utility(P, U, "U")  # names U if U itself is not finite
-        raise ValueError(f"tau: U / tau overflows {U.dtype} (tau too small for |U|); use a larger tau or float64")
-    batch_shape, Zf = _flatten(P, Z)
-    if Zf.shape[0] == 0:
-        return Z * 0
-    X = fn(Zf, solver_args=solver_args) if path == "generic" else fn(Zf)
-    _check_finite_output(X, P, f"{path} relaxation")
-    return X.reshape(U.shape)
+    return _relaxed(P, U, tau, fn, path, solver_args, validate)
 
 
-def argmax(P, U, solver: str = "auto") -> torch.Tensor:
+def argmax(P, U, solver: str = "auto", validate_args: bool | None = None) -> torch.Tensor:
     """The stochastic argmax trick's hard sample: the LP solution argmax_{x in P} <U, x>, a vertex of P.
 
     ``U``: ``(*batch, *P.event_shape)``; returns a detached tensor of the same
-    shape, dtype and device.  The generic path solves one LP per element with
-    HiGHS and snaps entries within 1e-6 of an integer (see
-    :class:`sstcvx.generic.GenericArgmax`); specialized oracles are exact.
+    shape, dtype and device.  The generic path solves one LP per element and snaps
+    entries within 1e-6 of an integer (see :class:`sstcvx.generic.GenericArgmax`);
+    specialized oracles are exact.  ``validate_args`` as in :func:`relax`.
     """
-    check_polytope(P)
-    U = check_utility(P, U, "U").detach()
-    solver = check_solver(solver)
-    fn = registry.find_argmax(P) if solver != "generic" else None
-    if fn is None and solver == "specialized":
-        raise ValueError(f"solver='specialized': no specialized argmax is registered for {P.name}")
-    batch_shape, Uf = _flatten(P, U)
-    if Uf.shape[0] == 0:
-        return U.clone()
-    X = fn(P, Uf) if fn is not None else generic_argmax(P)(Uf)
-    _check_finite_output(X, P, "argmax")
-    return X.reshape(U.shape).to(dtype=U.dtype, device=U.device)
+    validate = validation_enabled(validate_args)
+    if validate:
+        check_polytope(P)
+        U = check_utility(P, U, "U")
+    return _hard(P, U.detach(), check_solver(solver), validate)
 
 
 def perturb(theta: torch.Tensor, noise="gumbel", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -142,6 +186,7 @@ def sample(
     solver: str = "auto",
     generator: torch.Generator | None = None,
     solver_args: dict | None = None,
+    validate_args: bool | None = None,
 ):
     """Draw U = theta + noise and return the relaxed, hard or straight-through sample.
 
@@ -150,19 +195,23 @@ def sample(
     the Jacobian of X_tau, both from the same U.  ``theta``: ``(*batch,
     *P.event_shape)``; ``noise``: ``"gumbel"``, ``"gaussian"``, ``"logistic"``,
     ``"exponential"`` or a :class:`sstcvx.Noise`; ``generator`` makes it
-    reproducible.
+    reproducible.  The arguments are validated once (``validate_args`` as in :func:`relax`).
     """
-    check_polytope(P)
-    check_mode(mode)
+    validate = validation_enabled(validate_args)
+    mode = check_mode(mode)
     solver = check_solver(solver)
-    theta = check_utility(P, theta, "theta")
-    if mode != "hard":
-        check_tau(tau, theta, P.event_dim)
-        get_regularizer(regularizer)
+    if validate:
+        check_polytope(P)
+        # for the relaxed modes U / tau is checked in _relaxed, which covers theta
+        theta = check_utility(P, theta, "theta", finite=mode == "hard")
+        tau = check_tau(tau, theta, P.event_dim) if mode != "hard" else tau
+    elif mode != "hard":
+        tau = shape_tau(tau, theta, P.event_dim)
     U = perturb(theta, noise, generator)
     if mode == "hard":
-        return argmax(P, U, solver)
-    soft = relax(P, U, tau, regularizer, solver, solver_args)
+        return _hard(P, U.detach(), solver, validate)
+    fn, path = relaxation_solver(P, regularizer, solver)
+    soft = _relaxed(P, U, tau, fn, path, solver_args, validate, utility_name="theta")
     if mode == "relaxed":
         return soft
-    return straight_through(argmax(P, U, solver), soft)
+    return straight_through(_hard(P, U.detach(), solver, validate), soft)

@@ -6,7 +6,7 @@ import torch
 
 import sstcvx
 from sstcvx import generic
-from sstcvx._checks import all_finite
+from sstcvx.validation import all_finite
 
 
 def ksubset(n=6, k=2):

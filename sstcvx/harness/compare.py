@@ -32,8 +32,8 @@ from typing import Sequence
 import torch
 
 from .. import registry
-from .._checks import check_polytope
-from ..enumeration import best_vertex, gibbs_marginals
+from ..validation import check_polytope
+from ..enumeration import best_vertex, vertex_marginals
 from ..generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
 from ..noise import get_noise
 from ..polytope import VertexPolytope
@@ -518,7 +518,7 @@ def _reference(P, reg, reference, V, reference_solver_args):
 
     def brute(tau):
         if brute_exact:
-            return _Path("brute force", lambda u: gibbs_marginals(Pv, u / tau))
+            return _Path("brute force", lambda u: vertex_marginals(Pv, u / tau))
         return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver="generic"))
 
     def specialized(tau):

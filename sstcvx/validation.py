@@ -1,4 +1,13 @@
-"""Validation of user input shared by the public functions."""
+"""Validation of user input, once per public call, and the switch that turns it off.
+
+Every public entry point (``relax``, ``argmax``, ``sample``, the distribution objects) checks
+its arguments once, in the manner of ``torch.distributions``: ``validate_args=None`` follows
+the global default (:func:`set_validate_args`, on unless changed), ``True``/``False`` decide
+for one call.  With validation on, the utilities are checked to be finite (one reduction and
+one host synchronisation) and so are the solver's outputs; with it off, nothing is checked
+that needs a host synchronisation, so a straight-through sample on an accelerator makes none
+that its solvers do not need themselves.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,26 @@ import math
 import torch
 
 from .polytope import Polytope
+
+_validate_default = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Turn argument validation of the public calls on (the default) or off, globally."""
+    global _validate_default
+    if not isinstance(value, bool):
+        raise TypeError(f"value: expected a bool, got {type(value).__name__}")
+    _validate_default = value
+
+
+def validation_enabled(validate_args: bool | None = None) -> bool:
+    """Whether a call with ``validate_args`` validates: the global default when ``None``."""
+    if validate_args is None:
+        return _validate_default
+    if not isinstance(validate_args, bool):
+        raise TypeError(f"validate_args: expected None or a bool, got {type(validate_args).__name__}")
+    return validate_args
+
 
 SOLVERS = ("auto", "generic", "specialized")
 #: Other spellings accepted for ``solver=`` values, mapped to the canonical (American) one.
@@ -66,6 +95,13 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     return mode
+
+
+def shape_tau(tau, U: torch.Tensor, event_dim: int):
+    """tau shaped to divide U, without checks: a float, or a tensor with the event dims appended."""
+    if isinstance(tau, torch.Tensor):
+        return tau.to(dtype=U.dtype, device=U.device).reshape(tau.shape + (1,) * event_dim)
+    return float(tau)
 
 
 def check_tau(tau, U: torch.Tensor, event_dim: int):
