@@ -4,10 +4,11 @@ Declare a polytope P = conv(X) with CVXPY constraints (or list its vertices),
 then draw hard samples (the LP argmax), relaxed samples (the regularized LP)
 and straight-through samples with gradients, through a generic cvxpylayers
 path or, for known polytopes (the ``polytopes`` package), specialized solvers.
-See DESIGN.md for the mathematics.
+See docs/design.md for the mathematics.
 """
 
 from . import enumeration as _enumeration
+from ._version import __version__
 from .harness.compare import Comparison, ComparisonReport, compare
 from .distributions import RelaxedStochasticArgmax, StochasticArgmax, StraightThroughStochasticArgmax
 from .errors import SolverError
@@ -23,7 +24,6 @@ from .validation import set_validate_args
 register_relaxation(VertexPolytope, "exp_family_entropy")(_enumeration.vertex_marginals)
 register_argmax(VertexPolytope)(_enumeration.best_vertex)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Polytope",

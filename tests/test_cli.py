@@ -196,3 +196,11 @@ def test_demo_tour_and_comparison():
     text = "\n".join(lines)
     assert "straight-through" in text and "path-indep-sets(6)" in text and "brute_force" in text
     assert "Simplex(n=10)" in text and "demo done" in text
+
+
+def test_version_comes_from_its_single_source(capsys):
+    from sstcvx._version import __version__
+
+    status, out, _ = run(capsys, "--version")
+    assert status == 0 and out.strip() == f"sstcvx {__version__}"
+    assert sstcvx.__version__ == __version__

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 
+from .._version import __version__
 from ..families import families
 
 REGULARIZER_NAMES = ("entropy", "binary_entropy", "euclidean", "exp_family_entropy")
@@ -103,6 +104,7 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         epilog="Run 'sstcvx COMMAND --help' for a command's options. Exit status: 0 done; 1 the run failed "
         "(or a --fail-above check did); 2 a wrong option or target, with a one-line error.",
     )
+    parser.add_argument("--version", action="version", version=f"sstcvx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     common = _Parser(add_help=False)
     common.add_argument(
