@@ -1,105 +1,12 @@
-"""Timing helpers shared by the benchmark scripts.
+"""The benchmark scripts' timing helpers: those of :mod:`sstcvx.harness.timing`."""
 
-The scripts time by process CPU time by default: on a shared machine wall-clock time
-mostly measures other processes.  ``use_wall_clock()`` switches to wall time.
-"""
-
-from __future__ import annotations
-
-import argparse
-import gc
-import statistics
-import time
-
-_clock = time.process_time
-
-
-def use_wall_clock(wall: bool = True) -> None:
-    """Time with ``time.perf_counter`` (wall) instead of process CPU time."""
-    global _clock
-    _clock = time.perf_counter if wall else time.process_time
-
-
-def clock() -> float:
-    """The current reading of the chosen clock, in seconds."""
-    return _clock()
-
-
-def median_time(fn, rounds: int, warmup: int = 1) -> float:
-    """Median seconds per call of ``fn`` over ``rounds`` calls, after ``warmup`` calls.
-
-    The garbage collector is run first and paused while timing (as ``timeit`` does): the
-    generic path leaves many CVXPY objects behind, whose collection would otherwise land
-    in whichever call happens to trigger it.
-    """
-    for _ in range(warmup):
-        fn()
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        samples = []
-        for _ in range(rounds):
-            start = _clock()
-            fn()
-            samples.append(_clock() - start)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return statistics.median(samples)
-
-
-def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function in ``fns``, timed in interleaved rounds.
-
-    One call of each per round, the order rotating, so that a slow spell of the shared
-    machine hits every candidate alike; the garbage collector is paused as in
-    ``median_time``.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times = {name: [] for name in names}
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                start = _clock()
-                fns[name]()
-                times[name].append(_clock() - start)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def benchmark_arguments(doc: str, quick_help: str, argv=None) -> argparse.Namespace:
-    """Parse ``--quick``, ``--threads T`` (>= 1, default 1) and ``--wall``, and apply the last two.
-
-    ``doc``: the script's docstring (its first paragraph is the description).  Sets
-    torch's intra-op threads and the clock (:func:`use_wall_clock`).
-    """
-    import torch
-
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--wall", action="store_true", help="wall-clock time instead of process CPU time")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads: expected an int >= 1")
-    torch.set_num_threads(args.threads)
-    use_wall_clock(args.wall)
-    return args
-
-
-def fmt(seconds: float) -> str:
-    """A duration in s, ms or us, right-aligned in 11 characters."""
-    if seconds >= 1.0:
-        return f"{seconds:8.2f} s "
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:8.2f} ms"
-    return f"{seconds * 1e6:8.1f} us"
+from sstcvx.harness.timing import (  # noqa: F401  (re-exported for the scripts)
+    adaptive_median,
+    benchmark_arguments,
+    clock,
+    fmt,
+    interleaved,
+    median_time,
+    synchronized_median,
+    use_wall_clock,
+)

@@ -22,32 +22,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 import sstcvx
 from sstcvx.families import families
+from sstcvx.harness.timing import synchronized_median
 
 TAU = 0.5
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, rounds: int = 5) -> float:
-    """Median seconds per call of fn on device (synchronised), after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def relax_and_vjp(P, U, G, regularizer):
@@ -74,8 +56,8 @@ def check_case(P, regularizer, batch, device, generator) -> tuple[bool, str]:
         ok &= good
         parts.append(f"{str(dtype)[6:]}: |dX| {dx:.1e} |dVJP|/max {dg:.1e}{'' if same_place else ' WRONG DEVICE/DTYPE'}")
     U, G = U64.to(device), G64.to(device)
-    t_dev = timed(lambda: relax_and_vjp(P, U, G, regularizer), device)
-    t_cpu = timed(lambda: relax_and_vjp(P, U64, G64, regularizer), torch.device("cpu"))
+    t_dev = synchronized_median(lambda: relax_and_vjp(P, U, G, regularizer), device)
+    t_cpu = synchronized_median(lambda: relax_and_vjp(P, U64, G64, regularizer), torch.device("cpu"))
     parts.append(f"fwd+bwd {t_dev * 1e3:8.2f} ms on {device.type}, {t_cpu * 1e3:8.2f} ms on cpu")
     return ok, "   ".join(parts)
 
@@ -85,7 +67,7 @@ def check_argmax(P, batch, device, generator) -> tuple[bool, str]:
     X_ref = sstcvx.argmax(P, U, solver="specialized")
     X = sstcvx.argmax(P, U.to(device), solver="specialized")
     ok = X.device == U.to(device).device and torch.equal(X.cpu(), X_ref)
-    t_dev = timed(lambda: sstcvx.argmax(P, U.to(device), solver="specialized"), device)
+    t_dev = synchronized_median(lambda: sstcvx.argmax(P, U.to(device), solver="specialized"), device)
     return ok, f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms"
 
 

@@ -39,6 +39,7 @@ from ..noise import get_noise
 from ..polytope import VertexPolytope
 from ..regularizers import get_regularizer
 from ..sampling import argmax, relax
+from .timing import adaptive_median
 
 REFERENCES = ("auto", "specialized", "brute_force", "second_solver")
 #: Above this many vertices, brute force is not attempted.
@@ -279,27 +280,6 @@ def _one_line(x) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _median_time(fn, repeats: int, min_time: float = 0.05, max_samples: int = 50):
-    """Median seconds of ``fn()`` (warnings silenced); None if ``repeats == 0``.
-
-    Runs ``fn`` ``repeats`` times, and keeps going while the samples add up to less than
-    ``min_time`` seconds (at most ``max_samples``), so that fast solvers get a median
-    robust to a busy machine while the slow generic path costs only ``repeats`` calls.
-    """
-    if repeats <= 0:
-        return None
-    samples = []
-    total = 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        while len(samples) < repeats or (total < min_time and len(samples) < max_samples):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-            total += samples[-1]
-    return statistics.median(samples)
-
-
 class _Path:
     """One way of computing X_tau(U) (and its VJP) on a batch."""
 
@@ -344,7 +324,7 @@ class _Path:
             u = U.detach().clone().requires_grad_(True)
             (self.relax_fn(u) * G).sum().backward()
 
-        return _median_time(forward, repeats), _median_time(forward_backward, repeats)
+        return adaptive_median(forward, repeats), adaptive_median(forward_backward, repeats)
 
 
 def _vertex_list(P, vertices):
@@ -583,9 +563,9 @@ def _compare_hard(P, U, Ug, V, repeats, log, generic):
         same = (X_gen - X_ref[: Ug.shape[0]]).reshape(Ug.shape[0], -1).abs().amax(dim=-1) <= 1e-9
         stats["hard_agreement"] = float(same.double().mean())
     if X_gen is not None:
-        stats["time_generic_argmax"] = _median_time(lambda: argmax(P, Ug, solver="generic"), repeats)
+        stats["time_generic_argmax"] = adaptive_median(lambda: argmax(P, Ug, solver="generic"), repeats)
     if X_ref is not None:
-        stats["time_reference_argmax"] = _median_time(lambda: ref_fn(U), repeats)
+        stats["time_reference_argmax"] = adaptive_median(lambda: ref_fn(U), repeats)
     return stats
 
 
