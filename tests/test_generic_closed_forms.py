@@ -208,7 +208,7 @@ def test_euclidean_defaults_to_scs_and_is_accurate():
 def test_exp_family_entropy_generic_path_is_a_conic_problem_over_the_vertex_weights():
     """A*(x) = min {sum l log l : l in the simplex, V^T l = x}: the generic path solves the entropy
     relaxation over the vertex weights by CVXPY and maps back; it equals the Gibbs marginals, and
-    its Jacobian the Gibbs covariance / tau (DESIGN.md: the E.F. Jacobian is a covariance)."""
+    its Jacobian the Gibbs covariance / tau (the E.F. Jacobian is a covariance)."""
     V = torch.tensor([list(b) for b in itertools.product([0.0, 1.0], repeat=5) if sum(b) == 2])
     P = sstcvx.Polytope.from_vertices(V)
     relaxation, path = sstcvx.relaxation_solver(P, "exp_family_entropy", solver="generic")
