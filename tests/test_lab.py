@@ -3,6 +3,7 @@
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,9 @@ def test_hypercube_gumbel_linear_loss_has_the_closed_form_gradient():
     assert torch.allclose(exact_gradient(P, theta, loss), closed, atol=1e-12)
     # the derivative of P(theta + G > 0) by central differences, as an independent witness
     h = 1e-6
-    prob = lambda t: 1 - torch.exp(-torch.exp(t))  # noqa: E731
+    def prob(t):
+        return 1 - torch.exp(-torch.exp(t))
+
     assert torch.allclose(loss.c * (prob(theta + h) - prob(theta - h)) / (2 * h), closed, atol=1e-8)
     ref = reference_gradient(P, theta, loss, samples=60_000, confidence=0.99, generator=g)
     assert ref.contains(closed), (ref.mean, closed, ref.radius)
@@ -123,7 +126,7 @@ def test_score_function_bias_interval_covers_zero_on_three_families():
             assert row.cosine > 0.8
         # a biased estimator is caught at the same sample size: the score function times 1.5
         loo = ScoreFunction("leave_one_out")
-        biased = CustomEstimator(lambda *a: 1.5 * loo(*a), name="inflated", group_size=8)
+        biased = CustomEstimator(lambda *a, loo=loo: 1.5 * loo(*a), name="inflated", group_size=8)
         row = run_lab(P, "quadratic", estimators=[biased], samples=4000, reference_samples=60_000, confidence=0.99,
                       seed=seed).rows[0]
         assert row.estimator == "inflated" and row.bias_ci[0] > 0, row.bias_ci
@@ -346,3 +349,24 @@ def test_cli_lab_bad_options_exit_2_with_one_line(capsys, tmp_path, argv, messag
 def test_cli_lab_unknown_family_exits_2(capsys):
     assert main(["lab", "nope"]) == 2
     assert "unknown family 'nope'" in capsys.readouterr().err
+
+
+def test_plot_with_score_function_only(tmp_path):
+    report = run_lab(Simplex(3), estimators=["score_function"], baselines=["none"], samples=50, reference_samples=500)
+    path = report.plot(tmp_path / "sf.png")
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_example_runs_tiny(tmp_path):
+    import importlib.util
+
+    source = Path(__file__).resolve().parent.parent / "examples" / "estimator_lab.py"
+    spec = importlib.util.spec_from_file_location("example_estimator_lab", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, js = tmp_path / "lab.png", tmp_path / "lab.json"
+    results = module.main(["--tiny", "--quiet", "--out", str(out), "--json", str(js)])
+    assert out.read_bytes()[:4] == b"\x89PNG" and set(results) == {"ksubset", "spanning_tree"}
+    assert json.loads(js.read_text())["ksubset"]["format"] == "sstcvx.lab/1"
+    for data in results.values():
+        assert {r["estimator"] for r in data["results"]} == {"relaxed", "straight_through", "score_function"}

@@ -120,7 +120,7 @@ def load_function(spec: str, what: str):
         module = importlib.util.module_from_spec(loader_spec)
         try:
             loader_spec.loader.exec_module(module)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  any error of the user file is reported in one line
             raise UsageError(f"{what} {spec!r}: importing {path} failed: {type(error).__name__}: {error}") from None
         sys.modules[module_name] = module
     fn = getattr(module, name, None)

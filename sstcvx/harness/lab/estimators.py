@@ -25,7 +25,7 @@ is one batched solver call (plus its backward pass) per call.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

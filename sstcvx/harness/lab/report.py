@@ -199,22 +199,29 @@ class LabReport:
                 fh.write(text)
         return text
 
-    def plot(self, path, title: str | None = None) -> str:
-        """Write a PNG with three panels against tau (log axes): |bias| (with its interval), std and MSE.
+    def plot(self, path=None, title: str | None = None, axes=None):
+        """Three panels against tau (log axes): |bias| (with its interval), std and MSE of one sample.
 
         One line per estimator and regularizer; estimators without a temperature (the score
-        function) are horizontal dashed lines.  Needs matplotlib (Agg backend).  Returns ``path``.
+        function) are horizontal dashed lines.  Writes a PNG to ``path`` and returns it, or,
+        with ``axes`` (three matplotlib axes), draws into them and returns them (``path`` is
+        then ignored).  Needs matplotlib (Agg backend when it makes the figure).
         """
         import matplotlib
 
-        matplotlib.use("Agg")
+        if axes is None:
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         ok = [r for r in self.rows if r.error is None]
         taus = sorted({r.tau for r in ok if r.tau is not None})
         lines = list(dict.fromkeys(r.line for r in ok))
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-        fig.suptitle(title or f"{self.polytope}, loss {self.loss}: estimators of grad E[L(X)] against tau", fontsize=11)
+        own = axes is None
+        if own:
+            if path is None:
+                raise ValueError("path: expected a PNG path (or axes to draw into)")
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+            fig.suptitle(title or f"{self.polytope}, loss {self.loss}: estimators of grad E[L(X)] against tau", fontsize=11)
         positive = [v for r in ok for v in (r.bias_norm, r.std, r.mse) if v and v > 0]
         floor = 0.3 * min(positive) if positive else 1e-12  # where an interval reaching 0 ends on the log axis
         for index, name in enumerate(lines):
@@ -242,6 +249,8 @@ class LabReport:
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.grid(True, which="major", alpha=0.3)
         axes[0].legend(fontsize=7)
+        if not own:
+            return axes
         fig.tight_layout(rect=(0, 0, 1, 0.94))
         directory = os.path.dirname(os.fspath(path))
         if directory:

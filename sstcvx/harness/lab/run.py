@@ -12,7 +12,15 @@ from ..._checks import check_polytope, check_solver
 from ...noise import get_noise
 from ...registry import specialized_regularizers
 from ...regularizers import get_regularizer
-from .estimators import BASELINES, Estimator, LossError, Relaxed, ScoreFunction, StraightThrough, as_estimator
+from .estimators import (
+    BASELINES,
+    Estimator,
+    LossError,
+    Relaxed,
+    ScoreFunction,
+    StraightThrough,
+    as_estimator,
+)
 from .losses import make_loss
 from .reference import _check_theta, exact_reference, reference_gradient
 from .report import LabReport, LabRow
@@ -104,7 +112,7 @@ def measure(estimator: Estimator, P, theta, loss, noise, reference, samples: int
                 progress(num)
     except (LossError, KeyboardInterrupt):
         raise
-    except Exception as error:  # a failing solver or user estimator fails its row only
+    except Exception as error:  # noqa: BLE001  a failing solver or user estimator fails its row only
         row.error = f"{type(error).__name__}: {error}".splitlines()[0]
         if progress is not None:
             progress(total - done)
