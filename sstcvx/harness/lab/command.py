@@ -133,6 +133,7 @@ def lab_command(args) -> int:
     """Run ``sstcvx lab`` with parsed ``args``; returns the exit status (raises UsageError for status 2)."""
     import torch
 
+    from ...registry import find_argmax
     from ..cli import UsageError, _family_names, load_family, load_user_polytope
     from .estimators import CustomEstimator, LossError
     from .run import run_lab
@@ -157,6 +158,9 @@ def lab_command(args) -> int:
                   for e in dict.fromkeys(args.estimators)]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    if find_argmax(P) is None:
+        print(f"note: {P.name} has no specialized argmax, so the {args.reference_samples} hard samples of the reference "
+              "go through the generic LP path (milliseconds each); lower --reference-samples for a first look")
     try:
         report = run_lab(P, loss, taus=args.tau, regularizers=regs, estimators=estimators, baselines=args.baselines,
                          loo_k=args.loo_k, noise=args.noise, samples=args.samples, reference_samples=args.reference_samples,

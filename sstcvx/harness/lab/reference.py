@@ -104,7 +104,8 @@ def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, b
         noise: a name or :class:`sstcvx.Noise` with a smooth positive density on R.
         samples: hard samples behind the estimate (the pilot batch comes on top).
         batch: rows per argmax call.  pilot: samples of the pilot batch that fits the
-            control-variate matrix (default max(1000, samples // 10), at least 2 d).
+            control-variate matrix (default max(1000, samples // 10), at most ``samples``
+            and 50 000, at least 4 d).
         generator: a torch.Generator on theta's device, for reproducibility.
         progress: optional callable ``progress(done_samples)`` called after each batch.
 
@@ -121,7 +122,9 @@ def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, b
     if not (isinstance(confidence, float) and 0 < confidence < 1):
         raise ValueError(f"confidence: expected a float in (0, 1), got {confidence!r}")
     d = theta.numel()
-    pilot = max(1000, samples // 10, 2 * d) if pilot is None else pilot
+    pilot = max(4 * d, min(samples, 50_000, max(1000, samples // 10))) if pilot is None else pilot
+    if isinstance(pilot, bool) or not isinstance(pilot, int) or pilot < 2:
+        raise ValueError(f"pilot: expected an int >= 2, got {pilot!r}")
     start = time.perf_counter()
 
     def draw(num):
@@ -132,7 +135,7 @@ def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, b
         return values[:, None] * S, S
 
     # the pilot batch: fit B (d x d) by least squares of G on S (with an intercept)
-    G, S = draw(pilot)
+    G, S = (torch.cat(parts) for parts in zip(*(draw(min(batch, pilot - i)) for i in range(0, pilot, batch))))
     Gc, Sc = G - G.mean(0), S - S.mean(0)
     ridge = 1e-10 * float((Sc * Sc).sum()) / max(pilot, 1)
     B_t = torch.linalg.solve(Sc.T @ Sc + ridge * torch.eye(d, dtype=Sc.dtype, device=Sc.device), Sc.T @ Gc)  # (d, d) = B^T
