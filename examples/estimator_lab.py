@@ -1,6 +1,6 @@
 """How good is a relaxation's gradient?  The estimator lab on k-subsets and spanning trees.
 
-The quantity a stochastic argmax model optimises is E[L(X)] for the hard sample
+The quantity a stochastic argmax model optimizes is E[L(X)] for the hard sample
 X = argmax_{x in P} <theta + eps, x>.  Its gradient is estimated three ways:
 
 * ``relaxed``: grad_theta L(X_tau), the stochastic softmax trick, for each regularizer and

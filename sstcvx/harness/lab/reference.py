@@ -21,7 +21,7 @@ where the law of X is known in closed form:
   p_i = 1 - exp(-exp(theta_i / s)) (Gumbel), Phi(theta_i / s), sigmoid(theta_i / s), and
   E[L(X)] = sum_v prod_i p_i^v_i (1 - p_i)^(1 - v_i) L(v).
 
-Both recognise the polytope by its vertex list (``P.vertices``), so they apply to the
+Both recognize the polytope by its vertex list (``P.vertices``), so they apply to the
 families and to ``Polytope.from_vertices`` alike.
 """
 
