@@ -197,12 +197,15 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         help=f"comma-separated subset of the registered families (default all{': ' + ','.join(family_names) if family_names else ''})",
     )
     bench.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    from .lab.command import add_lab_parser
+
+    add_lab_parser(commands, common, listed)
     return parser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_family_names() if argv and argv[0] in ("compare", "bench") else None)
+    parser = build_parser(_family_names() if argv and argv[0] in ("compare", "bench", "lab") else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a wrong option (2)
@@ -222,6 +225,10 @@ def main(argv=None) -> int:
             return _compare(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "lab":
+            from .lab.command import lab_command
+
+            return lab_command(args)
     except UsageError as error:
         print(f"sstcvx {args.command}: error: {error}", file=sys.stderr)
         return 2
