@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..._checks import check_polytope, check_solver
+from ...validation import check_polytope, check_solver
 from ...noise import get_noise
 from ...registry import specialized_regularizers
 from ...regularizers import get_regularizer
