@@ -10,7 +10,7 @@ See DESIGN.md for the mathematics.
 from . import enumeration as _enumeration
 from .harness.compare import Comparison, ComparisonReport, compare
 from .distributions import RelaxedStochasticArgmax, StochasticArgmax, StraightThroughStochasticArgmax
-from .errors import SolverError
+from .errors import SecondDerivativeError, SolverError
 from .generic import DEFAULT_SOLVER_ARGS, FALLBACK_SOLVER_ARGS
 from .noise import Exponential, Gaussian, Gumbel, Logistic, Noise, get_noise
 from .polytope import DeclaredPolytope, Polytope, VertexPolytope
@@ -51,6 +51,7 @@ __all__ = [
     "RelaxedStochasticArgmax",
     "StraightThroughStochasticArgmax",
     "SolverError",
+    "SecondDerivativeError",
     "compare",
     "Comparison",
     "ComparisonReport",

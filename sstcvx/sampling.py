@@ -18,6 +18,7 @@ from ._checks import all_finite, check_mode, check_polytope, check_solver, check
 from .enumeration import gibbs_marginals
 from .errors import SolverError
 from .generic import generic_argmax, generic_relaxation
+from .generic.settings import check_solver_args
 from .noise import get_noise
 from .regularizers import get_regularizer
 
@@ -84,6 +85,7 @@ def relax(P, U, tau=1.0, regularizer="entropy", solver: str = "auto", solver_arg
     check_polytope(P)
     U = check_utility(P, U, "U", finite=False)  # U / tau is checked below, which covers U
     tau_b = check_tau(tau, U, P.event_dim)
+    solver_args = check_solver_args(solver_args)
     fn, path = relaxation_solver(P, regularizer, solver)
     Z = U / tau_b
     if not all_finite(Z):
@@ -159,6 +161,7 @@ def sample(
     if mode != "hard":
         check_tau(tau, theta, P.event_dim)
         get_regularizer(regularizer)
+        check_solver_args(solver_args)
     U = perturb(theta, noise, generator)
     if mode == "hard":
         return argmax(P, U, solver)
