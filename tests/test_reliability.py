@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -460,3 +461,23 @@ def test_examples_default_to_one_thread_and_say_why(capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_family_registry_loads_once_for_all_threads(monkeypatch):
+    """A thread asking for the families while another loads them waits for the whole registry."""
+    from sstcvx import families as registry
+
+    everything = registry.families()
+    assert {"simplex", "ksubset", "spanning_tree"} <= set(everything)
+
+    def slow_import(name):  # stands for a family package that takes a while to import
+        threading.Event().wait(0.3)
+        for family in everything.values():
+            registry.register_family(family)
+
+    monkeypatch.setattr(registry, "_FAMILIES", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "importlib", types.SimpleNamespace(import_module=slow_import))
+    seen = {}
+    _run_threads(lambda i: seen.__setitem__(i, set(registry.families())), 3)
+    assert all(names == set(everything) for names in seen.values()), seen
