@@ -18,7 +18,7 @@ import torch
 
 # The LP solver of the hard argmax and of the declaration checks: SciPy's copy of HiGHS, dual
 # simplex.  A simplex method returns a basic optimal solution, i.e. a vertex.  (cvxpy's "HIGHS"
-# interface goes through highspy, whose first solver object in a process prints a licence banner
+# interface goes through highspy, whose first solver object in a process prints a license banner
 # to the C-level stdout of the whole program; SciPy's build prints nothing.)
 LP_SOLVER = "SCIPY"
 LP_OPTIONS = {"scipy_options": {"method": "highs-ds"}}
