@@ -67,6 +67,27 @@ def smooth(values, width: int = 25) -> np.ndarray:
     return (cums[idx] - cums[lo]) / (idx - lo)
 
 
+#: torch intra-op threads of the examples unless --threads says otherwise (see its help).
+DEFAULT_THREADS = 1
+
+
+def _positive_int(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def apply_threads(args) -> None:
+    """Set torch's intra-op thread count from --threads (default ``DEFAULT_THREADS``)."""
+    torch.set_num_threads(getattr(args, "threads", None) or DEFAULT_THREADS)
+
+
 def add_run_arguments(parser, name: str, tiny: bool = True) -> None:
     """The options every example takes: --seed, --tiny, --out, --json, --threads, --quiet."""
     parser.add_argument("--seed", type=int, default=0)
@@ -74,14 +95,20 @@ def add_run_arguments(parser, name: str, tiny: bool = True) -> None:
         parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
     parser.add_argument("--out", default=str(OUT_DIR / f"{name}.png"), help="PNG path")
     parser.add_argument("--json", help="write the results as JSON here")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=DEFAULT_THREADS,
+        help="torch CPU threads. Default 1: these models are small, and on a machine whose cores are "
+        "busy with other work a second intra-op thread waits for a core at every operation, which "
+        "can make a run ten times slower; raise it on an idle machine with cores to spare",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def start_run(args):
     """Apply --threads, create the figure's folder and seed everything; returns (figure path, generator)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     return prepare_out(args.out), seed_everything(args.seed)
 
 

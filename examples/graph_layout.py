@@ -47,7 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-import networkx as nx
+try:
+    import networkx as nx
+except ImportError:  # one line instead of a traceback: the only dependency the library does not need
+    raise SystemExit("graph_layout.py needs networkx: pip install networkx  (or pip install -e '.[examples]')") from None
 import numpy as np
 import torch
 from torch import nn
@@ -368,8 +371,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.apply_threads(args)
     out = _common.prepare_out(args.out)
     data = load_data(args, out.parent / "data")
     results, curves, recovered = {}, {}, {}

@@ -11,7 +11,7 @@ from . import enumeration as _enumeration
 from ._version import __version__
 from .harness.compare import Comparison, ComparisonReport, compare
 from .distributions import RelaxedStochasticArgmax, StochasticArgmax, StraightThroughStochasticArgmax
-from .errors import SolverError
+from .errors import SecondDerivativeError, SolverError
 from .generic import DEFAULT_SOLVER_ARGS, FALLBACK_SOLVER_ARGS
 from .noise import Exponential, Gaussian, Gumbel, Logistic, Noise, get_noise
 from .polytope import DeclaredPolytope, Polytope, VertexPolytope
@@ -53,6 +53,7 @@ __all__ = [
     "RelaxedStochasticArgmax",
     "StraightThroughStochasticArgmax",
     "SolverError",
+    "SecondDerivativeError",
     "compare",
     "Comparison",
     "ComparisonReport",

@@ -14,3 +14,8 @@ class SolverError(RuntimeError):
         self.element = element
         self.solver = solver
         self.status = status
+
+
+class SecondDerivativeError(RuntimeError):
+    """A double backward (``create_graph=True``) through a path that is differentiable only once
+    (the generic cvxpylayers path): raised instead of silently dropping second-order terms."""

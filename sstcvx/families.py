@@ -13,6 +13,7 @@ the ``sstcvx.families`` entry-point group (``polytopes`` declares itself there i
 from __future__ import annotations
 
 import importlib
+import threading
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -61,6 +62,9 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _loaded = False
+# Held while the entry-point group loads, so that a second thread waits for every family
+# instead of seeing a half-filled registry (reentrant: a family module may ask for families()).
+_LOAD_LOCK = threading.RLock()
 
 
 def register_family(family: Family) -> Family:
@@ -80,16 +84,17 @@ def load_families() -> dict[str, str]:
     :func:`load_errors`); the others still load.  Returns the errors so far.
     """
     global _loaded
-    if _loaded:
+    with _LOAD_LOCK:
+        if _loaded:
+            return dict(_LOAD_ERRORS)
+        _loaded = True
+        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                importlib.import_module(entry.value.split(":")[0])
+            except Exception as error:  # a broken family package fails alone
+                _LOAD_ERRORS[entry.name] = f"{type(error).__name__}: {error}"
+                warnings.warn(f"sstcvx family package {entry.name!r} ({entry.value}) failed to load: {error}", RuntimeWarning, stacklevel=2)
         return dict(_LOAD_ERRORS)
-    _loaded = True
-    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            importlib.import_module(entry.value.split(":")[0])
-        except Exception as error:  # a broken family package fails alone
-            _LOAD_ERRORS[entry.name] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"sstcvx family package {entry.name!r} ({entry.value}) failed to load: {error}", RuntimeWarning, stacklevel=2)
-    return dict(_LOAD_ERRORS)
 
 
 def load_errors() -> dict[str, str]:

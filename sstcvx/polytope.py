@@ -8,22 +8,48 @@ polytope classes through :mod:`sstcvx.registry`.
 
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 
 import cvxpy as cp
 import numpy as np
 import torch
 
-# HiGHS' simplex returns a basic solution, i.e. a vertex; SciPy's HiGHS wrapper is the fallback.
-LP_SOLVER = "HIGHS" if "HIGHS" in cp.installed_solvers() else "SCIPY"
+# The LP solver of the hard argmax and of the declaration checks: SciPy's copy of HiGHS, dual
+# simplex.  A simplex method returns a basic optimal solution, i.e. a vertex.  (cvxpy's "HIGHS"
+# interface goes through highspy, whose first solver object in a process prints a license banner
+# to the C-level stdout of the whole program; SciPy's build prints nothing.)
+LP_SOLVER = "SCIPY"
+LP_OPTIONS = {"scipy_options": {"method": "highs-ds"}}
+
+# Serializes the lazy construction of a polytope's CVXPY declaration, so that two threads never
+# build (and then use) two different declarations of one polytope.  Module-level, so polytopes
+# stay picklable.
+_DECLARATION_LOCK = threading.RLock()
 
 
 def solve_linear_objective(problem: cp.Problem) -> None:
-    """Solve a problem with a linear objective: HiGHS for LPs, Clarabel when a constraint is not linear."""
+    """Solve a problem with a linear objective: SciPy's HiGHS dual simplex for LPs (a vertex, and
+    nothing printed), Clarabel when a constraint is not linear."""
     try:
-        problem.solve(solver=LP_SOLVER)
+        problem.solve(solver=LP_SOLVER, **LP_OPTIONS)
     except cp.error.SolverError:
         problem.solve(solver="CLARABEL")
+
+
+def solution_value(problem: cp.Problem, x: cp.Variable):
+    """The value of ``x`` in the last solution of ``problem`` (a numpy array), or ``None``.
+
+    Read from the problem's own solution record, not from ``x.value``: a variable is shared by
+    every problem built on the polytope's declaration, and another thread's solve may have
+    overwritten ``x.value`` meanwhile.
+    """
+    solution = problem.solution
+    if solution is None or not solution.primal_vars:
+        return None
+    value = solution.primal_vars.get(x.id)
+    return None if value is None else np.asarray(value, dtype=np.float64).reshape(x.shape)
 
 
 class Polytope:
@@ -57,8 +83,10 @@ class Polytope:
         declaration is too large to build (then use the specialized solver).
         """
         if self._declaration is None:
-            x, constraints = self._declare()
-            self._declaration = (x, list(constraints))
+            with _DECLARATION_LOCK:
+                if self._declaration is None:
+                    x, constraints = self._declare()
+                    self._declaration = (x, list(constraints))
         return self._declaration
 
     @property
@@ -81,6 +109,37 @@ class Polytope:
     def __repr__(self):
         return f"{self.name} (event_shape={tuple(self.event_shape)})"
 
+    # -- copies and pickling -----------------------------------------------------------------
+    # A polytope pickles, deep-copies and survives torch.save/torch.load, before and after use:
+    # the generic path's layers live in a cache outside it, and the CVXPY declaration is either
+    # dropped (families and vertex lists rebuild it on demand) or rebuilt with fresh CVXPY
+    # objects (from_cvxpy).  Copying CVXPY objects as such is not safe: copy.deepcopy gives
+    # variables new ids but keeps canonical forms cached under the old ones (cvxpy then aborts
+    # the process in its C++ core), and unpickled variables keep ids that a new process may
+    # hand out again.
+    def _redeclarable(self) -> bool:
+        return type(self)._declare is not Polytope._declare
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self._redeclarable():
+            state["_declaration"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._declaration is not None:
+            self._declaration = _fresh_declaration(*self._declaration)
+
+    def __deepcopy__(self, memo):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        state = self.__getstate__()
+        declaration = state.pop("_declaration")
+        clone.__dict__.update(copy.deepcopy(state, memo))
+        clone._declaration = None if declaration is None else _fresh_declaration(*declaration)
+        return clone
+
     # -- validation --------------------------------------------------------------------------
     def check(self, n_directions: int = 16, generator: torch.Generator | None = None, atol: float = 1e-6) -> bool:
         """Probe that P looks like the convex hull of a 0/1 set.
@@ -97,12 +156,13 @@ class Polytope:
         for i in range(n_directions):
             c.value = torch.randn(tuple(self.event_shape), generator=generator, dtype=torch.float64).numpy()
             solve_linear_objective(problem)
-            if x.value is None:
+            value = solution_value(problem, x)
+            if value is None:
                 raise ValueError(f"{self.name}: the LP in probe direction {i} returned status {problem.status}")
-            if np.max(np.abs(x.value - np.round(x.value))) > atol:
+            if np.max(np.abs(value - np.round(value))) > atol:
                 warnings.warn(
                     f"{self.name}: the LP solution in a random direction is not integral "
-                    f"(max distance to an integer point {np.max(np.abs(x.value - np.round(x.value))):.3g}); "
+                    f"(max distance to an integer point {np.max(np.abs(value - np.round(value))):.3g}); "
                     "the constraints may not describe the convex hull of a 0/1 set",
                     UserWarning,
                     stacklevel=2,
@@ -159,6 +219,16 @@ class DeclaredPolytope(Polytope):
                 )
         if x.shape == ():
             raise ValueError("x: expected a vector or matrix variable, got a scalar")
+        for where, variable in [("x", x)] + [
+            (f"constraints (variable {v.name()})", v) for con in constraints for v in con.variables() if v.id != x.id
+        ]:
+            kind = _integrality(variable)
+            if kind:
+                raise ValueError(
+                    f"{where}: a {kind} cp.Variable makes the declaration a set of points, not a polytope; "
+                    "declare a continuous cp.Variable and the linear constraints of the convex hull "
+                    "(e.g. 0 <= x <= 1 instead of boolean=True): sstcvx samples its vertices"
+                )
         if not any(x.id in {v.id for v in con.variables()} for con in constraints):
             raise ValueError("constraints: no constraint involves x, so they do not bound it")
         super().__init__(x.shape, name or f"Polytope{tuple(x.shape)}")
@@ -183,6 +253,36 @@ class DeclaredPolytope(Polytope):
                 )
             if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
                 raise ValueError(f"constraints: the LP used to validate {self.name} returned status {status}")
+
+
+def _fresh_declaration(x, constraints):
+    """A copy of a declaration ``(x, constraints)`` made of new CVXPY objects (new ids, no caches):
+    every variable and constant is re-created, every other node re-built on the new leaves."""
+    leaves: dict = {}
+
+    def rebuild(expr):
+        if isinstance(expr, cp.Variable):
+            if id(expr) not in leaves:
+                attributes = {k: v for k, v in expr.attributes.items() if v is not None and v is not False}
+                leaves[id(expr)] = cp.Variable(expr.shape, name=getattr(expr, "_name", None), **attributes)
+            return leaves[id(expr)]
+        if isinstance(expr, cp.Constant):
+            return cp.Constant(expr.value)
+        if not expr.args:
+            return expr
+        return expr.copy([rebuild(arg) for arg in expr.args])
+
+    fresh = [rebuild(con) for con in constraints]
+    return rebuild(x), fresh
+
+
+def _integrality(variable) -> str | None:
+    """"boolean" or "integer" when a cvxpy variable carries that attribute (on any entry), else None."""
+    for kind in ("boolean", "integer"):
+        flag = variable.attributes.get(kind)
+        if flag is not None and flag is not False and (flag is True or len(flag) > 0):
+            return kind
+    return None
 
 
 class VertexPolytope(Polytope):

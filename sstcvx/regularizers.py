@@ -9,7 +9,9 @@ structure of P (specialized solvers) or from its explicit vertex list.
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 from typing import Callable
 
 import cvxpy as cp
@@ -48,7 +50,14 @@ class Regularizer:
         convex expression; convexity is checked when the generic problem is
         built, strong convexity (needed for a unique, differentiable X_tau) is
         the user's promise.  Only the generic path serves it unless a
-        specialized solver is registered under ``name``.
+        specialized solver is registered under ``name``.  The expression must hold no
+        ``cp.Parameter`` (use constants; build one regularizer per value).
+
+        Copies: ``copy.deepcopy`` always works (``fn`` is shared, like any function);
+        ``pickle`` (``torch.save``, spawned data-loader workers, multiprocessing) needs
+        ``fn`` to be picklable, i.e. a function defined at the top level of a module,
+        not a lambda or a nested function; otherwise it raises a ``pickle.PicklingError``
+        that says so.
         """
         if not callable(fn):
             raise TypeError(f"fn: expected a callable x -> cvxpy expression, got {type(fn).__name__}")
@@ -146,7 +155,36 @@ class CvxpyRegularizer(Regularizer):
                 f"regularizer {self.name!r}: fn(x) = {expr} is not convex under CVXPY's DCP rules; "
                 "the relaxed program needs a (strongly) convex f"
             )
+        if expr.parameters():
+            names = ", ".join(sorted({p.name() for p in expr.parameters()}))
+            raise ValueError(
+                f"regularizer {self.name!r}: fn(x) holds cvxpy Parameters ({names}); the generic "
+                "layer's only parameter is the utility, and a regularizer is fixed once built. Put "
+                "the values in as constants (numpy arrays or numbers) instead, and build one "
+                "regularizer (with its own name) per value"
+            )
         return expr
+
+    def __deepcopy__(self, memo):
+        # A function is immutable and shared by its copies (as copy.deepcopy does for functions
+        # itself); spelled out so that deepcopy never goes through pickling's __getstate__.
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "fn"}, memo))
+        clone.fn = self.fn
+        return clone
+
+    def __getstate__(self):
+        try:
+            pickle.dumps(self.fn)
+        except Exception as error:  # noqa: BLE001  pickle raises several types here
+            raise pickle.PicklingError(
+                f"regularizer {self.name!r} cannot be pickled: its function {self.fn!r} cannot "
+                f"({type(error).__name__}: {error}). Define the function with def at the top level "
+                "of a module (not a lambda or a nested function) to pickle it, torch.save it or "
+                "send it to worker processes; copy.deepcopy works either way"
+            ) from None
+        return dict(self.__dict__)
 
 
 BUILTIN = {r.name: r for r in (Entropy(), BinaryEntropy(), Euclidean(), ExpFamilyEntropy())}

@@ -27,6 +27,7 @@ from .validation import (
 from .enumeration import vertex_marginals
 from .errors import SolverError
 from .generic import generic_argmax, generic_relaxation
+from .generic.settings import check_solver_args
 from .noise import get_noise
 from .regularizers import get_regularizer
 
@@ -144,6 +145,8 @@ def relax(
         tau = check_tau(tau, U, P.event_dim)
     else:
         tau = shape_tau(tau, U, P.event_dim)
+    # checked even without validation: a misspelt setting would silently fall back to another solver
+    solver_args = check_solver_args(solver_args)
     fn, path = relaxation_solver(P, regularizer, solver)
     return _relaxed(P, U, tau, fn, path, solver_args, validate)
 
@@ -207,6 +210,8 @@ def sample(
         tau = check_tau(tau, theta, P.event_dim) if mode != "hard" else tau
     elif mode != "hard":
         tau = shape_tau(tau, theta, P.event_dim)
+    if mode != "hard":
+        solver_args = check_solver_args(solver_args)
     U = perturb(theta, noise, generator)
     if mode == "hard":
         return _hard(P, U.detach(), solver, validate)

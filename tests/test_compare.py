@@ -87,8 +87,8 @@ def test_user_polytope_without_vertices_uses_a_second_solver():
     assert row.reference.startswith("solver:") and row.failures == 0
     assert row.max_abs_diff < 1e-4 and row.time_specialized is None and row.time_reference > 0
     custom = sstcvx.compare(P, "entropy", batch=2, repeats=0, hard=False,
-                            reference_solver_args={"solve_method": "ECOS"})
-    assert custom[0].reference == "solver:ECOS"
+                            reference_solver_args={"solve_method": "Clarabel"})
+    assert custom[0].reference == "solver:Clarabel"
 
 
 def test_vertex_polytope_and_user_regularizer():

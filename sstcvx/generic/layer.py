@@ -12,6 +12,11 @@ plausibility; a defective element is re-solved with the fallback settings
 (:mod:`sstcvx.generic.settings`), and a :class:`~sstcvx.SolverError` names it if that
 fails too.
 
+The layer is built with cvxpylayers' ``DIFFCP`` backend named (``settings.BACKEND``), never
+cvxpylayers' default, since every setting here is diffcp's.  It is differentiable once:
+a double backward (``create_graph=True``) raises :class:`SecondDerivativeError` instead of
+returning a first derivative without a graph.
+
 Cost: one conic solve per element (milliseconds).  Accuracy: the conic solver's tolerance.
 """
 
@@ -23,9 +28,16 @@ import warnings
 import cvxpy as cp
 import torch
 
-from ..errors import SolverError
+from ..errors import SecondDerivativeError, SolverError
 from .lp import AffineFeasibility
-from .settings import FEASIBILITY_TOLERANCE, GRADIENT_SLACK, default_solver_args, fallback_solver_args
+from .settings import (
+    BACKEND,
+    FEASIBILITY_TOLERANCE,
+    GRADIENT_SLACK,
+    check_solver_args,
+    default_solver_args,
+    fallback_solver_args,
+)
 
 
 class GenericRelaxation:
@@ -53,7 +65,7 @@ class GenericRelaxation:
                 f"regularizer {regularizer.name!r} on {P.name}: the relaxed problem is not DPP "
                 "(the regularizer or the constraints must not multiply parameters)"
             )
-        self.layer = CvxpyLayer(problem, parameters=[self.u], variables=[x])
+        self.layer = CvxpyLayer(problem, parameters=[self.u], variables=[x], solver=BACKEND)
         self.feasibility = AffineFeasibility(x, constraints)
         self.build_time = time.perf_counter() - start
 
@@ -65,7 +77,7 @@ class GenericRelaxation:
         is not finite) is re-solved with the fallback solver, and a
         :class:`SolverError` names it if that fails too.
         """
-        args = dict(default_solver_args(self.regularizer) if solver_args is None else solver_args)
+        args = dict(default_solver_args(self.regularizer) if solver_args is None else check_solver_args(solver_args))
         Z64 = Z.to(device="cpu", dtype=torch.float64)
         if torch.is_grad_enabled() and Z64.requires_grad:
             X = _CheckedBackward.apply(Z64, self, args)
@@ -147,6 +159,23 @@ class GenericRelaxation:
         return row
 
 
+def refuse_double_backward(path: str) -> None:
+    """Raise :class:`SecondDerivativeError` when a backward runs with ``create_graph=True``.
+
+    Autograd runs a backward with grad mode on exactly when ``create_graph=True``; a
+    once-differentiable backward would then return a first derivative that is silently
+    constant in the inputs (its second-order terms dropped).
+    """
+    if torch.is_grad_enabled():
+        raise SecondDerivativeError(
+            f"{path} is differentiable only once: its backward (a conic solver's derivative) has "
+            "no derivative of its own, so create_graph=True (a gradient penalty, a Hessian-vector "
+            "product, a meta-learning step) would silently miss its second-order terms. Use a "
+            "specialized solver that is twice differentiable (solver='specialized' where the family "
+            "has one), a closed form in torch, or finite differences of first derivatives"
+        )
+
+
 class _CheckedBackward(torch.autograd.Function):
     """The generic layer with its vector-Jacobian products checked element by element.
 
@@ -166,9 +195,12 @@ class _CheckedBackward(torch.autograd.Function):
         return X.detach()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, G):
         z, X, relaxation, fallback_args = ctx.inner
+        refuse_double_backward(
+            f"the generic path (cvxpylayers) on {relaxation.polytope.name} with regularizer "
+            f"{relaxation.regularizer.name!r}"
+        )
         (grad,) = torch.autograd.grad(X, z, G, retain_graph=True)  # backward may run again (jacobian)
         bad = relaxation.implausible_gradients(X, G, grad)
         for i in bad.nonzero().flatten().tolist():  # normally none: one re-solve per bad row

@@ -18,8 +18,8 @@ import torch
 
 from ..polytope import Polytope
 from ..regularizers import get_regularizer
-from .layer import GenericRelaxation
-from .settings import default_solver_args
+from .layer import GenericRelaxation, refuse_double_backward
+from .settings import check_solver_args, default_solver_args
 
 
 class VertexWeightsRelaxation:
@@ -46,10 +46,10 @@ class VertexWeightsRelaxation:
     def __call__(self, Z: torch.Tensor, solver_args: dict | None = None) -> torch.Tensor:
         """Z: (B, *event_shape) -> X_tau of the same shape, dtype and device; differentiable."""
         Z64 = Z.reshape(Z.shape[0], -1).to(device="cpu", dtype=torch.float64)
-        args = dict(default_solver_args(self.lifted.regularizer) if solver_args is None else solver_args)
+        args = dict(default_solver_args(self.lifted.regularizer) if solver_args is None else check_solver_args(solver_args))
         with torch.no_grad():
             weights = self.lifted.solve(Z64 @ self.vertices.T, args)
-        X = _VertexWeightsMean.apply(Z64, weights, self.vertices)
+        X = _VertexWeightsMean.apply(Z64, weights, self.vertices, self.polytope.name)
         return X.reshape(Z.shape).to(dtype=Z.dtype, device=Z.device)
 
 
@@ -65,13 +65,16 @@ class _VertexWeightsMean(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Z64, weights, V):
+    def forward(ctx, Z64, weights, V, name):
         ctx.save_for_backward(weights, V)
+        ctx.name = name
         return weights @ V
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, G):
+        # The weights are the solver's, constants here: a second derivative would need their
+        # derivative in Z, which this backward does not build; refuse rather than drop it.
+        refuse_double_backward(f"the generic exp_family_entropy (vertex weights) on {ctx.name}")
         weights, V = ctx.saved_tensors
         g = G @ V.T
-        return ((g - (weights * g).sum(-1, keepdim=True)) * weights) @ V, None, None
+        return ((g - (weights * g).sum(-1, keepdim=True)) * weights) @ V, None, None, None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import cvxpy as cp
 import numpy as np
 import torch
 
 from ..errors import SolverError
-from ..polytope import LP_SOLVER, solve_linear_objective
+from ..polytope import LP_SOLVER, solution_value, solve_linear_objective
 from .settings import SNAP_TOLERANCE
 
 
@@ -17,7 +19,10 @@ class AffineFeasibility:
     Equalities become ``A_eq x + b_eq = 0`` and inequalities ``A_in x + b_in <= 0``
     with x flattened in row-major order; the coefficients are read off by
     evaluating the constraint expressions at 0 and at the unit vectors
-    (d + 1 evaluations, once).  Constraints with auxiliary variables are not checked.
+    (d + 1 evaluations, once), on a copy of the expressions in which x is replaced by a
+    private ``cp.Parameter``: ``x.value`` is shared with every problem on the polytope (and
+    other threads' solves), so it is neither read nor written.  Constraints with auxiliary
+    variables are not checked.
     """
 
     def __init__(self, x, constraints):
@@ -43,18 +48,17 @@ class AffineFeasibility:
     def _compile(x, expressions):
         if not expressions:
             return None
-        stacked = cp.hstack(expressions)
-        saved = x.value
+        point = cp.Parameter(x.shape)
+        stacked = _substitute(cp.hstack(expressions), x, point)
         d = x.size
-        x.value = np.zeros(x.shape)
+        point.value = np.zeros(x.shape)
         offset = np.asarray(stacked.value, dtype=np.float64).ravel()
         columns = []
         for i in range(d):
             unit = np.zeros(d)
             unit[i] = 1.0
-            x.value = unit.reshape(x.shape)
+            point.value = unit.reshape(x.shape)
             columns.append(np.asarray(stacked.value, dtype=np.float64).ravel() - offset)
-        x.value = saved
         return torch.from_numpy(np.stack(columns, axis=1)), torch.from_numpy(offset)
 
     def violations(self, X: torch.Tensor) -> torch.Tensor:
@@ -70,12 +74,26 @@ class AffineFeasibility:
         return worst
 
 
+def _substitute(expression, old, new):
+    """A copy of a cvxpy expression tree with the leaf ``old`` replaced by ``new``."""
+    if expression is old:
+        return new
+    if not expression.args:
+        return expression
+    return expression.copy([_substitute(arg, old, new) for arg in expression.args])
+
+
 class GenericArgmax:
-    """The LP argmax_{x in P} <U, x>, one HiGHS solve per batch element.
+    """The LP argmax_{x in P} <U, x>, one HiGHS (SciPy's, dual simplex) solve per batch element.
 
     HiGHS' simplex returns a basic optimal solution, i.e. a vertex of P. Entries
     within ``SNAP_TOLERANCE`` of an integer are snapped to it, so that on 0/1
     polytopes the result is exactly a 0/1 vertex.
+
+    Thread-safe: the problem and its parameter are this object's (one per polytope, shared
+    by every caller), so setting the parameter, solving and reading the solution happen under
+    one lock; the solution is read from the problem's own record, never from ``x.value``
+    (which every problem on the polytope's declaration writes).
     """
 
     def __init__(self, P):
@@ -84,6 +102,7 @@ class GenericArgmax:
         self.x = x
         self.u = cp.Parameter(x.shape)
         self.problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(self.u, x))), constraints)
+        self.lock = threading.Lock()
 
     def __call__(self, U: torch.Tensor) -> torch.Tensor:
         """U: (B, *event_shape) -> vertices of the same shape, dtype and device."""
@@ -91,25 +110,30 @@ class GenericArgmax:
         out = np.empty_like(U64)
         # One LP per element: LP solvers take one instance at a time.
         for i in range(U64.shape[0]):
-            self.u.value = U64[i]
-            try:
-                solve_linear_objective(self.problem)
-            except cp.error.SolverError as error:
-                raise SolverError(
-                    f"hard argmax on {self.polytope.name}: batch element {i}: solver {LP_SOLVER} failed ({error})",
-                    element=i,
-                    solver=LP_SOLVER,
-                    status="error",
-                ) from error
-            if self.problem.status != cp.OPTIMAL or self.x.value is None:
+            with self.lock:
+                status, value = self._solve(U64[i], i)
+            if status != cp.OPTIMAL or value is None:
                 raise SolverError(
                     f"hard argmax on {self.polytope.name}: batch element {i}: solver {LP_SOLVER} "
-                    f"returned status {self.problem.status}",
+                    f"returned status {status}",
                     element=i,
                     solver=LP_SOLVER,
-                    status=self.problem.status,
+                    status=status,
                 )
-            value = np.asarray(self.x.value, dtype=np.float64)
             rounded = np.round(value)
             out[i] = rounded + 0.0 if np.max(np.abs(value - rounded)) <= SNAP_TOLERANCE else value
         return torch.from_numpy(out).to(dtype=U.dtype, device=U.device)
+
+    def _solve(self, u, i):
+        """(status, value of x) of the LP with utilities u; the caller holds ``self.lock``."""
+        self.u.value = u
+        try:
+            solve_linear_objective(self.problem)
+        except cp.error.SolverError as error:
+            raise SolverError(
+                f"hard argmax on {self.polytope.name}: batch element {i}: solver {LP_SOLVER} failed ({error})",
+                element=i,
+                solver=LP_SOLVER,
+                status="error",
+            ) from error
+        return self.problem.status, solution_value(self.problem, self.x)

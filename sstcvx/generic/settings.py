@@ -40,3 +40,98 @@ SNAP_TOLERANCE = 1e-6
 FEASIBILITY_TOLERANCE = 1e-6
 #: Relative slack of the plausibility tests on vector-Jacobian products (see implausible_gradients).
 GRADIENT_SLACK = 1e-3
+
+#: The cvxpylayers backend of every generic layer, named explicitly so that a change of
+#: cvxpylayers' default (e.g. to Moreau) cannot silently replace it: the settings above
+#: (``solve_method``, tolerances, fallback) are diffcp's.
+BACKEND = "DIFFCP"
+
+#: Keys that diffcp's batch solver itself takes (the rest go to the conic solver).
+DIFFCP_KEYS = frozenset({"solve_method", "mode", "n_jobs_forward", "n_jobs_backward", "derivative_kwargs"})
+#: SCS settings keys handled by diffcp before SCS sees them.
+_DIFFCP_SCS_KEYS = frozenset({"eps"})
+#: SCS settings that name files (not probed, since probing would write them).
+_SCS_FILE_KEYS = frozenset({"write_data_filename", "log_csv_filename"})
+
+
+def solve_methods() -> tuple:
+    """The ``solve_method`` values diffcp accepts in this environment (ECOS only when installed)."""
+    import importlib.util
+
+    names = ["Clarabel", "CLARABEL", "SCS"]
+    if importlib.util.find_spec("ecos") is not None:
+        names.append("ECOS")
+    return tuple(names)
+
+
+_CHECKED: dict = {}
+
+
+def check_solver_args(solver_args) -> dict | None:
+    """Validate ``solver_args`` up front; returns it (a dict) or ``None``.
+
+    ``solve_method`` must be one that diffcp knows (:func:`solve_methods`); the other keys must
+    be settings of that conic solver or diffcp's own keys: for Clarabel each key is set on a
+    fresh ``clarabel.DefaultSettings`` (which rejects unknown names and wrong types), for SCS
+    the settings are passed to SCS on a one-variable LP (which rejects them the same way).
+    Without this, a misspelt name fails every solve and the fallback silently replaces it.
+    Checked once per distinct settings (cached), microseconds to a millisecond.
+    """
+    if solver_args is None:
+        return None
+    if not isinstance(solver_args, dict):
+        raise TypeError(f"solver_args: expected a dict of diffcp settings or None, got {type(solver_args).__name__}")
+    try:
+        key = repr(sorted(solver_args.items()))
+    except TypeError:
+        key = None
+    if key is not None and key in _CHECKED:
+        return solver_args
+    methods = solve_methods()
+    method = solver_args.get("solve_method")
+    if method is None or method not in methods:
+        raise ValueError(
+            f"solver_args: solve_method {method!r} is not a conic solver diffcp knows; expected one of "
+            f"{', '.join(map(repr, methods))} (e.g. sstcvx.generic.CLARABEL_ARGS or SCS_ARGS)"
+        )
+    settings = {k: v for k, v in solver_args.items() if k not in DIFFCP_KEYS}
+    if method.upper() == "CLARABEL":
+        import clarabel
+
+        probe = clarabel.DefaultSettings()
+        for name, value in settings.items():
+            try:
+                setattr(probe, name, value)
+            except AttributeError:
+                raise ValueError(
+                    f"solver_args: {name!r} is not a Clarabel setting (nor a diffcp key: "
+                    f"{', '.join(sorted(DIFFCP_KEYS))}); see clarabel.DefaultSettings"
+                ) from None
+            except (TypeError, ValueError, OverflowError) as error:
+                raise ValueError(f"solver_args: Clarabel setting {name}={value!r}: {error}") from None
+    elif method == "SCS":
+        _probe_scs({k: v for k, v in settings.items() if k not in _SCS_FILE_KEYS | _DIFFCP_SCS_KEYS})
+    if key is not None:
+        if len(_CHECKED) > 256:
+            _CHECKED.clear()
+        _CHECKED[key] = True
+    return solver_args
+
+
+def _probe_scs(settings: dict) -> None:
+    import numpy as np
+    import scipy.sparse as sp
+    import scs
+
+    data = {"A": sp.csc_matrix(np.array([[1.0], [-1.0]])), "b": np.array([1.0, 0.0]), "c": np.array([-1.0])}
+    settings = dict(settings)
+    settings["verbose"] = False
+    try:
+        scs.solve(data, {"l": 2}, **settings)
+    except TypeError as error:
+        raise ValueError(
+            f"solver_args: SCS rejects these settings ({error}); diffcp's own keys are "
+            f"{', '.join(sorted(DIFFCP_KEYS | _DIFFCP_SCS_KEYS))}"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"solver_args: SCS rejects these settings ({error})") from None

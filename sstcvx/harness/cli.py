@@ -210,7 +210,6 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a wrong option (2)
         return int(exit_.code or 0)
-    _quiet_highs_banner()
     if getattr(args, "threads", None):
         import torch
 
@@ -236,31 +235,6 @@ def main(argv=None) -> int:
         print(f"sstcvx {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def _quiet_highs_banner() -> None:
-    """HiGHS writes a two-line banner to file descriptor 1 the first time a solver object is made
-    in a process (verbose=False does not stop it); make that first one with fd 1 on /dev/null so the
-    commands' output stays a table."""
-    try:
-        import highspy
-    except ImportError:
-        return
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        highspy.Highs()
-    except Exception:  # noqa: BLE001  cosmetic only
-        pass
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +284,40 @@ def load_family(name: str, n=None, k=None):
         raise UsageError(f"{name} with n={n if n is not None else family.n}: {error}") from None
 
 
+def check_output_file(option: str, path: str) -> None:
+    """A file the run will write at the end: its directory must exist and be writable, and the
+    path must not be a directory (checked before the run, so a typo does not cost the run)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a directory; expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path!r}: the directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path!r}: not writable")
+
+
+def check_output_dir(option: str, path: str) -> None:
+    """A directory the run will write into (created if missing): it, or else its parent, must be a
+    writable directory."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{option} {path!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path!r}: the directory is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path!r}: the parent directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path!r}: cannot create it, the parent directory {parent!r} is not writable")
+
+
 def _compare(args) -> int:
     import sstcvx
+
+    for option, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:
+            check_output_file(option, path)
 
     if args.target in _family_names():
         try:
@@ -381,8 +387,7 @@ def _bench(args) -> int:
         bad = [name for name in names if name not in _family_names()]
         if bad or not names:
             raise UsageError(f"--families: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(_family_names())}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    check_output_dir("--out", args.out)
     from .bench import run_bench
 
     try:

@@ -35,6 +35,7 @@ from .. import registry
 from ..validation import check_polytope
 from ..enumeration import best_vertex, vertex_marginals
 from ..generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
+from ..generic.settings import check_solver_args
 from ..noise import get_noise
 from ..polytope import VertexPolytope
 from ..regularizers import get_regularizer
@@ -452,6 +453,11 @@ def compare(
         raise ValueError(f"repeats: expected an int >= 0, got {repeats!r}")
     if max_generic_batch is not None and (not isinstance(max_generic_batch, int) or max_generic_batch < 1):
         raise ValueError(f"max_generic_batch: expected an int >= 1 or None, got {max_generic_batch!r}")
+    check_solver_args(solver_args)
+    try:
+        check_solver_args(reference_solver_args)
+    except ValueError as error:
+        raise ValueError(f"reference_{error}") from None
 
     generator = torch.Generator().manual_seed(seed)
     event = tuple(P.event_shape)
