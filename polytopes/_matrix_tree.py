@@ -44,7 +44,14 @@ from __future__ import annotations
 
 import torch
 
-from ._matrix_tree_fast import FastArborescenceMarginals, FastSpanningTreeMarginals, lu_log_det, reduced_laplacian
+from ._matrix_tree_fast import (
+    FastArborescenceMarginals,
+    FastSpanningTreeMarginals,
+    fast_arborescence_marginals,
+    fast_spanning_tree_marginals,
+    lu_log_det,
+    reduced_laplacian,
+)
 from ._matrix_tree_graphs import digraph, edge_graph
 from ._matrix_tree_stable import stable_log_det, stable_marginals
 
@@ -70,7 +77,10 @@ def _dir_marginals(Zd, D, method):
     """∂ log det L̂ / ∂ Zd for Zd (B, n, n) float64; exactly 0 off the arcs."""
     if method == "stable":
         return stable_marginals(Zd, D)
-    mu, ok = FastArborescenceMarginals.apply(Zd, D, method == "auto")
+    if torch.is_grad_enabled() and Zd.requires_grad:
+        mu, ok = FastArborescenceMarginals.apply(Zd, D, method == "auto")
+    else:  # no graph wanted: skip the autograd.Function's bookkeeping
+        mu, ok = fast_arborescence_marginals(Zd, D, method == "auto")[2:]
     if ok is None:
         return mu
     bad = (~ok).nonzero().squeeze(-1)
@@ -186,7 +196,10 @@ def spanning_tree_marginals(scores, edges, n: int, method: str = "auto"):
     if method == "stable":
         mu = stable(x)
     else:
-        mu, ok = FastSpanningTreeMarginals.apply(x, S, method == "auto")
+        if torch.is_grad_enabled() and x.requires_grad:
+            mu, ok = FastSpanningTreeMarginals.apply(x, S, method == "auto")
+        else:  # no graph wanted: skip the autograd.Function's bookkeeping
+            mu, ok = fast_spanning_tree_marginals(x, S, method == "auto")[2:]
         if ok is not None:
             bad = (~ok).nonzero().squeeze(-1)
             mu = mu.index_copy(0, bad, stable(x.index_select(0, bad)))

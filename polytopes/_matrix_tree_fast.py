@@ -41,6 +41,8 @@ __all__ = [
     "KAPPA_MAX",
     "FastArborescenceMarginals",
     "FastSpanningTreeMarginals",
+    "fast_arborescence_marginals",
+    "fast_spanning_tree_marginals",
     "lu_log_det",
 ]
 
@@ -120,8 +122,8 @@ def resistance_form(w, X, D):
 
     With X = L̂⁻¹ this is the arc marginal; with X = L̂⁻¹ A L̂⁻¹ it is the adjoint used in the
     backward pass.  w (B, n, n), X (B, n-1, n-1) -> (B, n, n), 0 in the root's column.
-    With D's dense tables one matmul, else five ops on slices (in place, or out of place
-    with the same values where autograd records them).
+    With D's dense tables one matmul, else a few ops on slices (into one buffer, or out of
+    place with the same values where autograd records them).
     """
     B, n, _ = w.shape
     if D.incidence is not None:
@@ -129,18 +131,30 @@ def resistance_form(w, X, D):
     if torch.is_grad_enabled() and (w.requires_grad or X.requires_grad):  # recorded: out of place
         Xt = torch.nn.functional.pad(X, (1, 0, 1, 0) if D.root == 0 else (0, 1, 0, 1))
         return w * (torch.diagonal(Xt, dim1=-2, dim2=-1).unsqueeze(-2) - Xt.mT)
-    sl = D.block
-    out = w.new_zeros(B, n, n)
-    V = out[:, :, sl]  # a view: columns of the non-root vertices
-    V[:, sl].copy_(X.mT)  # V[h, d] = X[d, h]; the root's row stays 0
-    V.neg_().add_(torch.diagonal(X, dim1=-2, dim2=-1).unsqueeze(-2)).mul_(w[:, :, sl])
-    return out
+    r, sl = D.root, D.block
+    out = torch.empty_like(w)
+    out[:, :, r] = 0
+    d = torch.diagonal(X, dim1=-2, dim2=-1).unsqueeze(-2)
+    torch.sub(d, X.mT, out=out[:, sl, sl])  # [h, d] = X[d, d] − X[d, h] between non-root vertices
+    out[:, r : r + 1, sl] = d  # from the root: X[d, d]
+    return out.mul_(w)
 
 
-def _arc_weights(Zd, D):
-    """w = exp(Zd − max over the arcs), exactly 0 off the arcs; the shift is a constant."""
+def _arc_weights(Zd, D, record=False):
+    """w = exp(Zd − max over the arcs), exactly 0 off the arcs; the shift is a constant.
+    In place on a fresh buffer unless autograd is to ``record`` the computation."""
     Zm = Zd.masked_fill(D.absent, float("-inf"))
-    return torch.exp(Zm - Zm.amax(dim=(-2, -1), keepdim=True).detach())
+    if record:
+        return torch.exp(Zm - Zm.amax(dim=(-2, -1), keepdim=True).detach())
+    return Zm.sub_(Zm.amax(dim=(-2, -1), keepdim=True)).exp_()
+
+
+def fast_arborescence_marginals(Zd, D, fallback):
+    """(w, X, μ, ok) of ``FastArborescenceMarginals`` computed outside autograd."""
+    w = _arc_weights(Zd, D)
+    L, din = reduced_laplacian(w, D)
+    X, ok = screen(*torch.linalg.inv_ex(L), din, fallback)
+    return w, X, resistance_form(w, X, D), ok
 
 
 class FastArborescenceMarginals(torch.autograd.Function):
@@ -154,10 +168,7 @@ class FastArborescenceMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Zd, D, fallback):
-        w = _arc_weights(Zd, D)
-        L, din = reduced_laplacian(w, D)
-        X, ok = screen(*torch.linalg.inv_ex(L), din, fallback)
-        mu = resistance_form(w, X, D)
+        w, X, mu, ok = fast_arborescence_marginals(Zd, D, fallback)
         ctx.D, ctx.ok = D, ok
         ctx.save_for_backward(Zd, w, X, mu)
         if ok is not None:
@@ -169,7 +180,7 @@ class FastArborescenceMarginals(torch.autograd.Function):
         Zd, w, X, mu = ctx.saved_tensors
         D = ctx.D
         if torch.is_grad_enabled():  # create_graph: rebuild w, X, μ as functions of Zd
-            w = _arc_weights(Zd, D)
+            w = _arc_weights(Zd, D, record=True)
             X = _screened_inverse(reduced_laplacian(w, D)[0], ctx.ok)
             mu = resistance_form(w, X, D)
         La, _ = reduced_laplacian(G * w, D)
@@ -249,9 +260,20 @@ def spd_inverse(L, eye):
     return torch.bmm(Y.mT, Y), info
 
 
-def _edge_weights(x):
-    """w = exp(x − max x) (B, E); the shift is a constant (torch.softmax measured slower in float64)."""
-    return torch.exp(x - x.amax(dim=-1, keepdim=True).detach())
+def _edge_weights(x, record=False):
+    """w = exp(x − max x) (B, E); the shift is a constant (torch.softmax measured slower in
+    float64).  In place on a fresh buffer unless autograd is to ``record`` the computation."""
+    if record:
+        return torch.exp(x - x.amax(dim=-1, keepdim=True).detach())
+    return (x - x.amax(dim=-1, keepdim=True)).exp_()
+
+
+def fast_spanning_tree_marginals(x, S, fallback):
+    """(w, X, μ, ok) of ``FastSpanningTreeMarginals`` computed outside autograd."""
+    w = _edge_weights(x)
+    L = edge_laplacian(w, S)
+    X, ok = screen(*spd_inverse(L, S.eye), torch.diagonal(L, dim1=-2, dim2=-1), fallback)
+    return w, X, w * edge_quadratic(X, S), ok
 
 
 class FastSpanningTreeMarginals(torch.autograd.Function):
@@ -265,10 +287,7 @@ class FastSpanningTreeMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, S, fallback):
-        w = _edge_weights(x)
-        L = edge_laplacian(w, S)
-        X, ok = screen(*spd_inverse(L, S.eye), torch.diagonal(L, dim1=-2, dim2=-1), fallback)
-        mu = w * edge_quadratic(X, S)
+        w, X, mu, ok = fast_spanning_tree_marginals(x, S, fallback)
         ctx.S, ctx.ok = S, ok
         ctx.save_for_backward(x, w, X, mu)
         if ok is not None:
@@ -280,7 +299,7 @@ class FastSpanningTreeMarginals(torch.autograd.Function):
         x, w, X, mu = ctx.saved_tensors
         S = ctx.S
         if torch.is_grad_enabled():  # create_graph: rebuild w, X, μ as functions of x
-            w = _edge_weights(x)
+            w = _edge_weights(x, record=True)
             X = _screened_inverse(edge_laplacian(w, S), ctx.ok)
             mu = w * edge_quadratic(X, S)
         M = torch.matmul(torch.matmul(X, edge_laplacian(G * w, S)), X)

@@ -123,6 +123,27 @@ def test_auto_falls_back_where_the_inverse_is_inaccurate():
     torch.testing.assert_close(logz, mt.spanning_tree_log_partition(Z, edges, 12, method="stable"), atol=1e-9, rtol=1e-12)
 
 
+@pytest.mark.parametrize("n,root", [(6, 0), (12, 5)])
+def test_arborescence_auto_falls_back_per_element(n, root):
+    """Clustered arc scores make the directed L̂ ill-conditioned: the screen sends exactly those
+    elements to the log-space path, the well-conditioned ones stay on the inverse path."""
+    g = torch.Generator().manual_seed(n)
+    lab = torch.randint(0, 3, (8, n), generator=g)
+    Zd = 32.0 * (lab.unsqueeze(-1) == lab.unsqueeze(-2)).double() + torch.randn(8, n, n, dtype=torch.float64, generator=g)
+    Zd[:4] = torch.randn(4, n, n, dtype=torch.float64, generator=g)  # well conditioned
+    Zc, D = mt._arb_prepare(Zd, root, None)
+    ok = fast.FastArborescenceMarginals.apply(Zc, D, True)[1]
+    assert ok is not None and ok[:4].all() and not ok[4:].all()
+    exact = mt.arborescence_marginals(Zd, root, method="stable")
+    assert (mt.arborescence_marginals(Zd, root, method="fast") - exact).abs().max() > 1e-6  # the hazard is real
+    auto = mt.arborescence_marginals(Zd, root)
+    torch.testing.assert_close(auto, exact, atol=1e-10, rtol=0)
+    others = [v for v in range(n) if v != root]
+    torch.testing.assert_close(auto.sum(-2)[:, others], torch.ones(8, n - 1, dtype=torch.float64), atol=1e-9, rtol=0)
+    logz = mt.arborescence_log_partition(Zd, root)
+    torch.testing.assert_close(logz, mt.arborescence_log_partition(Zd, root, method="stable"), atol=1e-9, rtol=1e-12)
+
+
 @pytest.mark.parametrize("strength", [5.0, 10.0, 15.0, 20.0])
 def test_auto_accuracy_across_conditioning(strength):
     Z, edges = clustered_edges(32, 10, strength)
