@@ -39,7 +39,7 @@ class TableCache:
     """A bounded key → immutable-object map, safe to share between threads.
 
     ``get(key, build)`` returns the cached object or builds it (under the lock, so that
-    concurrent first calls build once).  When full, the map is emptied before the next
+    concurrent first calls build once; a hit is one dictionary read, which is atomic).  When full, the map is emptied before the next
     insertion: the cached objects are cheap to rebuild, and a caller that makes a fresh
     graph per call must not grow the map without bound.
     """
@@ -50,6 +50,9 @@ class TableCache:
         self._data: dict = {}
 
     def get(self, key, build):
+        hit = self._data.get(key)  # one dict read is atomic; only building and inserting take the lock
+        if hit is not None:
+            return hit
         with self._lock:
             hit = self._data.get(key)
             if hit is None:
@@ -60,9 +63,8 @@ class TableCache:
             return hit
 
     def lookup(self, key):
-        """The cached object, or None."""
-        with self._lock:
-            return self._data.get(key)
+        """The cached object, or None (one atomic dictionary read)."""
+        return self._data.get(key)
 
     def put(self, key, value):
         with self._lock:
@@ -154,7 +156,7 @@ def digraph(n: int, root: int, mask, device) -> Digraph:
     None; a mask's tables are built per call (reading a mask's content for a key would cost
     a device-to-host copy)."""
     if mask is None:
-        return _DIGRAPHS.get((n, root, str(device), DIRECTED_DENSE_INCIDENCE_MAX), lambda: _build_digraph(n, root, None, device))
+        return _DIGRAPHS.get((n, root, device, DIRECTED_DENSE_INCIDENCE_MAX), lambda: _build_digraph(n, root, None, device))
     mask = _check_mask(mask, n, device)
     with torch.inference_mode(False):
         return _build_digraph(n, root, mask, device)
