@@ -124,7 +124,7 @@ class Digraph:
         dense_max = DIRECTED_DENSE_INCIDENCE_MAX if dense_max is None else dense_max
         self.incidence = None
         if n * n * (n - 1) ** 2 <= dense_max:
-            key = (n, root, str(arcs.device))
+            key = (n, root, arcs.device)
             self.incidence = _INCIDENCE.get(key, lambda: _directed_incidence(n, root, arcs.device))
 
 
@@ -220,7 +220,7 @@ def edge_graph(edges, n: int, device) -> EdgeGraph:
     every call, and reading 2E integers back for a content key costs a host copy), then by
     content.
     """
-    stamp = (edges._version, n, str(device), DENSE_INCIDENCE_MAX)
+    stamp = (edges._version, n, device, DENSE_INCIDENCE_MAX)
     known = _EDGE_GRAPHS_BY_ID.lookup(id(edges))
     if known is not None and known[0] is edges and known[1] == stamp:
         return known[2]
