@@ -28,6 +28,20 @@ Prints, in one run:
    below a few thousand vertices it is faster than the structured solvers, which are what
    scale past enumeration.
 
+3. Arborescence marginals against torch-struct's non-projective dependency marginals
+   (``torch_struct.NonProjectiveDependencyCRF(..., multiroot=True).marginals``: the root
+   may have several children, as in an arborescence; one batched inverse), batch
+   128, n = 10 and 30, float64, well-conditioned input (standard normal scores): forward,
+   and forward + backward.  torch-struct's N words plus its implicit root are our n = N + 1
+   vertices rooted at 0 (its diagonal holds the root's arcs), so both invert an
+   (n − 1) × (n − 1) matrix.  ``ours`` is ``polytopes._matrix_tree.arborescence_marginals``
+   (method "auto", with its per-element conditioning screen); ``relax`` the same through
+   ``sstcvx.relax(..., solver="specialized")``.  torch-struct is an optional import: without
+   it the peer column is ``floor``, the same Matrix-Tree marginals written here as plainly as
+   possible (one ``torch.linalg.inv``, the marginals as linear forms in the inverse, the
+   backward by autograd), and the script says so.  torch-struct adds 1e-5 to every weight,
+   so the two agree to about that.
+
 Timing: the candidates of one comparison run interleaved (one call of each per round, the
 order rotating), and the median over rounds is reported.  The clock is the process's CPU
 time (``time.process_time``) by default, because on a shared machine wall-clock time
@@ -35,18 +49,13 @@ mostly measures the other processes; ``--wall`` uses ``time.perf_counter`` inste
 ``--threads`` sets torch's intra-op threads (default 1, which makes CPU time equal to
 the work done; with more threads CPU time adds up over threads).
 
-Two things move ours/inv on a shared Linux machine.  Contention from other tenants slows
-memory-bound code (ours: gathers, elementwise passes) more than LAPACK (inv); ratios
-measured while inv itself ran 1.6-1.9× slower than usual reached 3.0-3.3 at n = 30.  And
-glibc's malloc returns the freed heap top to the OS between calls, so every call of ours
-(a few MB of temporaries, against inv's two buffers) faults its pages in again: with
-``MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=100000000`` (or jemalloc)
-ours/inv measured 2.46 (n = 10) and 2.48 (n = 30), against 2.7-2.9 in the
-default-allocator runs just before.  The figures printed are for the default allocator.
+What moves the ratios on a shared machine (contention, the allocator) is described with
+the measured figures in docs/benchmarks.md ("Trees").
 """
 
 from __future__ import annotations
 
+import warnings
 
 import torch
 
@@ -123,6 +132,101 @@ def matrix_tree_section(quick: bool):
     return rows
 
 
+def _torch_struct_marginals():
+    """torch-struct's non-projective marginals as a function of (B, N, N) scores, or None."""
+    try:
+        from torch_struct import NonProjectiveDependencyCRF
+    except Exception:  # not installed, or it does not import with this torch
+        return None
+
+    def marginals(S):
+        with warnings.catch_warnings():  # its distribution class warns that it has no arg_constraints
+            warnings.simplefilter("ignore", UserWarning)
+            # multiroot: the root may have several children, as in an arborescence rooted at 0
+            return NonProjectiveDependencyCRF(S, multiroot=True).marginals
+
+    return marginals
+
+
+def _inverse_floor(Z):
+    """Arc marginals rooted at 0 of scores Z (B, n, n) with one plain inverse: the floor that
+    any inverse-based method pays (no shift, no screen, no mask beyond the diagonal and the
+    root's column), differentiated by autograd."""
+    n = Z.shape[-1]
+    keep = ~torch.eye(n, dtype=torch.bool, device=Z.device)
+    keep[:, 0] = False
+    w = Z.exp() * keep
+    Lhat = (torch.diag_embed(w.sum(-2)) - w)[:, 1:, 1:]
+    X = torch.linalg.inv(Lhat)
+    Xt = torch.nn.functional.pad(X, (1, 0, 1, 0))  # a zero row and column at the root
+    return w * (torch.diagonal(Xt, dim1=-2, dim2=-1).unsqueeze(-2) - Xt.mT)
+
+
+def arborescence_peer_section(quick: bool):
+    print()
+    peer = _torch_struct_marginals()
+    peer_name = "torch-struct" if peer is not None else "floor"
+    print(f"== Arborescence marginals vs {peer_name}, batch 128, float64, standard normal scores ==")
+    if peer is None:
+        print("   torch-struct is not installed (pip install torch-struct): the peer is the plain one-inverse floor")
+    B = 128
+    for n in (10, 30):
+        # sub-millisecond calls: many rounds, so that the median outlasts the machine's slow spells
+        rounds = (100 if quick else 400) if n == 10 else (20 if quick else 60)
+        g = torch.Generator().manual_seed(100 + n)
+        Z = torch.randn(B, n, n, dtype=torch.float64, generator=g)
+        G = torch.randn(B, n, n, dtype=torch.float64, generator=g)
+        P = Arborescence(n, root=0)
+        # torch-struct's layout: word h - 1 -> word d - 1 off the diagonal, root -> word d - 1 on it
+        S = Z[:, 1:, 1:].clone()
+        S.diagonal(dim1=-2, dim2=-1).copy_(Z[:, 0, 1:])
+        GS = G[:, 1:, 1:].clone()
+        GS.diagonal(dim1=-2, dim2=-1).copy_(G[:, 0, 1:])
+
+        def peer_forward(s):
+            if peer is None:
+                return _inverse_floor(s)
+            return peer(s)
+
+        peer_input, peer_cotangent = (Z, G) if peer is None else (S, GS)
+
+        def fb(fn, x, cot):
+            def run():
+                z = x.clone().requires_grad_(True)
+                (fn(z) * cot).sum().backward()
+
+            return run
+
+        fns = {
+            "ours": lambda: mt.arborescence_marginals(Z, 0),
+            "relax": lambda: sstcvx.relax(P, Z, 1.0, "exp_family_entropy", solver="specialized"),
+            "peer": lambda: peer_forward(peer_input),
+            "ours-fb": fb(lambda z: mt.arborescence_marginals(z, 0), Z, G),
+            "relax-fb": fb(lambda z: sstcvx.relax(P, z, 1.0, "exp_family_entropy", solver="specialized"), Z, G),
+            "peer-fb": fb(peer_forward, peer_input, peer_cotangent),
+        }
+        t = interleaved(fns, rounds)
+        mu = mt.arborescence_marginals(Z, 0)
+        other = peer_forward(peer_input)
+        if peer is not None:  # back to our layout
+            mapped = torch.zeros_like(mu)
+            mapped[:, 1:, 1:] = other
+            mapped[:, 0, 1:] = other.diagonal(dim1=-2, dim2=-1)
+            mapped[:, 1:, 1:].diagonal(dim1=-2, dim2=-1).zero_()
+            other = mapped
+        err = (mu - other).abs().max().item()
+        print(
+            f"n={n:3d}  forward: ours {fmt(t['ours'])}  relax {fmt(t['relax'])}  {peer_name} {fmt(t['peer'])}"
+            f"   ours/{peer_name} {t['ours'] / t['peer']:5.2f}  relax/{peer_name} {t['relax'] / t['peer']:5.2f}"
+            + (" (target <= 1)" if peer is not None else " (the floor has no shift, screen or mask)")
+        )
+        print(
+            f"        fwd+bwd: ours {fmt(t['ours-fb'])}  relax {fmt(t['relax-fb'])}  {peer_name} {fmt(t['peer-fb'])}"
+            f"   ours/{peer_name} {t['ours-fb'] / t['peer-fb']:5.2f}  relax/{peer_name} {t['relax-fb'] / t['peer-fb']:5.2f}"
+            f"   max|ours - {peer_name}| {err:.1e}"
+        )
+
+
 def relax_fb(P, U, tau, reg, solver):
     u = U.clone().requires_grad_(True)
     X = sstcvx.relax(P, u, tau, reg, solver=solver)
@@ -175,6 +279,7 @@ def main(argv=None):
     clock_name = "wall clock" if args.wall else "process CPU time"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, timed by {clock_name}")
     matrix_tree_section(args.quick)
+    arborescence_peer_section(args.quick)
     specialized_vs_generic_section(args.quick)
 
 

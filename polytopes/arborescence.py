@@ -142,7 +142,8 @@ def tutte_marginals(P: Arborescence, Z: torch.Tensor) -> torch.Tensor:
     root's column and non-arcs; each non-root column sums to 1.  Directed Matrix-Tree
     theorem: x[h, d] = w_hd (L̂⁻¹[d, d] − L̂⁻¹[d, h]) by one batched inverse where that is
     accurate, log-space Gaussian elimination (exact for any tau) elsewhere, per element;
-    float64 inside.  Cost O(B n³); exact backward.  See ``polytopes._matrix_tree``.
+    float64 inside.  Cost O(B n³); exact backward, differentiable to any order.  See
+    ``polytopes._matrix_tree``.
     """
     return arborescence_marginals(Z, P.root, P._mask)
 

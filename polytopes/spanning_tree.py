@@ -203,7 +203,8 @@ def matrix_tree_marginals(P: SpanningTree, Z: torch.Tensor) -> torch.Tensor:
     Matrix-Tree theorem: x_e = w_e · R_eff(e) by one batched inverse of the reduced
     Laplacian where that is accurate, and log-space Gaussian elimination (exact for any
     spread of Z, i.e. any tau) elsewhere, per element; float64 inside because the
-    marginals are differences of inverse entries.  Cost O(B n³); exact backward.
+    marginals are differences of inverse entries.  Cost O(B n³); exact backward,
+    differentiable to any order.
     See ``polytopes._matrix_tree``.
     """
     return spanning_tree_marginals(Z, P.edges, P.n)
