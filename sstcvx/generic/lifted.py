@@ -59,8 +59,8 @@ class _VertexWeightsMean(torch.autograd.Function):
     The weights solve max <V z, l> + H(l) over the simplex, whose Jacobian in V z is
     diag(l) - l l^T; so dX/dz = V^T (diag(l) - l l^T) V, the covariance of the vertices
     under l (the E.F. Jacobian is a covariance), applied at the solver's l.
-    diffcp's derivative of this problem, with one exponential cone per vertex, measured
-    off by 1e-3 to 1e-2 at tau = 0.1 and once by 4e4 (then by 5 after the SCS retry).
+    diffcp's own derivative of this problem, with one exponential cone per vertex, is not
+    accurate enough to serve (docs/generic.md).
     Forward Z64 (B, d) is only the node to differentiate; V (m, d).  Cost O(B m d).
     """
 
