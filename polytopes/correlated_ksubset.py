@@ -280,29 +280,36 @@ class _GibbsMarginals(torch.autograd.Function):
         n, B, k = theta.shape[1], theta.shape[0], alpha.shape[2] - 1
         g64 = g.to(torch.float64)
         g_theta, g_phi = g64[:, :n], g64[:, n:]
-        # tangents of alpha: d alpha[i, :, c, b] = E[<g, T(x_0..x_i)> | state (i, c, b)]
+        # The weights of every logaddexp's inputs, for all positions at once (the loops below are
+        # then two multiply-adds per step).  Tangents of alpha:
+        # d alpha[i, :, c, b] = E[<g, T(x_0..x_i)> | state (i, c, b)].
+        prev, new = alpha[:-1], alpha[1:]  # (n - 1, B, k + 1, 2)
+        to_zero = _ratio(prev, new[..., :1])  # from (i - 1, c, b) into (i, c, 0)
+        theta_t, phi_t = theta.T[:, :, None], phi.T[:, :, None]  # (n, B, 1), (n - 1, B, 1)
+        g_theta_t, g_phi_t = g_theta.T[:, :, None], g_phi.T[:, :, None]
+        base = new[:, :, 1:, 1] - theta_t[1:]
+        one_from_zero = _ratio(prev[:, :, :-1, 0], base)  # from (i - 1, c - 1, 0) into (i, c, 1)
+        one_from_one = _ratio(prev[:, :, :-1, 1] + phi_t, base)  # from (i - 1, c - 1, 1) into (i, c, 1)
+        one_constant = g_theta_t[1:] + one_from_one * g_phi_t
         d_alpha = theta.new_zeros((n, B, k + 1, 2))
         d_alpha[0, :, 1, 1] = g_theta[:, 0]
         for i in range(1, n):
-            prev, d_prev, new = alpha[i - 1], d_alpha[i - 1], alpha[i]
-            d_alpha[i, :, :, 0] = _ratio(prev[..., 0], new[..., 0]) * d_prev[..., 0] + _ratio(prev[..., 1], new[..., 0]) * d_prev[..., 1]
-            base = new[:, 1:, 1] - theta[:, i, None]
+            d_prev = d_alpha[i - 1]
+            d_alpha[i, :, :, 0] = (to_zero[i - 1] * d_prev).sum(-1)
             d_alpha[i, :, 1:, 1] = (
-                g_theta[:, i, None]
-                + _ratio(prev[:, :-1, 0], base) * d_prev[:, :-1, 0]
-                + _ratio(prev[:, :-1, 1] + phi[:, i - 1, None], base) * (d_prev[:, :-1, 1] + g_phi[:, i - 1, None])
+                one_constant[i - 1] + one_from_zero[i - 1] * d_prev[:, :-1, 0] + one_from_one[i - 1] * d_prev[:, :-1, 1]
             )
         # tangents of beta: the same expectation over the completions
+        skip, take = beta[1:, :, : k + 1, 0], theta_t[1:] + beta[1:, :, 1:, 1]  # (n - 1, B, k + 1)
+        skip_w = _ratio(skip.unsqueeze(-1), beta[:-1, :, : k + 1, :])  # (n - 1, B, k + 1, 2): into bit 0, bit 1
+        take_w = torch.stack([_ratio(take, beta[:-1, :, : k + 1, 0]), _ratio(take + phi_t, beta[:-1, :, : k + 1, 1])], -1)
+        take_constant = take_w * torch.stack([g_theta_t[1:], g_theta_t[1:] + g_phi_t], -1)  # the tangent of the taken item (and pair)
         d_beta = theta.new_zeros((n, B, k + 2, 2))
         for i in range(n - 2, -1, -1):
-            skip, d_skip = beta[i + 1, :, : k + 1, 0], d_beta[i + 1, :, : k + 1, 0]
-            take = theta[:, i + 1, None] + beta[i + 1, :, 1:, 1]
-            d_take = g_theta[:, i + 1, None] + d_beta[i + 1, :, 1:, 1]
-            for bit in (0, 1):
-                new = beta[i, :, : k + 1, bit]
-                take_b = take + phi[:, i, None] if bit else take
-                d_take_b = d_take + g_phi[:, i, None] if bit else d_take
-                d_beta[i, :, : k + 1, bit] = _ratio(skip, new) * d_skip + _ratio(take_b, new) * d_take_b
+            d_next = d_beta[i + 1]
+            d_beta[i, :, : k + 1, :] = (
+                take_constant[i] + skip_w[i] * d_next[:, : k + 1, :1] + take_w[i] * d_next[:, 1:, 1:]
+            )
         # d log Z = <g, mu>, from the final states
         final = alpha[n - 1, :, k, :]
         d_log_z = (_ratio(final, log_z[:, None]) * d_alpha[n - 1, :, k, :]).sum(-1)

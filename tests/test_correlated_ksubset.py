@@ -244,3 +244,12 @@ def test_registered_for_the_tooling():
     assert isinstance(P, CorrelatedKSubset) and (P.n, P.k) == (10, 3)
     assert family(6, 2).k == 2
     assert sstcvx.specialized_regularizers(P) == ["exp_family_entropy"]
+
+
+def test_compare_checks_the_declaration_and_the_specialized_solver():
+    # what `sstcvx compare correlated_ksubset` runs: the flow declaration against brute force over the
+    # vertices (no specialized euclidean solver), the generic exp_family_entropy against the DP
+    report = sstcvx.compare(CorrelatedKSubset(5, 2), ["euclidean", "exp_family_entropy"], batch=2, repeats=0)
+    assert [r.reference for r in report] == ["brute_force", "specialized"]
+    for r in report:
+        assert r.failures == 0 and r.max_abs_diff < 1e-5 and r.hard_agreement == 1.0, r.key
