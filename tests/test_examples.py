@@ -66,3 +66,16 @@ def test_new_relaxation(tmp_path):
         assert math.isfinite(r["final_loss"])
     # The Euclidean projection reaches the boundary of P.
     assert results["euclidean"]["boundary_fraction"] > 0
+
+
+def test_correlated_subset_selection(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        results = run_example("correlated_subset_selection", tmp_path)
+    finally:  # this example defaults to --threads 1; leave the test process as it was
+        torch.set_num_threads(threads)
+    assert set(results) == {"correlated", "ksubset", "straight_through", "independent"}
+    for method, r in results.items():
+        assert in_unit_interval(r["accuracy"], r["subset_precision"], r["contiguity"]), (method, r)
