@@ -103,9 +103,9 @@ def test_a_family_is_one_module(tmp_path):
         for source in (ROOT / package).rglob("*.py"):
             assert NAME not in source.read_text() and "OneItemPerGroup" not in source.read_text(), source
     write_package(tmp_path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"  # two small subprocesses side by side
-    run = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    path = os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}  # two small subprocesses side by side
+    run = {"cwd": ROOT, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     contract = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_contract.py", "-k", NAME], **run
     )
@@ -115,8 +115,8 @@ def test_a_family_is_one_module(tmp_path):
 
     # (a) every test of the contract suite ran on the new family and passed
     assert contract.returncode == 0, contract_output
-    contract_tests = set(re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_contract.py").read_text(), re.M))
-    passed = set(re.findall(rf"^PASSED tests/test_contract.py::(test_\w+)\[[^\]]*{NAME}", contract_output, re.M))
+    contract_tests = set(re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_contract.py").read_text(), re.MULTILINE))
+    passed = set(re.findall(rf"^PASSED tests/test_contract.py::(test_\w+)\[[^\]]*{NAME}", contract_output, re.MULTILINE))
     assert passed == contract_tests, contract_output
     assert not re.search(r"\b(failed|skipped|error)", contract_output), contract_output
 
