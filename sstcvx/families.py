@@ -40,7 +40,7 @@ class Family:
         test_sizes: the sizes the contract suite (``tests/test_contract.py``) runs, smallest
             first: the exact witnesses (the generic path, gradcheck, the tau limits) at the first,
             which must list its vertices and build its declaration; brute force wherever the
-            vertices are listed; extreme utilities at every size.  Empty: ``quick_sizes``.
+            vertices are listed; extreme utilities at the first and the last.  Empty: ``quick_sizes``.
     """
 
     name: str

@@ -15,7 +15,8 @@ within a family, over every specialized relaxation registered for it
 * the tau limits: tau -> 0 gives the hard argmax; tau -> infinity gives argmin_P f, which is
   the relaxation at U = 0, the generic path's at U = 0 and, for ``exp_family_entropy``, the
   mean of the vertices;
-* extreme utilities (|U| up to 1e3, tau from 1e-3 to 1e3, float32 and float64, every size):
+* extreme utilities (|U| up to 1e3, tau from 1e-3 to 1e3, float32 and float64, the smallest
+  and the largest size):
   finite values and gradients, no solver warning, X in P, and the hard sample at tau = 1e-3;
 * batch shapes (none, one and two batch dimensions, empty batches), dtype and device.
 
@@ -24,7 +25,7 @@ within [min_P <d, x>, max_P <d, x>] for the coordinate directions, the all-ones 
 the sums along each event axis and random directions (the bounds from the argmax oracle,
 itself checked against brute force); and, where the CVXPY declaration is built, its
 constraints' violation.  The exact witnesses (the generic path, gradcheck, the tau limits)
-run at the first size, which must list its vertices.  Nothing here names a family: a new
+run at the first size, which must list its vertices and build its declaration.  Nothing here names a family: a new
 one is picked up by registering itself (``sstcvx.families.register_family``).
 """
 
@@ -276,7 +277,7 @@ def test_agrees_with_generic_path(family, regularizer):
     P = small_polytope(family)
     U = 2 * torch.randn(3, *P.event_shape, dtype=torch.float64)
     G = torch.randn_like(U)
-    for tau in (0.1, 0.7, 2.0):
+    for tau in (0.1, 2.0):
         outputs, grads = [], []
         for solver in ("specialized", "generic"):
             u = U.clone().requires_grad_(True)
@@ -321,7 +322,8 @@ def test_tau_limits(family, regularizer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("family,regularizer", RELAXATIONS)
 def test_robust_to_extreme_utilities(family, regularizer, dtype):
-    for n in contract_sizes(family):
+    sizes = contract_sizes(family)
+    for n in sorted({sizes[0], sizes[-1]}):  # the smallest and the largest
         P = polytope(family, n)
         for tau in (1e-3, 1.0, 1e3):  # U / tau from 1e6 down to 1e-3 in magnitude
             what = f"{P.name}, {regularizer}, tau={tau}, {dtype}"
