@@ -175,6 +175,10 @@ def declaration(P):
     return _DECLARATIONS[key]
 
 
+#: The LP solver's feasibility tolerance, allowed when a distance to P is found by an LP.
+LP_DISTANCE_TOLERANCE = 1e-8
+
+
 def declaration_violation(P, X):
     """Largest violation of P's CVXPY constraints by the rows of X; None when not declared."""
     found = declaration(P)
@@ -196,13 +200,14 @@ def declaration_violation(P, X):
                 worst = max(worst, float(np.max(form.violation())))
             x.value = None
         return worst
-    # auxiliary variables: the distance (max norm) from the row to P, one LP per row
+    # auxiliary variables: the distance (max norm) from the row to P, one LP per row, less the LP
+    # solver's own feasibility tolerance (its distances to points of P measured up to 1.6e-9)
     target, t = cp.Parameter(x.shape), cp.Variable()
     problem = cp.Problem(cp.Minimize(t), forms + [cp.abs(x - target) <= t])
     for row in rows.numpy():
         target.value = row.reshape(x.shape)
         problem.solve()
-        worst = max(worst, float(t.value))
+        worst = max(worst, float(t.value) - LP_DISTANCE_TOLERANCE)
     return worst
 
 
