@@ -61,6 +61,15 @@ class Polytope:
             self._declaration = (x, list(constraints))
         return self._declaration
 
+    def linear_form(self):
+        """The canonical linear form of the declaration, a :class:`sstcvx.linear_form.LinearForm`:
+        ``A [x; w] = b``, ``G [x; w] <= h``, ``lower <= [x; w] <= upper`` with ``x`` flattened in
+        row-major order and ``w`` the auxiliary variables.  Computed once and cached; raises
+        ``ValueError`` when the declaration is not linear (see :mod:`sstcvx.linear_form`)."""
+        from .linear_form import linear_form
+
+        return linear_form(self)
+
     @property
     def event_dim(self) -> int:
         return len(self.event_shape)
