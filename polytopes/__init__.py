@@ -13,5 +13,6 @@ from .ksubset import KSubset
 from .permutation import Permutation
 from .spanning_tree import SpanningTree
 from .arborescence import Arborescence
+from .product_simplex import ProductSimplex
 
-__all__ = ["Simplex", "Hypercube", "KSubset", "Permutation", "SpanningTree", "Arborescence"]
+__all__ = ["Simplex", "Hypercube", "KSubset", "Permutation", "SpanningTree", "Arborescence", "ProductSimplex"]
