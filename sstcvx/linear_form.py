@@ -259,7 +259,7 @@ def _merge_inequalities(A, b):
     ``a v <= c``, ``-a v <= -c`` into an equality; returns ``(A, b, A_eq, b_eq)``."""
     if not len(A):
         return A, b, A[:0], b[:0]
-    key = np.round(A, 12)
+    key = np.round(A, 12) + 0.0  # + 0.0 turns -0.0 into 0.0, so equal rows have equal bytes
     kept = {}
     for r in range(len(A)):
         k = key[r].tobytes()
@@ -271,7 +271,7 @@ def _merge_inequalities(A, b):
     for r in rows:
         if r in used:
             continue
-        partner = kept.get(np.round(-A[r], 12).tobytes())
+        partner = kept.get((np.round(-A[r], 12) + 0.0).tobytes())
         if partner is not None and partner not in used and partner != r:
             if abs(b[r] + b[partner]) <= RANK_TOLERANCE * max(1.0, abs(b[r])):
                 used.update((r, partner))
