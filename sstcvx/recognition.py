@@ -193,10 +193,11 @@ def mismatch(form, Q, index) -> str | None:
     if len(AQ):
         if not len(A):
             return f"the declaration has no equality rows; {Q.name} needs {len(AQ)}"
-        M = np.hstack([A, b[:, None]])
-        target = np.hstack([AQ, bQ[:, None]])
-        y, *_ = np.linalg.lstsq(M.T, target.T, rcond=None)
-        residual = np.abs(M.T @ y - target.T).max()
+        # the distance of Q's rows [a_Q | b_Q] from the span of P's rows [A | b] (an orthonormal basis
+        # of the span by QR; P's rows are independent, so its columns all count)
+        basis, _ = np.linalg.qr(np.hstack([A, b[:, None]]).T)
+        target = np.hstack([AQ, bQ[:, None]]).T
+        residual = np.abs(target - basis @ (basis.T @ target)).max()
         if residual > 1e-8 * (1 + np.abs(target).max()):
             return f"the declared equalities do not imply {Q.name}'s (residual {residual:.2g})"
     for r in range(len(GQ)):

@@ -413,3 +413,21 @@ def test_an_implied_row_sum_keeps_the_birkhoff_polytope():
     X = cp.Variable((3, 3))
     P = declare(X, [X >= 0, cp.sum(X, axis=0) == 1, cp.sum(X[:2], axis=1) == 1])
     assert P.recognized is not None and P.recognized.polytope.name == "Permutation(n=3)"
+
+
+def test_compare_command_on_a_recognized_declaration(tmp_path, capsys):
+    from sstcvx.harness.cli import main
+
+    path = tmp_path / "declared.py"
+    path.write_text(
+        "import cvxpy as cp\nimport sstcvx\n\n"
+        "def make(n=5):\n"
+        "    x = cp.Variable(n)\n"
+        "    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 2], name='declared')\n"
+    )
+    assert main(["compare", f"{path}:make", "--batch", "2", "--repeats", "0", "--fail-above", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "recognized as KSubset(n=5, k=2)" in out
+    # the family's regularizers, each compared with the declared generic path through the family's solver
+    for reg in ("binary_entropy", "euclidean", "exp_family_entropy"):
+        assert any(reg in line and "specialized" in line for line in out.splitlines()), reg
