@@ -33,6 +33,10 @@ import os
 import sys
 import warnings
 
+# One BLAS thread, like torch's (--threads): on a shared, loaded machine OpenBLAS's default
+# threads spin against the other processes and multiply numpy's linear-algebra times.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import cvxpy as cp
 import numpy as np
 import torch

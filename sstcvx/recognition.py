@@ -195,7 +195,7 @@ def mismatch(form, Q, index) -> str | None:
             return f"the declaration has no equality rows; {Q.name} needs {len(AQ)}"
         # the distance of Q's rows [a_Q | b_Q] from the span of P's rows [A | b] (an orthonormal basis
         # of the span by QR; P's rows are independent, so its columns all count)
-        basis, _ = np.linalg.qr(np.hstack([A, b[:, None]]).T)
+        basis = torch.linalg.qr(torch.from_numpy(np.hstack([A, b[:, None]]).T)).Q.numpy()  # torch: its thread setting
         target = np.hstack([AQ, bQ[:, None]]).T
         residual = np.abs(target - basis @ (basis.T @ target)).max()
         if residual > 1e-8 * (1 + np.abs(target).max()):
@@ -243,11 +243,11 @@ def row_space_projector(form) -> np.ndarray:
     recognizers read structure from it: entry (i, j) is non-zero only if some equality
     couples coordinates i and j.  Cost O(n m^2 + n^2 m) for m rows.
     """
-    A = form.A.numpy()[:, : form.n]
+    A = form.A[:, : form.n]
     if not len(A):
         return np.zeros((form.n, form.n))
-    basis, _ = np.linalg.qr(A.T)  # (n, m), orthonormal columns spanning the rows (independent)
-    return basis @ basis.T
+    basis = torch.linalg.qr(A.T).Q  # (n, m), orthonormal columns spanning the rows (independent)
+    return (basis @ basis.T).numpy()
 
 
 def recognize(P) -> Recognition | None:
