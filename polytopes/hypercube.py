@@ -16,6 +16,7 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
+from sstcvx.recognition import Match
 
 from ._validation import check_int
 
@@ -86,6 +87,14 @@ def clamp(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
     return Z.clamp(0.0, 1.0)
 
 
+def recognize(form):
+    """A candidate for :mod:`sstcvx.recognition`: no rows at all (only bounds) proposes
+    Hypercube(n) (identity map); the core certifies that the bounds are exactly [0, 1]."""
+    if form.m_eq or form.m_in:
+        return None
+    return Match(Hypercube(form.n), range(form.n))
+
+
 register_family(
     Family(
         name="hypercube",
@@ -97,5 +106,6 @@ register_family(
         max_generic_n=300,
         device_check_n=50,
         quick_device_check_n=10,
+        recognize=recognize,
     )
 )

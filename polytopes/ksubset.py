@@ -23,6 +23,7 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
+from sstcvx.recognition import Match
 
 from ._validation import check_int
 
@@ -345,6 +346,19 @@ def _make_ksubset(n: int, k: int | None) -> KSubset:
     return KSubset(n, max(1, min(n - 1, n // 3)) if k is None else k)
 
 
+def recognize(form):
+    """A candidate for :mod:`sstcvx.recognition`: one all-ones equality row whose right-hand
+    side is an integer k with 1 <= k <= n - 1 proposes KSubset(n, k) (identity map); the
+    core certifies it (the bounds must be [0, 1] where they are facets)."""
+    n = form.n
+    if n < 2 or form.m_eq != 1 or not bool((form.A[0, :n] == 1).all()):
+        return None
+    k = round(float(form.b[0]))
+    if abs(float(form.b[0]) - k) > 1e-9 or not 1 <= k <= n - 1:
+        return None
+    return Match(KSubset(n, k), range(n))
+
+
 register_family(
     Family(
         name="ksubset",
@@ -357,5 +371,6 @@ register_family(
         device_check_n=40,
         quick_device_check_n=10,
         uses_k=True,
+        recognize=recognize,
     )
 )

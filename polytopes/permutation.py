@@ -19,6 +19,7 @@ networks", ICLR 2018 (the relaxation); Cuturi, "Sinkhorn distances", NeurIPS
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import cvxpy as cp
@@ -27,6 +28,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sstcvx.families import Family, register_family
+from sstcvx.recognition import Match, row_space_projector
 from sstcvx.polytope import Polytope
 from sstcvx.registry import register_argmax, register_relaxation
 
@@ -593,6 +595,59 @@ def _permutation_euclidean(P: Permutation, Z: torch.Tensor) -> torch.Tensor:
     return _birkhoff(Z)
 
 
+def recognize(form):
+    """A candidate for :mod:`sstcvx.recognition`: Permutation(s) when n = s^2 coordinates carry
+    2s - 1 independent equalities that couple them like the rows and columns of an s x s grid.
+
+    The grid is read from the projector R onto the span of the equality rows, which does not
+    depend on how they were written: for the row and column sums of a grid,
+    R[(i, j), (k, l)] = [i = k] / s + [j = l] / s - 1 / s^2, positive exactly when the two
+    cells share a line.  Coordinate 0's neighbours form two cliques (its line-mates in either
+    direction; the one holding the smaller index is called its row); every cell of its column
+    then spans one row (itself and its neighbours off that column), and likewise for columns.
+    Rows and columns are numbered by their smallest coordinate, so a declared (s, s) matrix
+    maps to itself.  Cost O(n^2) after the projector; the core certifies the candidate.
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    n = form.n
+    s = math.isqrt(n)
+    if s < 2 or s * s != n or form.m_eq != 2 * s - 1 or not bool((form.lower[:n] >= 0).all()):
+        return None
+    R = row_space_projector(form)
+    linked = R > 0.5 / n  # same line: (s - 1) / s^2; otherwise -1 / s^2
+    np.fill_diagonal(linked, False)
+    if not np.all(linked.sum(axis=1) == 2 * (s - 1)):
+        return None
+    neighbours = np.flatnonzero(linked[0])
+    count, labels = connected_components(linked[np.ix_(neighbours, neighbours)], directed=False)
+    if count != 2:
+        return None
+    row_side = labels == labels[0]  # neighbours[0] is the smallest neighbour
+    row0 = np.concatenate([[0], neighbours[row_side]])
+    col0 = np.concatenate([[0], neighbours[~row_side]])
+    if len(row0) != s or len(col0) != s:
+        return None
+    row_of = np.full(n, -1)
+    col_of = np.full(n, -1)
+    for label, cells in ((row_of, col0), (col_of, row0)):
+        lines = []
+        for c in cells:
+            mates = np.setdiff1d(np.flatnonzero(linked[c]), cells)
+            lines.append(np.concatenate([[c], mates]))
+        for number, line in enumerate(sorted(lines, key=lambda line: int(line.min()))):
+            if len(line) != s or np.any(label[line] >= 0):
+                return None
+            label[line] = number
+    if np.any(row_of < 0) or np.any(col_of < 0):
+        return None
+    index = np.full(n, -1)
+    index[row_of * s + col_of] = np.arange(n)
+    if np.any(index < 0):
+        return None
+    return Match(Permutation(s), index)
+
+
 register_family(
     Family(
         name="permutation",
@@ -604,5 +659,6 @@ register_family(
         max_generic_n=12,
         device_check_n=8,
         quick_device_check_n=4,
+        recognize=recognize,
     )
 )

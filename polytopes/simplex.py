@@ -16,6 +16,7 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
+from sstcvx.recognition import Match
 
 from ._validation import check_int
 
@@ -131,6 +132,16 @@ def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
     return _Sparsemax.apply(Z)
 
 
+def recognize(form):
+    """A candidate for :mod:`sstcvx.recognition`: one all-ones equality row with right-hand
+    side 1 and n >= 2 coordinates proposes Simplex(n) (symmetric, so the identity map);
+    the core certifies it."""
+    n = form.n
+    if n < 2 or form.m_eq != 1 or not bool((form.A[0, :n] == 1).all()) or abs(float(form.b[0]) - 1.0) > 1e-9:
+        return None
+    return Match(Simplex(n), range(n))
+
+
 register_family(
     Family(
         name="simplex",
@@ -142,5 +153,6 @@ register_family(
         max_generic_n=300,
         device_check_n=50,
         quick_device_check_n=10,
+        recognize=recognize,
     )
 )

@@ -11,12 +11,12 @@ from sstcvx.validation import all_finite
 
 def ksubset(n=6, k=2):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name="ksub")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name="ksub", recognize=False)
 
 
 def simplex(n=4):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1], name="simplex")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1], name="simplex", recognize=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

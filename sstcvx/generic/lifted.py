@@ -39,7 +39,9 @@ class VertexWeightsRelaxation:
         V = P.vertices
         self.vertices = V.reshape(V.shape[0], -1).to(device="cpu", dtype=torch.float64)
         weights = cp.Variable(V.shape[0])
-        simplex = Polytope.from_cvxpy(weights, [weights >= 0, cp.sum(weights) == 1], name=f"vertex weights of {P.name}")
+        simplex = Polytope.from_cvxpy(
+            weights, [weights >= 0, cp.sum(weights) == 1], name=f"vertex weights of {P.name}", recognize=False
+        )  # solved as declared: this is the generic path
         self.lifted = GenericRelaxation(simplex, get_regularizer("entropy"))
         self.build_time = time.perf_counter() - start
 
