@@ -70,7 +70,7 @@ all arcs of the test set.  A tree has exactly m arcs, so for ``arborescence`` an
 ``straight_through`` precision equals recall; independent arcs can pick any number.
 
 Run ``python examples/listops_parsing.py`` (default, a few minutes on one thread),
-``--paper`` for a paper-scale configuration (more and longer data, wider model, 10x the
+``--paper`` for a paper-scale configuration (more and longer data, wider model, 20x the
 steps: hours on a CPU), ``--tiny`` for a smoke test.
 """
 
@@ -110,7 +110,7 @@ ROOT, CLOSE, FIRST_OP, FIRST_DIGIT = 0, 1, 2, 2 + len(OPERATORS)
 VOCAB = ["ROOT", "]"] + [f"[{op}" for op in OPERATORS] + [str(d) for d in range(10)]
 
 CONFIGS = {
-    "default": {"train": 8000, "valid": 500, "test": 1000, "steps": 3000, "max_len": 24, "hidden": 64},
+    "default": {"train": 8000, "valid": 500, "test": 1000, "steps": 1500, "max_len": 24, "hidden": 64},
     "paper": {"train": 90_000, "valid": 5_000, "test": 10_000, "steps": 30_000, "max_len": 50, "hidden": 128},
     "tiny": {"train": 120, "valid": 40, "test": 40, "steps": 4, "max_len": 12, "hidden": 16},
 }
