@@ -17,6 +17,7 @@ import torch
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
 
+from ._kernels import rank_one_vjp, sparsemax_threshold
 from ._validation import check_int
 
 # _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
@@ -74,21 +75,6 @@ def gibbs_marginals(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
     Identical to the entropy relaxation on the simplex; see :func:`softmax`.
     """
     return torch.softmax(Z, dim=-1)
-
-
-def sparsemax_threshold(z: torch.Tensor):
-    """t (..., 1) with sum max(z - t, 0) = 1 over the last dim, the support size (..., 1), and z sorted descending.
-
-    Exact from the sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1); O(n log n).
-    """
-    n = z.shape[-1]
-    zs, _ = torch.sort(z, dim=-1, descending=True)
-    cum = zs.cumsum(-1) - 1.0
-    ranks = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
-    # the support size is the largest r with z_(r) > (sum_{j<=r} z_(j) - 1) / r; the condition holds
-    # exactly for r = 1..size, so counting it gives size
-    size = (zs * ranks > cum).sum(-1, keepdim=True)
-    return cum.gather(-1, size - 1) / size.to(z.dtype), size, zs
 
 
 class _Sparsemax(torch.autograd.Function):
