@@ -142,13 +142,10 @@ class _LML(torch.autograd.Function):
         # J = diag(D) - D D^T / sum D (symmetric) and J^T g = D (g - <D, g> / sum D).
         # Written with differentiable ops on the saved output, so it differentiates again.
         (x,) = ctx.saved_tensors
-        D = x * (1.0 - x)
-        total = D.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        return D * (g - (D * g).sum(-1, keepdim=True) / total), None
+        return rank_one_vjp(x * (1.0 - x), g, torch.finfo(x.dtype).tiny), None
 
 
-@register_relaxation(KSubset, "binary_entropy")
-def limited_multilabel(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
+def limited_multilabel(Z: torch.Tensor, k: int) -> torch.Tensor:
     """argmax_{x in P} <Z, x> - sum_i [x_i log x_i + (1 - x_i) log(1 - x_i)] = sigmoid(Z - nu).
 
     The scalar nu per row solves sum_i sigmoid(Z_i - nu) = k (the KKT condition
@@ -163,7 +160,10 @@ def limited_multilabel(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
     apart, which alone would break sum x = k; in float64 the sum holds to
     about n * 1e-16 relative to the steepness of the sigmoids.
     """
-    return _LML.apply(Z, P.k)
+    return _LML.apply(Z, k)
+
+
+register_relaxation(KSubset, "binary_entropy")(lambda P, Z: limited_multilabel(Z, P.k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +177,69 @@ class _CappedSimplexProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z, k):
         z = Z.detach().to(torch.float64)
+        free = _capped_simplex_newton(z, k)
+        if free is None:
+            free = _capped_simplex_sorted(z, k)
+        x, free = free
+        ctx.save_for_backward(free.to(Z.dtype))
+        return x.to(Z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        # dnu = sum_F dZ / |F|, so J = diag(F) - F F^T / |F| (symmetric) and J^T g = F (g - mean_F g);
+        # linear in g through differentiable ops, so it differentiates again (to zero, as it should)
+        (free,) = ctx.saved_tensors
+        return rank_one_vjp(free, g, 1.0), None
+
+
+# Newton iterations of the capped-simplex threshold before the sorting method takes over.
+_CAPPED_NEWTON_STEPS = 64
+
+
+def _capped_simplex_newton(z: torch.Tensor, k: int):
+    """(x, free) for the capped simplex by exact Newton steps on the threshold, or None if they did not settle.
+
+    g(nu) = sum_i clamp(z_i - nu, 0, 1) is piecewise linear and non-increasing.
+    At nu the free set F = {nu < z < nu + 1} and capped set A = {z >= nu + 1}
+    give the candidate nu' = (sum_F z + |A| - k) / |F|, the root if the sets stay
+    the same; they do iff the counts |{z > nu}| and |{z >= nu + 1}| (nested
+    threshold sets) agree at nu and nu', and then nu' is exact (not a tolerance).
+    Candidates outside the bracket of the root kept from the signs of g - k (or
+    with F empty) are replaced by bisection.  Start: nu = (sum z - k) / n.  Cost
+    O(n) per step, a handful of steps; one host synchronisation per step.
+    """
+    n = z.shape[-1]
+    lo, hi = z.amin(-1, keepdim=True) - 1.0, z.amax(-1, keepdim=True)
+    nu = ((z.sum(-1, keepdim=True) - k) / n).clamp(lo, hi)
+    counts = newton = None
+    for _ in range(_CAPPED_NEWTON_STEPS):
+        above, capped = z > nu, z >= nu + 1.0
+        free = above & ~capped
+        new_counts = torch.cat([above.sum(-1, keepdim=True), capped.sum(-1, keepdim=True)], -1)
+        n_free = new_counts[..., :1] - new_counts[..., 1:]
+        excess = torch.where(free, z - nu, 0.0).sum(-1, keepdim=True) + new_counts[..., 1:] - k  # g(nu) - k
+        # settled: nu came from a Newton candidate whose sets it keeps, or g(nu) = k exactly (e.g. F empty)
+        settled = excess == 0
+        if counts is not None:
+            settled = settled | (newton & (new_counts == counts).all(-1, keepdim=True))
+        if bool(settled.all()):
+            return torch.where(free, z - nu, capped.to(z.dtype)), free
+        counts = new_counts
+        lo = torch.where(excess > 0, nu, lo)
+        hi = torch.where(excess < 0, nu, hi)
+        candidate = (torch.where(free, z, 0.0).sum(-1, keepdim=True) + new_counts[..., 1:] - k) / n_free.clamp_min(1)
+        settled = settled | (n_free > 0) & (candidate == nu)  # the sets at nu give nu itself: exact
+        newton = (n_free > 0) & (candidate > lo) & (candidate < hi)
+        if bool(settled.all()):
+            return torch.where(free, z - nu, capped.to(z.dtype)), free
+        nu = torch.where(settled, nu, torch.where(newton, candidate, 0.5 * (lo + hi)))
+        newton = newton | settled
+    return None
+
+
+def _capped_simplex_sorted(z: torch.Tensor, k: int):
+    """(x, free) for the capped simplex from the sorted z: every breakpoint evaluated at once (see below)."""
+    if True:
         n = z.shape[-1]
         s, _ = torch.sort(z, dim=-1)  # s_0 <= ... <= s_{n-1}
         prefix = torch.nn.functional.pad(s.cumsum(-1), (1, 0))  # prefix[j] = s_0 + ... + s_{j-1}
@@ -208,21 +271,10 @@ class _CappedSimplexProjection(torch.autograd.Function):
         # g crosses k strictly inside the segment, so F is non-empty; guard rounding anyway
         nu = (torch.where(free, z, 0.0).sum(-1, keepdim=True) + (capped.sum(-1, keepdim=True) - k)) / count.clamp_min(1)
         nu = torch.where(count > 0, nu, inner)
-        x = torch.where(free, z - nu, capped.to(z.dtype)).clamp(0.0, 1.0)
-        ctx.save_for_backward(free.to(Z.dtype))
-        return x.to(Z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        # dnu = sum_F dZ / |F|, so J = diag(F) - F F^T / |F| (symmetric) and J^T g = F (g - mean_F g);
-        # linear in g through differentiable ops, so it differentiates again (to zero, as it should)
-        (free,) = ctx.saved_tensors
-        count = free.sum(-1, keepdim=True).clamp_min(1.0)
-        return free * (g - (free * g).sum(-1, keepdim=True) / count), None
+        return torch.where(free, z - nu, capped.to(z.dtype)).clamp(0.0, 1.0), free
 
 
-@register_relaxation(KSubset, "euclidean")
-def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
+def capped_simplex_projection(Z: torch.Tensor, k: int) -> torch.Tensor:
     """argmin_{0 <= x <= 1, sum x = k} ||x - Z||^2 = clamp(Z - nu, 0, 1) with sum = k.
 
     g(nu) = sum_i clamp(Z_i - nu, 0, 1) is non-increasing and piecewise linear
@@ -239,7 +291,10 @@ def capped_simplex_projection(P: KSubset, Z: torch.Tensor) -> torch.Tensor:
     size |Z| and x a difference Z - nu, which in float32 would lose sum x = k
     to rounding once |Z| reaches about 10 (see :func:`limited_multilabel`).
     """
-    return _CappedSimplexProjection.apply(Z, P.k)
+    return _CappedSimplexProjection.apply(Z, k)
+
+
+register_relaxation(KSubset, "euclidean")(lambda P, Z: capped_simplex_projection(Z, P.k))
 
 
 # ----------------------------------------------------------------------------------------------

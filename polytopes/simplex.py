@@ -95,12 +95,10 @@ class _Sparsemax(torch.autograd.Function):
         # dt = sum_S dZ / |S|, so J = diag(s) - s s^T / |s| (symmetric) and J^T g = s (g - mean_S g);
         # linear in g through differentiable ops, so it differentiates again (to zero, as it should)
         (support,) = ctx.saved_tensors
-        count = support.sum(-1, keepdim=True)
-        return support * (g - (support * g).sum(-1, keepdim=True) / count)
+        return rank_one_vjp(support, g, 1.0)
 
 
-@register_relaxation(Simplex, "euclidean")
-def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
+def sparsemax(Z: torch.Tensor) -> torch.Tensor:
     """argmin_{x in simplex} ||x - Z||^2 = max(Z - t, 0), sum = 1: sparsemax.
 
     Z: (..., n) -> (..., n), same dtype.  Cost O(n log n) (a sort).  The
@@ -115,6 +113,9 @@ def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
     |Z| reaches about 10 (tau = 1e-3 with |theta| = 1e-2 already gives that).
     """
     return _Sparsemax.apply(Z)
+
+
+register_relaxation(Simplex, "euclidean")(lambda P, Z: sparsemax(Z))
 
 
 register_family(

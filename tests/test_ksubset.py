@@ -234,3 +234,21 @@ def test_tree_dp_at_extreme_utilities_matches_the_log_space_dp():
         z = scale * torch.randn(8, 40, dtype=torch.float64)
         reference = _log_space_marginals(z.clone().requires_grad_(True), 7, False)
         torch.testing.assert_close(tree_marginals(z, 7), reference, atol=1e-10 if scale > 1e3 else 1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 1e4])
+def test_capped_simplex_newton_finds_the_exact_support_of_the_sorted_method(scale):
+    from polytopes.ksubset import _capped_simplex_newton, _capped_simplex_sorted
+
+    z = scale * torch.randn(64, 50, dtype=torch.float64)
+    z[:8] = z[:8].round()  # ties and breakpoints landing on integers
+    for k in (1, 7, 25, 49):
+        result = _capped_simplex_newton(z, k)
+        assert result is not None
+        (x, free), (x_sorted, free_sorted) = result, _capped_simplex_sorted(z, k)
+        # the same support (not merely close values), up to entries exactly at a bound (degenerate: x the same)
+        interior = (x_sorted > 1e-9) & (x_sorted < 1 - 1e-9)
+        assert torch.equal(free | ~interior & free_sorted, free_sorted | ~interior & free)
+        assert (free >= interior).all() and (free_sorted >= interior).all()
+        torch.testing.assert_close(x, x_sorted, atol=1e-12 * max(1.0, scale), rtol=0)
+        torch.testing.assert_close(x.sum(-1), torch.full((64,), float(k), dtype=torch.float64), atol=1e-9, rtol=0)
