@@ -57,24 +57,11 @@ def one_hot_argmax(P: Simplex, U: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(U).scatter_(-1, index, 1.0)
 
 
-@register_relaxation(Simplex, "entropy")
-def softmax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
-    """argmax_{x in simplex} <Z, x> - sum_i x_i log x_i = softmax(Z).
-
-    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Computed in the input's
-    precision: torch's softmax subtracts the row maximum, so it is exact to
-    rounding for any finite Z; the sum is 1 to O(n eps) of that dtype.
-    """
-    return torch.softmax(Z, dim=-1)
-
-
-@register_relaxation(Simplex, "exp_family_entropy")
-def gibbs_marginals(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
-    """grad_Z log sum_i exp Z_i = softmax(Z): the Gibbs marginals on one-hot vectors.
-
-    Identical to the entropy relaxation on the simplex; see :func:`softmax`.
-    """
-    return torch.softmax(Z, dim=-1)
+# entropy, and exp_family_entropy (on the simplex the Gibbs marginals are the same map): softmax(Z),
+# in the input's precision; torch's softmax subtracts the row maximum, so it is exact to rounding for
+# any finite Z and sums to 1 to O(n eps) of that dtype.  O(n).
+register_relaxation(Simplex, "entropy")(lambda P, Z: torch.softmax(Z, dim=-1))
+register_relaxation(Simplex, "exp_family_entropy")(lambda P, Z: torch.softmax(Z, dim=-1))
 
 
 class _Sparsemax(torch.autograd.Function):
@@ -83,10 +70,10 @@ class _Sparsemax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z):
         z = Z.detach().to(torch.float64)
-        threshold, size, zs = sparsemax_threshold(z)
-        # the support is the `size` largest entries (entries tied with the last one belong to it too)
-        support = z >= zs.gather(-1, size - 1)
-        x = torch.where(support, z - threshold, 0.0).clamp_min(0.0)
+        threshold, _, _ = sparsemax_threshold(z)
+        # the support is the `size` largest entries, exactly those above the threshold
+        x = (z - threshold).clamp_min(0.0)
+        support = x > 0
         ctx.save_for_backward(support.to(Z.dtype))
         return x.to(Z.dtype)
 
