@@ -321,7 +321,7 @@ class _GibbsMarginals(torch.autograd.Function):
 
 
 @register_relaxation(CorrelatedKSubset, "exp_family_entropy")
-def gibbs_marginals(P: CorrelatedKSubset, Z: torch.Tensor) -> torch.Tensor:
+def correlated_marginals(P: CorrelatedKSubset, Z: torch.Tensor) -> torch.Tensor:
     """grad log Z: the marginals (P(x_i = 1), P(x_i = x_{i+1} = 1)) of the Gibbs law p(x) ~ exp<Z, T(x)>.
 
     This is argmax_{v in P} <Z, v> - A*(v), A = log Z the log-partition function

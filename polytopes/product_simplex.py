@@ -162,21 +162,17 @@ def per_group_argmax(P: ProductSimplex, U: torch.Tensor) -> torch.Tensor:
 
 
 @register_relaxation(ProductSimplex, "entropy")
+@register_relaxation(ProductSimplex, "exp_family_entropy")
 def per_group_softmax(P: ProductSimplex, Z: torch.Tensor) -> torch.Tensor:
     """argmax_{x in P} <Z, x> - sum x log x = softmax(Z) in each group.
+
+    It is also the exponential-family relaxation: the log-partition function of a product set
+    is the sum of the groups' logsumexp, so the Gibbs marginals are the per-group softmax.
 
     Z: (B, *event_shape) -> same shape and dtype.  Cost O(n).  Exact to rounding for any
     finite Z (torch's softmax subtracts each group's maximum); each group sums to 1 to
     O(M eps) of the dtype.
     """
-    return P.from_groups(torch.softmax(P.to_groups(Z), dim=-1))
-
-
-@register_relaxation(ProductSimplex, "exp_family_entropy")
-def gibbs_marginals(P: ProductSimplex, Z: torch.Tensor) -> torch.Tensor:
-    """grad_Z log sum_{y in X} exp<Z, y> = softmax(Z) per group: the log-partition function of a
-    product set is the sum of the groups' logsumexp, so the Gibbs marginals are the entropy
-    relaxation's (:func:`per_group_softmax`)."""
     return P.from_groups(torch.softmax(P.to_groups(Z), dim=-1))
 
 
@@ -189,7 +185,7 @@ def per_group_sparsemax(P: ProductSimplex, Z: torch.Tensor) -> torch.Tensor:
     exact by sorting, float64 internally, exact backward).  Padding entries (-inf) never
     enter a support.  Z: (B, *event_shape) -> same shape and dtype.  Cost O(n log M).
     """
-    return P.from_groups(sparsemax(P, P.to_groups(Z)))
+    return P.from_groups(sparsemax(P.to_groups(Z)))
 
 
 # ----------------------------------------------------------------------------------------------

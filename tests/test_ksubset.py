@@ -121,3 +121,76 @@ def test_exp_family_dp_stays_exact_at_large_spread():
     p = 1 / (1 + math.exp(-0.3))
     tie = torch.tensor([[1.0, p, 1 - p, 0.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(relax(P, z, 1.0, "exp_family_entropy"), tie, atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Gibbs-marginal message passes (k_subset_marginals), called directly so that small n take
+# the tree DP and not the enumeration
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_marginals(z, k):
+    from polytopes.ksubset import _GibbsMarginals
+
+    return _GibbsMarginals.apply(z, k)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 11, 16, 17])
+def test_tree_dp_is_the_brute_force_to_1e12(n):
+    z = 3 * torch.randn(4, n, dtype=torch.float64)
+    for k in range(1, n):
+        subsets = torch.tensor(list(itertools.combinations(range(n), k)))
+        V = torch.zeros(subsets.shape[0], n, dtype=torch.float64).scatter_(1, subsets, 1.0)
+        brute = torch.softmax(z @ V.T, -1) @ V
+        torch.testing.assert_close(tree_marginals(z, k), brute, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (9, 4), (12, 1), (13, 7)])
+def test_tree_dp_backward_is_the_gibbs_covariance_to_1e12(n, k):
+    # rows 0-1 moderate (linear-space passes), row 2 at a spread of 2e3 (the log-space rows), mixed in one batch
+    z = torch.randn(3, n, dtype=torch.float64)
+    z[2] *= 1e3
+    g = torch.randn(3, n, dtype=torch.float64)
+    zg = z.clone().requires_grad_(True)
+    X = tree_marginals(zg, k)
+    (hvp,) = torch.autograd.grad(X, zg, g)
+    V = KSubset(n, k).vertices
+    p = torch.softmax(z @ V.T, -1)
+    mean = p @ V
+    covariance = torch.einsum("bv,vi,vj->bij", p, V, V) - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    torch.testing.assert_close(X.detach(), mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(hvp, (covariance @ g.unsqueeze(-1)).squeeze(-1), atol=1e-12, rtol=0)
+
+
+def test_tree_dp_gradcheck_and_gradgradcheck():
+    z = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: tree_marginals(u, 3), (z,))
+    assert torch.autograd.gradgradcheck(lambda u: tree_marginals(u, 3), (z,))
+
+
+def test_tree_dp_at_extreme_utilities_matches_the_log_space_dp():
+    # |U| ~ 1e3 at tau 1e-3: every row takes the log-space DP; tau = 1 with |U| ~ 3: every row the linear one
+    from polytopes.ksubset import _log_space_marginals
+
+    for scale in (1e6, 3.0, 30.0):
+        z = scale * torch.randn(8, 40, dtype=torch.float64)
+        reference = _log_space_marginals(z.clone().requires_grad_(True), 7, False)
+        torch.testing.assert_close(tree_marginals(z, 7), reference, atol=1e-10 if scale > 1e3 else 1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 1e4])
+def test_capped_simplex_newton_finds_the_exact_support_of_the_sorted_method(scale):
+    from polytopes.ksubset import _capped_simplex_newton, _capped_simplex_sorted
+
+    z = scale * torch.randn(64, 50, dtype=torch.float64)
+    z[:8] = z[:8].round()  # ties and breakpoints landing on integers
+    for k in (1, 7, 25, 49):
+        result = _capped_simplex_newton(z, k)
+        assert result is not None
+        (x, free), (x_sorted, free_sorted) = result, _capped_simplex_sorted(z, k)
+        # the same support (not merely close values), up to entries exactly at a bound (degenerate: x the same)
+        interior = (x_sorted > 1e-9) & (x_sorted < 1 - 1e-9)
+        assert torch.equal(free | ~interior & free_sorted, free_sorted | ~interior & free)
+        assert (free >= interior).all() and (free_sorted >= interior).all()
+        torch.testing.assert_close(x, x_sorted, atol=1e-12 * max(1.0, scale), rtol=0)
+        torch.testing.assert_close(x.sum(-1), torch.full((64,), float(k), dtype=torch.float64), atol=1e-9, rtol=0)

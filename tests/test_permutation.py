@@ -184,3 +184,57 @@ def test_projection_arguments_and_budget():
     with pytest.warns(RuntimeWarning, match="max_iter"):
         birkhoff_projection(1e4 * torch.randn(2, 6, 6, dtype=torch.float64), max_iter=1)
     assert birkhoff_projection(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched auction against SciPy
+# ---------------------------------------------------------------------------------------------
+
+
+def assignment_value(U, X):
+    return (U * X).sum((-2, -1))
+
+
+@pytest.mark.parametrize("kind", ["real", "integer", "ties"])
+@pytest.mark.parametrize("n", [2, 3, 7, 16])
+def test_auction_is_optimal_against_scipy(kind, n):
+    from polytopes.permutation import auction_assignment
+
+    generator = torch.Generator().manual_seed(n)
+    if kind == "real":
+        U = 1e3 * torch.randn(32, n, n, dtype=torch.float64, generator=generator)
+    elif kind == "integer":
+        U = torch.randint(-50, 50, (32, n, n), generator=generator).double()
+    else:  # many optimal assignments: compare values, and that the result is a permutation
+        U = torch.randint(0, 2, (32, n, n), generator=generator).double()
+    X, reference = auction_assignment(U), hungarian(U)
+    assert ((X == 0) | (X == 1)).all() and (X.sum(-1) == 1).all() and (X.sum(-2) == 1).all()
+    assert torch.equal(assignment_value(U, X), assignment_value(U, reference))
+    if kind == "real":  # the optimum is unique almost surely
+        assert torch.equal(X, reference)
+
+
+def test_auction_certificate_rejects_a_suboptimal_assignment_and_falls_back():
+    from polytopes.permutation import _certified, max_weight_assignment
+
+    U = torch.randn(6, 5, 5, dtype=torch.float64)
+    best = hungarian(U).argmax(-1)
+    worst = hungarian(-U).argmax(-1)
+    assert _certified(U, best).all() and not _certified(U, worst).any()
+    # a budget of one bidding round cannot finish: SciPy answers instead
+    from polytopes.permutation import auction_assignment
+
+    assert torch.equal(auction_assignment(U, max_rounds=1), hungarian(U))
+    assert torch.equal(max_weight_assignment(U, method="auction"), hungarian(U))
+    with pytest.raises(ValueError, match="method"):
+        max_weight_assignment(U, method="greedy")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auction_runs_on_the_device():
+    from polytopes.permutation import max_weight_assignment
+
+    U = torch.randn(16, 8, 8, device="cuda", dtype=torch.float64)
+    X = max_weight_assignment(U)
+    assert X.device == U.device
+    assert torch.equal(X.cpu(), hungarian(U.cpu()))
