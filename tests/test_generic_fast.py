@@ -224,3 +224,12 @@ def test_dispatch():
     x = cp.Variable(3)
     ball = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.norm(x, 2) <= 1])
     assert sstcvx.relaxation_solver(ball, "entropy")[1] == "generic"  # not linear: the conic path
+
+
+def test_cvxpylayers_backend_is_named_and_in_use():
+    """The conic layer is built with its backend named; a change of cvxpylayers' default must not swap it."""
+    P = declared_simplex(3)
+    relaxation, path = sstcvx.relaxation_solver(P, "entropy", solver="cvxpylayers")
+    assert path == "generic"
+    assert generic.settings.CONIC_BACKEND == "DIFFCP"
+    assert relaxation.layer.ctx.solver == generic.settings.CONIC_BACKEND

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import SolverError
 from .lp import AffineFeasibility
-from .settings import FEASIBILITY_TOLERANCE, GRADIENT_SLACK, default_solver_args, fallback_solver_args
+from .settings import CONIC_BACKEND, FEASIBILITY_TOLERANCE, GRADIENT_SLACK, default_solver_args, fallback_solver_args
 
 
 class GenericRelaxation:
@@ -53,7 +53,7 @@ class GenericRelaxation:
                 f"regularizer {regularizer.name!r} on {P.name}: the relaxed problem is not DPP "
                 "(the regularizer or the constraints must not multiply parameters)"
             )
-        self.layer = CvxpyLayer(problem, parameters=[self.u], variables=[x])
+        self.layer = CvxpyLayer(problem, parameters=[self.u], variables=[x], solver=CONIC_BACKEND)
         self.feasibility = AffineFeasibility(x, constraints)
         self.build_time = time.perf_counter() - start
 

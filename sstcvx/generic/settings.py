@@ -6,6 +6,10 @@ diffcp).  Measured accuracies of each choice are in ``docs/generic.md``.
 
 from __future__ import annotations
 
+#: The cvxpylayers backend, named so that a change of cvxpylayers' default cannot swap it (the
+#: settings below are diffcp's ``solver_args``; another backend would drop them silently).
+CONIC_BACKEND = "DIFFCP"
+
 #: Clarabel at tight tolerances: about 1e-8 from the closed forms on exponential cones (the entropies).
 CLARABEL_ARGS = {
     "solve_method": "Clarabel",
