@@ -1,6 +1,7 @@
 """The fast generic solver against the cvxpylayers path and the specialized solvers, on declared polytopes.
 
     python benchmarks/generic_fast.py [--quick] [--threads T] [--wall]
+    python benchmarks/generic_fast.py --moreau [--quick]   # needs the `moreau` extra
 
 For each declared polytope and regularizer: forward + backward time per instance at batch
 ``B`` (256; 64 with --quick) of the fast torch solver, of cvxpylayers/diffcp (timed on a
@@ -92,7 +93,46 @@ def forward_backward(P, U, G, reg, solver):
     return X.detach(), g
 
 
+_MOREAU = {}
+
+
+def moreau_forward_backward(P, U, G, reg):
+    """Moreau through cvxpylayers (backend "MOREAU", its default settings), built once per case."""
+    from cvxpylayers.torch import CvxpyLayer
+
+    key = (id(P), reg)
+    if key not in _MOREAU:
+        x, constraints = P.cvxpy_declaration()
+        u = cp.Parameter(x.shape)
+        f = sstcvx.get_regularizer(reg).cvxpy(x)
+        problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(u, x)) - f), constraints)
+        _MOREAU[key] = CvxpyLayer(problem, parameters=[u], variables=[x], solver="MOREAU")
+    U = U.detach().requires_grad_(True)
+    (X,) = _MOREAU[key](U)
+    (g,) = torch.autograd.grad((X * G).sum(), U)
+    return X.detach(), g
+
+
+def moreau_main(args):
+    B = 64 if args.quick else 256
+    torch.manual_seed(0)
+    print(f"forward+backward per instance at batch {B}: the fast solver against Moreau 0.4.1 through cvxpylayers (CPU)")
+    print(f"{'polytope':<30} {'regularizer':<15} | {'fast':>11} | {'moreau':>11} | {'moreau/fast':>11} | {'|dX|':>8}")
+    for P, reg, _S in list(cases())[:3] + [c for c in cases() if c[0].name.startswith("birkhoff")]:
+        U = torch.randn(B, *P.event_shape, dtype=torch.float64)
+        G = torch.randn(B, *P.event_shape, dtype=torch.float64)
+        times = interleaved({"fast": lambda: forward_backward(P, U, G, reg, "fast"),
+                             "moreau": lambda: moreau_forward_backward(P, U, G, reg)}, rounds=3, warmup=1)
+        X, _ = forward_backward(P, U, G, reg, "fast")
+        Xm, _ = moreau_forward_backward(P, U, G, reg)
+        print(f"{P.name:<30} {reg:<15} | {fmt(times['fast'] / B)} | {fmt(times['moreau'] / B)} | "
+              f"{times['moreau'] / times['fast']:11.1f} | {float((X - Xm).abs().max()):8.1e}", flush=True)
+
+
 def main(argv=None):
+    if "--moreau" in (sys.argv[1:] if argv is None else argv):
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--moreau"]
+        return moreau_main(benchmark_arguments(__doc__, "batch 64", argv))
     args = benchmark_arguments(__doc__, "batch 64 and fewer rounds", argv)
     B = 64 if args.quick else 256
     B_conic = 8 if args.quick else 16
