@@ -526,8 +526,7 @@ def solve(prob: DualProblem, name: str, Z: torch.Tensor, max_iter: int = MAX_ITE
         active = active & ~bad
 
     state = _State(prob, name, z * t[:, None], nu, s, mu, sc)
-    H = _hessian(prob, state, nu, s, jitter)
-    L = _cholesky(H) if m else H
+    L = _cholesky(_hessian(prob, state, nu, s, jitter)) if m else nu.new_zeros(B, 0, 0)
     if state.w is not None:
         near = ((state.a <= 1e-6 * (prob.wu - prob.wl)) & prob.w_art_lo) | (
             (state.rest <= 1e-6 * (prob.wu - prob.wl)) & prob.w_art_hi
