@@ -224,3 +224,13 @@ def test_dispatch():
     x = cp.Variable(3)
     ball = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.norm(x, 2) <= 1])
     assert sstcvx.relaxation_solver(ball, "entropy")[1] == "generic"  # not linear: the conic path
+
+
+def test_no_rows_is_a_closed_form():
+    """The hypercube has bounds only: X = sigmoid(z) for the binary entropy, clamp(z, 0, 1) for euclidean."""
+    x = cp.Variable(5)
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1])
+    U = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fast(P, U, 0.7, "binary_entropy"), torch.sigmoid(U / 0.7), atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast(P, U, 0.7, "euclidean"), (U / 0.7).clamp(0, 1), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda u: fast(P, u, 0.7, "binary_entropy"), (U,))

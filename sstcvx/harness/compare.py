@@ -394,6 +394,7 @@ def compare(
     hard: bool = True,
     generic: bool = True,
     dtype: torch.dtype = torch.float64,
+    generic_backend: str = "generic",
 ) -> ComparisonReport:
     """Run the generic path and a reference on the same utilities and report how they differ.
 
@@ -432,6 +433,10 @@ def compare(
         generic: run the generic path (False: time the reference alone, e.g. at sizes the
             generic path cannot reach).
         dtype: floating dtype of U.
+        generic_backend: the ``solver=`` of the compared path: ``"generic"`` (the fast torch solver
+            where it applies, cvxpylayers otherwise), ``"fast"`` or ``"cvxpylayers"``; with
+            ``reference="second_solver"`` (cvxpylayers) or ``"specialized"`` this puts any two
+            backends on the same utilities.
 
     Returns a :class:`ComparisonReport`.  Solver failures and warnings are counted in
     it, never raised; invalid arguments raise ``ValueError``/``TypeError``.
@@ -446,6 +451,8 @@ def compare(
     for t in taus:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"tau: expected finite temperatures > 0, got {t!r}")
+    if generic_backend not in ("generic", "fast", "cvxpylayers"):
+        raise ValueError(f"generic_backend: expected 'generic', 'fast' or 'cvxpylayers', got {generic_backend!r}")
     reference = {"specialised": "specialized"}.get(reference, reference) if isinstance(reference, str) else reference
     if reference not in REFERENCES:
         raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
@@ -488,7 +495,7 @@ def compare(
             # the hard samples' warnings and failures are counted once, in the first row
             rows.append(
                 _compare_one(P, reg, float(t), U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_args, repeats,
-                             hard_stats, hard_log if not rows else _Log(), generic, size)
+                             hard_stats, hard_log if not rows else _Log(), generic, size, generic_backend)
             )
     return ComparisonReport(rows)
 
@@ -505,7 +512,7 @@ def _reference(P, reg, reference, V, reference_solver_args):
     def brute(tau):
         if brute_exact:
             return _Path("brute force", lambda u: vertex_marginals(Pv, u / tau))
-        return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver="generic"))
+        return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver="cvxpylayers"))
 
     def specialized(tau):
         return _Path("specialized", lambda u: relax(P, u, tau, reg, solver="specialized"))
@@ -514,7 +521,7 @@ def _reference(P, reg, reference, V, reference_solver_args):
     args = dict(fallback_solver_args(default_solver_args(reg)) if reference_solver_args is None else reference_solver_args)
 
     def second(tau):
-        return _Path(f"second solver ({args.get('solve_method', '?')})", lambda u: relax(P, u, tau, reg, solver="generic", solver_args=args))
+        return _Path(f"second solver ({args.get('solve_method', '?')})", lambda u: relax(P, u, tau, reg, solver="cvxpylayers", solver_args=args))
 
     choice = reference
     if choice == "auto":
@@ -576,7 +583,7 @@ def _compare_hard(P, U, Ug, V, repeats, log, generic):
 
 
 def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_args, repeats, hard_stats, hard_log,
-                 generic, size):
+                 generic, size, generic_backend="generic"):
     row = Comparison(
         polytope=P.name,
         regularizer=reg.name,
@@ -608,7 +615,7 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
         layer = log.run("generic path (build)", generic_relaxation, P, reg)
         if layer is not None:
             row.build_time_generic = layer.build_time
-            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver="generic", solver_args=solver_args))
+            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver=generic_backend, solver_args=solver_args))
             X_gen, g_gen, ok_gen = gen.measure(Ug, Gg, log)
             if X_gen is not None and X_ref is not None:
                 rows = ok_gen & ok_ref[: Ug.shape[0]]
