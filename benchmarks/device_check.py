@@ -77,12 +77,12 @@ def declared_cases():
     import cvxpy as cp
 
     x = cp.Variable(20)
-    ksub = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 5], name="declared 5-subsets(20)")
+    ksub = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 5], name="declared 5-subsets(20)", recognize=False)
     M = cp.Variable((5, 5))
     birkhoff = sstcvx.Polytope.from_cvxpy(M, [M >= 0, cp.sum(M, axis=0) == 1, cp.sum(M, axis=1) == 1],
-                                          name="declared birkhoff(5)")
+                                          name="declared birkhoff(5)", recognize=False)
     y = cp.Variable(6)
-    path = sstcvx.Polytope.from_cvxpy(y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)")
+    path = sstcvx.Polytope.from_cvxpy(y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)", recognize=False)
     return [(ksub, "binary_entropy"), (ksub, "euclidean"), (birkhoff, "entropy"), (path, "binary_entropy")]
 
 

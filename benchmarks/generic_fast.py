@@ -34,26 +34,26 @@ from sstcvx.generic import fast_relaxation  # noqa: E402
 
 def declared_ksubset(n, k):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name=f"{k}-subsets({n})"), KSubset(n, k)
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name=f"{k}-subsets({n})", recognize=False), KSubset(n, k)
 
 
 def one_per_group(groups, size):
     x = cp.Variable((groups, size))
-    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name=f"one-per-group({groups}x{size})")
-    Q = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="one-per-group (registered softmax)")
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name=f"one-per-group({groups}x{size})", recognize=False)
+    Q = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="one-per-group (registered softmax)", recognize=False)
     sstcvx.register_relaxation(Q, "entropy")(lambda _P, Z: torch.softmax(Z, -1))
     return P, Q
 
 
 def path_independent_sets(n):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"independent-sets(path {n})")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"independent-sets(path {n})", recognize=False)
 
 
 def declared_birkhoff(n):
     M = cp.Variable((n, n))
     cons = [M >= 0, cp.sum(M, axis=0) == 1, cp.sum(M, axis=1) == 1]
-    return sstcvx.Polytope.from_cvxpy(M, cons, name=f"birkhoff({n})"), Permutation(n)
+    return sstcvx.Polytope.from_cvxpy(M, cons, name=f"birkhoff({n})", recognize=False), Permutation(n)
 
 
 def spanning_trees_by_flows(n):
@@ -68,7 +68,7 @@ def spanning_trees_by_flows(n):
             out = [a for a, (i, _) in enumerate(arcs) if i == v]
             inn = [a for a, (_, j) in enumerate(arcs) if j == v]
             cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == (1.0 if v == 0 else (-1.0 if v == k else 0.0)))
-    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"spanning-trees(K{n}, flows)")
+    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"spanning-trees(K{n}, flows)", recognize=False)
 
 
 def cases():
@@ -175,7 +175,7 @@ def scale_case(args):
     for i in range(m):
         G[i, torch.randperm(n)[:30]] = 1.0
     x = cp.Variable(n)
-    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, G.numpy() @ x <= 5], name=f"packing({n} vars, {m} rows)")
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, G.numpy() @ x <= 5], name=f"packing({n} vars, {m} rows)", recognize=False)
     for reg in ("binary_entropy", "euclidean"):
         F = fast_relaxation(P, sstcvx.get_regularizer(reg))
         U = 2 * torch.randn(B, n, dtype=torch.float64)

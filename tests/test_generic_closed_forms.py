@@ -177,7 +177,7 @@ def test_layer_is_built_once_and_reused():
     sstcvx.relax(P, torch.randn(2, 4), 1.0, "entropy", solver="cvxpylayers")
     cached = generic_cache.entries(P)
     sstcvx.relax(P, torch.randn(7, 3, 4), 0.1, "entropy", solver="cvxpylayers")
-    assert generic_cache.entries(P) == cached and len(cached) == 1
+    assert generic_cache.entries(P) == cached and ("relax", "builtin", "entropy") in cached
 
 
 def test_implausible_derivative_is_recomputed():

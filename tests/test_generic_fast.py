@@ -20,12 +20,12 @@ def fast(P, U, tau=1.0, reg="entropy"):
 
 def declared_simplex(n):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1])
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1], recognize=False)
 
 
 def path_independent_sets(n):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"IndependentSets(path {n})")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"IndependentSets(path {n})", recognize=False)
 
 
 def redundant_ksubset(n, k):
@@ -33,12 +33,12 @@ def redundant_ksubset(n, k):
     x = cp.Variable(n)
     cons = [x >= 0, x <= 1, cp.sum(x) == k, 2 * cp.sum(x) == 2 * k, cp.sum(x[: n // 2]) + cp.sum(x[n // 2 :]) == k,
             cp.sum(x) <= k + 1, x <= 2, cp.sum(x) >= k]
-    return sstcvx.Polytope.from_cvxpy(x, cons, name="RedundantKSubset")
+    return sstcvx.Polytope.from_cvxpy(x, cons, name="RedundantKSubset", recognize=False)
 
 
 def groups(n_groups, size):
     x = cp.Variable((n_groups, size))
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="OnePerGroup")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="OnePerGroup", recognize=False)
 
 
 def spanning_trees_by_flows(n):
@@ -57,7 +57,7 @@ def spanning_trees_by_flows(n):
             inn = [a for a, (i, j) in enumerate(arcs) if j == v]
             supply = 1.0 if v == 0 else (-1.0 if v == k else 0.0)
             cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == supply)
-    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})")
+    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})", recognize=False)
 
 
 def zero_one_points(P):
@@ -124,7 +124,7 @@ def test_extended_formulation_agrees_with_cvxpylayers():
     P = spanning_trees_by_flows(3)
     assert P.linear_form().n_aux > 0
     U = torch.randn(4, 3, dtype=torch.float64)
-    solution = generic.fast_relaxation(P, sstcvx.get_regularizer("binary_entropy")).solve(U / 0.7)
+    solution = generic.fast_relaxation(P, sstcvx.get_regularizer("binary_entropy"), with_auxiliary=True).solve(U / 0.7)
     assert (solution.status == 0).all()
     X = solution.x
     torch.testing.assert_close(X, sstcvx.relax(P, U, 0.7, "binary_entropy", solver="cvxpylayers"), atol=1e-6, rtol=0)
@@ -222,15 +222,23 @@ def test_dispatch():
     with pytest.raises(ValueError, match="solver='fast'"):
         sstcvx.relaxation_solver(P, tsallis, solver="fast")
     x = cp.Variable(3)
-    ball = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.norm(x, 2) <= 1])
+    ball = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.norm(x, 2) <= 1], recognize=False)
     assert sstcvx.relaxation_solver(ball, "entropy")[1] == "generic"  # not linear: the conic path
 
 
 def test_no_rows_is_a_closed_form():
     """The hypercube has bounds only: X = sigmoid(z) for the binary entropy, clamp(z, 0, 1) for euclidean."""
     x = cp.Variable(5)
-    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1])
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1], recognize=False)
     U = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(fast(P, U, 0.7, "binary_entropy"), torch.sigmoid(U / 0.7), atol=1e-12, rtol=0)
     torch.testing.assert_close(fast(P, U, 0.7, "euclidean"), (U / 0.7).clamp(0, 1), atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(lambda u: fast(P, u, 0.7, "binary_entropy"), (U,))
+
+
+def test_auxiliary_variables_stay_on_the_conic_path_unless_forced():
+    """Extended formulations measured slower on the fast solver: auto and generic keep cvxpylayers."""
+    P = spanning_trees_by_flows(3)
+    assert sstcvx.relaxation_solver(P, "binary_entropy")[1] == "generic"
+    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="generic")[1] == "generic"
+    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="fast")[1] == "fast"

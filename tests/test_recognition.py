@@ -215,7 +215,7 @@ def test_near_misses_are_not_recognized(name):
         P = NEAR_MISSES[name]()
     assert P.recognized is None, f"{name}: recognized as {P.recognized}"
     assert "recognized" not in repr(P)
-    assert sstcvx.relaxation_solver(P, "euclidean")[1] == "generic"
+    assert sstcvx.relaxation_solver(P, "euclidean")[1] in ("fast", "generic")  # the declared path, on either backend
 
 
 def test_a_redundant_upper_bound_keeps_the_simplex():
@@ -261,7 +261,7 @@ def test_recognized_declaration_uses_the_family_solvers(family, i, regularizers)
     V = P.vertices.reshape(P.vertices.shape[0], -1)
     for reg in regularizers:
         assert sstcvx.relaxation_solver(P, reg)[1] == "specialized"
-        assert sstcvx.relaxation_solver(P, reg, solver="generic")[1] == "generic"
+        assert sstcvx.relaxation_solver(P, reg, solver="generic")[1] in ("fast", "generic")  # the declared path, on either backend
         # the family's solver on the mapped utilities, mapped back (same ops: equal to rounding)
         Ur = U.clone().requires_grad_(True)
         X = sstcvx.relax(P, Ur, 0.7, reg)
@@ -294,7 +294,7 @@ def test_recognize_false_keeps_the_declared_path():
     x = v(8)
     P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 3], recognize=False)
     assert P.recognized is None and "recognized" not in repr(P)
-    assert sstcvx.relaxation_solver(P, "binary_entropy")[1] == "generic"
+    assert sstcvx.relaxation_solver(P, "binary_entropy")[1] in ("fast", "generic")  # the declared path, on either backend
     assert sstcvx.find_argmax(P) is None and P.vertices is None
     with pytest.raises(ValueError, match="specialized"):
         sstcvx.relax(P, torch.zeros(8, dtype=torch.float64), 1.0, "binary_entropy", solver="specialized")

@@ -128,20 +128,21 @@ def _double_backward(P, reg, solver):
 
 
 @pytest.mark.parametrize(
-    "make, reg, path",
+    "make, reg, path, solver",
     [
-        (declared_ksubset, "entropy", "generic path"),
-        (lambda: sstcvx.Polytope.from_vertices(torch.eye(4)), "exp_family_entropy", "vertex weights"),
+        (declared_ksubset, "entropy", "generic path", "cvxpylayers"),
+        (declared_ksubset, "entropy", "fast generic path", "fast"),
+        (lambda: sstcvx.Polytope.from_vertices(torch.eye(4)), "exp_family_entropy", "vertex weights", "generic"),
     ],
-    ids=["cvxpylayers", "vertex-weights"],
+    ids=["cvxpylayers", "fast", "vertex-weights"],
 )
-def test_generic_path_refuses_double_backward(make, reg, path):
+def test_generic_path_refuses_double_backward(make, reg, path, solver):
     P = make()
     with pytest.raises(sstcvx.SecondDerivativeError, match=rf"(?s){path}.*differentiable only once.*create_graph"):
-        _double_backward(P, reg, "generic")
+        _double_backward(P, reg, solver)
     # the first derivative is unaffected
     U = torch.randn(2, *P.event_shape, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(sstcvx.relax(P, U, 0.7, reg, solver="generic").sum(), U)
+    (grad,) = torch.autograd.grad(sstcvx.relax(P, U, 0.7, reg, solver=solver).sum(), U)
     assert torch.isfinite(grad).all()
 
 

@@ -76,6 +76,7 @@ import numpy as np
 import torch
 
 from ..errors import SolverError
+from .layer import refuse_double_backward
 
 #: The regularizers this solver serves.
 FAST_REGULARIZERS = ("entropy", "binary_entropy", "euclidean")
@@ -547,8 +548,8 @@ class _Backward(torch.autograd.Function):
         return X.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, G):
+        refuse_double_backward("the fast generic path")
         chol, Dx = ctx.saved_tensors
         prob = ctx.prob
         g = G.to(torch.float64)[:, prob.x_free]

@@ -168,8 +168,8 @@ def refuse_double_backward(path: str) -> None:
     """
     if torch.is_grad_enabled():
         raise SecondDerivativeError(
-            f"{path} is differentiable only once: its backward (a conic solver's derivative) has "
-            "no derivative of its own, so create_graph=True (a gradient penalty, a Hessian-vector "
+            f"{path} is differentiable only once: its backward (the solver's derivative at its "
+            "solution) has no derivative of its own, so create_graph=True (a gradient penalty, a Hessian-vector "
             "product, a meta-learning step) would silently miss its second-order terms. Use a "
             "specialized solver that is twice differentiable (solver='specialized' where the family "
             "has one), a closed form in torch, or finite differences of first derivatives"
