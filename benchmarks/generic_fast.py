@@ -104,7 +104,7 @@ def moreau_forward_backward(P, U, G, reg):
     if key not in _MOREAU:
         x, constraints = P.cvxpy_declaration()
         u = cp.Parameter(x.shape)
-        f = sstcvx.get_regularizer(reg).cvxpy(x)
+        f = sstcvx.regularizers.get_regularizer(reg).cvxpy(x)
         problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(u, x)) - f), constraints)
         _MOREAU[key] = CvxpyLayer(problem, parameters=[u], variables=[x], solver="MOREAU")
     U = U.detach().requires_grad_(True)
@@ -158,7 +158,7 @@ def main(argv=None):
         if S is not None:
             Xs, gs = forward_backward(S, U, G, reg, "specialized")
             d_spec, d_vjp = float((X - Xs).abs().max()), float((g - gs).abs().max())
-        status = fast_relaxation(P, sstcvx.get_regularizer(reg)).solve(U)
+        status = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg)).solve(U)
         fails = int((status.status != 0).sum())
         print(f"{P.name:<30} {reg:<15} | {fmt(per['fast'])} | {fmt(per['cvx'])} | "
               f"{fmt(per['spec']) if S is not None else '          -'} | {per['cvx'] / per['fast']:8.1f} | "
@@ -177,7 +177,7 @@ def scale_case(args):
     x = cp.Variable(n)
     P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, G.numpy() @ x <= 5], name=f"packing({n} vars, {m} rows)", recognize=False)
     for reg in ("binary_entropy", "euclidean"):
-        F = fast_relaxation(P, sstcvx.get_regularizer(reg))
+        F = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg))
         U = 2 * torch.randn(B, n, dtype=torch.float64)
         W = torch.randn(B, n, dtype=torch.float64)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

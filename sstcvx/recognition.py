@@ -31,7 +31,7 @@ Comparisons use a tolerance of 1e-9 relative to the row's scale, far below any d
 between distinct rational constraints of moderate size.  One extra row that cuts Q, a
 changed right-hand side, a missing bound or a looser box fails one of the two inclusions.
 
-**Routing.**  A recognized :class:`sstcvx.DeclaredPolytope` carries a :class:`Recognition`
+**Routing.**  A recognized :class:`sstcvx.polytope.DeclaredPolytope` carries a :class:`Recognition`
 as ``P.recognized``; :mod:`sstcvx.registry` then serves P with Q's registered solvers,
 composed with the coordinate map (:meth:`Recognition.relaxation`, :meth:`Recognition.argmax`).
 

@@ -53,13 +53,13 @@ def test_compare_family_prints_a_table_and_writes_json_and_csv(capsys, tmp_path)
     assert status == 0, err
     assert "KSubset(n=6, k=2)" in out and "max|dX|" in out and "specialized" in out
     assert f"wrote JSON to {json_path}" in out and csv_path.exists()
-    report = sstcvx.ComparisonReport.from_json(json_path)
+    report = sstcvx.harness.report.ComparisonReport.from_json(json_path)
     assert [r.regularizer for r in report] == ["euclidean", "binary_entropy"]
     assert all(r.tau == 0.5 and r.batch == 3 and r.max_abs_diff < 1e-4 for r in report)
     data = json.loads(json_path.read_text())
     for values in data["configurations"].values():
         assert {"max_abs_diff", "max_abs_grad_diff", "time_generic", "time_specialized", "speedup"} <= set(values)
-    assert sstcvx.ComparisonReport.from_json(report.to_json()) == report
+    assert sstcvx.harness.report.ComparisonReport.from_json(report.to_json()) == report
 
 
 def test_compare_family_defaults_to_its_regularizers(capsys):

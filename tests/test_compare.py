@@ -139,13 +139,13 @@ def test_json_round_trip_and_keys(ksubset_report, tmp_path):
     assert len(data["configurations"]) == 3
     for values in data["configurations"].values():
         assert REQUIRED_KEYS <= set(values)
-    assert sstcvx.ComparisonReport.from_json(text) == ksubset_report
+    assert sstcvx.harness.report.ComparisonReport.from_json(text) == ksubset_report
     path = tmp_path / "report.json"
     ksubset_report.to_json(path)
-    assert sstcvx.ComparisonReport.from_json(path) == ksubset_report
+    assert sstcvx.harness.report.ComparisonReport.from_json(path) == ksubset_report
     twice = ksubset_report + ksubset_report  # repeated configurations keep distinct keys
     assert len(json.loads(twice.to_json())["configurations"]) == 6
-    assert sstcvx.ComparisonReport.from_json(twice.to_json()) == twice
+    assert sstcvx.harness.report.ComparisonReport.from_json(twice.to_json()) == twice
 
 
 def test_csv_and_table(ksubset_report, tmp_path):

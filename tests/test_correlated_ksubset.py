@@ -243,7 +243,7 @@ def test_registered_for_the_tooling():
     P = family(10)
     assert isinstance(P, CorrelatedKSubset) and (P.n, P.k) == (10, 3)
     assert family(6, 2).k == 2
-    assert sstcvx.specialized_regularizers(P) == ["exp_family_entropy"]
+    assert sstcvx.registry.specialized_regularizers(P) == ["exp_family_entropy"]
 
 
 def test_compare_checks_the_declaration_and_the_specialized_solver():

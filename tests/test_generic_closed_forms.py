@@ -184,7 +184,7 @@ def test_implausible_derivative_is_recomputed():
     """A case where diffcp's derivative from Clarabel's solution was off by 3e4 (one element)."""
     g = torch.Generator().manual_seed(0)
     theta = torch.randn((16, 10), generator=g)
-    U = theta + sstcvx.get_noise("gumbel").sample(theta.shape, dtype=torch.float64, generator=g)
+    U = theta + sstcvx.noise.get_noise("gumbel").sample(theta.shape, dtype=torch.float64, generator=g)
     G = torch.randn(U.shape, generator=g)
     P = simplex(10)
     u = U.clone().requires_grad_()

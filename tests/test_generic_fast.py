@@ -124,7 +124,7 @@ def test_extended_formulation_agrees_with_cvxpylayers():
     P = spanning_trees_by_flows(3)
     assert P.linear_form().n_aux > 0
     U = torch.randn(4, 3, dtype=torch.float64)
-    solution = generic.fast_relaxation(P, sstcvx.get_regularizer("binary_entropy"), with_auxiliary=True).solve(U / 0.7)
+    solution = generic.fast_relaxation(P, sstcvx.regularizers.get_regularizer("binary_entropy"), with_auxiliary=True).solve(U / 0.7)
     assert (solution.status == 0).all()
     X = solution.x
     torch.testing.assert_close(X, sstcvx.relax(P, U, 0.7, "binary_entropy", solver="cvxpylayers"), atol=1e-6, rtol=0)
@@ -198,7 +198,7 @@ def test_batch_shapes_and_no_batch():
 def test_non_converging_element_falls_back_then_is_named(monkeypatch):
     P = declared_simplex(4)
     U = torch.randn(3, 4, dtype=torch.float64)
-    relaxation = generic.fast_relaxation(P, sstcvx.get_regularizer("entropy"))
+    relaxation = generic.fast_relaxation(P, sstcvx.regularizers.get_regularizer("entropy"))
     monkeypatch.setattr(relaxation, "max_iter", 1)
     with pytest.warns(RuntimeWarning, match="batch element 0 did not converge"):
         X = fast(P, U)

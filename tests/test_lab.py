@@ -60,7 +60,7 @@ def test_exact_gradient_on_the_simplex_is_the_softmax_gradient():
     assert torch.allclose(exact_gradient(P, theta, loss), p * (c - p @ c), atol=1e-12)
     # with Gumbel noise of scale s the law is softmax(theta / s)
     p2 = torch.softmax(theta / 2, 0)
-    assert torch.allclose(exact_gradient(P, theta, loss, sstcvx.Gumbel(2.0)), p2 * (c - p2 @ c) / 2, atol=1e-12)
+    assert torch.allclose(exact_gradient(P, theta, loss, sstcvx.noise.Gumbel(2.0)), p2 * (c - p2 @ c) / 2, atol=1e-12)
     # no closed form with Gaussian noise on the simplex, none on k-subsets
     assert exact_gradient(P, theta, loss, "gaussian") is None
     assert exact_gradient(KSubset(5, 2), theta, loss) is None
@@ -164,12 +164,12 @@ def test_estimators_return_per_sample_gradients_with_thetas_dtype():
     theta, loss, g = _setup(P, 0)
     for est in (Relaxed(0.5, "binary_entropy"), StraightThrough(0.5, "euclidean"), ScoreFunction("running_mean"),
                 ScoreFunction("leave_one_out", k=4)):
-        G = est(P, theta, loss, sstcvx.Gumbel(), 8, g)
+        G = est(P, theta, loss, sstcvx.noise.Gumbel(), 8, g)
         assert G.shape == (8, 5) and G.dtype == F64 and torch.isfinite(G).all()
     # the relaxed estimator's rows are the gradients of L(X_tau) at each U (checked on one row by autograd)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    G = Relaxed(0.5, "binary_entropy")(P, theta, loss, sstcvx.Gumbel(), 3, g1)
-    eps = sstcvx.Gumbel().sample((3, 5), dtype=F64, generator=g2)
+    G = Relaxed(0.5, "binary_entropy")(P, theta, loss, sstcvx.noise.Gumbel(), 3, g1)
+    eps = sstcvx.noise.Gumbel().sample((3, 5), dtype=F64, generator=g2)
     t = theta.clone().requires_grad_()
     (direct,) = torch.autograd.grad(loss(sstcvx.relax(P, (t + eps[1:2]), 0.5, "binary_entropy")).sum(), t)
     assert torch.allclose(G[1], direct, atol=1e-10)
@@ -233,7 +233,7 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="tau"):
         Relaxed(0.0)
     with pytest.raises(ValueError, match="multiple of the group size"):
-        ScoreFunction("leave_one_out", k=4)(P, torch.zeros(5, dtype=F64), make_loss("linear", P), sstcvx.Gumbel(), 6)
+        ScoreFunction("leave_one_out", k=4)(P, torch.zeros(5, dtype=F64), make_loss("linear", P), sstcvx.noise.Gumbel(), 6)
 
 
 def test_non_finite_and_misshapen_losses_raise_clear_errors():
@@ -247,7 +247,7 @@ def test_non_finite_and_misshapen_losses_raise_clear_errors():
     with pytest.raises(LossError, match="non-finite value nan at sample 3"):
         run_lab(P, nan_loss, samples=10, reference_samples=100)
     with pytest.raises(LossError, match="non-finite"):
-        Relaxed(1.0, "binary_entropy")(P, torch.zeros(5, dtype=F64), lambda X: torch.log(X[:, 0] - 2), sstcvx.Gumbel(), 4)
+        Relaxed(1.0, "binary_entropy")(P, torch.zeros(5, dtype=F64), lambda X: torch.log(X[:, 0] - 2), sstcvx.noise.Gumbel(), 4)
     with pytest.raises(LossError, match=r"one value per sample, shape \(\d+,\)"):
         run_lab(P, lambda X: X, samples=10, reference_samples=100)
 

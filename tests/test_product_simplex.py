@@ -103,4 +103,4 @@ def test_registered_family():
     P = family(3, 2)
     assert isinstance(P, ProductSimplex) and tuple(P.event_shape) == (3, 2)
     assert tuple(family(4).event_shape) == (4, 4)
-    assert set(family.regularizers) <= set(sstcvx.specialized_regularizers(P))
+    assert set(family.regularizers) <= set(sstcvx.registry.specialized_regularizers(P))

@@ -295,7 +295,7 @@ def test_recognize_false_keeps_the_declared_path():
     P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 3], recognize=False)
     assert P.recognized is None and "recognized" not in repr(P)
     assert sstcvx.relaxation_solver(P, "binary_entropy")[1] in ("fast", "generic")  # the declared path, on either backend
-    assert sstcvx.find_argmax(P) is None and P.vertices is None
+    assert sstcvx.registry.find_argmax(P) is None and P.vertices is None
     with pytest.raises(ValueError, match="specialized"):
         sstcvx.relax(P, torch.zeros(8, dtype=torch.float64), 1.0, "binary_entropy", solver="specialized")
     with pytest.raises(TypeError, match="recognize"):
@@ -305,7 +305,7 @@ def test_recognize_false_keeps_the_declared_path():
 def test_an_instance_solver_overrides_the_family_and_specialized_lists_both():
     x = v(5)
     P = declare(x, [x >= 0, cp.sum(x) == 1])
-    assert {"entropy", "euclidean", "exp_family_entropy"} <= set(sstcvx.specialized_regularizers(P))
+    assert {"entropy", "euclidean", "exp_family_entropy"} <= set(sstcvx.registry.specialized_regularizers(P))
     sstcvx.register_relaxation(P, "entropy")(lambda P, Z: torch.full_like(Z, 0.2))
     assert torch.equal(sstcvx.relax(P, torch.zeros(5), 1.0, "entropy"), torch.full((5,), 0.2))
 

@@ -101,7 +101,7 @@ def test_specialized_tree_solvers_under_threads_match_one_thread():
 
     def work(i):
         for j in itertools.chain(range(i % len(cases), len(cases)), range(i % len(cases))):
-            for reg in sstcvx.specialized_regularizers(cases[j]):
+            for reg in sstcvx.registry.specialized_regularizers(cases[j]):
                 results[(i, j, reg)] = sstcvx.relax(cases[j], inputs[j], 0.5, reg)
             results[(i, j, "argmax")] = sstcvx.argmax(cases[j], inputs[j])
 
@@ -158,7 +158,7 @@ SPECIALIZED = [
 def test_every_non_tree_family_is_listed():
     """The list below covers every specialized relaxation of these families (trees: elsewhere)."""
     for P, regs in SPECIALIZED:
-        assert tuple(sorted(regs)) == tuple(sorted(sstcvx.specialized_regularizers(P))), P.name
+        assert tuple(sorted(regs)) == tuple(sorted(sstcvx.registry.specialized_regularizers(P))), P.name
 
 
 @pytest.mark.parametrize(
@@ -178,9 +178,9 @@ def test_specialized_relaxation_is_twice_differentiable(P, reg):
 
 
 def _layers(P):
-    yield generic.generic_relaxation(P, sstcvx.get_regularizer("entropy")).layer
+    yield generic.generic_relaxation(P, sstcvx.regularizers.get_regularizer("entropy")).layer
     V = sstcvx.Polytope.from_vertices(torch.eye(3))
-    yield generic.generic_relaxation(V, sstcvx.get_regularizer("exp_family_entropy")).lifted.layer
+    yield generic.generic_relaxation(V, sstcvx.regularizers.get_regularizer("exp_family_entropy")).lifted.layer
 
 
 def test_every_generic_layer_uses_the_named_backend():
@@ -204,7 +204,7 @@ def test_a_changed_cvxpylayers_default_does_not_change_the_backend(monkeypatch):
     U = torch.randn(2, 4, dtype=torch.float64)
     X = sstcvx.relax(P, U, 1.0, "euclidean", solver="generic")
     assert ((X.sum(-1) - 2).abs() < 1e-6).all()
-    assert generic.generic_relaxation(P, sstcvx.get_regularizer("euclidean")).layer.ctx.solver == "DIFFCP"
+    assert generic.generic_relaxation(P, sstcvx.regularizers.get_regularizer("euclidean")).layer.ctx.solver == "DIFFCP"
 
 
 def test_pyproject_bounds_hold_the_tested_versions():
@@ -257,9 +257,9 @@ POLYTOPES = [
 def _use(P, U):
     """Hard samples on both paths and relaxed samples on every path P has; returns them."""
     out = [sstcvx.argmax(P, U, solver="generic"), sstcvx.argmax(P, U)]
-    for reg in sstcvx.specialized_regularizers(P):
+    for reg in sstcvx.registry.specialized_regularizers(P):
         out.append(sstcvx.relax(P, U, 0.5, reg))
-    if not sstcvx.specialized_regularizers(P):
+    if not sstcvx.registry.specialized_regularizers(P):
         out.append(sstcvx.relax(P, U, 0.5, "euclidean", solver="generic"))
     return out
 
@@ -279,7 +279,7 @@ def test_polytopes_pickle_and_copy_before_and_after_use(make):
 def test_regularizers_pickle_and_copy():
     P = declared_ksubset(4, 2)
     U = torch.randn(2, 4, dtype=torch.float64)
-    for reg in (sstcvx.get_regularizer(name) for name in ("entropy", "euclidean", "exp_family_entropy")):
+    for reg in (sstcvx.regularizers.get_regularizer(name) for name in ("entropy", "euclidean", "exp_family_entropy")):
         for how, copied in _round_trips(reg).items():
             assert copied.name == reg.name, how
     mine = sstcvx.Regularizer.from_cvxpy(squared_norm, name="sq")

@@ -11,7 +11,7 @@ import sstcvx
 from sstcvx.families import families as registered_families
 from sstcvx.families import load_errors
 
-from .compare import ComparisonReport
+from .report import ComparisonReport
 
 
 def run_tour(out=print, seed: int = 0) -> None:
