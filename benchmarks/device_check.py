@@ -55,7 +55,9 @@ def check_case(P, regularizer, batch, device, generator, solver="specialized") -
         dg = float((g.double().cpu() - g_ref).abs().max()) / scale
         good = same_place and dx <= tol and dg <= tol and bool(torch.isfinite(X).all())
         ok &= good
-        parts.append(f"{str(dtype)[6:]}: |dX| {dx:.1e} |dVJP|/max {dg:.1e}{'' if same_place else ' WRONG DEVICE/DTYPE'}")
+        parts.append(
+            f"{str(dtype)[6:]}: |dX| {dx:.1e} |dVJP|/max {dg:.1e}{'' if same_place else ' WRONG DEVICE/DTYPE'}"
+        )
     U, G = U64.to(device), G64.to(device)
     t_dev = synchronized_median(lambda: relax_and_vjp(P, U, G, regularizer, solver), device)
     t_cpu = synchronized_median(lambda: relax_and_vjp(P, U64, G64, regularizer, solver), torch.device("cpu"))
@@ -69,7 +71,10 @@ def check_argmax(P, batch, device, generator) -> tuple[bool, str]:
     X = sstcvx.argmax(P, U.to(device), solver="specialized")
     ok = X.device == U.to(device).device and torch.equal(X.cpu(), X_ref)
     t_dev = synchronized_median(lambda: sstcvx.argmax(P, U.to(device), solver="specialized"), device)
-    return ok, f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms"
+    return (
+        ok,
+        f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms",
+    )
 
 
 def declared_cases():
@@ -77,12 +82,17 @@ def declared_cases():
     import cvxpy as cp
 
     x = cp.Variable(20)
-    ksub = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 5], name="declared 5-subsets(20)", recognize=False)
+    ksub = sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, cp.sum(x) == 5], name="declared 5-subsets(20)", recognize=False
+    )
     M = cp.Variable((5, 5))
-    birkhoff = sstcvx.Polytope.from_cvxpy(M, [M >= 0, cp.sum(M, axis=0) == 1, cp.sum(M, axis=1) == 1],
-                                          name="declared birkhoff(5)", recognize=False)
+    birkhoff = sstcvx.Polytope.from_cvxpy(
+        M, [M >= 0, cp.sum(M, axis=0) == 1, cp.sum(M, axis=1) == 1], name="declared birkhoff(5)", recognize=False
+    )
     y = cp.Variable(6)
-    path = sstcvx.Polytope.from_cvxpy(y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)", recognize=False)
+    path = sstcvx.Polytope.from_cvxpy(
+        y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)", recognize=False
+    )
     return [(ksub, "binary_entropy"), (ksub, "euclidean"), (birkhoff, "entropy"), (path, "binary_entropy")]
 
 
@@ -95,7 +105,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     failures = 0
     for family in families().values():
         P = family(family.quick_device_check_n if args.quick else family.device_check_n)

@@ -26,28 +26,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, fmt, interleaved  # noqa: E402
-from polytopes import KSubset, Permutation  # noqa: E402
-from sstcvx.generic import fast_relaxation  # noqa: E402
+from _timing import benchmark_arguments, fmt, interleaved
+
+import sstcvx
+from polytopes import KSubset, Permutation
+from sstcvx.generic import fast_relaxation
 
 
 def declared_ksubset(n, k):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name=f"{k}-subsets({n})", recognize=False), KSubset(n, k)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, cp.sum(x) == k], name=f"{k}-subsets({n})", recognize=False
+    ), KSubset(n, k)
 
 
 def one_per_group(groups, size):
     x = cp.Variable((groups, size))
-    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name=f"one-per-group({groups}x{size})", recognize=False)
-    Q = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="one-per-group (registered softmax)", recognize=False)
+    P = sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, cp.sum(x, axis=1) == 1], name=f"one-per-group({groups}x{size})", recognize=False
+    )
+    Q = sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, cp.sum(x, axis=1) == 1], name="one-per-group (registered softmax)", recognize=False
+    )
     sstcvx.register_relaxation(Q, "entropy")(lambda _P, Z: torch.softmax(Z, -1))
     return P, Q
 
 
 def path_independent_sets(n):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"independent-sets(path {n})", recognize=False)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"independent-sets(path {n})", recognize=False
+    )
 
 
 def declared_birkhoff(n):
@@ -121,12 +130,21 @@ def moreau_main(args):
     for P, reg, _S in list(cases())[:3] + [c for c in cases() if c[0].name.startswith("birkhoff")]:
         U = torch.randn(B, *P.event_shape, dtype=torch.float64)
         G = torch.randn(B, *P.event_shape, dtype=torch.float64)
-        times = interleaved({"fast": lambda: forward_backward(P, U, G, reg, "fast"),
-                             "moreau": lambda: moreau_forward_backward(P, U, G, reg)}, rounds=3, warmup=1)
+        times = interleaved(
+            {
+                "fast": lambda: forward_backward(P, U, G, reg, "fast"),
+                "moreau": lambda: moreau_forward_backward(P, U, G, reg),
+            },
+            rounds=3,
+            warmup=1,
+        )
         X, _ = forward_backward(P, U, G, reg, "fast")
         Xm, _ = moreau_forward_backward(P, U, G, reg)
-        print(f"{P.name:<30} {reg:<15} | {fmt(times['fast'] / B)} | {fmt(times['moreau'] / B)} | "
-              f"{times['moreau'] / times['fast']:11.1f} | {float((X - Xm).abs().max()):8.1e}", flush=True)
+        print(
+            f"{P.name:<30} {reg:<15} | {fmt(times['fast'] / B)} | {fmt(times['moreau'] / B)} | "
+            f"{times['moreau'] / times['fast']:11.1f} | {float((X - Xm).abs().max()):8.1e}",
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -145,8 +163,10 @@ def main(argv=None):
     for P, reg, S in cases():
         U = torch.randn(B, *P.event_shape, dtype=torch.float64)
         G = torch.randn(B, *P.event_shape, dtype=torch.float64)
-        fns = {"fast": lambda: forward_backward(P, U, G, reg, "fast"),
-               "cvx": lambda: forward_backward(P, U[:B_conic], G[:B_conic], reg, "cvxpylayers")}
+        fns = {
+            "fast": lambda: forward_backward(P, U, G, reg, "fast"),
+            "cvx": lambda: forward_backward(P, U[:B_conic], G[:B_conic], reg, "cvxpylayers"),
+        }
         if S is not None:
             fns["spec"] = lambda: forward_backward(S, U, G, reg, "specialized")
         times = interleaved(fns, rounds=rounds, warmup=1)
@@ -160,10 +180,13 @@ def main(argv=None):
             d_spec, d_vjp = float((X - Xs).abs().max()), float((g - gs).abs().max())
         status = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg)).solve(U)
         fails = int((status.status != 0).sum())
-        print(f"{P.name:<30} {reg:<15} | {fmt(per['fast'])} | {fmt(per['cvx'])} | "
-              f"{fmt(per['spec']) if S is not None else '          -'} | {per['cvx'] / per['fast']:8.1f} | "
-              f"{per['fast'] / per['spec'] if S is not None else float('nan'):9.2f} | {d_cvx:8.1e} | {d_spec:9.1e} | {d_vjp:11.1e}"
-              + (f"  ({fails} of {B} to the conic fallback)" if fails else ""), flush=True)
+        print(
+            f"{P.name:<30} {reg:<15} | {fmt(per['fast'])} | {fmt(per['cvx'])} | "
+            f"{fmt(per['spec']) if S is not None else '          -'} | {per['cvx'] / per['fast']:8.1f} | "
+            f"{per['fast'] / per['spec'] if S is not None else float('nan'):9.2f} | {d_cvx:8.1e} | {d_spec:9.1e} | {d_vjp:11.1e}"
+            + (f"  ({fails} of {B} to the conic fallback)" if fails else ""),
+            flush=True,
+        )
     scale_case(args)
 
 
@@ -175,7 +198,9 @@ def scale_case(args):
     for i in range(m):
         G[i, torch.randperm(n)[:30]] = 1.0
     x = cp.Variable(n)
-    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, G.numpy() @ x <= 5], name=f"packing({n} vars, {m} rows)", recognize=False)
+    P = sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, G.numpy() @ x <= 5], name=f"packing({n} vars, {m} rows)", recognize=False
+    )
     for reg in ("binary_entropy", "euclidean"):
         F = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg))
         U = 2 * torch.randn(B, n, dtype=torch.float64)
@@ -184,9 +209,12 @@ def scale_case(args):
         times = interleaved({"fast": lambda: forward_backward(P, U, W, reg, "fast")}, rounds=1, warmup=1)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         sol = F.solve(U)
-        print(f"scale: {P.name} {reg:<15} batch {B}: {fmt(times['fast'])} per batch ({fmt(times['fast'] / B)} per instance), "
-              f"Newton steps median {int(sol.iterations.median())} max {int(sol.iterations.max())}, "
-              f"converged {int((sol.status == 0).sum())}/{B}, peak RSS growth {(after - before) / 1024:.0f} MiB", flush=True)
+        print(
+            f"scale: {P.name} {reg:<15} batch {B}: {fmt(times['fast'])} per batch ({fmt(times['fast'] / B)} per instance), "
+            f"Newton steps median {int(sol.iterations.median())} max {int(sol.iterations.max())}, "
+            f"converged {int((sol.status == 0).sum())}/{B}, peak RSS growth {(after - before) / 1024:.0f} MiB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -46,16 +46,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
-from polytopes import Hypercube, KSubset, Simplex  # noqa: E402
-from polytopes.ksubset import k_subset_marginals  # noqa: E402
-from sstcvx.enumeration import vertex_marginals as enumerated_marginals  # noqa: E402
+from _timing import benchmark_arguments, clock, fmt, median_time
 
-
-
-
-
+import sstcvx
+from polytopes import Hypercube, KSubset, Simplex
+from polytopes.ksubset import k_subset_marginals
+from sstcvx.enumeration import vertex_marginals as enumerated_marginals
 
 # ------------------------------------------------------------------------------------------------
 # 1. the dynamic program against numpy with finite differences
@@ -148,7 +144,9 @@ def generic_section(quick: bool, rounds: int):
     print()
     print("2. specialized vs generic (CVXPY/cvxpylayers), forward + backward, time per instance, float64, tau = 0.5")
     print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-    print(f"   {'polytope':<22} {'regularizer':<18} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8}")
+    print(
+        f"   {'polytope':<22} {'regularizer':<18} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8}"
+    )
     cases = []
     for n in sizes:
         cases += [(KSubset(n, n // 3), r) for r in ("binary_entropy", "euclidean", "exp_family_entropy")]

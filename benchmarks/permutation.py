@@ -43,14 +43,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
-from polytopes import Permutation  # noqa: E402
-from polytopes.permutation import hungarian  # noqa: E402
+from _timing import benchmark_arguments, clock, fmt, median_time
 
-
-
-
+import sstcvx
+from polytopes import Permutation
+from polytopes.permutation import hungarian
 
 
 def gumbel_utilities(batch, n, scale, generator):
@@ -75,10 +72,14 @@ def forward_backward(P, U, G, tau, solver, regularizer="entropy"):
 def relaxation_section(quick: bool, rounds: int, generator):
     cap = 8 if quick else 32
     for regularizer, method in (("entropy", "Sinkhorn"), ("euclidean", "Birkhoff projection")):
-        print(f"1. {regularizer} relaxation ({method}), specialized vs generic (CVXPY/cvxpylayers), forward + backward,")
+        print(
+            f"1. {regularizer} relaxation ({method}), specialized vs generic (CVXPY/cvxpylayers), forward + backward,"
+        )
         print("   time per instance, float64, tau = 1, theta ~ N(0, 1) + Gumbel")
         print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-        print(f"   {'n':>3} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}")
+        print(
+            f"   {'n':>3} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}"
+        )
         for n in (3, 5, 8):
             P = Permutation(n)
             generic_per_instance = {}
@@ -93,9 +94,14 @@ def relaxation_section(quick: bool, rounds: int, generator):
                         run = forward_backward(P, U[:b], G[:b], 1.0, "generic", regularizer)
                         generic_per_instance[b] = median_time(run, rounds) / b
                         diff = (
-                            sstcvx.relax(P, U[:b], 1.0, regularizer, solver="generic")
-                            - sstcvx.relax(P, U[:b], 1.0, regularizer, solver="specialized")
-                        ).abs().max().item()
+                            (
+                                sstcvx.relax(P, U[:b], 1.0, regularizer, solver="generic")
+                                - sstcvx.relax(P, U[:b], 1.0, regularizer, solver="specialized")
+                            )
+                            .abs()
+                            .max()
+                            .item()
+                        )
                 slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
                 print(f"   {n:>3} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | {slow / fast:7.0f}x | {diff:12.1e}")
         print()
@@ -146,7 +152,9 @@ def hungarian_section(quick: bool, rounds: int, generator):
     print(f"2. hard samples (maximum-weight assignment), batch {batch}, U = N(0, 1) + Gumbel, float64")
     print("   ours = polytopes.permutation.hungarian (SciPy linear_sum_assignment per element, CPU)")
     print("   nx-full = networkx bipartite.minimum_weight_full_matching (weights max(U) - U + 1)")
-    print(f"   nx-blossom = networkx max_weight_matching(maxcardinality=True), timed on {blossom_subset} elements, scaled")
+    print(
+        f"   nx-blossom = networkx max_weight_matching(maxcardinality=True), timed on {blossom_subset} elements, scaled"
+    )
     print("   graphs built before timing; 'same' = all assignments equal to ours")
     print(f"   {'n':>3} | {'ours':>11} | {'nx-full':>11} | {'ratio':>7} | {'nx-blossom':>11} | {'ratio':>7} | same")
     for n in (10, 30, 50):

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import sstcvx  # noqa: E402
+import sstcvx
 
 
 def one_item_per_group(groups: int, items: int) -> sstcvx.Polytope:
@@ -126,7 +126,9 @@ def plot(path, curves):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--items", type=int, default=4, help="items per group")
     p.add_argument("--features", type=int, default=5, help="context dimension")
@@ -137,8 +139,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--compare-batch", type=int, default=16, help="utilities compared by sstcvx.compare")
-    p.add_argument("--cvxpylayers-steps", type=int, default=10,
-                   help="steps timed on the cvxpylayers backend of the generic path (ms per instance each)")
+    p.add_argument(
+        "--cvxpylayers-steps",
+        type=int,
+        default=10,
+        help="steps timed on the cvxpylayers backend of the generic path (ms per instance each)",
+    )
     _common.add_run_arguments(p, "custom_polytope")
     args = p.parse_args(argv)
     if args.tiny:
@@ -174,8 +180,11 @@ def main(argv=None) -> dict:
         "speedup": row.speedup,
     }
 
-    rows = [[name, r["seconds_per_step"] * 1e3, r["final_loss"], r["accuracy"], r["vertices"]]
-            for name, r in results.items() if name != "compare"]
+    rows = [
+        [name, r["seconds_per_step"] * 1e3, r["final_loss"], r["accuracy"], r["vertices"]]
+        for name, r in results.items()
+        if name != "compare"
+    ]
     title = (
         f"{P.name}, entropy, tau={args.tau}, {args.steps} steps of batch {args.batch_size}; "
         f"generic vs specialized X_tau on the same U: max |dX| = {row.max_abs_diff:.2g}, "

@@ -8,7 +8,7 @@ See docs/design.md for the mathematics.
 """
 
 from . import enumeration as _enumeration
-from ._version import __version__
+from ._version import __version__ as __version__
 from .distributions import RelaxedStochasticArgmax, StochasticArgmax, StraightThroughStochasticArgmax
 from .errors import SecondDerivativeError, SolverError
 from .harness.compare import compare

@@ -208,7 +208,7 @@ def test_bad_relax_arguments():
         sstcvx.relax(P, U, tau=torch.ones(3))
     with pytest.raises(ValueError, match=r"U: expected shape \(\*batch, 6\).*got \(2, 5\)"):
         sstcvx.relax(P, torch.randn(2, 5))
-    with pytest.raises(ValueError, match="tau: U / tau overflows torch.float32"):
+    with pytest.raises(ValueError, match=r"tau: U / tau overflows torch\.float32"):
         sstcvx.relax(P, torch.full((6,), 1e30), tau=1e-10)
     with pytest.raises(ValueError, match="U: expected finite values"):
         sstcvx.relax(P, torch.tensor([[float("nan")] * 6]))
@@ -218,7 +218,7 @@ def test_bad_relax_arguments():
         sstcvx.relax(P, U, regularizer="entropie")
     with pytest.raises(ValueError, match="solver: expected one of"):
         sstcvx.relax(P, U, solver="fastest")
-    with pytest.raises(TypeError, match="P: expected an sstcvx.Polytope"):
+    with pytest.raises(TypeError, match=r"P: expected an sstcvx\.Polytope"):
         sstcvx.relax("simplex", U)
     with pytest.raises(ValueError, match="mode: expected one of"):
         sstcvx.sample(P, U, mode="soft")
@@ -227,7 +227,7 @@ def test_bad_relax_arguments():
     with pytest.raises(ValueError, match=r"theta: expected shape"):
         sstcvx.sample(P, torch.randn(7))
     nonconvex = sstcvx.Regularizer.from_cvxpy(lambda x: -cp.sum_squares(x), name="concave")
-    with pytest.raises(ValueError, match="regularizer 'concave'.*not convex"):
+    with pytest.raises(ValueError, match=r"regularizer 'concave'.*not convex"):
         sstcvx.relax(P, U, regularizer=nonconvex)
 
 
@@ -254,5 +254,6 @@ def test_british_spelling_of_solver_values_is_an_alias():
     P = Simplex(4)
     U = torch.randn(2, 4, dtype=torch.float64)
     torch.testing.assert_close(
-        sstcvx.relax(P, U, 1.0, "entropy", solver="specialised"), sstcvx.relax(P, U, 1.0, "entropy", solver="specialized")
+        sstcvx.relax(P, U, 1.0, "entropy", solver="specialised"),
+        sstcvx.relax(P, U, 1.0, "entropy", solver="specialized"),
     )

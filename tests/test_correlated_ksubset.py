@@ -39,7 +39,11 @@ def reference_log_partition(theta, phi, k):
         new = []
         for c in range(k + 1):
             zero = torch.logsumexp(torch.stack(table[c]), 0)
-            one = theta[i] + torch.logsumexp(torch.stack([table[c - 1][0], table[c - 1][1] + phi[i - 1]]), 0) if c else minus_inf
+            one = (
+                theta[i] + torch.logsumexp(torch.stack([table[c - 1][0], table[c - 1][1] + phi[i - 1]]), 0)
+                if c
+                else minus_inf
+            )
             new.append([zero, one])
         table = new
     return torch.logsumexp(torch.stack(table[k]), 0)

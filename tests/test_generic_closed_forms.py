@@ -10,7 +10,6 @@ import sstcvx
 from sstcvx.generic import cache as generic_cache
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_default():
     """These tests compare against float64 closed forms; restore the default dtype afterwards."""

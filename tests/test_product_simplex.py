@@ -77,7 +77,9 @@ def test_euclidean_is_the_per_group_projection():
     P = ProductSimplex([3, 1, 2])
     Z = torch.tensor([[1.0, 0.5, -1.0, -7.0, 2.0, 2.0]], dtype=torch.float64)
     X = relax(P, Z, 1.0, "euclidean")
-    torch.testing.assert_close(X, torch.tensor([[0.75, 0.25, 0.0, 1.0, 0.5, 0.5]], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        X, torch.tensor([[0.75, 0.25, 0.0, 1.0, 0.5, 0.5]], dtype=torch.float64), atol=1e-15, rtol=0
+    )
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)

@@ -53,7 +53,7 @@ def _run_threads(work, count):
     def guarded(i):
         try:
             work(i)
-        except BaseException as error:  # noqa: BLE001  reported in the main thread
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
@@ -106,7 +106,7 @@ def test_specialized_tree_solvers_under_threads_match_one_thread():
             results[(i, j, "argmax")] = sstcvx.argmax(cases[j], inputs[j])
 
     _run_threads(work, 4)
-    for (i, j, what), X in results.items():
+    for (_i, j, what), X in results.items():
         if what == "argmax":
             expected = sstcvx.argmax(cases[j], inputs[j])
         else:
@@ -319,7 +319,10 @@ def test_declared_polytope_in_dataloader_workers():
     sstcvx.argmax(P, torch.randn(6, dtype=torch.float64), solver="generic")  # used before it is sent
     U = torch.randn(8, 6, dtype=torch.float64)
     loader = torch.utils.data.DataLoader(
-        LPDataset(P, U), batch_size=2, num_workers=2, multiprocessing_context="spawn"  # spawn pickles P
+        LPDataset(P, U),
+        batch_size=2,
+        num_workers=2,
+        multiprocessing_context="spawn",  # spawn pickles P
     )
     X = torch.cat(list(loader))
     assert torch.equal(X, top_k(U, 2))
@@ -403,7 +406,7 @@ def test_compare_output_paths_are_checked_before_the_run(capsys, tmp_path, optio
 
 def test_bench_out_is_checked_before_the_run(capsys, tmp_path):
     status = cli_main(["bench", "--quick", "--out", str(tmp_path / "missing" / "deeper")])
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     assert status == 2 and err.count("\n") == 1 and "--out" in err and "does not exist" in err, err
 
 
@@ -423,7 +426,9 @@ assert torch.equal(X, torch.zeros_like(U).scatter(-1, U.topk(2, dim=-1).indices,
 
 def test_library_calls_print_nothing_on_stdout():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", SILENT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SILENT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
 

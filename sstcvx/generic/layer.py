@@ -77,7 +77,9 @@ class GenericRelaxation:
         is not finite) is re-solved with the fallback solver, and a
         :class:`SolverError` names it if that fails too.
         """
-        args = dict(default_solver_args(self.regularizer) if solver_args is None else check_solver_args(solver_args))
+        if solver_args is not None:
+            check_solver_args(solver_args)
+        args = dict(default_solver_args(self.regularizer) if solver_args is None else solver_args)
         Z64 = Z.to(device="cpu", dtype=torch.float64)
         if torch.is_grad_enabled() and Z64.requires_grad:
             X = _CheckedBackward.apply(Z64, self, args)

@@ -12,6 +12,7 @@ import io
 import json
 from dataclasses import dataclass, field
 
+
 @dataclass
 class Comparison:
     """One configuration (polytope, regularizer, tau, batch) of a comparison.
@@ -112,7 +113,7 @@ class ComparisonReport:
     def __getitem__(self, i):
         return self.rows[i]
 
-    def __add__(self, other: "ComparisonReport") -> "ComparisonReport":
+    def __add__(self, other: ComparisonReport) -> ComparisonReport:
         return ComparisonReport(list(self.rows) + list(other.rows))
 
     @property
@@ -167,7 +168,7 @@ class ComparisonReport:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ComparisonReport":
+    def from_dict(cls, data: dict) -> ComparisonReport:
         names = {f.name for f in dataclasses.fields(Comparison)}
         rows = []
         for key, values in data["configurations"].items():
@@ -178,7 +179,7 @@ class ComparisonReport:
         return cls(rows)
 
     @classmethod
-    def from_json(cls, text_or_path) -> "ComparisonReport":
+    def from_json(cls, text_or_path) -> ComparisonReport:
         """The report written by :meth:`to_json` (a JSON string or a path to a file)."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
