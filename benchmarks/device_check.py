@@ -9,12 +9,12 @@ relaxation (and the hard argmax), on one batch of utilities in float64 and float
   on ``--device`` and on the CPU, and their largest difference is printed (float64 must
   agree to 1e-9, float32 to 1e-3 relative to the float64 CPU result);
 * the result keeps the input's device and dtype;
-* forward + backward time per call on the device (synchronised) and on the CPU.
+* forward + backward time per call on the device (synchronized) and on the CPU.
 
 The fast generic solver is checked the same way on a few polytopes declared with CVXPY.
 The hard argmax must be identical on both.  Exit status 1 if any check fails, so that a
-session lent an accelerator can run it as one command.  Hungarian (Permutation's argmax)
-runs on the CPU by design, and is only checked for agreement and the output device.
+session lent an accelerator can run it as one command.  An argmax that a family computes on
+the CPU by design is checked for agreement and the output device like the others.
 With ``--device cpu`` (the default when no accelerator is present) both sides are the
 CPU: a smoke run of the script itself.
 """
