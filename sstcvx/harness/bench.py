@@ -31,6 +31,7 @@ import torch
 from ..families import families as registered_families
 from ..families import load_errors
 from .compare import compare
+from .report import ComparisonReport
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -64,6 +65,34 @@ def _tasks(families, settings):
                 tasks.append((family, reg, "batch", b))
             tasks.append((family, reg, "tau", tuple(settings["taus"])))
     return tasks
+
+
+def speedup_report(cases, batches=(1, 32, 256), tau=0.5, max_generic_batch=32, repeats=3, backend="cvxpylayers"):
+    """The specialized solver against the generic path on the same utilities, for benchmark scripts.
+
+    ``cases``: ``(P, regularizer)`` pairs; each is compared at every batch size with
+    :func:`sstcvx.compare` (reference ``"specialized"``), the generic path running on at most
+    ``max_generic_batch`` rows of the batch on the given ``backend`` (``"cvxpylayers"``,
+    ``"fast"`` or ``"generic"``).  The report's ``speedup`` columns are per-instance ratios; its
+    ``max|dX|`` and ``max|dVJP|`` the agreement.  Returns one :class:`ComparisonReport`.
+    """
+    report = ComparisonReport()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for P, regularizer in cases:
+            for batch in batches:
+                report = report + compare(
+                    P,
+                    regularizer,
+                    tau=tau,
+                    batch=batch,
+                    repeats=repeats,
+                    reference="specialized",
+                    max_generic_batch=max_generic_batch,
+                    generic_backend=backend,
+                    hard=False,
+                )
+    return report
 
 
 def _run_generic(family, reg, P, n):
