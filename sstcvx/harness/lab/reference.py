@@ -188,7 +188,8 @@ def reference_gradient(
 
 
 def _vertex_structure(P):
-    """``("simplex", index)``, ``("hypercube", V)`` or ``None`` from P's vertex list (flattened)."""
+    """``("one_hot", index)`` (the vertices are the one-hot vectors), ``("all_binary", V)`` (all of
+    {0, 1}^d) or ``None``, from P's vertex list (flattened)."""
     d = math.prod(P.event_shape)
     if d > 4096:
         return None
@@ -199,9 +200,9 @@ def _vertex_structure(P):
     if not bool(((V == 0) | (V == 1)).all()):
         return None
     if V.shape[0] == d and bool((V.sum(1) == 1).all()) and bool((V.sum(0) == 1).all()):
-        return "simplex", V.argmax(1)
+        return "one_hot", V.argmax(1)
     if d <= 12 and V.shape[0] == 2**d and torch.unique(V, dim=0).shape[0] == 2**d:
-        return "hypercube", V
+        return "all_binary", V
     return None
 
 
@@ -232,7 +233,7 @@ def exact_gradient(P, theta, loss, noise="gumbel") -> torch.Tensor | None:
     kind, info = structure
     t = theta.to(torch.float64).reshape(-1).clone().requires_grad_(True)
     with torch.enable_grad():
-        if kind == "simplex":
+        if kind == "one_hot":
             if type(law) is not Gumbel:
                 return None
             d = t.shape[0]
