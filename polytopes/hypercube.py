@@ -86,6 +86,18 @@ def clamp(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
     return Z.clamp(0.0, 1.0)
 
 
+@register_relaxation(Hypercube, "separable")
+def separable_hypercube(P: Hypercube, Z: torch.Tensor, regularizer) -> torch.Tensor:
+    """argmax_{x in [0,1]^n} <Z, x> - sum_i phi(x_i) for any ``Regularizer.separable``: phi's mirror map.
+
+    x_i = clamp((phi')^{-1}(Z_i), 0, 1) (on [0, 1] intersected with phi's domain), backward
+    diag(1 / phi''(x)) (0 at the bounds).  See :func:`sstcvx.separable.box_relaxation`.
+    """
+    from sstcvx.separable import box_relaxation
+
+    return box_relaxation(regularizer, Z, 0.0, 1.0, P.name)
+
+
 register_family(
     Family(
         name="hypercube",

@@ -19,6 +19,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+#: The registration key of a solver that serves every separable regularizer
+#: (``Regularizer.separable``) on its target; it applies when no solver is registered under the
+#: regularizer's own name.  Such a solver receives the regularizer: ``fn(P, Z, regularizer)``.
+SEPARABLE = "separable"
+
 _RELAXATIONS: dict = {}
 _ARGMAXES: dict = {}
 
@@ -44,11 +49,15 @@ def _instance_table(target, attribute):
 
 
 def register_relaxation(target, regularizer: str) -> Callable:
-    """Decorator: register ``fn(P, Z)`` as the specialized solver of ``regularizer`` on ``target``."""
+    """Decorator: register ``fn(P, Z)`` as the specialized solver of ``regularizer`` on ``target``.
+
+    ``regularizer="separable"`` (:data:`SEPARABLE`) registers ``fn(P, Z, regularizer)`` for every
+    separable regularizer (``Regularizer.separable``) that has no solver under its own name.
+    """
     _check_target(target)
     from .regularizers import get_regularizer
 
-    name = get_regularizer(regularizer).name
+    name = SEPARABLE if regularizer == SEPARABLE else get_regularizer(regularizer).name
 
     def decorate(fn):
         if isinstance(target, type):
@@ -74,8 +83,25 @@ def register_argmax(target) -> Callable:
     return decorate
 
 
-def find_relaxation(P, regularizer_name: str):
-    """The specialized relaxation solver for ``(P, regularizer)``, or ``None``."""
+def find_relaxation(P, regularizer):
+    """The specialized relaxation solver ``fn(P, Z)`` for ``(P, regularizer)``, or ``None``.
+
+    ``regularizer`` is a name or a :class:`~sstcvx.Regularizer`; for a separable one without a
+    solver under its own name, the target's ``"separable"`` solver, bound to it, is returned.
+    """
+    from .regularizers import Regularizer, SeparableRegularizer
+
+    if isinstance(regularizer, Regularizer):
+        fn = _find(P, regularizer.name)
+        if fn is None and isinstance(regularizer, SeparableRegularizer):
+            generic = _find(P, SEPARABLE)
+            if generic is not None:
+                return lambda P_, Z: generic(P_, Z, regularizer)
+        return fn
+    return _find(P, regularizer)
+
+
+def _find(P, regularizer_name: str):
     own = P.__dict__.get("_own_relaxations") or {}
     if regularizer_name in own:
         return own[regularizer_name]
@@ -99,11 +125,18 @@ def find_argmax(P):
 
 
 def specialized_regularizers(P) -> list[str]:
-    """Names of the regularizers with a specialized solver on ``P``."""
+    """Names of the regularizers with a specialized solver on ``P`` (not counting the solver for
+    every separable regularizer; see :func:`serves_separable`)."""
     names = set((P.__dict__.get("_own_relaxations") or {}).keys())
     for cls in type(P).__mro__:
         names.update(name for (c, name) in _RELAXATIONS if c is cls)
+    names.discard(SEPARABLE)
     return sorted(names)
+
+
+def serves_separable(P) -> bool:
+    """Whether ``P`` has a specialized solver for every separable regularizer."""
+    return _find(P, SEPARABLE) is not None
 
 
 #: The British spelling of :func:`specialized_regularizers`, kept as an alias.

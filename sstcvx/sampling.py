@@ -60,7 +60,7 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
     reg = get_regularizer(regularizer)
     solver = check_solver(solver)
     if solver != "generic":
-        fn = registry.find_relaxation(P, reg.name)
+        fn = registry.find_relaxation(P, reg)
         if fn is not None:
             return (lambda Z, **_: fn(P, Z)), "specialized"
         if solver == "specialized":
