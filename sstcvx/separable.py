@@ -176,10 +176,12 @@ def _newton_inverse(reg, v, a, b, skip, x0, max_iter):
             if not bool(open_side.any()):
                 break
             linear = ~coords.fa & ~coords.fb
-            s = torch.where(open_side, torch.where(torch.isfinite(sl), base + step, base - step), s)
-            s = torch.where(open_side & ~torch.isfinite(coords.x(s)), torch.where(torch.isfinite(sl), su, sl), s)
-            if bool((open_side & ~torch.isfinite(s)).any()):
-                break
+            # the largest |s| whose x is finite: log(max float) on a half-line
+            cap = torch.where(linear, torch.full_like(s, 1e308), torch.full_like(s, 709.0))
+            new = torch.where(torch.isfinite(sl), base + step, base - step).clamp(-cap, cap)
+            if bool((open_side & (new == s)).any()):
+                break  # at the end of the floating-point range and still short of the root
+            s = torch.where(open_side, new, s)
             step = torch.where(linear, step * step.clamp_min(2.0), step * 2.0)
         if bool(open_side.any()):
             raise ValueError(f"regularizer {reg.name!r}: (phi')^-1(v) is out of floating-point range for some v")
