@@ -316,7 +316,8 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
             nu = torch.where(keep, first[0], upper)
             x, D = torch.where(keep, first[1], x), torch.where(keep, first[2], D)
         else:
-            x, D, _ = mirror_map(reg, z - nu, av, bv, x0=x, slopes=slopes)
+            # warm start: the first-order prediction x - D dnu of the new point
+            x, D, _ = mirror_map(reg, z - nu, av, bv, x0=x - D * (nu - nu_old), slopes=slopes)
         f = x.sum(-1, keepdim=True) - total
         d = D.sum(-1, keepdim=True)
         lo = torch.where(f > 0, nu, lo)
@@ -336,6 +337,7 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
         newton = nu + step / d.clamp_min(tiny)
         take = (newton > lo) & (newton < hi) & (f.abs() <= SUM_PROGRESS * previous)
         previous = f.abs()
+        nu_old = nu
         nu = torch.where(done, nu, torch.where(take, newton, 0.5 * (lo + hi)))
     bad = ~((f.abs() <= 1e-8 * max(1.0, abs(total))) | (hi - lo <= 1e-10 * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)))
     if bool(bad.any()):
