@@ -6,8 +6,8 @@ Prints, in one run:
 
 1. The k-subset exponential-family-entropy dynamic program at batch 128, n = 45, k = 9 and
    n = 435, k = 29, float64:
-   * ``ours``: the marginals X = grad log e_k(exp Z) by ``polytopes.ksubset.gibbs_marginals``
-     (the log-space DP forward and its autograd backward);
+   * ``ours``: the marginals X = grad log e_k(exp Z) by ``polytopes.ksubset.k_subset_marginals``
+     (up/down passes over a tree of the items, tangent backward);
    * ``numpy-fd``: a numpy log-space DP over the items (vectorised over the batch and
      over the perturbed copies), differentiated by central finite differences
      (2n + 1 DP evaluations);
@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import sstcvx  # noqa: E402
 from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
 from polytopes import Hypercube, KSubset, Simplex  # noqa: E402
-from polytopes.ksubset import gibbs_marginals  # noqa: E402
+from polytopes.ksubset import k_subset_marginals  # noqa: E402
 from sstcvx.enumeration import vertex_marginals as enumerated_marginals  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def numpy_fd_marginals(z: np.ndarray, k: int, coordinates, h: float = 1e-5, chun
 
 def dp_section(quick: bool, rounds: int):
     print("1. k-subset exp_family_entropy: log-space DP marginals vs numpy DP + central finite differences")
-    print("   batch 128, float64; ours = DP forward + autograd backward (the marginals)")
+    print("   batch 128, float64; ours = the marginals by up/down message passes")
     header = f"   {'n':>4} {'k':>3} | {'ours':>11} | {'numpy-fd':>11} | {'ratio':>7} | {'max |diff|':>10} | {'ours train':>11}"
     print(header)
     generator = np.random.default_rng(0)
@@ -98,12 +98,12 @@ def dp_section(quick: bool, rounds: int):
         P = KSubset(n, k)
         z = generator.standard_normal((128, n))
         Z = torch.from_numpy(z)
-        ours = median_time(lambda: gibbs_marginals(P, Z), rounds)
+        ours = median_time(lambda: k_subset_marginals(Z, P.k), rounds)
         G = torch.randn(128, n, dtype=torch.float64)
 
         def train():
             Zg = Z.clone().requires_grad_(True)
-            (gibbs_marginals(P, Zg) * G).sum().backward()
+            (k_subset_marginals(Zg, P.k) * G).sum().backward()
 
         ours_train = median_time(train, rounds)
         coordinates = range(n) if not (quick and n > 100) else range(0, n, n // 24)[:24]
@@ -111,7 +111,7 @@ def dp_section(quick: bool, rounds: int):
         start = clock()
         reference = numpy_fd_marginals(z, k, coordinates)
         numpy_time = (clock() - start) * n / len(coordinates)
-        diff = np.abs(gibbs_marginals(P, Z).numpy()[:, coordinates] - reference).max()
+        diff = np.abs(k_subset_marginals(Z, P.k).numpy()[:, coordinates] - reference).max()
         note = "" if len(coordinates) == n else f"  (numpy-fd timed on {len(coordinates)} of {n} coordinates, scaled)"
         print(
             f"   {n:>4} {k:>3} | {fmt(ours)} | {fmt(numpy_time)} | {numpy_time / ours:6.0f}x | {diff:10.2e} | {fmt(ours_train)}{note}"

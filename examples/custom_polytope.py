@@ -3,7 +3,9 @@
 The set X: choose exactly one item from each of G groups of M items (a menu: one starter,
 one main, one dessert).  X is a set of 0/1 matrices (G, M) with one 1 per row, and its
 convex hull is a product of simplices, {x >= 0, sum_j x_gj = 1 for every g} -- two lines
-of CVXPY, and no family in ``polytopes`` covers it.
+of CVXPY.  (sstcvx recognizes this declaration as ``polytopes.ProductSimplex`` and would
+route it to that family's solvers; the example declares it with ``recognize=False`` to show
+the route a polytope that no family covers takes.)
 
 1. Declare P with ``sstcvx.Polytope.from_cvxpy(..., check=True)`` (random LP probes confirm
    that its vertices are 0/1).
@@ -39,7 +41,9 @@ import sstcvx  # noqa: E402
 def one_item_per_group(groups: int, items: int) -> sstcvx.Polytope:
     """conv{x in {0,1}^(groups x items) : one 1 per row}: the whole declaration."""
     x = cp.Variable((groups, items))
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name=f"OnePerGroup({groups}x{items})", check=True)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, cp.sum(x, axis=1) == 1], name=f"OnePerGroup({groups}x{items})", check=True, recognize=False
+    )
 
 
 def per_group_softmax(P, Z):

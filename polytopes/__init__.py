@@ -10,8 +10,19 @@ here plus its import line below.
 from .simplex import Simplex
 from .hypercube import Hypercube
 from .ksubset import KSubset
+from .correlated_ksubset import CorrelatedKSubset
+from .product_simplex import ProductSimplex
 from .permutation import Permutation
 from .spanning_tree import SpanningTree
 from .arborescence import Arborescence
 
-__all__ = ["Simplex", "Hypercube", "KSubset", "Permutation", "SpanningTree", "Arborescence"]
+__all__ = [
+    "Simplex",
+    "Hypercube",
+    "KSubset",
+    "CorrelatedKSubset",
+    "ProductSimplex",
+    "Permutation",
+    "SpanningTree",
+    "Arborescence",
+]

@@ -159,5 +159,6 @@ register_family(
         max_generic_n=6,
         device_check_n=20,
         quick_device_check_n=6,
+        test_sizes=(4, 5, 6, 12),
     )
 )

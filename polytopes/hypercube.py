@@ -16,6 +16,7 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
+from sstcvx.recognition import Match
 
 from ._validation import check_int
 
@@ -56,34 +57,21 @@ def threshold_argmax(P: Hypercube, U: torch.Tensor) -> torch.Tensor:
     return (U > 0).to(U.dtype)
 
 
-@register_relaxation(Hypercube, "binary_entropy")
-def sigmoid(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
-    """argmax_{x in [0,1]^n} <Z, x> - sum_i [x_i log x_i + (1 - x_i) log(1 - x_i)] = sigmoid(Z).
-
-    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Input precision: torch's
-    sigmoid is accurate to rounding for every finite Z and saturates to exactly
-    0 or 1 without overflow.
-    """
-    return torch.sigmoid(Z)
+# binary_entropy, and exp_family_entropy (the Gibbs law on {0, 1}^n has independent bits): sigmoid(Z),
+# accurate to rounding for every finite Z, saturating to exactly 0 or 1.  euclidean: the projection
+# clamp(Z, 0, 1), exact (no arithmetic); its Jacobian is the indicator of 0 < Z < 1.  All O(n), in the
+# input's precision.
+register_relaxation(Hypercube, "binary_entropy")(lambda P, Z: torch.sigmoid(Z))
+register_relaxation(Hypercube, "exp_family_entropy")(lambda P, Z: torch.sigmoid(Z))
+register_relaxation(Hypercube, "euclidean")(lambda P, Z: Z.clamp(0.0, 1.0))
 
 
-@register_relaxation(Hypercube, "exp_family_entropy")
-def gibbs_marginals(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
-    """grad_Z log sum_{y in {0,1}^n} exp<Z, y> = sigmoid(Z) (the Gibbs law has independent bits).
-
-    Identical to the binary-entropy relaxation; see :func:`sigmoid`.
-    """
-    return torch.sigmoid(Z)
-
-
-@register_relaxation(Hypercube, "euclidean")
-def clamp(P: Hypercube, Z: torch.Tensor) -> torch.Tensor:
-    """argmin_{x in [0,1]^n} ||x - Z||^2 = clamp(Z, 0, 1).
-
-    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Exact in the input's
-    precision (no arithmetic); the Jacobian is the indicator of 0 < Z < 1.
-    """
-    return Z.clamp(0.0, 1.0)
+def recognize(form):
+    """A candidate for :mod:`sstcvx.recognition`: no rows at all (only bounds) proposes
+    Hypercube(n) (identity map); the core certifies that the bounds are exactly [0, 1]."""
+    if form.m_eq or form.m_in:
+        return None
+    return Match(Hypercube(form.n), range(form.n))
 
 
 @register_relaxation(Hypercube, "separable")
@@ -109,5 +97,6 @@ register_family(
         max_generic_n=300,
         device_check_n=50,
         quick_device_check_n=10,
+        recognize=recognize,
     )
 )

@@ -16,7 +16,9 @@ import torch
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
+from sstcvx.recognition import Match
 
+from ._kernels import rank_one_vjp, sparsemax_threshold
 from ._validation import check_int
 
 # _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
@@ -56,39 +58,11 @@ def one_hot_argmax(P: Simplex, U: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(U).scatter_(-1, index, 1.0)
 
 
-@register_relaxation(Simplex, "entropy")
-def softmax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
-    """argmax_{x in simplex} <Z, x> - sum_i x_i log x_i = softmax(Z).
-
-    Z: (..., n) -> (..., n), same dtype.  Cost O(n).  Computed in the input's
-    precision: torch's softmax subtracts the row maximum, so it is exact to
-    rounding for any finite Z; the sum is 1 to O(n eps) of that dtype.
-    """
-    return torch.softmax(Z, dim=-1)
-
-
-@register_relaxation(Simplex, "exp_family_entropy")
-def gibbs_marginals(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
-    """grad_Z log sum_i exp Z_i = softmax(Z): the Gibbs marginals on one-hot vectors.
-
-    Identical to the entropy relaxation on the simplex; see :func:`softmax`.
-    """
-    return torch.softmax(Z, dim=-1)
-
-
-def sparsemax_threshold(z: torch.Tensor):
-    """t (..., 1) with sum max(z - t, 0) = 1 over the last dim, the support size (..., 1), and z sorted descending.
-
-    Exact from the sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1); O(n log n).
-    """
-    n = z.shape[-1]
-    zs, _ = torch.sort(z, dim=-1, descending=True)
-    cum = zs.cumsum(-1) - 1.0
-    ranks = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
-    # the support size is the largest r with z_(r) > (sum_{j<=r} z_(j) - 1) / r; the condition holds
-    # exactly for r = 1..size, so counting it gives size
-    size = (zs * ranks > cum).sum(-1, keepdim=True)
-    return cum.gather(-1, size - 1) / size.to(z.dtype), size, zs
+# entropy, and exp_family_entropy (on the simplex the Gibbs marginals are the same map): softmax(Z),
+# in the input's precision; torch's softmax subtracts the row maximum, so it is exact to rounding for
+# any finite Z and sums to 1 to O(n eps) of that dtype.  O(n).
+register_relaxation(Simplex, "entropy")(lambda P, Z: torch.softmax(Z, dim=-1))
+register_relaxation(Simplex, "exp_family_entropy")(lambda P, Z: torch.softmax(Z, dim=-1))
 
 
 class _Sparsemax(torch.autograd.Function):
@@ -97,10 +71,10 @@ class _Sparsemax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z):
         z = Z.detach().to(torch.float64)
-        threshold, size, zs = sparsemax_threshold(z)
-        # the support is the `size` largest entries (entries tied with the last one belong to it too)
-        support = z >= zs.gather(-1, size - 1)
-        x = torch.where(support, z - threshold, 0.0).clamp_min(0.0)
+        threshold, _, _ = sparsemax_threshold(z)
+        # the support is the `size` largest entries, exactly those above the threshold
+        x = (z - threshold).clamp_min(0.0)
+        support = x > 0
         ctx.save_for_backward(support.to(Z.dtype))
         return x.to(Z.dtype)
 
@@ -109,12 +83,10 @@ class _Sparsemax(torch.autograd.Function):
         # dt = sum_S dZ / |S|, so J = diag(s) - s s^T / |s| (symmetric) and J^T g = s (g - mean_S g);
         # linear in g through differentiable ops, so it differentiates again (to zero, as it should)
         (support,) = ctx.saved_tensors
-        count = support.sum(-1, keepdim=True)
-        return support * (g - (support * g).sum(-1, keepdim=True) / count)
+        return rank_one_vjp(support, g, 1.0)
 
 
-@register_relaxation(Simplex, "euclidean")
-def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
+def sparsemax(Z: torch.Tensor) -> torch.Tensor:
     """argmin_{x in simplex} ||x - Z||^2 = max(Z - t, 0), sum = 1: sparsemax.
 
     Z: (..., n) -> (..., n), same dtype.  Cost O(n log n) (a sort).  The
@@ -129,6 +101,19 @@ def sparsemax(P: Simplex, Z: torch.Tensor) -> torch.Tensor:
     |Z| reaches about 10 (tau = 1e-3 with |theta| = 1e-2 already gives that).
     """
     return _Sparsemax.apply(Z)
+
+
+register_relaxation(Simplex, "euclidean")(lambda P, Z: sparsemax(Z))
+
+
+def recognize(form):
+    """A candidate for :mod:`sstcvx.recognition`: one all-ones equality row with right-hand
+    side 1 and n >= 2 coordinates proposes Simplex(n) (symmetric, so the identity map);
+    the core certifies it."""
+    n = form.n
+    if n < 2 or form.m_eq != 1 or not bool((form.A[0, :n] == 1).all()) or abs(float(form.b[0]) - 1.0) > 1e-9:
+        return None
+    return Match(Simplex(n), range(n))
 
 
 @register_relaxation(Simplex, "separable")
@@ -155,5 +140,6 @@ register_family(
         max_generic_n=300,
         device_check_n=50,
         quick_device_check_n=10,
+        recognize=recognize,
     )
 )

@@ -38,6 +38,10 @@ class Family:
         device_check_n, quick_device_check_n: the sizes of the accelerator check (full / quick).
         uses_k: whether ``make`` takes a meaningful second size ``k``.
         recognize: optional ``recognize(form) -> match or None``, for declarations in CVXPY.
+        test_sizes: the sizes the contract suite (``tests/test_contract.py``) runs, smallest
+            first: the exact witnesses (the generic path, gradcheck, the tau limits) at the first,
+            which must list its vertices and build its declaration; brute force wherever the
+            vertices are listed; extreme utilities at the first and the last.  Empty: ``quick_sizes``.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Family:
     quick_device_check_n: int
     uses_k: bool = False
     recognize: Callable | None = None
+    test_sizes: tuple = ()
 
     def __call__(self, n: int | None = None, k: int | None = None):
         """The polytope of size ``n`` (the default size when ``None``)."""

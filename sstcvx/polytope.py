@@ -62,6 +62,9 @@ class Polytope:
     polytopes with :meth:`from_cvxpy` or :meth:`from_vertices`.
     """
 
+    #: What the declaration was recognized as (a :class:`sstcvx.recognition.Recognition`), or None.
+    recognized = None
+
     def __init__(self, event_shape, name: str | None = None):
         shape = tuple(int(s) for s in event_shape)
         if not shape or any(s < 1 for s in shape):
@@ -89,6 +92,15 @@ class Polytope:
                     self._declaration = (x, list(constraints))
         return self._declaration
 
+    def linear_form(self):
+        """The canonical linear form of the declaration, a :class:`sstcvx.linear_form.LinearForm`:
+        ``A [x; w] = b``, ``G [x; w] <= h``, ``lower <= [x; w] <= upper`` with ``x`` flattened in
+        row-major order and ``w`` the auxiliary variables.  Computed once and cached; raises
+        ``ValueError`` when the declaration is not linear (see :mod:`sstcvx.linear_form`)."""
+        from .linear_form import linear_form
+
+        return linear_form(self)
+
     @property
     def event_dim(self) -> int:
         return len(self.event_shape)
@@ -107,6 +119,8 @@ class Polytope:
         return self._vertices
 
     def __repr__(self):
+        if self.recognized is not None:
+            return f"{self.name} (event_shape={tuple(self.event_shape)}, recognized as {self.recognized.polytope.name})"
         return f"{self.name} (event_shape={tuple(self.event_shape)})"
 
     # -- copies and pickling -----------------------------------------------------------------
@@ -172,15 +186,22 @@ class Polytope:
 
     # -- constructors --------------------------------------------------------------------------
     @staticmethod
-    def from_cvxpy(x, constraints, name: str | None = None, check: bool = False) -> "Polytope":
+    def from_cvxpy(x, constraints, name: str | None = None, check: bool = False, recognize: bool = True) -> "Polytope":
         """The polytope {x : constraints}, declared with ordinary CVXPY constraints.
 
         ``x`` is a ``cp.Variable`` of any shape (the event shape); the constraints
         may use auxiliary variables.  They must be DCP, parameter-free, feasible
         and bound ``x`` (checked with two LPs in opposite random directions).
         With ``check=True`` :meth:`check` also probes integrality of LP vertices.
+
+        With ``recognize=True`` (the default) the declaration is compared with the
+        registered families (:mod:`sstcvx.recognition`): when it provably describes one
+        of them (a k-subset polytope, a Birkhoff polytope, ...) up to a permutation of
+        the coordinates, ``P.recognized`` says which, and ``solver="auto"`` /
+        ``"specialized"`` use that family's solvers; ``solver="generic"`` still solves the
+        declaration as written.  ``recognize=False`` skips this.
         """
-        return DeclaredPolytope(x, constraints, name=name, check=check)
+        return DeclaredPolytope(x, constraints, name=name, check=check, recognize=recognize)
 
     @staticmethod
     def from_vertices(vertices, name: str | None = None) -> "Polytope":
@@ -196,7 +217,7 @@ class Polytope:
 class DeclaredPolytope(Polytope):
     """A polytope declared by a user with CVXPY constraints; see :meth:`Polytope.from_cvxpy`."""
 
-    def __init__(self, x, constraints, name=None, check=False):
+    def __init__(self, x, constraints, name=None, check=False, recognize=True):
         if not isinstance(x, cp.Variable):
             raise TypeError(f"x: expected a cvxpy Variable, got {type(x).__name__}")
         if isinstance(constraints, cp.constraints.constraint.Constraint):
@@ -236,6 +257,16 @@ class DeclaredPolytope(Polytope):
         self._check_bounded_nonempty()
         if check:
             self.check()
+        if not isinstance(recognize, bool):
+            raise TypeError(f"recognize: expected True or False, got {recognize!r}")
+        if recognize:
+            from .recognition import recognize as recognize_family
+
+            self.recognized = recognize_family(self)
+
+    def _enumerate_vertices(self):
+        # a recognized declaration lists the family's vertices, mapped to its coordinates
+        return None if self.recognized is None else self.recognized.vertices()
 
     def _check_bounded_nonempty(self):
         x, constraints = self._declaration

@@ -13,6 +13,10 @@ Solver signatures, on a flattened batch ``B``:
   differentiable with respect to ``Z``.
 * argmax: ``fn(P, U) -> X`` with the same shapes; returns a vertex of ``P``
   maximising ``<U, x>`` (no gradient needed).
+
+Lookup order: solvers registered on the instance, then (for a declaration recognized as a
+known family, ``P.recognized``; see :mod:`sstcvx.recognition`) the family polytope's
+solvers composed with the coordinate map, then solvers registered on P's classes.
 """
 
 from __future__ import annotations
@@ -105,6 +109,11 @@ def _find(P, regularizer_name: str):
     own = P.__dict__.get("_own_relaxations") or {}
     if regularizer_name in own:
         return own[regularizer_name]
+    recognized = getattr(P, "recognized", None)
+    if recognized is not None:
+        fn = find_relaxation(recognized.polytope, regularizer_name)
+        if fn is not None:
+            return recognized.relaxation(fn)
     for cls in type(P).__mro__:
         fn = _RELAXATIONS.get((cls, regularizer_name))
         if fn is not None:
@@ -117,6 +126,11 @@ def find_argmax(P):
     own = P.__dict__.get("_own_argmax")
     if own is not None:
         return own
+    recognized = getattr(P, "recognized", None)
+    if recognized is not None:
+        fn = find_argmax(recognized.polytope)
+        if fn is not None:
+            return recognized.argmax(fn)
     for cls in type(P).__mro__:
         fn = _ARGMAXES.get(cls)
         if fn is not None:
@@ -128,6 +142,9 @@ def specialized_regularizers(P) -> list[str]:
     """Names of the regularizers with a specialized solver on ``P`` (not counting the solver for
     every separable regularizer; see :func:`serves_separable`)."""
     names = set((P.__dict__.get("_own_relaxations") or {}).keys())
+    recognized = getattr(P, "recognized", None)
+    if recognized is not None:
+        names.update(specialized_regularizers(recognized.polytope))
     for cls in type(P).__mro__:
         names.update(name for (c, name) in _RELAXATIONS if c is cls)
     names.discard(SEPARABLE)

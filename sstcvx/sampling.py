@@ -3,10 +3,14 @@
 All three take inputs of shape ``(*batch, *P.event_shape)`` (any number of batch
 dimensions, none included) and return that shape, dtype and device.  Dispatch
 (``solver``): ``"auto"`` uses a registered specialized solver when one exists
-and the generic CVXPY path otherwise (except ``exp_family_entropy`` on a
-polytope that lists its vertices: exact enumeration, one matmul); ``"generic"``
-and ``"specialized"`` force one path (an error if no specialized solver is
-registered).
+and the generic path otherwise (except ``exp_family_entropy`` on a polytope that
+lists its vertices: exact enumeration, one matmul); ``"generic"`` and
+``"specialized"`` force one path (an error if no specialized solver is
+registered).  The generic path has two backends: the fast batched torch solver
+(:mod:`sstcvx.generic.dual_newton`) for the built-in ``entropy``,
+``binary_entropy`` and ``euclidean`` on a linear declaration, and cvxpylayers for
+everything else; ``"fast"`` and ``"cvxpylayers"`` force one of them.  The hard
+sample (``argmax``) on the generic path is always the LP.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .validation import (
 )
 from .enumeration import vertex_marginals
 from .errors import SolverError
-from .generic import generic_argmax, generic_relaxation
+from .generic import fast_relaxation, generic_argmax, generic_relaxation
 from .generic.settings import check_solver_args
 from .noise import get_noise
 from .regularizers import get_regularizer
@@ -55,11 +59,12 @@ def _check_finite_output(X, P, what):
 
 def relaxation_solver(P, regularizer, solver: str = "auto"):
     """The function ``fn(Z) -> X`` (flattened batch) that ``relax`` would use, and its path name:
-    ``"specialized"``, ``"generic"``, or ``"enumeration"`` (``exp_family_entropy`` with
-    ``solver="auto"`` on a polytope that lists its vertices and has no specialized solver)."""
+    ``"specialized"``, ``"fast"`` (the batched torch solver of the generic path), ``"generic"``
+    (the cvxpylayers path), or ``"enumeration"`` (``exp_family_entropy`` with ``solver="auto"`` on a
+    polytope that lists its vertices and has no specialized solver)."""
     reg = get_regularizer(regularizer)
     solver = check_solver(solver)
-    if solver != "generic":
+    if solver in ("auto", "specialized"):
         fn = registry.find_relaxation(P, reg)
         if fn is not None:
             return (lambda Z, **_: fn(P, Z)), "specialized"
@@ -71,6 +76,16 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
         if reg.name == "exp_family_entropy" and P.vertices is not None:
             # exact, and one matmul instead of the generic path's conic problem over the vertex weights
             return (lambda Z, **_: vertex_marginals(P, Z)), "enumeration"
+    if solver in ("auto", "generic", "fast"):
+        fast = fast_relaxation(P, reg)
+        if fast is not None:
+            return fast, "fast"
+        if solver == "fast":
+            raise ValueError(
+                f"solver='fast': the fast generic solver serves the built-in 'entropy', 'binary_entropy' and "
+                f"'euclidean' on a linear declaration; got regularizer {reg.name!r} on {P.name}. "
+                "Use solver='generic' or 'cvxpylayers'"
+            )
     layer = generic_relaxation(P, reg)
     return layer, "generic"
 
@@ -88,7 +103,7 @@ def _relaxed(P, U, tau, fn, path, solver_args, validate: bool, utility_name: str
     Zf = _flatten(P, Z)
     if Zf.shape[0] == 0:
         return Z * 0
-    X = fn(Zf, solver_args=solver_args) if path == "generic" else fn(Zf)
+    X = fn(Zf, solver_args=solver_args) if path in ("generic", "fast") else fn(Zf)
     if validate:
         _check_finite_output(X, P, f"{path} relaxation")
     return X if X.shape == U.shape else X.reshape(U.shape)
@@ -96,7 +111,7 @@ def _relaxed(P, U, tau, fn, path, solver_args, validate: bool, utility_name: str
 
 def _hard(P, U, solver: str, validate: bool) -> torch.Tensor:
     """The LP argmax for detached utilities U and a canonical ``solver`` name."""
-    fn = registry.find_argmax(P) if solver != "generic" else None
+    fn = registry.find_argmax(P) if solver in ("auto", "specialized") else None
     if fn is None and solver == "specialized":
         raise ValueError(f"solver='specialized': no specialized argmax is registered for {P.name}")
     Uf = _flatten(P, U)
@@ -128,14 +143,17 @@ def relax(
             (differentiable).
         regularizer: ``"entropy"``, ``"binary_entropy"``, ``"euclidean"``,
             ``"exp_family_entropy"`` or a :class:`sstcvx.Regularizer`.
-        solver: ``"auto"``, ``"generic"`` or ``"specialized"``.
-        solver_args: conic solver settings for the generic path (default
-            :func:`sstcvx.generic.default_solver_args`: SCS for "euclidean", Clarabel otherwise).
+        solver: ``"auto"``, ``"generic"``, ``"specialized"``, ``"fast"`` or ``"cvxpylayers"`` (see the
+            module docstring).
+        solver_args: conic solver settings for the cvxpylayers path (default
+            :func:`sstcvx.generic.default_solver_args`: SCS for "euclidean", Clarabel otherwise); the
+            fast solver uses them only for an element it re-solves on that path.
         validate_args: check the arguments and the output (``None``: the global default, see
             :func:`sstcvx.set_validate_args`).
 
     Returns X_tau with U's shape, dtype and device, differentiable in U (and tau).
-    Cost: the specialized solver's, or one conic solve per element on the generic path.
+    Cost: the specialized solver's; on the generic path, tens of microseconds per element on
+    the fast torch solver, or one conic solve per element on the cvxpylayers path.
     Reference: Paulus et al., "Gradient Estimation with Stochastic Softmax Tricks", 2020.
     """
     validate = validation_enabled(validate_args)

@@ -19,7 +19,7 @@ USER_FILE = textwrap.dedent(
 
     def make_polytope(n=5):
         x = cp.Variable(n)
-        return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 2], name=f"my 2-of-{n}")
+        return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 2], name=f"my 2-of-{n}", recognize=False)
 
     def not_a_polytope():
         return 42

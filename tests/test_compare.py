@@ -22,7 +22,7 @@ def k_hot(n, k):
 
 def declared_k_subsets(n, k, name=None):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name=name or f"user {k}-of-{n}")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name=name or f"user {k}-of-{n}", recognize=False)
 
 
 @pytest.fixture(scope="module")

@@ -70,3 +70,59 @@ def test_new_relaxation(tmp_path):
         assert math.isfinite(r["final_loss"])
     # The Euclidean projection reaches the boundary of P.
     assert results["euclidean"]["boundary_fraction"] > 0
+
+
+def test_correlated_subset_selection(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        results = run_example("correlated_subset_selection", tmp_path)
+    finally:  # this example defaults to --threads 1; leave the test process as it was
+        torch.set_num_threads(threads)
+    assert set(results) == {"correlated", "ksubset", "straight_through", "independent"}
+    for method, r in results.items():
+        assert in_unit_interval(r["accuracy"], r["subset_precision"], r["contiguity"]), (method, r)
+
+
+def test_listops_parsing(tmp_path):
+    results = run_example("listops_parsing", tmp_path, "--no-cache")
+    assert set(results) == {"arborescence", "straight_through", "independent"}
+    for method, r in results.items():
+        assert in_unit_interval(r["accuracy"], r["hard_accuracy"], r["arc_precision"], r["arc_recall"]), (method, r)
+    # A hard arborescence has exactly one arc into every token, as the true parse does: precision equals recall.
+    for method in ("arborescence", "straight_through"):
+        assert results[method]["arc_precision"] == pytest.approx(results[method]["arc_recall"])
+
+
+def test_listops_ground_truth_parse():
+    """The generator's parse is an arborescence rooted at ROOT, and evaluating it bottom-up gives the label."""
+    import numpy as np
+    import torch
+
+    import polytopes
+    import sstcvx
+
+    spec = importlib.util.spec_from_file_location("example_listops", EXAMPLES / "listops_parsing.py")
+    lp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lp)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        tokens, nodes, heads, value = lp.draw_expression(rng, max_depth=3, max_args=4, p_nest=0.4)
+        n = len(nodes)
+        words = [lp.VOCAB[tokens[p]] for p in nodes]
+        assert words[0] == "ROOT" and "]" not in words and len(tokens) == n + sum(w.startswith("[") for w in words)
+        children = {h: [d for d in range(1, n) if heads[d] == h] for h in range(n)}
+
+        def evaluate(v, words=words, children=children):
+            if words[v].isdigit():
+                return int(words[v])
+            args = [evaluate(d) for d in children[v]]
+            return {"[MIN": min, "[MAX": max, "[MED": lambda a: sorted(a)[(len(a) - 1) // 2]}[words[v]](args)
+
+        # ROOT heads the first token only; only operators head anything.
+        assert children[0] == [1] and evaluate(1) == value
+        assert all(words[h].startswith("[") for h in children if h and children[h])
+        # The gold arcs form an arborescence: they are their own best arborescence.
+        gold = lp.gold_arcs(torch.tensor([heads]))
+        assert torch.equal(sstcvx.argmax(polytopes.Arborescence(n), gold), gold)

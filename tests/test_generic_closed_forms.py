@@ -57,21 +57,21 @@ def test_simplex_entropy_is_softmax():
     P = simplex(6)
     U = torch.randn(5, 6) * 2
     for tau in (0.3, 1.0, 4.0):
-        X = sstcvx.relax(P, U, tau, "entropy", solver="generic")
+        X = sstcvx.relax(P, U, tau, "entropy", solver="cvxpylayers")
         torch.testing.assert_close(X, torch.softmax(U / tau, -1), atol=1e-6, rtol=0)
 
 
 def test_simplex_euclidean_is_sparsemax():
     P = simplex(7)
     U = torch.randn(6, 7)
-    X = sstcvx.relax(P, U, 0.5, "euclidean", solver="generic")
+    X = sstcvx.relax(P, U, 0.5, "euclidean", solver="cvxpylayers")
     torch.testing.assert_close(X, sparsemax(U / 0.5), atol=1e-6, rtol=0)
 
 
 def test_ksubset_binary_entropy_is_shifted_sigmoid():
     P = ksubset(8, 3)
     U = torch.randn(4, 8) * 3
-    X = sstcvx.relax(P, U, 0.7, "binary_entropy", solver="generic")
+    X = sstcvx.relax(P, U, 0.7, "binary_entropy", solver="cvxpylayers")
     torch.testing.assert_close(X, ksubset_binary_entropy(U / 0.7, 3), atol=1e-6, rtol=0)
     torch.testing.assert_close(X.sum(-1), torch.full((4,), 3.0), atol=1e-7, rtol=0)
 
@@ -79,7 +79,7 @@ def test_ksubset_binary_entropy_is_shifted_sigmoid():
 def test_analytic_jacobian_of_softmax():
     P = simplex(5)
     u = torch.randn(5)
-    J = torch.autograd.functional.jacobian(lambda v: sstcvx.relax(P, v, 1.0, "entropy", solver="generic"), u)
+    J = torch.autograd.functional.jacobian(lambda v: sstcvx.relax(P, v, 1.0, "entropy", solver="cvxpylayers"), u)
     s = torch.softmax(u, -1)
     torch.testing.assert_close(J, torch.diag(s) - torch.outer(s, s), atol=1e-5, rtol=0)
 
@@ -87,7 +87,7 @@ def test_analytic_jacobian_of_softmax():
 def test_analytic_jacobian_of_sparsemax():
     P = simplex(6)
     u = torch.tensor([1.2, 0.9, 0.1, -0.5, 1.0, -2.0])
-    J = torch.autograd.functional.jacobian(lambda v: sstcvx.relax(P, v, 1.0, "euclidean", solver="generic"), u)
+    J = torch.autograd.functional.jacobian(lambda v: sstcvx.relax(P, v, 1.0, "euclidean", solver="cvxpylayers"), u)
     support = (sparsemax(u) > 0).to(u.dtype)
     expected = torch.diag(support) - torch.outer(support, support) / support.sum()
     torch.testing.assert_close(J, expected, atol=1e-5, rtol=0)
@@ -99,7 +99,7 @@ def test_gradcheck_generic_entropy_small():
     P = simplex(3)
     U = torch.randn(2, 3, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda u: sstcvx.relax(P, u, 1.0, "entropy", solver="generic"), (U,), eps=1e-3, atol=1e-3, rtol=1e-2
+        lambda u: sstcvx.relax(P, u, 1.0, "entropy", solver="cvxpylayers"), (U,), eps=1e-3, atol=1e-3, rtol=1e-2
     )
 
 
@@ -108,7 +108,7 @@ def test_gradient_wrt_tau():
     U = torch.randn(4)
     tau = torch.tensor(0.8, requires_grad=True)
     w = torch.randn(4)
-    (sstcvx.relax(P, U, tau, "entropy", solver="generic") * w).sum().backward()
+    (sstcvx.relax(P, U, tau, "entropy", solver="cvxpylayers") * w).sum().backward()
     tau_ref = tau.detach().clone().requires_grad_()
     (torch.softmax(U / tau_ref, -1) * w).sum().backward()
     torch.testing.assert_close(tau.grad, tau_ref.grad, atol=1e-5, rtol=0)
@@ -120,12 +120,12 @@ def test_from_vertices_matches_brute_force():
     U = torch.randn(10, 4)
     brute = vertices[(U @ vertices.T).argmax(-1)]
     torch.testing.assert_close(sstcvx.argmax(P, U), brute)
-    torch.testing.assert_close(sstcvx.argmax(P, U, solver="generic"), brute)
+    torch.testing.assert_close(sstcvx.argmax(P, U, solver="cvxpylayers"), brute)
     Z = U / 0.5
     gibbs = torch.softmax(Z @ vertices.T, -1) @ vertices
     torch.testing.assert_close(sstcvx.relax(P, U, 0.5, "exp_family_entropy"), gibbs, atol=1e-12, rtol=0)
     # from_vertices has a CVXPY form: the generic path on its convex hull equals the k-subset closed form
-    X = sstcvx.relax(P, U, 0.5, "binary_entropy", solver="generic")
+    X = sstcvx.relax(P, U, 0.5, "binary_entropy", solver="cvxpylayers")
     torch.testing.assert_close(X, ksubset_binary_entropy(Z, 2), atol=1e-5, rtol=0)
 
 
@@ -135,8 +135,8 @@ def test_from_vertices_matrix_event():
     assert P.event_shape == (3, 3)
     U = torch.randn(4, 3, 3)
     brute = perms[torch.einsum("bij,mij->bm", U, perms).argmax(-1)]
-    torch.testing.assert_close(sstcvx.argmax(P, U, solver="generic"), brute)
-    X = sstcvx.relax(P, U, 1.0, "entropy", solver="generic")
+    torch.testing.assert_close(sstcvx.argmax(P, U, solver="cvxpylayers"), brute)
+    X = sstcvx.relax(P, U, 1.0, "entropy", solver="cvxpylayers")
     torch.testing.assert_close(X.sum(-1), torch.ones(4, 3), atol=1e-6, rtol=0)
     torch.testing.assert_close(X.sum(-2), torch.ones(4, 3), atol=1e-6, rtol=0)
 
@@ -149,7 +149,7 @@ def test_exp_family_entropy_on_simplex_vertices_is_softmax():
 
 def test_hard_sample_is_exact_vertex():
     P = ksubset(8, 3)
-    X = sstcvx.argmax(P, torch.randn(20, 8), solver="generic")
+    X = sstcvx.argmax(P, torch.randn(20, 8), solver="cvxpylayers")
     assert set(X.unique().tolist()) <= {0.0, 1.0}
     assert (X.sum(-1) == 3).all()
     assert not torch.signbit(X).any()  # no negative zeros from snapping
@@ -158,8 +158,8 @@ def test_hard_sample_is_exact_vertex():
 def test_tau_to_zero_gives_argmax():
     P = ksubset(6, 2)
     U = torch.randn(5, 6)
-    hard = sstcvx.argmax(P, U, solver="generic")
-    soft = sstcvx.relax(P, U, 1e-2, "euclidean", solver="generic")
+    hard = sstcvx.argmax(P, U, solver="cvxpylayers")
+    soft = sstcvx.relax(P, U, 1e-2, "euclidean", solver="cvxpylayers")
     torch.testing.assert_close(soft, hard, atol=1e-5, rtol=0)
 
 
@@ -168,15 +168,15 @@ def test_user_regularizer_matches_builtin():
     U = torch.randn(3, 5)
     half_sq = sstcvx.Regularizer.from_cvxpy(lambda x: 0.5 * cp.sum_squares(x), name="half_sq")
     torch.testing.assert_close(
-        sstcvx.relax(P, U, 0.5, half_sq), sstcvx.relax(P, U, 0.5, "euclidean", solver="generic"), atol=1e-6, rtol=0
+        sstcvx.relax(P, U, 0.5, half_sq), sstcvx.relax(P, U, 0.5, "euclidean", solver="cvxpylayers"), atol=1e-6, rtol=0
     )
 
 
 def test_layer_is_built_once_and_reused():
     P = simplex(4)
-    sstcvx.relax(P, torch.randn(2, 4), 1.0, "entropy")
+    sstcvx.relax(P, torch.randn(2, 4), 1.0, "entropy", solver="cvxpylayers")
     cached = generic_cache.entries(P)
-    sstcvx.relax(P, torch.randn(7, 3, 4), 0.1, "entropy")
+    sstcvx.relax(P, torch.randn(7, 3, 4), 0.1, "entropy", solver="cvxpylayers")
     assert generic_cache.entries(P) == cached and len(cached) == 1
 
 
@@ -188,7 +188,7 @@ def test_implausible_derivative_is_recomputed():
     G = torch.randn(U.shape, generator=g)
     P = simplex(10)
     u = U.clone().requires_grad_()
-    X = sstcvx.relax(P, u, 0.3, "entropy", solver="generic")
+    X = sstcvx.relax(P, u, 0.3, "entropy", solver="cvxpylayers")
     with pytest.warns(RuntimeWarning, match="derivative of batch element 10 was implausible"):
         (vjp,) = torch.autograd.grad((X * G).sum(), u)
     u2 = U.clone().requires_grad_()
@@ -199,8 +199,8 @@ def test_implausible_derivative_is_recomputed():
 def test_euclidean_defaults_to_scs_and_is_accurate():
     P = ksubset(10, 3)
     U = torch.randn(16, 10) * 2
-    X = sstcvx.relax(P, U, 0.5, "euclidean", solver="generic")
-    reference = sstcvx.relax(P, U, 0.5, "euclidean", solver="generic", solver_args=sstcvx.generic.CLARABEL_ARGS)
+    X = sstcvx.relax(P, U, 0.5, "euclidean", solver="cvxpylayers")
+    reference = sstcvx.relax(P, U, 0.5, "euclidean", solver="cvxpylayers", solver_args=sstcvx.generic.CLARABEL_ARGS)
     torch.testing.assert_close(X, reference, atol=1e-5, rtol=0)  # both solvers agree
     torch.testing.assert_close(X.sum(-1), torch.full((16,), 3.0), atol=1e-8, rtol=0)
 
@@ -211,12 +211,12 @@ def test_exp_family_entropy_generic_path_is_a_conic_problem_over_the_vertex_weig
     its Jacobian the Gibbs covariance / tau (the E.F. Jacobian is a covariance)."""
     V = torch.tensor([list(b) for b in itertools.product([0.0, 1.0], repeat=5) if sum(b) == 2])
     P = sstcvx.Polytope.from_vertices(V)
-    relaxation, path = sstcvx.relaxation_solver(P, "exp_family_entropy", solver="generic")
+    relaxation, path = sstcvx.relaxation_solver(P, "exp_family_entropy", solver="cvxpylayers")
     assert path == "generic" and relaxation.lifted is not None and relaxation.lifted.layer is not None
     tau = 0.6
     U = torch.randn(4, 5, requires_grad=True)
     G = torch.randn(4, 5)
-    X = sstcvx.relax(P, U, tau, "exp_family_entropy", solver="generic")
+    X = sstcvx.relax(P, U, tau, "exp_family_entropy", solver="cvxpylayers")
     p = torch.softmax(U.detach() / tau @ V.T, -1)
     mean = p @ V
     torch.testing.assert_close(X, mean, atol=1e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""polytopes.KSubset: top-k, LML, capped-simplex projection and the Gibbs-marginal DP against brute force and the generic path."""
+"""polytopes.KSubset: facts of k-subsets (LML, the projection, the Gibbs-marginal DP); the shared contract is tests/test_contract.py."""
 
 import itertools
 import math
@@ -39,25 +39,6 @@ def test_vertices_are_the_k_hot_vectors(n, k):
     assert (V.sum(-1) == k).all() and ((V == 0) | (V == 1)).all()
     assert torch.unique(V, dim=0).shape[0] == V.shape[0]
     assert KSubset(40, 20).vertices is None
-
-
-def test_argmax_is_the_brute_force_vertex():
-    P = KSubset(7, 3)
-    U = torch.randn(64, 7, dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialized")
-    V = P.vertices
-    assert torch.equal(X, V[(U @ V.T).argmax(-1)])
-    assert ((X.unsqueeze(1) == V).all(-1).sum(-1) == 1).all()
-    assert torch.equal(X[:4], sstcvx.argmax(P, U[:4], solver="generic"))
-
-
-@pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_agrees_with_generic_path(regularizer):
-    P = KSubset(6, 2)
-    U = 2 * torch.randn(3, 6, dtype=torch.float64)
-    fast = relax(P, U, 0.7, regularizer)
-    slow = sstcvx.relax(P, U, 0.7, regularizer, solver="generic")
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
 
 
 def test_lml_satisfies_its_optimality_conditions():
@@ -107,13 +88,6 @@ def test_exp_family_jacobian_is_the_gibbs_covariance():
     torch.testing.assert_close(J, covariance, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_gradcheck(regularizer):
-    P = KSubset(7, 3)
-    U = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda u: relax(P, u, 0.5, regularizer), (U,))
-
-
 def test_gradgradcheck_exp_family_and_lml():
     P = KSubset(5, 2)
     U = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
@@ -122,13 +96,10 @@ def test_gradgradcheck_exp_family_and_lml():
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_tau_limits(regularizer):
-    P = KSubset(7, 3)
-    U = torch.rand(8, 7).argsort(-1).double() * 0.1  # distinct values 0.1 apart: a unique top-3 with a margin
-    hard = sstcvx.argmax(P, U)
-    torch.testing.assert_close(relax(P, U, 1e-3, regularizer), hard, atol=1e-12, rtol=0)
-    # tau -> infinity: argmin of f over P, the barycentre k/n for all three regularizers
-    torch.testing.assert_close(relax(P, U, 1e7, regularizer), torch.full_like(U, 3 / 7), atol=1e-6, rtol=0)
+def test_large_tau_gives_the_barycentre(regularizer):
+    # argmin of f over P: the barycentre k/n for all three regularizers
+    U = torch.randn(8, 7, dtype=torch.float64)
+    torch.testing.assert_close(relax(KSubset(7, 3), U, 1e7, regularizer), torch.full_like(U, 3 / 7), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("regularizer", ["euclidean", "exp_family_entropy"])
@@ -137,35 +108,6 @@ def test_one_subsets_are_the_simplex(regularizer):
     torch.testing.assert_close(
         relax(KSubset(9, 1), U, 0.8, regularizer), relax(Simplex(9), U, 0.8, regularizer), atol=1e-12, rtol=0
     )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
-def test_batch_shape_and_dtype_preserved(batch, dtype):
-    P = KSubset(5, 2)
-    U = torch.randn(*batch, 5, dtype=dtype)
-    for X in [relax(P, U, 0.5, r) for r in REGULARIZERS] + [sstcvx.argmax(P, U)]:
-        assert X.shape == U.shape and X.dtype == dtype and X.device == U.device
-    if batch:
-        flat = relax(P, U.reshape(-1, 5), 0.5, "exp_family_entropy").reshape(U.shape)
-        torch.testing.assert_close(relax(P, U, 0.5, "exp_family_entropy"), flat, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("regularizer", REGULARIZERS)
-def test_robust_to_extreme_utilities(regularizer, dtype):
-    n, k = 40, 7
-    P = KSubset(n, k)
-    for tau in (1e-3, 1.0, 1e3):
-        theta = (1e3 * torch.randn(6, n, dtype=dtype)).requires_grad_(True)
-        X = relax(P, theta, tau, regularizer)
-        (X * torch.randn_like(X)).sum().backward()
-        assert torch.isfinite(X).all() and torch.isfinite(theta.grad).all()
-        assert (X >= 0).all() and (X <= 1).all()
-        tolerance = 1e-6 if dtype == torch.float64 else 1e-5  # float32 output rounds each entry to 6e-8
-        torch.testing.assert_close(X.sum(-1).double(), torch.full((6,), float(k), dtype=torch.float64), atol=tolerance, rtol=0)
-    hard = sstcvx.argmax(P, theta.detach())
-    torch.testing.assert_close(relax(P, theta.detach(), 1e-3, regularizer), hard, atol=1e-6, rtol=0)
 
 
 def test_exp_family_dp_stays_exact_at_large_spread():
@@ -179,3 +121,76 @@ def test_exp_family_dp_stays_exact_at_large_spread():
     p = 1 / (1 + math.exp(-0.3))
     tie = torch.tensor([[1.0, p, 1 - p, 0.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(relax(P, z, 1.0, "exp_family_entropy"), tie, atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Gibbs-marginal message passes (k_subset_marginals), called directly so that small n take
+# the tree DP and not the enumeration
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_marginals(z, k):
+    from polytopes.ksubset import _GibbsMarginals
+
+    return _GibbsMarginals.apply(z, k)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 11, 16, 17])
+def test_tree_dp_is_the_brute_force_to_1e12(n):
+    z = 3 * torch.randn(4, n, dtype=torch.float64)
+    for k in range(1, n):
+        subsets = torch.tensor(list(itertools.combinations(range(n), k)))
+        V = torch.zeros(subsets.shape[0], n, dtype=torch.float64).scatter_(1, subsets, 1.0)
+        brute = torch.softmax(z @ V.T, -1) @ V
+        torch.testing.assert_close(tree_marginals(z, k), brute, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (9, 4), (12, 1), (13, 7)])
+def test_tree_dp_backward_is_the_gibbs_covariance_to_1e12(n, k):
+    # rows 0-1 moderate (linear-space passes), row 2 at a spread of 2e3 (the log-space rows), mixed in one batch
+    z = torch.randn(3, n, dtype=torch.float64)
+    z[2] *= 1e3
+    g = torch.randn(3, n, dtype=torch.float64)
+    zg = z.clone().requires_grad_(True)
+    X = tree_marginals(zg, k)
+    (hvp,) = torch.autograd.grad(X, zg, g)
+    V = KSubset(n, k).vertices
+    p = torch.softmax(z @ V.T, -1)
+    mean = p @ V
+    covariance = torch.einsum("bv,vi,vj->bij", p, V, V) - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    torch.testing.assert_close(X.detach(), mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(hvp, (covariance @ g.unsqueeze(-1)).squeeze(-1), atol=1e-12, rtol=0)
+
+
+def test_tree_dp_gradcheck_and_gradgradcheck():
+    z = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u: tree_marginals(u, 3), (z,))
+    assert torch.autograd.gradgradcheck(lambda u: tree_marginals(u, 3), (z,))
+
+
+def test_tree_dp_at_extreme_utilities_matches_the_log_space_dp():
+    # |U| ~ 1e3 at tau 1e-3: every row takes the log-space DP; tau = 1 with |U| ~ 3: every row the linear one
+    from polytopes.ksubset import _log_space_marginals
+
+    for scale in (1e6, 3.0, 30.0):
+        z = scale * torch.randn(8, 40, dtype=torch.float64)
+        reference = _log_space_marginals(z.clone().requires_grad_(True), 7, False)
+        torch.testing.assert_close(tree_marginals(z, 7), reference, atol=1e-10 if scale > 1e3 else 1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 1e4])
+def test_capped_simplex_newton_finds_the_exact_support_of_the_sorted_method(scale):
+    from polytopes.ksubset import _capped_simplex_newton, _capped_simplex_sorted
+
+    z = scale * torch.randn(64, 50, dtype=torch.float64)
+    z[:8] = z[:8].round()  # ties and breakpoints landing on integers
+    for k in (1, 7, 25, 49):
+        result = _capped_simplex_newton(z, k)
+        assert result is not None
+        (x, free), (x_sorted, free_sorted) = result, _capped_simplex_sorted(z, k)
+        # the same support (not merely close values), up to entries exactly at a bound (degenerate: x the same)
+        interior = (x_sorted > 1e-9) & (x_sorted < 1 - 1e-9)
+        assert torch.equal(free | ~interior & free_sorted, free_sorted | ~interior & free)
+        assert (free >= interior).all() and (free_sorted >= interior).all()
+        torch.testing.assert_close(x, x_sorted, atol=1e-12 * max(1.0, scale), rtol=0)
+        torch.testing.assert_close(x.sum(-1), torch.full((64,), float(k), dtype=torch.float64), atol=1e-9, rtol=0)

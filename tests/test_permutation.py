@@ -1,7 +1,6 @@
-"""polytopes.Permutation: Hungarian argmax and Sinkhorn (entropy) against brute force, the generic path and autograd."""
+"""polytopes.Permutation: facts of Sinkhorn, the Birkhoff projection and the Hungarian argmax; the shared contract is tests/test_contract.py."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -9,10 +8,6 @@ import torch
 import sstcvx
 from polytopes import Permutation
 from polytopes.permutation import birkhoff_projection, hungarian, sinkhorn
-
-
-def relax(P, U, tau):
-    return sstcvx.relax(P, U, tau, "entropy", solver="specialized")
 
 
 def marginal_violation(X):
@@ -69,26 +64,6 @@ def test_declaration_is_the_birkhoff_polytope():
     assert P.check(n_directions=4)  # LP vertices in random directions are integral
 
 
-def test_argmax_is_the_brute_force_vertex():
-    P = Permutation(5)
-    U = torch.randn(64, 5, 5, dtype=torch.float64)
-    X = sstcvx.argmax(P, U, solver="specialized")
-    V = P.vertices
-    torch.testing.assert_close(X, V[(U.reshape(64, 1, 25) * V.reshape(1, -1, 25)).sum(-1).argmax(-1)], atol=0, rtol=0)
-    assert ((X == 0) | (X == 1)).all() and (X.sum(-1) == 1).all() and (X.sum(-2) == 1).all()
-    torch.testing.assert_close(sstcvx.argmax(Permutation(4), U[:3, :4, :4], solver="generic"), hungarian(U[:3, :4, :4]))
-
-
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_agrees_with_generic_path(n):
-    P = Permutation(n)
-    U = 2 * torch.randn(3, n, n, dtype=torch.float64)
-    for tau in (0.3, 2.0):
-        fast = relax(P, U, tau)
-        slow = sstcvx.relax(P, U, tau, "entropy", solver="generic")
-        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
-
-
 def test_satisfies_the_optimality_conditions():
     # X = exp(Z + a 1^T + 1 b^T): log X - Z is a sum of a row and a column term (zero double-centring),
     # and X is doubly stochastic
@@ -98,12 +73,6 @@ def test_satisfies_the_optimality_conditions():
     centred = R - R.mean(-1, keepdim=True) - R.mean(-2, keepdim=True) + R.mean((-2, -1), keepdim=True)
     assert centred.abs().max() < 1e-10
     assert marginal_violation(X) < 1e-12
-
-
-def test_gradcheck():
-    P = Permutation(3)
-    U = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda u: relax(P, u, 0.5), (U,))
 
 
 def test_gradgradcheck():
@@ -124,54 +93,14 @@ def test_vjp_matches_autograd_through_unrolled_sinkhorn(scale):
     assert ours.abs().max() > 1e-2  # the comparison is not between two zeros
 
 
-def test_tau_limits():
-    P = Permutation(5)
-    U = torch.randn(8, 5, 5, dtype=torch.float64)
-    hard = sstcvx.argmax(P, U)
-    torch.testing.assert_close(relax(P, U, 1e-5), hard, atol=1e-9, rtol=0)
-    torch.testing.assert_close(relax(P, U, 1e7), torch.full_like(U, 1 / 5), atol=1e-7, rtol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
-def test_batch_shape_and_dtype_preserved(batch, dtype):
-    P = Permutation(4)
+def test_module_functions_keep_batch_shape_and_dtype(batch, dtype):
     U = torch.randn(*batch, 4, 4, dtype=dtype)
-    for X in (relax(P, U, 0.5), sstcvx.argmax(P, U), hungarian(U), sinkhorn(U)):
+    for X in (hungarian(U), sinkhorn(U)):
         assert X.shape == U.shape and X.dtype == dtype and X.device == U.device
     if batch:
-        flat = relax(P, U.reshape(-1, 4, 4), 0.5).reshape(U.shape)
-        torch.testing.assert_close(relax(P, U, 0.5), flat, atol=0, rtol=0)
         assert torch.equal(hungarian(U), hungarian(U.reshape(-1, 4, 4)).reshape(U.shape))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_preserved():
-    U = torch.randn(4, 5, 5, device="cuda", requires_grad=True)
-    X = relax(Permutation(5), U, 0.5)
-    X.sum().backward()
-    assert X.device == U.device and U.grad.device == U.device
-    assert hungarian(U).device == U.device
-
-
-@pytest.mark.parametrize("regularizer", ["entropy", "euclidean"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [3, 8])
-def test_robust_to_extreme_utilities(n, dtype, regularizer):
-    P = Permutation(n)
-    gumbel = -torch.log(-torch.log(torch.rand(16, n, n, dtype=torch.float64)))
-    for tau in (1e-3, 1.0, 1e3):
-        for scale in (1.0, 1e3):
-            theta = ((2 * torch.rand(16, n, n, dtype=torch.float64) - 1) * scale).to(dtype).requires_grad_(True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # the tolerance is reached: no RuntimeWarning
-                X = sstcvx.relax(P, theta + gumbel.to(dtype), tau, regularizer)
-            (X * torch.randn_like(X)).sum().backward()
-            assert torch.isfinite(X).all() and torch.isfinite(theta.grad).all()
-            assert X.dtype == dtype and (X >= 0).all() and marginal_violation(X) <= 1e-6
-    # |theta| ~ 1e3 separates the best assignment by far more than tau = 1e-3
-    U = theta.detach() + gumbel.to(dtype)
-    torch.testing.assert_close(sstcvx.relax(P, U, 1e-3, regularizer), sstcvx.argmax(P, U), atol=1e-6, rtol=0)
 
 
 def test_nearly_tied_vertices_at_a_huge_spread():
@@ -230,32 +159,21 @@ def test_projection_is_exact_against_every_vertex(n):
     assert (X == 0).any()  # a projection, not a smoothing: exact zeros
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_projection_agrees_with_generic_path(n):
-    P = Permutation(n)
-    U = 2 * torch.randn(3, n, n, dtype=torch.float64)
-    for tau in (0.3, 2.0):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            slow = sstcvx.relax(P, U, tau, "euclidean", solver="generic")
-        torch.testing.assert_close(project(P, U, tau), slow, atol=1e-6, rtol=0)
-
-
-def test_projection_gradcheck_and_exact_jacobian():
+def test_projection_jacobian_is_an_orthogonal_projection():
+    # symmetric and idempotent
     P = Permutation(4)
-    U = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda u: project(P, u, 0.5), (U,))
-    # the Jacobian is an orthogonal projection: symmetric and idempotent
-    J = torch.autograd.functional.jacobian(lambda u: project(P, u, 1.0), U[0].detach()).reshape(16, 16)
+    U = torch.randn(4, 4, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda u: project(P, u, 1.0), U).reshape(16, 16)
     torch.testing.assert_close(J, J.T, atol=1e-10, rtol=0)
     torch.testing.assert_close(J @ J, J, atol=1e-10, rtol=0)
 
 
-def test_projection_tau_limits():
-    P = Permutation(5)
+@pytest.mark.parametrize("regularizer", ["entropy", "euclidean"])
+def test_large_tau_gives_the_barycentre(regularizer):
+    # argmin of f over the Birkhoff polytope: the uniform matrix 1/n for the entropy and ||x||^2 alike
     U = torch.randn(8, 5, 5, dtype=torch.float64)
-    torch.testing.assert_close(project(P, U, 1e-5), sstcvx.argmax(P, U), atol=1e-9, rtol=0)
-    torch.testing.assert_close(project(P, U, 1e7), torch.full_like(U, 1 / 5), atol=1e-6, rtol=0)
+    atol = 1e-7 if regularizer == "entropy" else 1e-6  # the projection moves by (U / tau) minus its means
+    torch.testing.assert_close(sstcvx.relax(Permutation(5), U, 1e7, regularizer), torch.full_like(U, 1 / 5), atol=atol, rtol=0)
 
 
 def test_projection_arguments_and_budget():
@@ -266,3 +184,57 @@ def test_projection_arguments_and_budget():
     with pytest.warns(RuntimeWarning, match="max_iter"):
         birkhoff_projection(1e4 * torch.randn(2, 6, 6, dtype=torch.float64), max_iter=1)
     assert birkhoff_projection(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched auction against SciPy
+# ---------------------------------------------------------------------------------------------
+
+
+def assignment_value(U, X):
+    return (U * X).sum((-2, -1))
+
+
+@pytest.mark.parametrize("kind", ["real", "integer", "ties"])
+@pytest.mark.parametrize("n", [2, 3, 7, 16])
+def test_auction_is_optimal_against_scipy(kind, n):
+    from polytopes.permutation import auction_assignment
+
+    generator = torch.Generator().manual_seed(n)
+    if kind == "real":
+        U = 1e3 * torch.randn(32, n, n, dtype=torch.float64, generator=generator)
+    elif kind == "integer":
+        U = torch.randint(-50, 50, (32, n, n), generator=generator).double()
+    else:  # many optimal assignments: compare values, and that the result is a permutation
+        U = torch.randint(0, 2, (32, n, n), generator=generator).double()
+    X, reference = auction_assignment(U), hungarian(U)
+    assert ((X == 0) | (X == 1)).all() and (X.sum(-1) == 1).all() and (X.sum(-2) == 1).all()
+    assert torch.equal(assignment_value(U, X), assignment_value(U, reference))
+    if kind == "real":  # the optimum is unique almost surely
+        assert torch.equal(X, reference)
+
+
+def test_auction_certificate_rejects_a_suboptimal_assignment_and_falls_back():
+    from polytopes.permutation import _certified, max_weight_assignment
+
+    U = torch.randn(6, 5, 5, dtype=torch.float64)
+    best = hungarian(U).argmax(-1)
+    worst = hungarian(-U).argmax(-1)
+    assert _certified(U, best).all() and not _certified(U, worst).any()
+    # a budget of one bidding round cannot finish: SciPy answers instead
+    from polytopes.permutation import auction_assignment
+
+    assert torch.equal(auction_assignment(U, max_rounds=1), hungarian(U))
+    assert torch.equal(max_weight_assignment(U, method="auction"), hungarian(U))
+    with pytest.raises(ValueError, match="method"):
+        max_weight_assignment(U, method="greedy")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auction_runs_on_the_device():
+    from polytopes.permutation import max_weight_assignment
+
+    U = torch.randn(16, 8, 8, device="cuda", dtype=torch.float64)
+    X = max_weight_assignment(U)
+    assert X.device == U.device
+    assert torch.equal(X.cpu(), hungarian(U.cpu()))

@@ -179,9 +179,9 @@ def refuse_double_backward(path: str) -> None:
 class _CheckedBackward(torch.autograd.Function):
     """The generic layer with its vector-Jacobian products checked element by element.
 
-    diffcp's derivative is occasionally far off (seen: 3e4 on a softmax whose forward
-    value was right to 6e-8, where an exponential-cone constraint is nearly active and
-    Clarabel's dual is not accurate enough).  The backward tests every row with
+    diffcp's derivative can be far off where an exponential-cone constraint is nearly active
+    and the conic solver's dual is not accurate enough, while the forward value is right
+    (docs/generic.md has the measured cases).  The backward tests every row with
     :meth:`GenericRelaxation.implausible_gradients` and recomputes the rows that fail
     from a fallback-solver solve of that element, with a warning.
     """

@@ -39,7 +39,9 @@ class VertexWeightsRelaxation:
         V = P.vertices
         self.vertices = V.reshape(V.shape[0], -1).to(device="cpu", dtype=torch.float64)
         weights = cp.Variable(V.shape[0])
-        simplex = Polytope.from_cvxpy(weights, [weights >= 0, cp.sum(weights) == 1], name=f"vertex weights of {P.name}")
+        simplex = Polytope.from_cvxpy(
+            weights, [weights >= 0, cp.sum(weights) == 1], name=f"vertex weights of {P.name}", recognize=False
+        )  # solved as declared: this is the generic path
         self.lifted = GenericRelaxation(simplex, get_regularizer("entropy"))
         self.build_time = time.perf_counter() - start
 
@@ -59,8 +61,8 @@ class _VertexWeightsMean(torch.autograd.Function):
     The weights solve max <V z, l> + H(l) over the simplex, whose Jacobian in V z is
     diag(l) - l l^T; so dX/dz = V^T (diag(l) - l l^T) V, the covariance of the vertices
     under l (the E.F. Jacobian is a covariance), applied at the solver's l.
-    diffcp's derivative of this problem, with one exponential cone per vertex, measured
-    off by 1e-3 to 1e-2 at tau = 0.1 and once by 4e4 (then by 5 after the SCS retry).
+    diffcp's own derivative of this problem, with one exponential cone per vertex, is not
+    accurate enough to serve (docs/generic.md).
     Forward Z64 (B, d) is only the node to differentiate; V (m, d).  Cost O(B m d).
     """
 

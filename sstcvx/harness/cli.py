@@ -328,9 +328,14 @@ def _compare(args) -> int:
         default_regs = list(family.regularizers)
     elif ":" in args.target:
         P = load_user_polytope(args.target, args.n, args.k)
-        default_regs = ["euclidean", "entropy"]
-        if args.reference != "second_solver" and P.vertices is not None:
-            default_regs.append("exp_family_entropy")
+        recognized = getattr(P, "recognized", None)
+        if recognized is not None and recognized.family in families():
+            # a declaration recognized as a family: its generic path against the family's solvers
+            default_regs = list(families()[recognized.family].regularizers)
+        else:
+            default_regs = ["euclidean", "entropy"]
+            if args.reference != "second_solver" and P.vertices is not None:
+                default_regs.append("exp_family_entropy")
     else:
         raise UsageError(
             f"unknown family {args.target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION"

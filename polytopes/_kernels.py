@@ -1,0 +1,76 @@
+"""Small numerical kernels and argument checks shared by the polytope families' solvers.
+
+* :func:`rank_one_vjp`: the vector-Jacobian product of the projections whose Jacobian
+  is diag(D) - D D^T / sum D (LML, the capped simplex, sparsemax);
+* :func:`floored_logsumexp`: logsumexp with terms far below the maximum floored, which
+  keeps exp out of its slow subnormal range (the k-subset DP, Sinkhorn);
+* :func:`sparsemax_threshold`: the exact threshold of the projection onto the simplex
+  (sparsemax, the Birkhoff projection's row steps);
+* :func:`check_square` and :func:`check_solver_arguments`: the argument checks of the
+  public solvers on (..., n, n) inputs (Sinkhorn, the Birkhoff projection, assignment).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rank_one_vjp(D: torch.Tensor, g: torch.Tensor, floor: float) -> torch.Tensor:
+    """J^T g for the symmetric J = diag(D) - D D^T / sum(D) over the last dim: D (g - <D, g> / sum D).
+
+    D, g: (..., n) -> (..., n).  ``floor`` bounds sum(D) from below (the count of a
+    non-empty support is >= 1; LML's D = x (1 - x) may underflow).  O(n), written
+    with differentiable ops, so it differentiates again.
+    """
+    total = D.sum(-1, keepdim=True).clamp_min(floor)
+    return D * (g - (D * g).sum(-1, keepdim=True) / total)
+
+
+def floored_logsumexp(x: torch.Tensor, dim: int, floor: float, keepdim: bool = False) -> torch.Tensor:
+    """log sum exp(x) along ``dim``, terms more than -``floor`` below the maximum counted at exp(floor) times it.
+
+    With floor = -700 the floored terms weigh < 1e-304 relative to the largest
+    (exact in float64); with floor = -345, < n 1e-150.  The floor keeps exp out of
+    the subnormal range, where CPUs take a slow path (10-100x), and keeps -inf
+    (absent terms) out of the derivatives; the gradient of floored terms is cut.
+    The maximum is detached (the value does not depend on it).
+    """
+    top = x.detach().amax(dim, keepdim=True)
+    out = top + (x - top).clamp_min(floor).exp().sum(dim, keepdim=True).log()
+    return out if keepdim else out.squeeze(dim)
+
+
+def sparsemax_threshold(z: torch.Tensor):
+    """t (..., 1) with sum max(z - t, 0) = 1 over the last dim, the support size (..., 1), and z sorted descending.
+
+    Exact from the sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1); O(n log n).
+    """
+    n = z.shape[-1]
+    zs, _ = torch.sort(z, dim=-1, descending=True)
+    cum = zs.cumsum(-1) - 1.0
+    ranks = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
+    # the support size is the largest r with z_(r) > (sum_{j<=r} z_(j) - 1) / r; the condition holds
+    # exactly for r = 1..size, so counting it gives size
+    size = (zs * ranks > cum).sum(-1, keepdim=True)
+    return cum.gather(-1, size - 1) / size.to(z.dtype), size, zs
+
+
+def check_square(T, name: str) -> None:
+    """``T`` is a floating tensor of shape (..., n, n) with n >= 2; errors name the argument."""
+    if not isinstance(T, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (..., n, n), got {type(T).__name__}")
+    if not T.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {T.dtype}")
+    if T.dim() < 2 or T.shape[-1] != T.shape[-2] or T.shape[-1] < 2:
+        raise ValueError(f"{name}: expected shape (..., n, n) with n >= 2, got {tuple(T.shape)}")
+
+
+def check_solver_arguments(Z, tol, max_iter) -> None:
+    """The public iterative solvers' checks: square finite Z, tol > 0, max_iter >= 1."""
+    check_square(Z, "Z")
+    if isinstance(tol, bool) or not isinstance(tol, (float, int)) or not tol > 0:
+        raise ValueError(f"tol: expected a positive float, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
+    if not bool(torch.isfinite(Z).all()):
+        raise ValueError("Z: expected finite values")
