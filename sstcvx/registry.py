@@ -98,26 +98,31 @@ def find_relaxation(P, regularizer):
     if isinstance(regularizer, Regularizer):
         fn = _find(P, regularizer.name)
         if fn is None and isinstance(regularizer, SeparableRegularizer):
-            generic = _find(P, SEPARABLE)
-            if generic is not None:
-                return lambda P_, Z: generic(P_, Z, regularizer)
+            fn = _find(P, SEPARABLE, regularizer)
         return fn
     return _find(P, regularizer)
 
 
-def _find(P, regularizer_name: str):
+def _bind(fn, separable):
+    """A ``"separable"`` solver ``fn(P, Z, regularizer)`` bound to one regularizer."""
+    return fn if separable is None else (lambda P, Z: fn(P, Z, separable))
+
+
+def _find(P, regularizer_name: str, separable=None):
+    """The solver registered under ``regularizer_name`` for P (its own, its recognized family's, its
+    class's), bound to ``separable`` (the regularizer) when looking up the ``"separable"`` key."""
     own = P.__dict__.get("_own_relaxations") or {}
     if regularizer_name in own:
-        return own[regularizer_name]
+        return _bind(own[regularizer_name], separable)
     recognized = getattr(P, "recognized", None)
     if recognized is not None:
-        fn = find_relaxation(recognized.polytope, regularizer_name)
+        fn = _find(recognized.polytope, regularizer_name, separable)
         if fn is not None:
             return recognized.relaxation(fn)
     for cls in type(P).__mro__:
         fn = _RELAXATIONS.get((cls, regularizer_name))
         if fn is not None:
-            return fn
+            return _bind(fn, separable)
     return None
 
 

@@ -143,7 +143,7 @@ def test_agrees_with_cvxpylayers_path(reg):
     U = utilities((4, 6), 1.5, seed=1)
     for P in (polytopes.KSubset(6, 2), polytopes.Simplex(6), polytopes.Hypercube(6)):
         fast = sstcvx.relax(P, U, 0.7, reg, solver="specialized")
-        generic = sstcvx.relax(P, U, 0.7, reg, solver="generic")
+        generic = sstcvx.relax(P, U, 0.7, reg, solver="cvxpylayers")
         torch.testing.assert_close(fast, generic, atol=1e-6, rtol=0)
 
 
@@ -153,7 +153,7 @@ def test_brute_force_on_the_vertex_list():
     Pv = sstcvx.Polytope.from_vertices(P.vertices)
     U = utilities((3, 5), 1.0, seed=2)
     torch.testing.assert_close(
-        sstcvx.relax(P, U, 0.5, TSALLIS), sstcvx.relax(Pv, U, 0.5, TSALLIS, solver="generic"), atol=1e-6, rtol=0
+        sstcvx.relax(P, U, 0.5, TSALLIS), sstcvx.relax(Pv, U, 0.5, TSALLIS, solver="cvxpylayers"), atol=1e-6, rtol=0
     )
 
 
@@ -201,7 +201,7 @@ def test_backward_matches_cvxpylayers():
     U = utilities((3, 6), 1.0, seed=6)
     G = utilities((3, 6), 1.0, seed=7)
     grads = []
-    for solver in ("specialized", "generic"):
+    for solver in ("specialized", "cvxpylayers"):
         u = U.clone().requires_grad_(True)
         (sstcvx.relax(P, u, 0.5, MIX, solver=solver) * G).sum().backward()
         grads.append(u.grad)
@@ -280,3 +280,48 @@ def test_copies_and_pickling():
     back = pickle.loads(pickle.dumps(top_level))
     Z = utilities((4, 5), 1.0)
     torch.testing.assert_close(sstcvx.relax(polytopes.Simplex(5), Z, 1.0, back), entmax15_reference(Z), atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# declared polytopes: the fast generic solver with the regularizer's mirror map
+# ----------------------------------------------------------------------------------------------
+
+
+def declared_polytopes():
+    """Two declarations with inequality rows (no family recognizes them)."""
+    x = cp.Variable(5)
+    knapsack = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) <= 2, x[0] + x[1] <= 1], name="knapsack")
+    y = cp.Variable(4)
+    flow = sstcvx.Polytope.from_cvxpy(y, [y >= 0, y[0] + y[1] == 1, y[2] <= y[0], y[3] <= y[1] + 0.5 * y[2]],
+                                      name="flow")
+    return knapsack, flow
+
+
+@pytest.mark.parametrize("reg", [TSALLIS, MIX], ids=lambda r: r.name)
+def test_declared_polytopes_on_the_fast_solver(reg):
+    for P in declared_polytopes():
+        assert sstcvx.relaxation_solver(P, reg, "fast")[1] == "fast"
+        assert sstcvx.relaxation_solver(P, reg)[1] == "generic"  # for now: see docs/separable.md
+        U = utilities((4, P.event_shape[0]), 1.0, seed=8)
+        fast = sstcvx.relax(P, U, 0.5, reg, solver="fast")
+        generic = sstcvx.relax(P, U, 0.5, reg, solver="cvxpylayers")
+        torch.testing.assert_close(fast, generic, atol=1e-6, rtol=0)
+
+
+def test_declared_polytope_gradcheck():
+    P = declared_polytopes()[0]
+    Z = utilities((2, 5), 1.0, seed=9).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: sstcvx.relax(P, z, 1.0, TSALLIS, solver="fast"), (Z,), atol=1e-6)
+    without_cvxpy = Regularizer.separable(tsallis_phi, domain=(0, math.inf), name="no cvxpy form")
+    assert sstcvx.relaxation_solver(P, without_cvxpy)[1] == "fast"  # the only path that serves it
+
+
+def test_recognized_declaration_uses_the_family_solver():
+    x = cp.Variable(6)
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 2])
+    if getattr(P, "recognized", None) is None:
+        pytest.skip("this declaration is not recognized as a k-subset")
+    assert sstcvx.relaxation_solver(P, TSALLIS)[1] == "specialized"
+    U = utilities((4, 6), 1.0, seed=10)
+    torch.testing.assert_close(sstcvx.relax(P, U, 0.5, TSALLIS), sstcvx.relax(polytopes.KSubset(6, 2), U, 0.5, TSALLIS),
+                               atol=1e-12, rtol=0)

@@ -18,7 +18,7 @@ solver's tolerance otherwise (the defaults agree with the closed forms to about 
 
 from __future__ import annotations
 
-from ..regularizers import CvxpyRegularizer
+from ..regularizers import CvxpyRegularizer, SeparableRegularizer
 from . import cache
 from .dual_newton import FAST_REGULARIZERS, FastRelaxation
 from .layer import GenericRelaxation
@@ -52,7 +52,7 @@ __all__ = [
 
 
 def _regularizer_key(regularizer):
-    if isinstance(regularizer, CvxpyRegularizer):
+    if isinstance(regularizer, (CvxpyRegularizer, SeparableRegularizer)):
         return ("user", id(regularizer))
     return ("builtin", regularizer.name)
 
@@ -68,9 +68,10 @@ def generic_relaxation(P, regularizer):
 
 def fast_relaxation(P, regularizer):
     """The cached fast torch solver of ``(P, regularizer)``, or ``None`` where it does not apply
-    (a regularizer other than the built-in entropy, binary_entropy and euclidean, or a
-    declaration that is not linear)."""
-    if isinstance(regularizer, CvxpyRegularizer) or regularizer.name not in FAST_REGULARIZERS:
+    (a regularizer other than the built-in entropy, binary_entropy and euclidean and those of
+    ``Regularizer.separable``, or a declaration that is not linear)."""
+    separable = isinstance(regularizer, SeparableRegularizer)
+    if not separable and (isinstance(regularizer, CvxpyRegularizer) or regularizer.name not in FAST_REGULARIZERS):
         return None
 
     def build():
@@ -79,7 +80,7 @@ def fast_relaxation(P, regularizer):
         except (ValueError, NotImplementedError):  # not a linear declaration: the conic path serves it
             return False
 
-    fast = cache.cached(P, ("fast", regularizer.name), build)
+    fast = cache.cached(P, ("fast",) + _regularizer_key(regularizer), build)
     return fast or None
 
 

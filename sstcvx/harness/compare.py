@@ -38,7 +38,7 @@ from ..generic import AffineFeasibility, default_solver_args, fallback_solver_ar
 from ..generic.settings import check_solver_args
 from ..noise import get_noise
 from ..polytope import VertexPolytope
-from ..regularizers import get_regularizer
+from ..regularizers import SeparableRegularizer, get_regularizer
 from ..sampling import argmax, relax
 from .timing import adaptive_median
 
@@ -493,6 +493,12 @@ def compare(
     return ComparisonReport(rows)
 
 
+def _generic_solver(reg):
+    """The generic path compared: the cvxpylayers one (the user's CVXPY form, an independent
+    statement of f) for a separable regularizer, whose fast solvers all use its mirror map."""
+    return "cvxpylayers" if isinstance(reg, SeparableRegularizer) else "generic"
+
+
 def _reference(P, reg, reference, V, reference_solver_args):
     """(name, path factory tau -> _Path or None, brute-force factory or None) for one regularizer."""
     has_specialized = registry.find_relaxation(P, reg) is not None
@@ -505,7 +511,7 @@ def _reference(P, reg, reference, V, reference_solver_args):
     def brute(tau):
         if brute_exact:
             return _Path("brute force", lambda u: vertex_marginals(Pv, u / tau))
-        return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver="generic"))
+        return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver=_generic_solver(reg)))
 
     def specialized(tau):
         return _Path("specialized", lambda u: relax(P, u, tau, reg, solver="specialized"))
@@ -608,7 +614,7 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
         layer = log.run("generic path (build)", generic_relaxation, P, reg)
         if layer is not None:
             row.build_time_generic = layer.build_time
-            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver="generic", solver_args=solver_args))
+            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver=_generic_solver(reg), solver_args=solver_args))
             X_gen, g_gen, ok_gen = gen.measure(Ug, Gg, log)
             if X_gen is not None and X_ref is not None:
                 rows = ok_gen & ok_ref[: Ug.shape[0]]
