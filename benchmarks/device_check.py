@@ -9,11 +9,12 @@ relaxation (and the hard argmax), on one batch of utilities in float64 and float
   on ``--device`` and on the CPU, and their largest difference is printed (float64 must
   agree to 1e-9, float32 to 1e-3 relative to the float64 CPU result);
 * the result keeps the input's device and dtype;
-* forward + backward time per call on the device (synchronised) and on the CPU.
+* forward + backward time per call on the device (synchronized) and on the CPU.
 
+The fast generic solver is checked the same way on a few polytopes declared with CVXPY.
 The hard argmax must be identical on both.  Exit status 1 if any check fails, so that a
-session lent an accelerator can run it as one command.  Hungarian (Permutation's argmax)
-runs on the CPU by design, and is only checked for agreement and the output device.
+session lent an accelerator can run it as one command.  An argmax that a family computes on
+the CPU by design is checked for agreement and the output device like the others.
 With ``--device cpu`` (the default when no accelerator is present) both sides are the
 CPU: a smoke run of the script itself.
 """
@@ -32,32 +33,34 @@ from sstcvx.harness.timing import synchronized_median
 TAU = 0.5
 
 
-def relax_and_vjp(P, U, G, regularizer):
+def relax_and_vjp(P, U, G, regularizer, solver="specialized"):
     u = U.detach().clone().requires_grad_(True)
-    X = sstcvx.relax(P, u, TAU, regularizer, solver="specialized")
+    X = sstcvx.relax(P, u, TAU, regularizer, solver=solver)
     (grad,) = torch.autograd.grad((X * G).sum(), u)
     return X.detach(), grad
 
 
-def check_case(P, regularizer, batch, device, generator) -> tuple[bool, str]:
+def check_case(P, regularizer, batch, device, generator, solver="specialized") -> tuple[bool, str]:
     shape = (batch,) + tuple(P.event_shape)
     U64 = torch.randn(shape, dtype=torch.float64, generator=generator)
     G64 = torch.randn(shape, dtype=torch.float64, generator=generator)
-    X_ref, g_ref = relax_and_vjp(P, U64, G64, regularizer)
+    X_ref, g_ref = relax_and_vjp(P, U64, G64, regularizer, solver)
     scale = max(1.0, float(g_ref.abs().max()))
     ok, parts = True, []
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
         U, G = U64.to(device=device, dtype=dtype), G64.to(device=device, dtype=dtype)
-        X, g = relax_and_vjp(P, U, G, regularizer)
+        X, g = relax_and_vjp(P, U, G, regularizer, solver)
         same_place = X.device == U.device and X.dtype == dtype and g.device == U.device
         dx = float((X.double().cpu() - X_ref).abs().max())
         dg = float((g.double().cpu() - g_ref).abs().max()) / scale
         good = same_place and dx <= tol and dg <= tol and bool(torch.isfinite(X).all())
         ok &= good
-        parts.append(f"{str(dtype)[6:]}: |dX| {dx:.1e} |dVJP|/max {dg:.1e}{'' if same_place else ' WRONG DEVICE/DTYPE'}")
+        parts.append(
+            f"{str(dtype)[6:]}: |dX| {dx:.1e} |dVJP|/max {dg:.1e}{'' if same_place else ' WRONG DEVICE/DTYPE'}"
+        )
     U, G = U64.to(device), G64.to(device)
-    t_dev = synchronized_median(lambda: relax_and_vjp(P, U, G, regularizer), device)
-    t_cpu = synchronized_median(lambda: relax_and_vjp(P, U64, G64, regularizer), torch.device("cpu"))
+    t_dev = synchronized_median(lambda: relax_and_vjp(P, U, G, regularizer, solver), device)
+    t_cpu = synchronized_median(lambda: relax_and_vjp(P, U64, G64, regularizer, solver), torch.device("cpu"))
     parts.append(f"fwd+bwd {t_dev * 1e3:8.2f} ms on {device.type}, {t_cpu * 1e3:8.2f} ms on cpu")
     return ok, "   ".join(parts)
 
@@ -68,7 +71,29 @@ def check_argmax(P, batch, device, generator) -> tuple[bool, str]:
     X = sstcvx.argmax(P, U.to(device), solver="specialized")
     ok = X.device == U.to(device).device and torch.equal(X.cpu(), X_ref)
     t_dev = synchronized_median(lambda: sstcvx.argmax(P, U.to(device), solver="specialized"), device)
-    return ok, f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms"
+    return (
+        ok,
+        f"identical to cpu: {torch.equal(X.cpu(), X_ref)}, device kept: {X.device == U.to(device).device}   {t_dev * 1e3:8.2f} ms",
+    )
+
+
+def declared_cases():
+    """Polytopes declared with CVXPY, served by the fast generic solver."""
+    import cvxpy as cp
+
+    x = cp.Variable(20)
+    ksub = sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, cp.sum(x) == 5], name="declared 5-subsets(20)", recognize=False
+    )
+    M = cp.Variable((5, 5))
+    birkhoff = sstcvx.Polytope.from_cvxpy(
+        M, [M >= 0, cp.sum(M, axis=0) == 1, cp.sum(M, axis=1) == 1], name="declared birkhoff(5)", recognize=False
+    )
+    y = cp.Variable(6)
+    path = sstcvx.Polytope.from_cvxpy(
+        y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)", recognize=False
+    )
+    return [(ksub, "binary_entropy"), (ksub, "euclidean"), (birkhoff, "entropy"), (path, "binary_entropy")]
 
 
 def main(argv=None) -> int:
@@ -80,7 +105,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     failures = 0
     for family in families().values():
         P = family(family.quick_device_check_n if args.quick else family.device_check_n)
@@ -91,6 +119,11 @@ def main(argv=None) -> int:
         ok, line = check_argmax(P, args.batch, device, generator)
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {'argmax':<19} {line}")
+    # The fast generic solver on declared polytopes (equality rows, inequality rows, matrix variable).
+    for P, regularizer in declared_cases():
+        ok, line = check_case(P, regularizer, args.batch, device, generator, solver="fast")
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {regularizer + ' (fast)':<19} {line}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -56,7 +56,7 @@ def main(argv=None):
     print(f"{'polytope':<16}{'regularizer':<16}{'build ms':>10}{'batch':>7}{'forward ms':>12}{'fwd+bwd ms':>12}")
     for P, reg in declarations():
         start = time.perf_counter()
-        generic_relaxation(P, sstcvx.get_regularizer(reg))
+        generic_relaxation(P, sstcvx.regularizers.get_regularizer(reg))
         build = time.perf_counter() - start
         for batch in batches:
             U = torch.randn((batch,) + tuple(P.event_shape), dtype=torch.float64)

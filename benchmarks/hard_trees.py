@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from polytopes._mst import maximum_arborescence, maximum_spanning_tree  # noqa: E402
+from polytopes._mst import maximum_arborescence, maximum_spanning_tree
 
 
 def _sync(device):
@@ -61,13 +61,9 @@ def nx_graphs(A, directed):
         G = nx.DiGraph() if directed else nx.Graph()
         G.add_nodes_from(range(n))
         if directed:
-            G.add_weighted_edges_from(
-                (h, d, a[h][d]) for h in range(n) for d in range(1, n) if h != d
-            )
+            G.add_weighted_edges_from((h, d, a[h][d]) for h in range(n) for d in range(1, n) if h != d)
         else:
-            G.add_weighted_edges_from(
-                (i, j, a[i][j]) for i in range(n) for j in range(i + 1, n)
-            )
+            G.add_weighted_edges_from((i, j, a[i][j]) for i in range(n) for j in range(i + 1, n))
         graphs.append(G)
     return graphs
 
@@ -104,10 +100,7 @@ def main(argv=None):
     )
     if hasattr(os, "getloadavg"):
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings scale with it)")
-    print(
-        f"networkx on {n_nx} of {B} elements"
-        + (" (time scaled to the batch, marked ~)" if n_nx < B else "")
-    )
+    print(f"networkx on {n_nx} of {B} elements" + (" (time scaled to the batch, marked ~)" if n_nx < B else ""))
     hdr = (
         f"{'sampler':<14}{'n':>4}  {'ours median (min) ms':>22}  {'networkx ms':>13}"
         f"  {'+build ms':>10}  {'speedup':>8}  weights agree"

@@ -17,16 +17,12 @@ Prints, in one run:
    backward of a loss <G, X> through them, i.e. a Hessian-vector product of log e_k).
    With ``--quick`` the finite differences at n = 435 are taken for 24 coordinates only
    and their time is scaled to all n (said in the output).
-2. Specialized vs generic (CVXPY/cvxpylayers) forward + backward time per instance at a
-   few sizes and batch 1, 32 and 256, for every specialized relaxation of ``KSubset``,
-   ``Simplex`` and ``Hypercube`` that has a CVXPY form, with the speedup (target >= 100 at
-   batch 32).  The generic path costs milliseconds per instance, so its batch is capped
-   (8 with ``--quick``, 32 otherwise) and its per-instance time at larger batches is
-   that of the capped batch (it solves elements one at a time, so per-instance time
-   hardly depends on the batch); rows where that happens are marked ``*``.  For
-   ``exp_family_entropy`` the generic path is the entropy relaxation over the weights of
-   the C(n, k) vertices (listed only at small sizes), one conic problem with C(n, k)
-   exponential cones per element; plain enumeration (one softmax) is timed beside it.
+2. Specialized vs generic (the cvxpylayers backend) at a few sizes and batch 1, 32 and 256,
+   for every specialized relaxation of ``KSubset``, ``Simplex`` and ``Hypercube``, through
+   ``sstcvx.compare`` (``sstcvx.harness.bench.speedup_report``): its table gives the
+   per-instance speedups and the agreement.  The generic batch is capped (8 with
+   ``--quick``, 32 otherwise); the table marks it.  Then the k-subset dynamic program against
+   plain enumeration of the vertex list (one softmax).
 
 Timing: the process's CPU time (``time.process_time``) by default, because on a shared
 machine wall-clock time mostly measures the other processes; ``--wall`` uses
@@ -39,23 +35,19 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
-from polytopes import Hypercube, KSubset, Simplex  # noqa: E402
-from polytopes.ksubset import k_subset_marginals  # noqa: E402
-from sstcvx.enumeration import vertex_marginals as enumerated_marginals  # noqa: E402
+from _timing import benchmark_arguments, clock, fmt, median_time
 
-
-
-
-
+import sstcvx
+from polytopes import Hypercube, KSubset, Simplex
+from polytopes.ksubset import k_subset_marginals
+from sstcvx.enumeration import vertex_marginals as enumerated_marginals
+from sstcvx.harness.bench import speedup_report
 
 # ------------------------------------------------------------------------------------------------
 # 1. the dynamic program against numpy with finite differences
@@ -144,41 +136,28 @@ def enumeration_forward_backward(P, U, G):
 def generic_section(quick: bool, rounds: int):
     cap = 8 if quick else 32
     sizes = (10, 30) if quick else (10, 30, 100)
-    batches = (1, 32, 256)
     print()
-    print("2. specialized vs generic (CVXPY/cvxpylayers), forward + backward, time per instance, float64, tau = 0.5")
-    print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-    print(f"   {'polytope':<22} {'regularizer':<18} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8}")
+    print("2. specialized vs generic (cvxpylayers), through sstcvx.compare, tau = 0.5, float64")
     cases = []
     for n in sizes:
-        cases += [(KSubset(n, n // 3), r) for r in ("binary_entropy", "euclidean", "exp_family_entropy")]
+        cases += [(KSubset(n, n // 3), r) for r in ("binary_entropy", "euclidean")]
+        if KSubset(n, n // 3).vertices is not None:  # the generic exp_family_entropy needs the vertices
+            cases.append((KSubset(n, n // 3), "exp_family_entropy"))
         cases += [(Simplex(n), r) for r in ("entropy", "euclidean")]
         cases += [(Hypercube(n), r) for r in ("binary_entropy", "euclidean")]
-    for P, regularizer in cases:
-        if regularizer == "exp_family_entropy" and P.vertices is None:
-            continue  # the generic path works over the vertex weights, and the vertices are not listed
-        generic_per_instance = {}  # capped batch -> seconds per instance
-        for batch in batches:
+    print(speedup_report(cases, max_generic_batch=cap, repeats=rounds).table())
+    print()
+    print("   exp_family_entropy: the dynamic program against enumeration of the vertex list, per instance")
+    for n in sizes:
+        P = KSubset(n, n // 3)
+        if P.vertices is None:
+            continue
+        for batch in (1, 32, 256):
             U = torch.randn(batch, P.n, dtype=torch.float64)
             G = torch.randn(batch, P.n, dtype=torch.float64)
-            fast = median_time(forward_backward(P, U, G, regularizer, "specialized"), 5 * rounds) / batch
-            b = min(batch, cap)
-            if b not in generic_per_instance:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    run = forward_backward(P, U[:b], G[:b], regularizer, "generic")
-                    generic_per_instance[b] = median_time(run, rounds) / b
-            slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
-            label = ""
-            if regularizer == "exp_family_entropy":
-                enum = median_time(enumeration_forward_backward(P, U, G), 5 * rounds) / batch
-                label = f"  (enumeration {fmt(enum).strip()}: specialized {enum / fast:.2g}x as fast)"
-            ratio = slow / fast
-            print(
-                f"   {P.name:<22} {regularizer:<18} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | "
-                + (f"{ratio:7.0f}x" if ratio >= 10 else f"{ratio:7.2f}x")
-                + label
-            )
+            fast = median_time(forward_backward(P, U, G, "exp_family_entropy", "specialized"), 5 * rounds) / batch
+            enum = median_time(enumeration_forward_backward(P, U, G), 5 * rounds) / batch
+            print(f"   {P.name:<22} batch {batch:>4}: DP {fmt(fast)}  enumeration {fmt(enum)} ({enum / fast:.2g}x)")
 
 
 def main(argv=None):

@@ -49,9 +49,7 @@ def main(argv=None) -> None:
                 "floor": run(lambda: floor(U)),
                 "relax": run(lambda: sstcvx.relax(P, U, 1.0, regularizer)),
                 "relax, no validation": run(lambda: sstcvx.relax(P, U, 1.0, regularizer, validate_args=False)),
-                "straight-through": run(
-                    lambda: sstcvx.sample(P, U, 1.0, regularizer, mode="straight_through")
-                ),
+                "straight-through": run(lambda: sstcvx.sample(P, U, 1.0, regularizer, mode="straight_through")),
                 "straight-through, no validation": run(
                     lambda: sstcvx.sample(P, U, 1.0, regularizer, mode="straight_through", validate_args=False)
                 ),

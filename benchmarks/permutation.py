@@ -4,19 +4,14 @@
 
 Prints, in one run:
 
-1. Specialized (``polytopes.permutation.sinkhorn``: log-domain Newton-Sinkhorn with an
-   implicit backward) vs generic (CVXPY/cvxpylayers, the entropy-regularised program
-   on the Birkhoff polytope) forward + backward time per instance, float64, at n = 3, 5, 8
-   and batch 1, 32, 256, tau = 1, U = theta + Gumbel with theta ~ N(0, 1); speedup ratio
-   (target >= 100 at batch 32) and the largest difference of the two X_tau.  The generic
-   path costs milliseconds per instance and solves the elements one at a time, so its
-   batch is capped (8 with ``--quick``, 32 otherwise) and its per-instance time at larger
-   batches is that of the capped batch; such rows are marked ``*``.  A last block times
-   the specialized path alone at the hard end of the range (tau = 1e-3, |theta| up to
-   1e3: spreads of Z = U / tau up to 2e6, solved by epsilon-scaling), where the generic
-   conic solver is not a meaningful reference.  The same table for the ``euclidean``
-   relaxation (``polytopes.permutation.birkhoff_projection``: semi-smooth Newton on the
-   dual, exact piecewise linear backward) against the generic path's projection.
+1. Sinkhorn (``entropy``: log-domain Newton-Sinkhorn, implicit backward) and the Birkhoff
+   projection (``euclidean``: semi-smooth Newton on the dual, exact piecewise linear backward)
+   against the generic path (cvxpylayers) at n = 3, 5, 8 and batch 1, 32, 256, tau = 1,
+   through ``sstcvx.compare`` (``sstcvx.harness.bench.speedup_report``): per-instance
+   speedups and agreement; the generic batch is capped (8 with ``--quick``, 32 otherwise).
+   A last block times the specialized path alone at the hard end of the range (tau = 1e-3,
+   |theta| up to 1e3: spreads of Z = U / tau up to 2e6, solved by epsilon-scaling), where
+   the generic conic solver is not a meaningful reference.
 2. Hard samples at batch 128, n = 10, 30, 50: ``polytopes.permutation.hungarian``
    (SciPy's linear_sum_assignment per element, on the CPU) against networkx on the same
    inputs: ``bipartite.minimum_weight_full_matching`` (sparse, SciPy underneath) and
@@ -35,7 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import networkx as nx
 import numpy as np
@@ -43,14 +37,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, clock, fmt, median_time  # noqa: E402
-from polytopes import Permutation  # noqa: E402
-from polytopes.permutation import hungarian  # noqa: E402
+from _timing import benchmark_arguments, clock, fmt, median_time
 
-
-
-
+import sstcvx
+from polytopes import Permutation
+from polytopes.permutation import hungarian
+from sstcvx.harness.bench import speedup_report
 
 
 def gumbel_utilities(batch, n, scale, generator):
@@ -74,31 +66,10 @@ def forward_backward(P, U, G, tau, solver, regularizer="entropy"):
 
 def relaxation_section(quick: bool, rounds: int, generator):
     cap = 8 if quick else 32
-    for regularizer, method in (("entropy", "Sinkhorn"), ("euclidean", "Birkhoff projection")):
-        print(f"1. {regularizer} relaxation ({method}), specialized vs generic (CVXPY/cvxpylayers), forward + backward,")
-        print("   time per instance, float64, tau = 1, theta ~ N(0, 1) + Gumbel")
-        print(f"   generic batch capped at {cap}; '*' = per-instance time of the capped batch used for the larger one")
-        print(f"   {'n':>3} {'batch':>5} | {'specialized':>11} | {'generic':>12} | {'speedup':>8} | {'max |diff X|':>12}")
-        for n in (3, 5, 8):
-            P = Permutation(n)
-            generic_per_instance = {}
-            for batch in (1, 32, 256):
-                U = gumbel_utilities(batch, n, 1.0, generator)
-                G = torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
-                fast = median_time(forward_backward(P, U, G, 1.0, "specialized", regularizer), 5 * rounds) / batch
-                b = min(batch, cap)
-                if b not in generic_per_instance:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        run = forward_backward(P, U[:b], G[:b], 1.0, "generic", regularizer)
-                        generic_per_instance[b] = median_time(run, rounds) / b
-                        diff = (
-                            sstcvx.relax(P, U[:b], 1.0, regularizer, solver="generic")
-                            - sstcvx.relax(P, U[:b], 1.0, regularizer, solver="specialized")
-                        ).abs().max().item()
-                slow, marker = generic_per_instance[b], ("*" if b < batch else " ")
-                print(f"   {n:>3} {batch:>5} | {fmt(fast)} | {fmt(slow)}{marker} | {slow / fast:7.0f}x | {diff:12.1e}")
-        print()
+    print("1. Sinkhorn (entropy) and the Birkhoff projection (euclidean), specialized vs generic (cvxpylayers),")
+    print("   through sstcvx.compare, tau = 1, float64")
+    cases = [(Permutation(n), regularizer) for regularizer in ("entropy", "euclidean") for n in (3, 5, 8)]
+    print(speedup_report(cases, tau=1.0, max_generic_batch=cap, repeats=rounds).table())
     print()
     print("   specialized only, hard end: tau = 1e-3, theta uniform in [-s, s] + Gumbel, spread of Z = U / tau ~ 2e3 s")
     print("   (s = 1: near-ties, X_tau genuinely fractional; s = 1e3: nearly a vertex)")
@@ -146,7 +117,9 @@ def hungarian_section(quick: bool, rounds: int, generator):
     print(f"2. hard samples (maximum-weight assignment), batch {batch}, U = N(0, 1) + Gumbel, float64")
     print("   ours = polytopes.permutation.hungarian (SciPy linear_sum_assignment per element, CPU)")
     print("   nx-full = networkx bipartite.minimum_weight_full_matching (weights max(U) - U + 1)")
-    print(f"   nx-blossom = networkx max_weight_matching(maxcardinality=True), timed on {blossom_subset} elements, scaled")
+    print(
+        f"   nx-blossom = networkx max_weight_matching(maxcardinality=True), timed on {blossom_subset} elements, scaled"
+    )
     print("   graphs built before timing; 'same' = all assignments equal to ours")
     print(f"   {'n':>3} | {'ours':>11} | {'nx-full':>11} | {'ratio':>7} | {'nx-blossom':>11} | {'ratio':>7} | same")
     for n in (10, 30, 50):

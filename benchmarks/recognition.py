@@ -43,10 +43,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, clock, fmt, interleaved  # noqa: E402
-from sstcvx.families import families as registered_families  # noqa: E402
-from sstcvx.recognition import recognize  # noqa: E402
+from _timing import benchmark_arguments, clock, fmt, interleaved
+
+import sstcvx
+from sstcvx.families import families as registered_families
+from sstcvx.recognition import recognize
 
 
 def readme_example(recognize_it: bool):
@@ -111,9 +112,14 @@ def declarations(n: int):
         x = cp.Variable(n)
         return x, [x >= 0, x <= 1, cp.sum(x) == n // 5, x[0] + x[1] <= 1]
 
-    return [("simplex", simplex), ("ksubset", ksubset), ("hypercube", hypercube),
-            ("product_simplex", product_simplex), (f"birkhoff {s}x{s} flat", birkhoff_flattened),
-            ("near miss (ksubset+row)", near_miss)]
+    return [
+        ("simplex", simplex),
+        ("ksubset", ksubset),
+        ("hypercube", hypercube),
+        ("product_simplex", product_simplex),
+        (f"birkhoff {s}x{s} flat", birkhoff_flattened),
+        ("near miss (ksubset+row)", near_miss),
+    ]
 
 
 def declaration_cost(build, rounds: int):
@@ -138,8 +144,10 @@ def main():
     rounds = 3 if args.quick else 7
     torch.manual_seed(0)
     families = registered_families()  # load the families once, outside the timings
-    print(f"families: {', '.join(families)}; torch threads {torch.get_num_threads()}; "
-          f"{'wall-clock' if args.wall else 'process CPU'} time, medians of {rounds} interleaved rounds\n")
+    print(
+        f"families: {', '.join(families)}; torch threads {torch.get_num_threads()}; "
+        f"{'wall-clock' if args.wall else 'process CPU'} time, medians of {rounds} interleaved rounds\n"
+    )
 
     print("1. time per call, batch 32, float64: declared generic path (recognize=False) vs recognized")
     header = f"{'declaration':44s} {'recognized as':34s} {'regularizer':15s} {'before':>11s} {'after':>11s} {'ratio':>9s}  max|dX|"
@@ -150,10 +158,14 @@ def main():
         ("custom_polytope: X(3,4) >= 0, row sums 1", custom_polytope_example, "entropy"),
     ):
         name, relaxed, hard, difference, agree = per_call(make, reg, 32, rounds)
-        print(f"{label:44s} {name:34s} {reg + ' f+b':15s} {fmt(relaxed['before'])} {fmt(relaxed['after'])} "
-              f"{relaxed['before'] / relaxed['after']:8.0f}x  {difference:.1e}")
-        print(f"{'':44s} {'':34s} {'argmax':15s} {fmt(hard['before'])} {fmt(hard['after'])} "
-              f"{hard['before'] / hard['after']:8.0f}x  {'same' if agree else 'DIFFERENT'}")
+        print(
+            f"{label:44s} {name:34s} {reg + ' f+b':15s} {fmt(relaxed['before'])} {fmt(relaxed['after'])} "
+            f"{relaxed['before'] / relaxed['after']:8.0f}x  {difference:.1e}"
+        )
+        print(
+            f"{'':44s} {'':34s} {'argmax':15s} {fmt(hard['before'])} {fmt(hard['after'])} "
+            f"{hard['before'] / hard['after']:8.0f}x  {'same' if agree else 'DIFFERENT'}"
+        )
 
     print("\n2. declaration-time cost (median of rounds): declare without recognition, linear form, recognition")
     header = f"{'declaration':26s} {'n':>6s} {'declare':>11s} {'form':>11s} {'recognize':>11s}  result"
@@ -163,8 +175,10 @@ def main():
         for label, build in declarations(n):
             (declare, form, rec), match = declaration_cost(build, max(1, rounds // 2))
             size = int(np.prod(build()[0].shape))
-            print(f"{label:26s} {size:6d} {fmt(declare)} {fmt(form)} {fmt(rec)}  "
-                  f"{match.polytope.name if match else 'no match'}")
+            print(
+                f"{label:26s} {size:6d} {fmt(declare)} {fmt(form)} {fmt(rec)}  "
+                f"{match.polytope.name if match else 'no match'}"
+            )
 
 
 if __name__ == "__main__":

@@ -33,12 +33,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import sstcvx  # noqa: E402
-from _timing import benchmark_arguments, fmt, interleaved  # noqa: E402
-from polytopes import Hypercube, KSubset, Permutation, Simplex  # noqa: E402
-from polytopes import birkhoff as birkhoff_module  # noqa: E402
-from polytopes import sinkhorn as sinkhorn_module  # noqa: E402
-from polytopes.permutation import auction_assignment, hungarian  # noqa: E402
+from _timing import benchmark_arguments, fmt, interleaved
+
+import sstcvx
+from polytopes import Hypercube, KSubset, Permutation, Simplex
+from polytopes import birkhoff as birkhoff_module
+from polytopes import sinkhorn as sinkhorn_module
+from polytopes.permutation import auction_assignment, hungarian
 
 try:
     import entmax
@@ -196,10 +197,14 @@ def main(argv=None):
     args = benchmark_arguments(__doc__, "fewer rounds", argv)
     generator = torch.Generator().manual_seed(0)
     rounds = 5 if args.quick else 15
-    print(f"torch {torch.__version__}, {args.threads} thread(s), clock: {'wall' if args.wall else 'process CPU'}, "
-          f"entmax {'installed' if entmax is not None else 'not installed (its columns skipped)'}")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), clock: {'wall' if args.wall else 'process CPU'}, "
+        f"entmax {'installed' if entmax is not None else 'not installed (its columns skipped)'}"
+    )
     print("per call, forward + backward, float64, tau = 1; ratio = ours / peer (below 1: ours is faster)")
-    print(f"{'polytope and regularizer':<44} {'batch':>5} | {'ours':>11} | {'peer or floor':<22} {'':>11} | {'ratio':>8}")
+    print(
+        f"{'polytope and regularizer':<44} {'batch':>5} | {'ours':>11} | {'peer or floor':<22} {'':>11} | {'ratio':>8}"
+    )
     vector_section(rounds, generator)
     permutation_section(rounds, generator)
 

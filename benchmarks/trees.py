@@ -19,11 +19,11 @@ Prints, in one run:
    with the ratios ours/naive (target <= 1) and ours/inv (target <= 3); and on its own
    * ``ours-stable``: ``ours`` forced onto the log-space path (what ill-conditioned
      elements, e.g. small tau, cost), timed outside the rotation of the others.
-2. Specialized vs generic ``exp_family_entropy`` for ``SpanningTree`` and ``Arborescence``,
-   forward + backward time per instance at batch 1, 32 and 256, n = 4..6, with the speedup
-   (target >= 100 at batch 32).  The generic path solves the entropy relaxation over the
-   vertex weights with CVXPY (A*(x) = min sum l log l over weights l with mean x), so it
-   exists only where the vertices are listed; plain enumeration of the vertex list (one
+2. Specialized vs generic ``exp_family_entropy`` for ``SpanningTree`` and ``Arborescence``
+   at n = 4..6 and batch 1, 32, 256, through ``sstcvx.compare``
+   (``sstcvx.harness.bench.speedup_report``).  The generic path solves the entropy relaxation
+   over the vertex weights with CVXPY (A*(x) = min sum l log l over weights l with mean x), so
+   it exists only where the vertices are listed; plain enumeration of the vertex list (one
    softmax, what ``solver="auto"`` does where no specialized solver exists) is timed too:
    below a few thousand vertices it is faster than the structured solvers, which are what
    scale past enumeration.
@@ -58,13 +58,14 @@ from __future__ import annotations
 import warnings
 
 import torch
+from _timing import benchmark_arguments, fmt, interleaved, median_time
 
 import sstcvx
-from _timing import benchmark_arguments, fmt, interleaved, median_time
-from sstcvx.enumeration import vertex_marginals as gibbs_marginals
 from polytopes import _matrix_tree as mt
 from polytopes.arborescence import Arborescence
 from polytopes.spanning_tree import SpanningTree
+from sstcvx.enumeration import vertex_marginals as gibbs_marginals
+from sstcvx.harness.bench import speedup_report
 
 
 def matrix_tree_section(quick: bool):
@@ -109,7 +110,9 @@ def matrix_tree_section(quick: bool):
             Y = torch.linalg.solve_triangular(C, eye.expand_as(Lhat), upper=False)
             torch.bmm(Y.mT, Y)
 
-        t = interleaved({"ours": ours("auto"), "naive": naive, "inv": inv, "chol-inv": chol_inv}, rounds if n == 10 else rounds // 2)
+        t = interleaved(
+            {"ours": ours("auto"), "naive": naive, "inv": inv, "chol-inv": chol_inv}, rounds if n == 10 else rounds // 2
+        )
         # the log-space path is timed on its own: its 10-100 ms calls churn the allocator and
         # the caches, which would tax whichever candidate follows them in a shared rotation
         if n == 10 or not quick:
@@ -240,37 +243,25 @@ def enumeration_fb(P, U, tau):
 
 def specialized_vs_generic_section(quick: bool):
     print()
-    print("== Specialized vs generic exp_family_entropy, forward + backward per instance (float64, tau 0.5) ==")
-    print("   generic: CVXPY over the vertex weights (one exponential cone per vertex and element); its batch is")
-    print("   capped at 8 (quick, or n = 6) or 32, '*' = the capped batch's time per instance used for a larger one")
-    print("   enumeration: one softmax over P.vertices (what solver='auto' does where no specialized solver exists)")
-    batches = (1, 32, 256)
+    print("== Specialized vs generic exp_family_entropy (CVXPY over the vertex weights), through sstcvx.compare ==")
     sizes = (4, 5) if quick else (4, 5, 6)
-    for cls in (SpanningTree, Arborescence):
-        for n in sizes:
-            P = cls(n)
-            P.vertices  # list once, outside the timing
-            cap = 8 if (quick or n >= 6) else 32
-            generic_per_instance = {}  # capped batch -> seconds per instance
-            for B in batches:
-                U = torch.randn((B,) + tuple(P.event_shape), dtype=torch.float64)
-                t = interleaved(
-                    {
-                        "specialized": lambda: relax_fb(P, U, 0.5, "exp_family_entropy", "specialized"),
-                        "enumeration": lambda: enumeration_fb(P, U, 0.5),
-                    },
-                    rounds=5 if quick else 15,
-                )
-                b = min(B, cap)
-                if b not in generic_per_instance:
-                    run = lambda: relax_fb(P, U[:b], 0.5, "exp_family_entropy", "generic")  # noqa: E731
-                    generic_per_instance[b] = median_time(run, rounds=2 if (quick or n >= 6) else 3) / b
-                special, enum = t["specialized"] / B, t["enumeration"] / B
-                generic, marker = generic_per_instance[b], ("*" if b < B else " ")
-                print(
-                    f"{P.name:28s} B={B:4d}  specialized {fmt(special)}  generic {fmt(generic)}{marker} "
-                    f"speedup {generic / special:8.0f}x   enumeration ({len(P.vertices):4d} vertices) {fmt(enum)}"
-                )
+    cases = [(cls(n), "exp_family_entropy") for cls in (SpanningTree, Arborescence) for n in sizes]
+    print(speedup_report(cases, tau=0.5, max_generic_batch=8, repeats=2 if quick else 3).table())
+    print("   enumeration: one softmax over P.vertices (what solver='auto' does where no specialized solver exists)")
+    for P, _ in cases:
+        for B in (1, 32, 256):
+            U = torch.randn((B, *P.event_shape), dtype=torch.float64)
+            t = interleaved(
+                {
+                    "specialized": lambda: relax_fb(P, U, 0.5, "exp_family_entropy", "specialized"),
+                    "enumeration": lambda: enumeration_fb(P, U, 0.5),
+                },
+                rounds=5 if quick else 15,
+            )
+            print(
+                f"{P.name:28s} B={B:4d}  specialized {fmt(t['specialized'] / B)}  "
+                f"enumeration ({len(P.vertices):4d} vertices) {fmt(t['enumeration'] / B)}"
+            )
 
 
 def main(argv=None):

@@ -53,10 +53,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import polytopes  # noqa: E402
-import sstcvx  # noqa: E402
+import polytopes
+import sstcvx
 
 # name: (family of the training samples, regularizer, sampling mode)
 METHODS = {
@@ -81,7 +81,9 @@ def make_data(count: int, d: int, k: int, signal: float, gen: torch.Generator):
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
 
 
 class ConvExplainer(nn.Module):
@@ -203,10 +205,14 @@ def plot(path, curves, examples):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--features", type=int, default=40, help="d, the sequence length")
     p.add_argument("--k", type=int, default=5, help="the length of the informative block and the subset size")
-    p.add_argument("--signal", type=float, default=1.0, help="shift of the block's positions, in noise standard deviations")
+    p.add_argument(
+        "--signal", type=float, default=1.0, help="shift of the block's positions, in noise standard deviations"
+    )
     p.add_argument("--train", type=int, default=10_000, help="training instances")
     p.add_argument("--test", type=int, default=2_000, help="test instances")
     p.add_argument("--steps", type=int, default=600, help="training steps per method")

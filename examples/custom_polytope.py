@@ -9,8 +9,8 @@ the route a polytope that no family covers takes.)
 
 1. Declare P with ``sstcvx.Polytope.from_cvxpy(..., check=True)`` (random LP probes confirm
    that its vertices are 0/1).
-2. Train a small model through the generic path (a cvxpylayers layer, milliseconds per
-   instance): a linear map from a context c to utilities theta (G, M), relaxed samples
+2. Train a small model through the generic path (its fast batched torch solver; the
+   cvxpylayers backend, milliseconds per instance, is timed on a few steps): a linear map from a context c to utilities theta (G, M), relaxed samples
    X_tau with the entropy regularizer, squared loss to the best menu for c.
 3. Check the hard samples (the LP solved by HiGHS) are vertices: 0/1 with one item per group.
 4. Register a specialized solver: the entropy is separable and the groups are
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import sstcvx  # noqa: E402
+import sstcvx
 
 
 def one_item_per_group(groups: int, items: int) -> sstcvx.Polytope:
@@ -126,7 +126,9 @@ def plot(path, curves):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--items", type=int, default=4, help="items per group")
     p.add_argument("--features", type=int, default=5, help="context dimension")
@@ -137,10 +139,17 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--compare-batch", type=int, default=16, help="utilities compared by sstcvx.compare")
+    p.add_argument(
+        "--cvxpylayers-steps",
+        type=int,
+        default=10,
+        help="steps timed on the cvxpylayers backend of the generic path (ms per instance each)",
+    )
     _common.add_run_arguments(p, "custom_polytope")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch_size, args.compare_batch, args.train, args.test = 2, 4, 4, 32, 32
+        args.cvxpylayers_steps = 1
     return args
 
 
@@ -150,9 +159,12 @@ def main(argv=None) -> dict:
     data = make_data((args.train, args.test), args.groups, args.items, args.features, gen)
     P = one_item_per_group(args.groups, args.items)
 
-    # 1-3: the generic path, and its hard samples.
+    # 1-3: the generic path (its fast torch backend), and its hard samples; a few steps on its
+    # cvxpylayers backend for the time per step.
     curves, results = {}, {}
     curves["generic"], results["generic"] = train(P, "generic", data, args)
+    short = argparse.Namespace(**{**vars(args), "steps": args.cvxpylayers_steps})
+    curves["cvxpylayers"], results["cvxpylayers"] = train(P, "cvxpylayers", data, short)
 
     # 4: register the specialized solvers on this polytope, compare them with the generic path, retrain.
     sstcvx.register_relaxation(P, "entropy")(per_group_softmax)
@@ -168,8 +180,11 @@ def main(argv=None) -> dict:
         "speedup": row.speedup,
     }
 
-    rows = [[name, r["seconds_per_step"] * 1e3, r["final_loss"], r["accuracy"], r["vertices"]]
-            for name, r in results.items() if name != "compare"]
+    rows = [
+        [name, r["seconds_per_step"] * 1e3, r["final_loss"], r["accuracy"], r["vertices"]]
+        for name, r in results.items()
+        if name != "compare"
+    ]
     title = (
         f"{P.name}, entropy, tau={args.tau}, {args.steps} steps of batch {args.batch_size}; "
         f"generic vs specialized X_tau on the same U: max |dX| = {row.max_abs_diff:.2g}, "

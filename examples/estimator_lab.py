@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-from polytopes.ksubset import KSubset  # noqa: E402
-from polytopes.spanning_tree import SpanningTree  # noqa: E402
-from sstcvx.harness.lab import run_lab  # noqa: E402
+from polytopes.ksubset import KSubset
+from polytopes.spanning_tree import SpanningTree
+from sstcvx.harness.lab import run_lab
 
 TAUS = (0.03, 0.1, 0.3, 1.0, 3.0)
 SETTINGS = {  # name: (polytope, regularizers)
@@ -61,7 +61,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _common.add_run_arguments(parser, "estimator_lab")
     parser.add_argument("--samples", type=int, default=50_000, help="per-sample gradients per setting (default 50000)")
-    parser.add_argument("--reference-samples", type=int, default=1_000_000, help="hard samples of the reference (default 1000000)")
+    parser.add_argument(
+        "--reference-samples", type=int, default=1_000_000, help="hard samples of the reference (default 1000000)"
+    )
     args = parser.parse_args(argv)
     if args.threads is None:
         torch.set_num_threads(1)  # many small batched solver calls: one thread is fastest on a shared machine
@@ -85,26 +87,56 @@ def main(argv=None):
     for (name, (_, regularizers)), ax_row in zip(SETTINGS.items(), axes):
         P, theta, loss = problems[name]
         start = time.perf_counter()
-        report = run_lab(P, loss, theta, taus=taus, regularizers=regularizers, samples=samples,
-                         reference_samples=reference_samples, batch=5000, generator=generator, progress=not args.quiet)
+        report = run_lab(
+            P,
+            loss,
+            theta,
+            taus=taus,
+            regularizers=regularizers,
+            samples=samples,
+            reference_samples=reference_samples,
+            batch=5000,
+            generator=generator,
+            progress=not args.quiet,
+        )
         seconds = time.perf_counter() - start
-        print(f"{P!r}: reference ||grad|| = {report.reference['norm']:.4g} "
-              f"(95% ball radius {report.reference['radius']:.2g}), {seconds:.0f} s")
+        print(
+            f"{P!r}: reference ||grad|| = {report.reference['norm']:.4g} "
+            f"(95% ball radius {report.reference['radius']:.2g}), {seconds:.0f} s"
+        )
         report.plot(axes=ax_row)
         ax_row[1].set_title(f"{P.name}, L = (<c, X> - 1)^2: std of one sample")
         results[name] = report.to_dict()
         for r in report:
             ci = "-" if r.bias_ci is None else f"[{r.bias_ci[0]:.2g}, {r.bias_ci[1]:.2g}]"
-            rows.append([name, r.estimator, r.regularizer or "-", "-" if r.tau is None else f"{r.tau:g}",
-                         r.baseline or "-", r.bias_norm, ci, r.std, r.mse,
-                         "never" if r.samples_to_target is None else r.samples_to_target])
-    fig.suptitle("Estimators of grad E[L(X)]: |bias| (95% interval shaded), std and MSE of one sample against tau "
-                 "(dashed: the score function)", fontsize=11)
+            rows.append(
+                [
+                    name,
+                    r.estimator,
+                    r.regularizer or "-",
+                    "-" if r.tau is None else f"{r.tau:g}",
+                    r.baseline or "-",
+                    r.bias_norm,
+                    ci,
+                    r.std,
+                    r.mse,
+                    "never" if r.samples_to_target is None else r.samples_to_target,
+                ]
+            )
+    fig.suptitle(
+        "Estimators of grad E[L(X)]: |bias| (95% interval shaded), std and MSE of one sample against tau "
+        "(dashed: the score function)",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    print(_common.format_table(
-        ["polytope", "estimator", "regularizer", "tau", "baseline", "|bias|", "95% CI", "std", "MSE", "N(10%)"], rows))
+    print(
+        _common.format_table(
+            ["polytope", "estimator", "regularizer", "tau", "baseline", "|bias|", "95% CI", "std", "MSE", "N(10%)"],
+            rows,
+        )
+    )
     return _common.finish_run(args, out, results)
 
 

@@ -50,16 +50,18 @@ from pathlib import Path
 try:
     import networkx as nx
 except ImportError:  # one line instead of a traceback: the only dependency the library does not need
-    raise SystemExit("graph_layout.py needs networkx: pip install networkx  (or pip install -e '.[examples]')") from None
+    raise SystemExit(
+        "graph_layout.py needs networkx: pip install networkx  (or pip install -e '.[examples]')"
+    ) from None
 import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import polytopes  # noqa: E402
-import sstcvx  # noqa: E402
+import polytopes
+import sstcvx
 
 METHODS = {
     # name: (polytope factory on n vertices, regularizer)
@@ -111,7 +113,10 @@ def simulate(count: int, n: int, frames: int, seed: int, quiet: bool = False):
 def load_data(args, cache_dir: Path):
     """Train/valid/test splits, simulated once per configuration and cached as a .pt file."""
     sizes = (args.train, args.valid, args.test)
-    path = cache_dir / f"graph_layout_v{DATA_VERSION}_n{args.vertices}_T{args.frames}_{'_'.join(map(str, sizes))}_s{args.seed}.pt"
+    path = (
+        cache_dir
+        / f"graph_layout_v{DATA_VERSION}_n{args.vertices}_T{args.frames}_{'_'.join(map(str, sizes))}_s{args.seed}.pt"
+    )
     if path.exists() and not args.no_cache:
         return torch.load(path)
     x, trees = simulate(sum(sizes), args.vertices, args.frames, args.seed, args.quiet)
@@ -129,7 +134,9 @@ def load_data(args, cache_dir: Path):
 # model
 # ------------------------------------------------------------------------------------------
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, d_out)
+    )
 
 
 class FullGraph:
@@ -340,7 +347,9 @@ def plot(path, curves, example, results, n):
 
 # ------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the paper's sizes (50k/10k/10k trajectories, 50k steps)")
     size.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
@@ -384,7 +393,9 @@ def main(argv=None) -> dict:
         results[method]["train_seconds"] = time.perf_counter() - start
         with torch.no_grad():  # a hard sample for the first test trajectory, drawn for the figure
             theta = model.encoder(x_test[:1])
-            recovered[method] = sstcvx.sample(model.P, theta, mode="hard", generator=torch.Generator().manual_seed(args.seed))[0]
+            recovered[method] = sstcvx.sample(
+                model.P, theta, mode="hard", generator=torch.Generator().manual_seed(args.seed)
+            )[0]
     rows = [[m, r["elbo"], r["edge_precision"], r["edge_recall"], r["train_seconds"]] for m, r in results.items()]
     title = (
         f"Graph layout, n={args.vertices}, T={args.frames}, {args.train}/{args.valid}/{args.test} trajectories, "

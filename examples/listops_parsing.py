@@ -87,10 +87,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import polytopes  # noqa: E402
-import sstcvx  # noqa: E402
+import polytopes
+import sstcvx
 
 # name: (polytope family, regularizer, sampling mode)
 METHODS = {
@@ -242,7 +242,12 @@ def endless_batches(split, batch_size, gen):
 def batch(split: dict, idx: torch.Tensor):
     """``(tokens (B, L + 1), nodes (B, m + 1), gold arcs (B, m + 1, m + 1), values (B,))`` of one bucket."""
     L, m = int(split["length"][idx[0]]), int(split["size"][idx[0]])
-    return split["tokens"][idx, : L + 1], split["nodes"][idx, : m + 1], gold_arcs(split["heads"][idx, : m + 1]), split["value"][idx]
+    return (
+        split["tokens"][idx, : L + 1],
+        split["nodes"][idx, : m + 1],
+        gold_arcs(split["heads"][idx, : m + 1]),
+        split["value"][idx],
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -458,9 +463,13 @@ def plot(path, curves, title: str, flat: float):
 
 # ------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--paper", action="store_true", help="paper-scale: 90k/5k/10k expressions of up to 50 tokens, 30k steps")
+    size.add_argument(
+        "--paper", action="store_true", help="paper-scale: 90k/5k/10k expressions of up to 50 tokens, 30k steps"
+    )
     size.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
     d = CONFIGS["default"]
     p.add_argument("--train", type=int, help=f"training expressions (default {d['train']})")
@@ -478,7 +487,9 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=1.0, help="temperature of every SST")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--no-reference", action="store_true", help=f"skip the reference run ({GOLD}: the classifier on the true parse)")
+    p.add_argument(
+        "--no-reference", action="store_true", help=f"skip the reference run ({GOLD}: the classifier on the true parse)"
+    )
     p.add_argument("--free-root", action="store_true", help="let ROOT head any vertex, not only the first token")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the generated data cache")
     _common.add_run_arguments(p, "listops_parsing", tiny=False)
@@ -495,7 +506,9 @@ def parse_args(argv=None):
     if args.max_args < 2:
         p.error(f"--max-args: expected at least 2, got {args.max_args}")
     if args.max_len < args.max_args + 2:
-        p.error(f"--max-len: expected at least max-args + 2 = {args.max_args + 2} (one flat expression), got {args.max_len}")
+        p.error(
+            f"--max-len: expected at least max-args + 2 = {args.max_args + 2} (one flat expression), got {args.max_len}"
+        )
     if not 0.0 <= args.p_nest < 1.0:
         p.error(f"--p-nest: expected a probability in [0, 1), got {args.p_nest}")
     return args

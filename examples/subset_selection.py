@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import polytopes  # noqa: E402
-import sstcvx  # noqa: E402
+import polytopes
+import sstcvx
 
 K = 4  # the switch and the three features of the active rule
 CHI2_3_MEDIAN = 2.366
@@ -76,7 +76,9 @@ def make_data(count: int, d: int, gen: torch.Generator):
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
 
 
 class L2X(nn.Module):
@@ -155,7 +157,9 @@ def plot(path, curves):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--features", type=int, default=20, help="d, the number of features (>= 7)")
     p.add_argument("--train", type=int, default=10_000, help="training instances")
     p.add_argument("--test", type=int, default=2_000, help="test instances")

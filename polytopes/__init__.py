@@ -7,14 +7,14 @@ classes and ``sstcvx compare``/``bench``/``demo`` list them.  A new family is on
 here plus its import line below.
 """
 
-from .simplex import Simplex
+from .arborescence import Arborescence
+from .correlated_ksubset import CorrelatedKSubset
 from .hypercube import Hypercube
 from .ksubset import KSubset
-from .correlated_ksubset import CorrelatedKSubset
-from .product_simplex import ProductSimplex
 from .permutation import Permutation
+from .product_simplex import ProductSimplex
+from .simplex import Simplex
 from .spanning_tree import SpanningTree
-from .arborescence import Arborescence
 
 __all__ = [
     "Simplex",

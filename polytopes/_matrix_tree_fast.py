@@ -94,7 +94,9 @@ def _screened_inverse(L, ok):
         return torch.linalg.inv(L)
     keep = ok[:, None, None]
     eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-    return torch.where(keep, torch.linalg.inv(torch.where(keep, L, eye)), torch.zeros((), dtype=L.dtype, device=L.device))
+    return torch.where(
+        keep, torch.linalg.inv(torch.where(keep, L, eye)), torch.zeros((), dtype=L.dtype, device=L.device)
+    )
 
 
 # --------------------------------------------------------------------------------------------

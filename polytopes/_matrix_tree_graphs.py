@@ -156,7 +156,9 @@ def digraph(n: int, root: int, mask, device) -> Digraph:
     None; a mask's tables are built per call (reading a mask's content for a key would cost
     a device-to-host copy)."""
     if mask is None:
-        return _DIGRAPHS.get((n, root, device, DIRECTED_DENSE_INCIDENCE_MAX), lambda: _build_digraph(n, root, None, device))
+        return _DIGRAPHS.get(
+            (n, root, device, DIRECTED_DENSE_INCIDENCE_MAX), lambda: _build_digraph(n, root, None, device)
+        )
     mask = _check_mask(mask, n, device)
     with torch.inference_mode(False):
         return _build_digraph(n, root, mask, device)

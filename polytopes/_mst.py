@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -46,18 +45,15 @@ def _check_square(name: str, x, *, need_float: bool = True) -> int:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if need_float and not x.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor, got dtype {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[-1] != x.shape[-2]:
         raise ValueError(
-            f"{name} must have shape (*batch, n, n) with square trailing "
-            f"dimensions, got shape {tuple(x.shape)}"
+            f"{name} must have shape (*batch, n, n) with square trailing dimensions, got shape {tuple(x.shape)}"
         )
     return x.shape[-1]
 
 
-def _check_mask(mask, n: int, batch_shape, device) -> Optional[Tensor]:
+def _check_mask(mask, n: int, batch_shape, device) -> Tensor | None:
     """Validate ``mask`` ((n, n) or (*batch, n, n), bool); return it flattened to
     (1 or B, n, n) on ``device``, or None."""
     if mask is None:
@@ -70,10 +66,7 @@ def _check_mask(mask, n: int, batch_shape, device) -> Optional[Tensor]:
         return mask.to(device).unsqueeze(0)
     if tuple(mask.shape) == tuple(batch_shape) + (n, n):
         return mask.to(device).reshape(-1, n, n)
-    raise ValueError(
-        f"mask must have shape ({n}, {n}) or {tuple(batch_shape) + (n, n)}, "
-        f"got {tuple(mask.shape)}"
-    )
+    raise ValueError(f"mask must have shape ({n}, {n}) or {tuple(batch_shape) + (n, n)}, got {tuple(mask.shape)}")
 
 
 def _element_name(flat_index: int, batch_shape) -> str:
@@ -106,7 +99,7 @@ def _check_finite(name: str, x: Tensor, considered: Tensor, batch_shape) -> None
 # --------------------------------------------------------------------------- #
 
 
-def maximum_spanning_tree(weights: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def maximum_spanning_tree(weights: Tensor, mask: Tensor | None = None) -> Tensor:
     r"""Maximum-weight spanning tree of a weighted undirected graph, batched.
 
     Solves, for every batch element,
@@ -216,8 +209,7 @@ def maximum_spanning_tree(weights: Tensor, mask: Optional[Tensor] = None) -> Ten
     if M is not None and bool(stuck.any()):
         b = int(stuck.nonzero()[0, 0])
         raise ValueError(
-            f"the graph given by mask is disconnected in "
-            f"{_element_name(b, batch_shape)}: it has no spanning tree"
+            f"the graph given by mask is disconnected in {_element_name(b, batch_shape)}: it has no spanning tree"
         )
 
     flat = out.view(B, n * n)
@@ -232,9 +224,7 @@ def maximum_spanning_tree(weights: Tensor, mask: Optional[Tensor] = None) -> Ten
 # --------------------------------------------------------------------------- #
 
 
-def maximum_arborescence(
-    scores: Tensor, root: int = 0, mask: Optional[Tensor] = None
-) -> Tensor:
+def maximum_arborescence(scores: Tensor, root: int = 0, mask: Tensor | None = None) -> Tensor:
     r"""Maximum-weight spanning arborescence rooted at ``root``, batched.
 
     Solves, for every batch element,

@@ -72,7 +72,9 @@ class Arborescence(Polytope):
                 reach = reach | (reach.unsqueeze(1) & arcs).any(0)
             if not reach.all():
                 v = int((~reach).nonzero()[0])
-                raise ValueError(f"mask: vertex {v} cannot be reached from the root {root}, so there is no arborescence")
+                raise ValueError(
+                    f"mask: vertex {v} cannot be reached from the root {root}, so there is no arborescence"
+                )
         name = f"Arborescence(n={n}, root={root}" + (")" if mask is None else ", masked)")
         super().__init__((n, n), name=name)
         self.n, self.root = n, root

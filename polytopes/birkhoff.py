@@ -44,7 +44,6 @@ _BIRKHOFF_HALVINGS = 12  # trial steps per Newton step (each a quarter of the la
 _BIRKHOFF_SWEEPS = 4  # alternating row and column projections before the Newton steps of each stage
 
 
-
 def _project_rows(V: torch.Tensor):
     """Each row of V (..., n) onto the probability simplex: (max(V - alpha, 0), alpha), rows summing to 1.
 
@@ -185,4 +184,3 @@ def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: in
 def _birkhoff(Z, tol=BIRKHOFF_TOL, max_iter=BIRKHOFF_MAX_ITER, stacklevel=2):
     """:func:`birkhoff_projection` without argument checks (the registered solver's inputs are checked by sstcvx)."""
     return run_batched(_BirkhoffProjection, "birkhoff_projection", Z, tol, max_iter, stacklevel)
-

@@ -117,7 +117,7 @@ class CorrelatedKSubset(Polytope):
                 if tail is not None and tail[2] == 1:
                     y_rows.append(tail[0])
                     y_cols.append(a)
-        inner = sorted({r for r in rows})
+        inner = sorted(set(rows))
         renumber = {r: j for j, r in enumerate(inner)}
         conservation = sp.csr_matrix((vals, ([renumber[r] for r in rows], cols)), shape=(len(inner), m))
         to_x = sp.csr_matrix((np.ones(len(x_cols)), (x_rows, x_cols)), shape=(n, m))
@@ -302,8 +302,12 @@ class _GibbsMarginals(torch.autograd.Function):
         # tangents of beta: the same expectation over the completions
         skip, take = beta[1:, :, : k + 1, 0], theta_t[1:] + beta[1:, :, 1:, 1]  # (n - 1, B, k + 1)
         skip_w = _ratio(skip.unsqueeze(-1), beta[:-1, :, : k + 1, :])  # (n - 1, B, k + 1, 2): into bit 0, bit 1
-        take_w = torch.stack([_ratio(take, beta[:-1, :, : k + 1, 0]), _ratio(take + phi_t, beta[:-1, :, : k + 1, 1])], -1)
-        take_constant = take_w * torch.stack([g_theta_t[1:], g_theta_t[1:] + g_phi_t], -1)  # the tangent of the taken item (and pair)
+        take_w = torch.stack(
+            [_ratio(take, beta[:-1, :, : k + 1, 0]), _ratio(take + phi_t, beta[:-1, :, : k + 1, 1])], -1
+        )
+        take_constant = take_w * torch.stack(
+            [g_theta_t[1:], g_theta_t[1:] + g_phi_t], -1
+        )  # the tangent of the taken item (and pair)
         d_beta = theta.new_zeros((n, B, k + 2, 2))
         for i in range(n - 2, -1, -1):
             d_next = d_beta[i + 1]

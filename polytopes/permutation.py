@@ -29,14 +29,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sstcvx.families import Family, register_family
-from sstcvx.recognition import Match, row_space_projector
 from sstcvx.polytope import Polytope
+from sstcvx.recognition import Match, row_space_projector
 from sstcvx.registry import register_argmax, register_relaxation
 
 from ._kernels import check_square
 from ._validation import check_int
-from .birkhoff import birkhoff_projection, _birkhoff
-from .sinkhorn import sinkhorn, _sinkhorn
+from .birkhoff import _birkhoff, birkhoff_projection
+from .sinkhorn import _sinkhorn, sinkhorn
 
 __all__ = ["Permutation", "max_weight_assignment", "hungarian", "auction_assignment", "sinkhorn", "birkhoff_projection"]
 

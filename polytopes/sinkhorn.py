@@ -147,7 +147,7 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
     for s decreasing geometrically to 1 (epsilon-scaling): the solution at s
     scaled by s / s_next (potentials included) warm-starts the next stage.
     """
-    B, n, _ = Z.shape
+    _B, _n, _ = Z.shape
     spread = Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1))
     if bool((spread <= _NARROW_SPREAD).all()):  # the common case (tau ~ 1): one stage, no floors
         X, steps, err = _narrow_newton(Z, tol, max_iter)
@@ -383,4 +383,3 @@ def run_batched(function, name, Z, tol, max_iter, stacklevel):
 def _sinkhorn(Z, tol=SINKHORN_TOL, max_iter=SINKHORN_MAX_ITER, stacklevel=2):
     """:func:`sinkhorn` without argument checks (the registered solver's inputs are checked by sstcvx)."""
     return run_batched(_Sinkhorn, "sinkhorn", Z, tol, max_iter, stacklevel)
-

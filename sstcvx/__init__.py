@@ -1,4 +1,4 @@
-"""sstcvx: stochastic softmax tricks as differentiable convex-optimisation layers.
+"""sstcvx: stochastic softmax tricks as differentiable convex-optimization layers.
 
 Declare a polytope P = conv(X) with CVXPY constraints (or list its vertices),
 then draw hard samples (the LP argmax), relaxed samples (the regularized LP)
@@ -8,55 +8,41 @@ See docs/design.md for the mathematics.
 """
 
 from . import enumeration as _enumeration
-from ._version import __version__
-from .harness.compare import Comparison, ComparisonReport, compare
+from ._version import __version__ as __version__
 from .distributions import RelaxedStochasticArgmax, StochasticArgmax, StraightThroughStochasticArgmax
 from .errors import SecondDerivativeError, SolverError
-from .generic import DEFAULT_SOLVER_ARGS, FALLBACK_SOLVER_ARGS
-from .noise import Exponential, Gaussian, Gumbel, Logistic, Noise, get_noise
-from .polytope import DeclaredPolytope, Polytope, VertexPolytope
-from .registry import find_argmax, find_relaxation, register_argmax, register_relaxation, specialized_regularizers
-from .regularizers import Regularizer, get_regularizer
+from .harness.compare import compare
+from .noise import Noise
+from .polytope import Polytope, VertexPolytope
+from .registry import register_argmax, register_relaxation
+from .regularizers import Regularizer
 from .sampling import argmax, perturb, relax, relaxation_solver, sample, straight_through
 from .validation import set_validate_args
 
 # The explicit vertex list is the exact, specialized solver of from_vertices polytopes.
 register_relaxation(VertexPolytope, "exp_family_entropy")(_enumeration.vertex_marginals)
 register_argmax(VertexPolytope)(_enumeration.best_vertex)
+del VertexPolytope
 
-
+# The public surface; everything else is importable from its submodule (sstcvx.noise.Gumbel,
+# sstcvx.registry.find_relaxation, sstcvx.harness.report.ComparisonReport, sstcvx.generic, ...).
 __all__ = [
     "Polytope",
-    "DeclaredPolytope",
-    "VertexPolytope",
     "Regularizer",
-    "get_regularizer",
     "Noise",
-    "Gumbel",
-    "Gaussian",
-    "Logistic",
-    "Exponential",
-    "get_noise",
     "relax",
     "argmax",
     "sample",
     "perturb",
     "straight_through",
-    "set_validate_args",
     "relaxation_solver",
+    "set_validate_args",
     "register_relaxation",
     "register_argmax",
-    "find_relaxation",
-    "find_argmax",
-    "specialized_regularizers",
+    "compare",
     "StochasticArgmax",
     "RelaxedStochasticArgmax",
     "StraightThroughStochasticArgmax",
     "SolverError",
     "SecondDerivativeError",
-    "compare",
-    "Comparison",
-    "ComparisonReport",
-    "DEFAULT_SOLVER_ARGS",
-    "FALLBACK_SOLVER_ARGS",
 ]

@@ -54,8 +54,7 @@ class StochasticArgmax(Distribution):
 
     def log_prob(self, value):
         raise NotImplementedError(
-            "the stochastic argmax law has no closed-form density on a general polytope; "
-            "estimate it by sampling"
+            "the stochastic argmax law has no closed-form density on a general polytope; estimate it by sampling"
         )
 
 

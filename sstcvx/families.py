@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable
 
 #: The entry-point group that packages declaring families register their modules under.
 ENTRY_POINT_GROUP = "sstcvx.families"
@@ -98,7 +98,11 @@ def load_families() -> dict[str, str]:
                 importlib.import_module(entry.value.split(":")[0])
             except Exception as error:  # a broken family package fails alone
                 _LOAD_ERRORS[entry.name] = f"{type(error).__name__}: {error}"
-                warnings.warn(f"sstcvx family package {entry.name!r} ({entry.value}) failed to load: {error}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"sstcvx family package {entry.name!r} ({entry.value}) failed to load: {error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return dict(_LOAD_ERRORS)
 
 

@@ -80,7 +80,7 @@ class LinearForm:
     def m_in(self) -> int:
         return int(self.G.shape[0])
 
-    def to(self, device=None, dtype=None) -> "LinearForm":
+    def to(self, device=None, dtype=None) -> LinearForm:
         """This form with its tensors on ``device`` and in ``dtype`` (cached per pair)."""
         device = torch.device(device) if device is not None else self.A.device
         dtype = dtype or self.A.dtype
@@ -89,10 +89,16 @@ class LinearForm:
         key = (str(device), dtype)
         copy = self._copies.get(key)
         if copy is None:
-            move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+            move = lambda t: t.to(device=device, dtype=dtype)
             copy = LinearForm(
-                self.event_shape, self.n_aux, move(self.A), move(self.b), move(self.G), move(self.h),
-                move(self.lower), move(self.upper),
+                self.event_shape,
+                self.n_aux,
+                move(self.A),
+                move(self.b),
+                move(self.G),
+                move(self.h),
+                move(self.lower),
+                move(self.upper),
             )
             self._copies[key] = copy
         return copy
@@ -190,7 +196,9 @@ def _build(P) -> LinearForm:
 
     # All-zero rows: 0 = b or 0 <= b.
     zero_eq = np.abs(A_eq).max(axis=1, initial=0) == 0
-    if np.any(np.abs(b_eq[zero_eq]) > RANK_TOLERANCE) or np.any(b_in[np.abs(A_in).max(axis=1, initial=0) == 0] < -RANK_TOLERANCE):
+    if np.any(np.abs(b_eq[zero_eq]) > RANK_TOLERANCE) or np.any(
+        b_in[np.abs(A_in).max(axis=1, initial=0) == 0] < -RANK_TOLERANCE
+    ):
         raise ValueError(f"constraints: the polytope {name} is empty (a constant constraint is violated)")
     A_eq, b_eq, _ = scaled(A_eq, b_eq)
     A_in, b_in, _ = scaled(A_in, b_in)
@@ -240,7 +248,7 @@ def _build(P) -> LinearForm:
         A_eq, b_eq = A_eq * sign[:, None], b_eq * sign
         A_eq, b_eq = _independent_rows(A_eq, b_eq, name)
 
-    t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)  # noqa: E731
+    t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)
     n_vars = n + n_aux
     return LinearForm(
         torch.Size(P.event_shape),

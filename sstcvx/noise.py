@@ -106,5 +106,7 @@ def get_noise(noise) -> Noise:
         try:
             return BUILTIN[noise]()
         except KeyError:
-            raise ValueError(f"noise: unknown name {noise!r}; expected one of {sorted(BUILTIN)} or a Noise object") from None
+            raise ValueError(
+                f"noise: unknown name {noise!r}; expected one of {sorted(BUILTIN)} or a Noise object"
+            ) from None
     raise TypeError(f"noise: expected a name or a Noise object, got {type(noise).__name__}")

@@ -72,7 +72,7 @@ class Polytope:
         self.event_shape = torch.Size(shape)
         self.name = name or type(self).__name__
         self._declaration = None
-        self._vertices = None
+        self._vertices: torch.Tensor | None = None
         self._vertices_known = False
 
     # -- the CVXPY declaration -------------------------------------------------------------
@@ -186,7 +186,7 @@ class Polytope:
 
     # -- constructors --------------------------------------------------------------------------
     @staticmethod
-    def from_cvxpy(x, constraints, name: str | None = None, check: bool = False, recognize: bool = True) -> "Polytope":
+    def from_cvxpy(x, constraints, name: str | None = None, check: bool = False, recognize: bool = True) -> Polytope:
         """The polytope {x : constraints}, declared with ordinary CVXPY constraints.
 
         ``x`` is a ``cp.Variable`` of any shape (the event shape); the constraints
@@ -204,7 +204,7 @@ class Polytope:
         return DeclaredPolytope(x, constraints, name=name, check=check, recognize=recognize)
 
     @staticmethod
-    def from_vertices(vertices, name: str | None = None) -> "Polytope":
+    def from_vertices(vertices, name: str | None = None) -> Polytope:
         """The convex hull of the given points, ``vertices`` of shape ``(m, *event_shape)``.
 
         Its CVXPY declaration is x = sum_j lambda_j v_j with lambda in the
@@ -225,7 +225,9 @@ class DeclaredPolytope(Polytope):
         try:
             constraints = list(constraints)
         except TypeError:
-            raise TypeError(f"constraints: expected a list of cvxpy constraints, got {type(constraints).__name__}") from None
+            raise TypeError(
+                f"constraints: expected a list of cvxpy constraints, got {type(constraints).__name__}"
+            ) from None
         if not constraints:
             raise ValueError("constraints: expected at least one constraint; an empty list does not bound x")
         for i, con in enumerate(constraints):
@@ -308,7 +310,7 @@ def _fresh_declaration(x, constraints):
 
 
 def _integrality(variable) -> str | None:
-    """"boolean" or "integer" when a cvxpy variable carries that attribute (on any entry), else None."""
+    """ "boolean" or "integer" when a cvxpy variable carries that attribute (on any entry), else None."""
     for kind in ("boolean", "integer"):
         flag = variable.attributes.get(kind)
         if flag is not None and flag is not False and (flag is True or len(flag) > 0):

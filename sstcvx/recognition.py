@@ -31,7 +31,7 @@ Comparisons use a tolerance of 1e-9 relative to the row's scale, far below any d
 between distinct rational constraints of moderate size.  One extra row that cuts Q, a
 changed right-hand side, a missing bound or a looser box fails one of the two inclusions.
 
-**Routing.**  A recognized :class:`sstcvx.DeclaredPolytope` carries a :class:`Recognition`
+**Routing.**  A recognized :class:`sstcvx.polytope.DeclaredPolytope` carries a :class:`Recognition`
 as ``P.recognized``; :mod:`sstcvx.registry` then serves P with Q's registered solvers,
 composed with the coordinate map (:meth:`Recognition.relaxation`, :meth:`Recognition.argmax`).
 
@@ -89,7 +89,7 @@ class Recognition:
         self.inverse = torch.empty_like(self.index)
         self.inverse[self.index] = torch.arange(len(self.index))
         self.identity = bool(torch.equal(self.index, torch.arange(len(self.index))))
-        self._on_device = {}
+        self._on_device: dict = {}
 
     def _indices(self, device):
         key = str(device)
@@ -221,7 +221,11 @@ def mismatch(form, Q, index) -> str | None:
         bad = values > rhs + tol * scale
         if np.any(bad):
             r = int(np.flatnonzero(bad)[0])
-            kinds = ["equality"] * (2 * len(A)) + ["inequality"] * len(G) + ["bound"] * (len(strict_lower) + len(strict_upper))
+            kinds = (
+                ["equality"] * (2 * len(A))
+                + ["inequality"] * len(G)
+                + ["bound"] * (len(strict_lower) + len(strict_upper))
+            )
             return f"a declared {kinds[r]} constraint cuts {Q.name} (max over it {values[r]:.6g} > {rhs[r]:.6g})"
     return None
 

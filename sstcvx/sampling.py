@@ -80,7 +80,7 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
     # solver evaluates its mirror map by an inner iteration at every dual step, slower for now
     slow_fast = isinstance(reg, SeparableRegularizer) and reg.has_cvxpy_form and solver != "fast"
     if solver in ("auto", "generic", "fast") and not slow_fast:
-        fast = fast_relaxation(P, reg)
+        fast = fast_relaxation(P, reg, with_auxiliary=solver == "fast")
         if fast is not None:
             return fast, "fast"
         if solver == "fast":

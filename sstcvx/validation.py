@@ -77,8 +77,7 @@ def check_utility(P, U, argument: str = "U", finite: bool = True) -> torch.Tenso
     event = tuple(P.event_shape)
     if U.dim() < len(event) or tuple(U.shape[U.dim() - len(event) :]) != event:
         raise ValueError(
-            f"{argument}: expected shape (*batch, {', '.join(map(str, event))}) for {P.name}, "
-            f"got {tuple(U.shape)}"
+            f"{argument}: expected shape (*batch, {', '.join(map(str, event))}) for {P.name}, got {tuple(U.shape)}"
         )
     if finite and not all_finite(U):
         raise ValueError(f"{argument}: expected finite values, found NaN or infinity")

@@ -70,7 +70,9 @@ def test_a_root_other_than_0(n, root):
     torch.testing.assert_close(X2, X, atol=1e-12, rtol=0)
     assert (X[:, :, root] == 0).all() and (X.diagonal(dim1=-2, dim2=-1) == 0).all()
     if n == 4:
-        torch.testing.assert_close(X, sstcvx.relax(A, U, tau, "exp_family_entropy", solver="generic"), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            X, sstcvx.relax(A, U, tau, "exp_family_entropy", solver="generic"), atol=1e-6, rtol=0
+        )
         u = U[:2].clone().requires_grad_(True)
         assert torch.autograd.gradcheck(lambda u: sstcvx.relax(A, u, 0.9, "exp_family_entropy"), (u,))
 

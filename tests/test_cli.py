@@ -46,20 +46,38 @@ def run(capsys, *argv):
 def test_compare_family_prints_a_table_and_writes_json_and_csv(capsys, tmp_path):
     json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
     status, out, err = run(
-        capsys, "compare", "ksubset", "--n", "6", "--k", "2", "--batch", "3", "--repeats", "1",
-        "--regularizer", "euclidean", "--regularizer", "binary_entropy", "--tau", "0.5",
-        "--json", str(json_path), "--csv", str(csv_path),
+        capsys,
+        "compare",
+        "ksubset",
+        "--n",
+        "6",
+        "--k",
+        "2",
+        "--batch",
+        "3",
+        "--repeats",
+        "1",
+        "--regularizer",
+        "euclidean",
+        "--regularizer",
+        "binary_entropy",
+        "--tau",
+        "0.5",
+        "--json",
+        str(json_path),
+        "--csv",
+        str(csv_path),
     )
     assert status == 0, err
     assert "KSubset(n=6, k=2)" in out and "max|dX|" in out and "specialized" in out
     assert f"wrote JSON to {json_path}" in out and csv_path.exists()
-    report = sstcvx.ComparisonReport.from_json(json_path)
+    report = sstcvx.harness.report.ComparisonReport.from_json(json_path)
     assert [r.regularizer for r in report] == ["euclidean", "binary_entropy"]
     assert all(r.tau == 0.5 and r.batch == 3 and r.max_abs_diff < 1e-4 for r in report)
     data = json.loads(json_path.read_text())
     for values in data["configurations"].values():
         assert {"max_abs_diff", "max_abs_grad_diff", "time_generic", "time_specialized", "speedup"} <= set(values)
-    assert sstcvx.ComparisonReport.from_json(report.to_json()) == report
+    assert sstcvx.harness.report.ComparisonReport.from_json(report.to_json()) == report
 
 
 def test_compare_family_defaults_to_its_regularizers(capsys):
@@ -69,15 +87,41 @@ def test_compare_family_defaults_to_its_regularizers(capsys):
 
 
 def test_compare_user_polytope_file(capsys, user_file):
-    status, out, err = run(capsys, "compare", f"{user_file}:make_polytope", "--n", "4", "--batch", "2",
-                           "--repeats", "0", "--regularizer", "euclidean")
+    status, out, err = run(
+        capsys,
+        "compare",
+        f"{user_file}:make_polytope",
+        "--n",
+        "4",
+        "--batch",
+        "2",
+        "--repeats",
+        "0",
+        "--regularizer",
+        "euclidean",
+    )
     assert status == 0, err
-    assert "my 2-of-4" in out and "solver:Clara" in out  # euclidean runs on SCS, the second solver is Clarabel (truncated column)
+    assert (
+        "my 2-of-4" in out and "solver:Clara" in out
+    )  # euclidean runs on SCS, the second solver is Clarabel (truncated column)
 
 
 def test_fail_above_gives_status_1(capsys):
-    status, _, err = run(capsys, "compare", "simplex", "--n", "4", "--batch", "2", "--repeats", "0",
-                         "--regularizer", "euclidean", "--fail-above", "1e-30")
+    status, _, err = run(
+        capsys,
+        "compare",
+        "simplex",
+        "--n",
+        "4",
+        "--batch",
+        "2",
+        "--repeats",
+        "0",
+        "--regularizer",
+        "euclidean",
+        "--fail-above",
+        "1e-30",
+    )
     assert status == 1 and "FAILED" in err
 
 
@@ -118,9 +162,26 @@ def test_wrong_options_give_one_line_and_status_2(capsys, user_file, argv):
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("compare", ["--n", "--k", "--batch", "--tau", "--regularizer", "--json", "--csv", "--repeats", "--seed",
-                     "--reference", "--max-generic-batch", "--fail-above", "--threads", "FILE.py:FUNCTION",
-                     "spanning_tree"]),
+        (
+            "compare",
+            [
+                "--n",
+                "--k",
+                "--batch",
+                "--tau",
+                "--regularizer",
+                "--json",
+                "--csv",
+                "--repeats",
+                "--seed",
+                "--reference",
+                "--max-generic-batch",
+                "--fail-above",
+                "--threads",
+                "FILE.py:FUNCTION",
+                "spanning_tree",
+            ],
+        ),
         ("bench", ["--quick", "--out", "--families", "--no-progress", "--threads"]),
         ("demo", ["--threads"]),
     ],
@@ -155,8 +216,14 @@ def tiny_bench(monkeypatch):
     monkeypatch.setitem(
         bench_module.SETTINGS,
         "quick",
-        {"batch": 2, "max_generic_batch": 2, "batches": (1, 2, 8), "repeats": 1, "taus": (0.5, 1.0),
-         "sizes": "quick_sizes"},
+        {
+            "batch": 2,
+            "max_generic_batch": 2,
+            "batches": (1, 2, 8),
+            "repeats": 1,
+            "taus": (0.5, 1.0),
+            "sizes": "quick_sizes",
+        },
     )
 
 

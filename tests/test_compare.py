@@ -22,7 +22,9 @@ def k_hot(n, k):
 
 def declared_k_subsets(n, k, name=None):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == k], name=name or f"user {k}-of-{n}", recognize=False)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, cp.sum(x) == k], name=name or f"user {k}-of-{n}", recognize=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,9 @@ def test_user_polytope_without_vertices_uses_a_second_solver():
     (row,) = sstcvx.compare(P, "entropy", tau=0.5, batch=3, repeats=1, hard=False)
     assert row.reference.startswith("solver:") and row.failures == 0
     assert row.max_abs_diff < 1e-4 and row.time_specialized is None and row.time_reference > 0
-    custom = sstcvx.compare(P, "entropy", batch=2, repeats=0, hard=False,
-                            reference_solver_args={"solve_method": "Clarabel"})
+    custom = sstcvx.compare(
+        P, "entropy", batch=2, repeats=0, hard=False, reference_solver_args={"solve_method": "Clarabel"}
+    )
     assert custom[0].reference == "solver:Clarabel"
 
 
@@ -107,7 +110,7 @@ def test_failures_and_warnings_are_counted_not_raised():
         raise RuntimeError("boom")
 
     def noisy(P, Z):
-        warnings.warn("tolerance not reached", RuntimeWarning)
+        warnings.warn("tolerance not reached", RuntimeWarning, stacklevel=2)
         return Z.clamp(0, 1)
 
     sstcvx.register_relaxation(P, "binary_entropy")(broken)
@@ -119,8 +122,9 @@ def test_failures_and_warnings_are_counted_not_raised():
 
 
 def test_several_temperatures_and_a_capped_generic_batch():
-    report = sstcvx.compare(KSubset(5, 2), "euclidean", tau=[0.1, 1.0], batch=5, max_generic_batch=2, repeats=1,
-                            hard=False)
+    report = sstcvx.compare(
+        KSubset(5, 2), "euclidean", tau=[0.1, 1.0], batch=5, max_generic_batch=2, repeats=1, hard=False
+    )
     assert [r.tau for r in report] == [0.1, 1.0]
     for r in report:
         assert r.batch == 5 and r.generic_batch == 2 and r.max_abs_diff < 1e-4
@@ -139,13 +143,13 @@ def test_json_round_trip_and_keys(ksubset_report, tmp_path):
     assert len(data["configurations"]) == 3
     for values in data["configurations"].values():
         assert REQUIRED_KEYS <= set(values)
-    assert sstcvx.ComparisonReport.from_json(text) == ksubset_report
+    assert sstcvx.harness.report.ComparisonReport.from_json(text) == ksubset_report
     path = tmp_path / "report.json"
     ksubset_report.to_json(path)
-    assert sstcvx.ComparisonReport.from_json(path) == ksubset_report
+    assert sstcvx.harness.report.ComparisonReport.from_json(path) == ksubset_report
     twice = ksubset_report + ksubset_report  # repeated configurations keep distinct keys
     assert len(json.loads(twice.to_json())["configurations"]) == 6
-    assert sstcvx.ComparisonReport.from_json(twice.to_json()) == twice
+    assert sstcvx.harness.report.ComparisonReport.from_json(twice.to_json()) == twice
 
 
 def test_csv_and_table(ksubset_report, tmp_path):

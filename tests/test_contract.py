@@ -50,6 +50,7 @@ def generic_atol(tau):
     the second-order cone of ||x||^2 / 2): measured up to 4e-7 at tau >= 0.7 and 4e-6 at tau = 0.1."""
     return 1e-6 * max(1.0, 1.0 / tau)
 
+
 #: Tolerance of "X in P" by output dtype: of each coordinate's range, and of the other support
 #: values and the constraints (sums over up to 100 entries).
 COORDINATE_ATOL = {torch.float64: 1e-12, torch.float32: 2.5e-7}
@@ -143,7 +144,12 @@ def support(P):
 
 def _affine_rows(x, constraint):
     """``(A, b, kind)`` with the constraint's expression = A vec(x) + b (C order), or None if not affine."""
-    kinds = {cp.constraints.Inequality: "<=", cp.constraints.NonPos: "<=", cp.constraints.Equality: "==", cp.constraints.Zero: "=="}
+    kinds = {
+        cp.constraints.Inequality: "<=",
+        cp.constraints.NonPos: "<=",
+        cp.constraints.Equality: "==",
+        cp.constraints.Zero: "==",
+    }
     kind = kinds.get(type(constraint))
     if kind is None or not constraint.expr.is_affine():
         return None
@@ -223,7 +229,9 @@ def assert_in_P(P, X, what):
     excess = torch.maximum(projections - upper, lower - projections).max().item()
     assert excess <= atol, f"{what}: <d, X> leaves [min_P, max_P] by {excess:.3g}"
     violation = declaration_violation(P, X)
-    assert violation is None or violation <= atol, f"{what}: the declaration's constraints are violated by {violation:.3g}"
+    assert violation is None or violation <= atol, (
+        f"{what}: the declaration's constraints are violated by {violation:.3g}"
+    )
 
 
 # -- brute force ----------------------------------------------------------------------------------
@@ -335,13 +343,17 @@ def test_robust_to_extreme_utilities(family, regularizer, dtype):
             theta = (1e3 * torch.randn(6, *P.event_shape, dtype=torch.float64)).to(dtype).requires_grad_(True)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a solver that misses its tolerance warns
-                X = sstcvx.sample(P, theta, tau, regularizer, solver="specialized", generator=torch.Generator().manual_seed(n))
+                X = sstcvx.sample(
+                    P, theta, tau, regularizer, solver="specialized", generator=torch.Generator().manual_seed(n)
+                )
             (X * torch.randn_like(X)).sum().backward()
             assert X.dtype == dtype and torch.isfinite(X).all(), what
             assert torch.isfinite(theta.grad).all(), what
             assert_in_P(P, X, what)
         # |theta| ~ 1e3 decides the best vertex by far more than tau = 1e-3: the hard sample, same noise
-        soft = sstcvx.sample(P, theta.detach(), 1e-3, regularizer, solver="specialized", generator=torch.Generator().manual_seed(7))
+        soft = sstcvx.sample(
+            P, theta.detach(), 1e-3, regularizer, solver="specialized", generator=torch.Generator().manual_seed(7)
+        )
         vertex = sstcvx.sample(P, theta.detach(), mode="hard", generator=torch.Generator().manual_seed(7))
         assert_in_P(P, vertex, f"{P.name}, hard sample, {dtype}")
         torch.testing.assert_close(soft, vertex, atol=1e-6, rtol=0)

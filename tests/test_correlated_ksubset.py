@@ -39,7 +39,11 @@ def reference_log_partition(theta, phi, k):
         new = []
         for c in range(k + 1):
             zero = torch.logsumexp(torch.stack(table[c]), 0)
-            one = theta[i] + torch.logsumexp(torch.stack([table[c - 1][0], table[c - 1][1] + phi[i - 1]]), 0) if c else minus_inf
+            one = (
+                theta[i] + torch.logsumexp(torch.stack([table[c - 1][0], table[c - 1][1] + phi[i - 1]]), 0)
+                if c
+                else minus_inf
+            )
             new.append([zero, one])
         table = new
     return torch.logsumexp(torch.stack(table[k]), 0)
@@ -243,7 +247,7 @@ def test_registered_for_the_tooling():
     P = family(10)
     assert isinstance(P, CorrelatedKSubset) and (P.n, P.k) == (10, 3)
     assert family(6, 2).k == 2
-    assert sstcvx.specialized_regularizers(P) == ["exp_family_entropy"]
+    assert sstcvx.registry.specialized_regularizers(P) == ["exp_family_entropy"]
 
 
 def test_compare_checks_the_declaration_and_the_specialized_solver():

@@ -10,7 +10,6 @@ import sstcvx
 from sstcvx.generic import cache as generic_cache
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_default():
     """These tests compare against float64 closed forms; restore the default dtype afterwards."""
@@ -177,14 +176,14 @@ def test_layer_is_built_once_and_reused():
     sstcvx.relax(P, torch.randn(2, 4), 1.0, "entropy", solver="cvxpylayers")
     cached = generic_cache.entries(P)
     sstcvx.relax(P, torch.randn(7, 3, 4), 0.1, "entropy", solver="cvxpylayers")
-    assert generic_cache.entries(P) == cached and len(cached) == 1
+    assert generic_cache.entries(P) == cached and ("relax", "builtin", "entropy") in cached
 
 
 def test_implausible_derivative_is_recomputed():
     """A case where diffcp's derivative from Clarabel's solution was off by 3e4 (one element)."""
     g = torch.Generator().manual_seed(0)
     theta = torch.randn((16, 10), generator=g)
-    U = theta + sstcvx.get_noise("gumbel").sample(theta.shape, dtype=torch.float64, generator=g)
+    U = theta + sstcvx.noise.get_noise("gumbel").sample(theta.shape, dtype=torch.float64, generator=g)
     G = torch.randn(U.shape, generator=g)
     P = simplex(10)
     u = U.clone().requires_grad_()

@@ -11,7 +11,6 @@ import torch
 import sstcvx
 from polytopes import KSubset, Permutation, Simplex
 from sstcvx import generic
-from sstcvx.generic import dual_newton
 
 
 def fast(P, U, tau=1.0, reg="entropy"):
@@ -20,25 +19,35 @@ def fast(P, U, tau=1.0, reg="entropy"):
 
 def declared_simplex(n):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1])
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1], recognize=False)
 
 
 def path_independent_sets(n):
     x = cp.Variable(n)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"IndependentSets(path {n})")
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"IndependentSets(path {n})", recognize=False
+    )
 
 
 def redundant_ksubset(n, k):
     """k-subsets with a duplicated and rescaled equality, a dependent pair and loose rows."""
     x = cp.Variable(n)
-    cons = [x >= 0, x <= 1, cp.sum(x) == k, 2 * cp.sum(x) == 2 * k, cp.sum(x[: n // 2]) + cp.sum(x[n // 2 :]) == k,
-            cp.sum(x) <= k + 1, x <= 2, cp.sum(x) >= k]
-    return sstcvx.Polytope.from_cvxpy(x, cons, name="RedundantKSubset")
+    cons = [
+        x >= 0,
+        x <= 1,
+        cp.sum(x) == k,
+        2 * cp.sum(x) == 2 * k,
+        cp.sum(x[: n // 2]) + cp.sum(x[n // 2 :]) == k,
+        cp.sum(x) <= k + 1,
+        x <= 2,
+        cp.sum(x) >= k,
+    ]
+    return sstcvx.Polytope.from_cvxpy(x, cons, name="RedundantKSubset", recognize=False)
 
 
 def groups(n_groups, size):
     x = cp.Variable((n_groups, size))
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="OnePerGroup")
+    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="OnePerGroup", recognize=False)
 
 
 def spanning_trees_by_flows(n):
@@ -50,14 +59,14 @@ def spanning_trees_by_flows(n):
     cons = [x >= 0, x <= 1, cp.sum(x) == n - 1]
     for k in range(1, n):
         f = cp.Variable(len(arcs), nonneg=True)
-        for a, (i, j) in enumerate(arcs):
+        for a, (_i, _j) in enumerate(arcs):
             cons.append(f[a] <= x[a % len(edges)])
         for v in range(n):
             out = [a for a, (i, j) in enumerate(arcs) if i == v]
             inn = [a for a, (i, j) in enumerate(arcs) if j == v]
             supply = 1.0 if v == 0 else (-1.0 if v == k else 0.0)
             cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == supply)
-    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})")
+    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})", recognize=False)
 
 
 def zero_one_points(P):
@@ -74,23 +83,26 @@ def test_softmax_and_sparsemax_on_a_declared_simplex():
     P = declared_simplex(6)
     U = torch.randn(16, 6, dtype=torch.float64)
     torch.testing.assert_close(fast(P, U, 0.7), torch.softmax(U / 0.7, -1), atol=1e-10, rtol=0)
-    torch.testing.assert_close(fast(P, U, 0.5, "euclidean"), sstcvx.relax(Simplex(6), U, 0.5, "euclidean"),
-                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        fast(P, U, 0.5, "euclidean"), sstcvx.relax(Simplex(6), U, 0.5, "euclidean"), atol=1e-10, rtol=0
+    )
 
 
 @pytest.mark.parametrize("reg", ["binary_entropy", "euclidean"])
 def test_ksubset_projections(reg):
     P = KSubset(12, 4)
     U = 2 * torch.randn(32, 12, dtype=torch.float64)
-    torch.testing.assert_close(fast(P, U, 0.6, reg), sstcvx.relax(P, U, 0.6, reg, solver="specialized"),
-                               atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        fast(P, U, 0.6, reg), sstcvx.relax(P, U, 0.6, reg, solver="specialized"), atol=1e-9, rtol=0
+    )
 
 
 def test_sinkhorn_on_birkhoff():
     P = Permutation(4)
     U = torch.randn(8, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(fast(P, U, 0.5), sstcvx.relax(P, U, 0.5, "entropy", solver="specialized"),
-                               atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        fast(P, U, 0.5), sstcvx.relax(P, U, 0.5, "entropy", solver="specialized"), atol=1e-9, rtol=0
+    )
 
 
 # -- brute force: the first-order optimality certificate over the enumerated vertex list -----------------
@@ -103,8 +115,15 @@ def _gradient_f(X, reg):
 
 
 @pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "euclidean"])
-@pytest.mark.parametrize("make", [lambda: path_independent_sets(5), lambda: redundant_ksubset(6, 2),
-                                  lambda: groups(2, 3), lambda: declared_simplex(4)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: path_independent_sets(5),
+        lambda: redundant_ksubset(6, 2),
+        lambda: groups(2, 3),
+        lambda: declared_simplex(4),
+    ],
+)
 def test_first_order_certificate_over_the_vertex_list(make, reg):
     """X solves max <z, x> - f(x) over P = conv(V) iff X is in P and <z - grad f(X), v - X> <= 0 for every
     vertex v (a linear function is largest at a vertex): checked against the brute-forced 0/1 points."""
@@ -124,7 +143,9 @@ def test_extended_formulation_agrees_with_cvxpylayers():
     P = spanning_trees_by_flows(3)
     assert P.linear_form().n_aux > 0
     U = torch.randn(4, 3, dtype=torch.float64)
-    solution = generic.fast_relaxation(P, sstcvx.get_regularizer("binary_entropy")).solve(U / 0.7)
+    solution = generic.fast_relaxation(
+        P, sstcvx.regularizers.get_regularizer("binary_entropy"), with_auxiliary=True
+    ).solve(U / 0.7)
     assert (solution.status == 0).all()
     X = solution.x
     torch.testing.assert_close(X, sstcvx.relax(P, U, 0.7, "binary_entropy", solver="cvxpylayers"), atol=1e-6, rtol=0)
@@ -139,10 +160,15 @@ def _acyclic_k3(v):
 
 
 # -- gradients --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make,reg", [(lambda: path_independent_sets(4), "euclidean"),
-                                      (lambda: path_independent_sets(4), "binary_entropy"),
-                                      (lambda: KSubset(5, 2), "euclidean"),
-                                      (lambda: Permutation(3), "entropy")])
+@pytest.mark.parametrize(
+    "make,reg",
+    [
+        (lambda: path_independent_sets(4), "euclidean"),
+        (lambda: path_independent_sets(4), "binary_entropy"),
+        (lambda: KSubset(5, 2), "euclidean"),
+        (lambda: Permutation(3), "entropy"),
+    ],
+)
 def test_gradcheck(make, reg):
     P = make()
     U = torch.randn(2, *P.event_shape, dtype=torch.float64, requires_grad=True)
@@ -163,7 +189,7 @@ def test_vjp_agrees_with_the_specialized_solver():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tau,scale", [(1e-3, 1.0), (1e3, 1.0), (1.0, 1e3), (1e-3, 1e3)])
 def test_extremes(dtype, tau, scale):
-    U = (scale * torch.randn(8, 10, dtype=torch.float64))
+    U = scale * torch.randn(8, 10, dtype=torch.float64)
     cases = [(Simplex(10), "entropy"), (KSubset(10, 3), "binary_entropy"), (KSubset(10, 3), "euclidean")]
     for P, reg in cases:
         X = fast(P, U.to(dtype), tau, reg)
@@ -198,7 +224,7 @@ def test_batch_shapes_and_no_batch():
 def test_non_converging_element_falls_back_then_is_named(monkeypatch):
     P = declared_simplex(4)
     U = torch.randn(3, 4, dtype=torch.float64)
-    relaxation = generic.fast_relaxation(P, sstcvx.get_regularizer("entropy"))
+    relaxation = generic.fast_relaxation(P, sstcvx.regularizers.get_regularizer("entropy"))
     monkeypatch.setattr(relaxation, "max_iter", 1)
     with pytest.warns(RuntimeWarning, match="batch element 0 did not converge"):
         X = fast(P, U)
@@ -222,5 +248,23 @@ def test_dispatch():
     with pytest.raises(ValueError, match="solver='fast'"):
         sstcvx.relaxation_solver(P, tsallis, solver="fast")
     x = cp.Variable(3)
-    ball = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.norm(x, 2) <= 1])
+    ball = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.norm(x, 2) <= 1], recognize=False)
     assert sstcvx.relaxation_solver(ball, "entropy")[1] == "generic"  # not linear: the conic path
+
+
+def test_no_rows_is_a_closed_form():
+    """The hypercube has bounds only: X = sigmoid(z) for the binary entropy, clamp(z, 0, 1) for euclidean."""
+    x = cp.Variable(5)
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1], recognize=False)
+    U = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fast(P, U, 0.7, "binary_entropy"), torch.sigmoid(U / 0.7), atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast(P, U, 0.7, "euclidean"), (U / 0.7).clamp(0, 1), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda u: fast(P, u, 0.7, "binary_entropy"), (U,))
+
+
+def test_auxiliary_variables_stay_on_the_conic_path_unless_forced():
+    """Extended formulations measured slower on the fast solver: auto and generic keep cvxpylayers."""
+    P = spanning_trees_by_flows(3)
+    assert sstcvx.relaxation_solver(P, "binary_entropy")[1] == "generic"
+    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="generic")[1] == "generic"
+    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="fast")[1] == "fast"

@@ -60,7 +60,7 @@ def test_exact_gradient_on_the_simplex_is_the_softmax_gradient():
     assert torch.allclose(exact_gradient(P, theta, loss), p * (c - p @ c), atol=1e-12)
     # with Gumbel noise of scale s the law is softmax(theta / s)
     p2 = torch.softmax(theta / 2, 0)
-    assert torch.allclose(exact_gradient(P, theta, loss, sstcvx.Gumbel(2.0)), p2 * (c - p2 @ c) / 2, atol=1e-12)
+    assert torch.allclose(exact_gradient(P, theta, loss, sstcvx.noise.Gumbel(2.0)), p2 * (c - p2 @ c) / 2, atol=1e-12)
     # no closed form with Gaussian noise on the simplex, none on k-subsets
     assert exact_gradient(P, theta, loss, "gaussian") is None
     assert exact_gradient(KSubset(5, 2), theta, loss) is None
@@ -90,6 +90,7 @@ def test_hypercube_gumbel_linear_loss_has_the_closed_form_gradient():
     assert torch.allclose(exact_gradient(P, theta, loss), closed, atol=1e-12)
     # the derivative of P(theta + G > 0) by central differences, as an independent witness
     h = 1e-6
+
     def prob(t):
         return 1 - torch.exp(-torch.exp(t))
 
@@ -114,8 +115,15 @@ def test_hypercube_exact_gradient_with_logistic_noise_and_a_nonlinear_loss():
 
 def test_score_function_bias_interval_covers_zero_on_three_families():
     for P, seed in ((KSubset(6, 2), 0), (SpanningTree(4), 1), (Permutation(3), 2)):
-        report = run_lab(P, "quadratic", estimators=["score_function"], samples=4000, reference_samples=60_000,
-                         confidence=0.99, seed=seed)
+        report = run_lab(
+            P,
+            "quadratic",
+            estimators=["score_function"],
+            samples=4000,
+            reference_samples=60_000,
+            confidence=0.99,
+            seed=seed,
+        )
         norm = report.reference["norm"]
         assert report.reference["kind"] == "score_function"
         assert [r.baseline for r in report] == ["none", "running_mean", "leave_one_out"]
@@ -127,14 +135,24 @@ def test_score_function_bias_interval_covers_zero_on_three_families():
         # a biased estimator is caught at the same sample size: the score function times 1.5
         loo = ScoreFunction("leave_one_out")
         biased = CustomEstimator(lambda *a, loo=loo: 1.5 * loo(*a), name="inflated", group_size=8)
-        row = run_lab(P, "quadratic", estimators=[biased], samples=4000, reference_samples=60_000, confidence=0.99,
-                      seed=seed).rows[0]
+        row = run_lab(
+            P, "quadratic", estimators=[biased], samples=4000, reference_samples=60_000, confidence=0.99, seed=seed
+        ).rows[0]
         assert row.estimator == "inflated" and row.bias_ci[0] > 0, row.bias_ci
 
 
 def test_relaxed_bias_is_smaller_at_tau_0_1_than_at_tau_1_on_ksubset():
-    report = run_lab(KSubset(6, 2), "quadratic", taus=(0.1, 1.0), regularizers=["binary_entropy", "exp_family_entropy"],
-                     estimators=["relaxed"], samples=10_000, batch=5000, reference_samples=200_000, seed=1)
+    report = run_lab(
+        KSubset(6, 2),
+        "quadratic",
+        taus=(0.1, 1.0),
+        regularizers=["binary_entropy", "exp_family_entropy"],
+        estimators=["relaxed"],
+        samples=10_000,
+        batch=5000,
+        reference_samples=200_000,
+        seed=1,
+    )
     for reg in ("binary_entropy", "exp_family_entropy"):
         low, high = report.find("relaxed", tau=0.1, regularizer=reg), report.find("relaxed", tau=1.0, regularizer=reg)
         assert low.bias_ci[1] < high.bias_ci[0], (reg, low.bias_ci, high.bias_ci)
@@ -144,16 +162,26 @@ def test_relaxed_bias_is_smaller_at_tau_0_1_than_at_tau_1_on_ksubset():
 def test_straight_through_and_relaxed_agree_with_the_softmax_gradient_on_the_simplex_at_small_tau():
     # on the simplex with the linear loss the relaxed estimator is unbiased for E<c, softmax(U / tau)>, whose
     # gradient tends to the exact one as tau -> 0; at tau = 0.05 the lab should find no significant bias
-    report = run_lab(Simplex(4), "linear", taus=(0.05,), regularizers=["entropy"], estimators=["relaxed",
-                     "straight_through"], samples=20_000, batch=10_000, reference_samples=20_000, seed=3)
+    report = run_lab(
+        Simplex(4),
+        "linear",
+        taus=(0.05,),
+        regularizers=["entropy"],
+        estimators=["relaxed", "straight_through"],
+        samples=20_000,
+        batch=10_000,
+        reference_samples=20_000,
+        seed=3,
+    )
     assert report.reference["kind"] == "exact" and report.reference_check["agrees"]
     for row in report:
         assert row.relative_bias < 0.1, (row.key, row.relative_bias, row.bias_ci)
 
 
 def test_baselines_reduce_the_score_function_variance():
-    report = run_lab(Simplex(5), "quadratic", estimators=["score_function"], samples=4000, reference_samples=20_000,
-                     seed=0)
+    report = run_lab(
+        Simplex(5), "quadratic", estimators=["score_function"], samples=4000, reference_samples=20_000, seed=0
+    )
     none, mean, loo = (report.find("score_function", baseline=b) for b in ("none", "running_mean", "leave_one_out"))
     assert mean.variance < 0.7 * none.variance and loo.variance < 0.7 * none.variance
     assert loo.group_size == 8 and loo.samples % 8 == 0
@@ -162,14 +190,18 @@ def test_baselines_reduce_the_score_function_variance():
 def test_estimators_return_per_sample_gradients_with_thetas_dtype():
     P = KSubset(5, 2)
     theta, loss, g = _setup(P, 0)
-    for est in (Relaxed(0.5, "binary_entropy"), StraightThrough(0.5, "euclidean"), ScoreFunction("running_mean"),
-                ScoreFunction("leave_one_out", k=4)):
-        G = est(P, theta, loss, sstcvx.Gumbel(), 8, g)
+    for est in (
+        Relaxed(0.5, "binary_entropy"),
+        StraightThrough(0.5, "euclidean"),
+        ScoreFunction("running_mean"),
+        ScoreFunction("leave_one_out", k=4),
+    ):
+        G = est(P, theta, loss, sstcvx.noise.Gumbel(), 8, g)
         assert G.shape == (8, 5) and G.dtype == F64 and torch.isfinite(G).all()
     # the relaxed estimator's rows are the gradients of L(X_tau) at each U (checked on one row by autograd)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    G = Relaxed(0.5, "binary_entropy")(P, theta, loss, sstcvx.Gumbel(), 3, g1)
-    eps = sstcvx.Gumbel().sample((3, 5), dtype=F64, generator=g2)
+    G = Relaxed(0.5, "binary_entropy")(P, theta, loss, sstcvx.noise.Gumbel(), 3, g1)
+    eps = sstcvx.noise.Gumbel().sample((3, 5), dtype=F64, generator=g2)
     t = theta.clone().requires_grad_()
     (direct,) = torch.autograd.grad(loss(sstcvx.relax(P, (t + eps[1:2]), 0.5, "binary_entropy")).sum(), t)
     assert torch.allclose(G[1], direct, atol=1e-10)
@@ -181,8 +213,15 @@ def test_estimators_return_per_sample_gradients_with_thetas_dtype():
 
 
 def test_report_json_csv_and_table():
-    report = run_lab(KSubset(5, 2), "linear", taus=(0.5, 1.0), regularizers=["euclidean"], samples=400,
-                     reference_samples=5000, seed=0)
+    report = run_lab(
+        KSubset(5, 2),
+        "linear",
+        taus=(0.5, 1.0),
+        regularizers=["euclidean"],
+        samples=400,
+        reference_samples=5000,
+        seed=0,
+    )
     data = json.loads(report.to_json())
     assert data["format"] == "sstcvx.lab/1"
     names = {r["estimator"] for r in data["results"]}
@@ -200,8 +239,15 @@ def test_report_json_csv_and_table():
 
 def test_runs_are_reproducible_with_a_generator():
     def run(seed):
-        report = run_lab(KSubset(5, 2), "quadratic", taus=(0.5,), regularizers=["binary_entropy"], samples=200,
-                         reference_samples=2000, generator=torch.Generator().manual_seed(seed))
+        report = run_lab(
+            KSubset(5, 2),
+            "quadratic",
+            taus=(0.5,),
+            regularizers=["binary_entropy"],
+            samples=200,
+            reference_samples=2000,
+            generator=torch.Generator().manual_seed(seed),
+        )
         return [(r.key, r.bias_norm, r.variance, r.bias) for r in report], report.theta
 
     assert run(3) == run(3)
@@ -233,7 +279,9 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="tau"):
         Relaxed(0.0)
     with pytest.raises(ValueError, match="multiple of the group size"):
-        ScoreFunction("leave_one_out", k=4)(P, torch.zeros(5, dtype=F64), make_loss("linear", P), sstcvx.Gumbel(), 6)
+        ScoreFunction("leave_one_out", k=4)(
+            P, torch.zeros(5, dtype=F64), make_loss("linear", P), sstcvx.noise.Gumbel(), 6
+        )
 
 
 def test_non_finite_and_misshapen_losses_raise_clear_errors():
@@ -247,7 +295,9 @@ def test_non_finite_and_misshapen_losses_raise_clear_errors():
     with pytest.raises(LossError, match="non-finite value nan at sample 3"):
         run_lab(P, nan_loss, samples=10, reference_samples=100)
     with pytest.raises(LossError, match="non-finite"):
-        Relaxed(1.0, "binary_entropy")(P, torch.zeros(5, dtype=F64), lambda X: torch.log(X[:, 0] - 2), sstcvx.Gumbel(), 4)
+        Relaxed(1.0, "binary_entropy")(
+            P, torch.zeros(5, dtype=F64), lambda X: torch.log(X[:, 0] - 2), sstcvx.noise.Gumbel(), 4
+        )
     with pytest.raises(LossError, match=r"one value per sample, shape \(\d+,\)"):
         run_lab(P, lambda X: X, samples=10, reference_samples=100)
 
@@ -256,8 +306,9 @@ def test_a_failing_user_estimator_fails_its_row_only():
     def wrong_shape(P, theta, loss, noise, num, generator):
         return torch.zeros(num, dtype=theta.dtype)
 
-    report = run_lab(KSubset(5, 2), estimators=[wrong_shape, "score_function"], baselines=["none"], samples=50,
-                     reference_samples=500)
+    report = run_lab(
+        KSubset(5, 2), estimators=[wrong_shape, "score_function"], baselines=["none"], samples=50, reference_samples=500
+    )
     assert "expected a tensor of shape" in report.rows[0].error and report.rows[1].error is None
     assert "error [wrong_shape]" in report.table()
 
@@ -299,8 +350,27 @@ USER_FILE = textwrap.dedent(
 
 def test_cli_lab_writes_json_csv_png(capsys, tmp_path):
     out = tmp_path / "lab"
-    status = main(["lab", "ksubset", "--n", "5", "--k", "2", "--samples", "200", "--reference-samples", "4000",
-                   "--tau", "0.5,1", "--regularizer", "euclidean", "--out", str(out), "--no-progress"])
+    status = main(
+        [
+            "lab",
+            "ksubset",
+            "--n",
+            "5",
+            "--k",
+            "2",
+            "--samples",
+            "200",
+            "--reference-samples",
+            "4000",
+            "--tau",
+            "0.5,1",
+            "--regularizer",
+            "euclidean",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "KSubset(n=5, k=2)" in captured.out and "|bias|" in captured.out
@@ -313,14 +383,45 @@ def test_cli_lab_writes_json_csv_png(capsys, tmp_path):
 def test_cli_lab_user_loss_and_estimator(capsys, tmp_path):
     path = tmp_path / "mine.py"
     path.write_text(USER_FILE)
-    status = main(["lab", "simplex", "--n", "4", "--loss", f"{path}:soft_loss", "--estimators",
-                   f"score_function,{path}:doubled", "--baselines", "none", "--samples", "100",
-                   "--reference-samples", "1000", "--out", str(tmp_path / "o"), "--no-progress"])
+    status = main(
+        [
+            "lab",
+            "simplex",
+            "--n",
+            "4",
+            "--loss",
+            f"{path}:soft_loss",
+            "--estimators",
+            f"score_function,{path}:doubled",
+            "--baselines",
+            "none",
+            "--samples",
+            "100",
+            "--reference-samples",
+            "1000",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "doubled" in captured.out and "reference: exact" in captured.out
-    status = main(["lab", "simplex", "--loss", f"{path}:bad_loss", "--samples", "10", "--reference-samples", "100",
-                   "--out", str(tmp_path / "o"), "--no-progress"])
+    status = main(
+        [
+            "lab",
+            "simplex",
+            "--loss",
+            f"{path}:bad_loss",
+            "--samples",
+            "10",
+            "--reference-samples",
+            "100",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 1 and "non-finite value inf" in captured.err and len(captured.err.strip().splitlines()) == 1
 

@@ -1,7 +1,6 @@
 """The canonical linear form of declared polytopes (sstcvx.linear_form)."""
 
 import cvxpy as cp
-import numpy as np
 import pytest
 import torch
 
@@ -34,8 +33,16 @@ def test_matrix_variable_is_flattened_row_major_and_rows_scaled():
 
 def test_redundant_rows_are_dropped_and_opposite_pairs_merged():
     x = cp.Variable(4)
-    cons = [x >= 0, x <= 1, x[:3] + x[1:] <= 1, 2 * x[0] + 2 * x[1] <= 2, cp.sum(x) <= 2, cp.sum(x) >= 2,
-            x[0] + x[3] <= 2, 3 * x[2] <= 5]
+    cons = [
+        x >= 0,
+        x <= 1,
+        x[:3] + x[1:] <= 1,
+        2 * x[0] + 2 * x[1] <= 2,
+        cp.sum(x) <= 2,
+        cp.sum(x) >= 2,
+        x[0] + x[3] <= 2,
+        3 * x[2] <= 5,
+    ]
     L = sstcvx.Polytope.from_cvxpy(x, cons).linear_form()
     # duplicate (scaled) row, a row implied by the bounds and a loose bound dropped; sum <= 2, sum >= 2 merged
     assert (L.m_eq, L.m_in) == (1, 3)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import sstcvx
-
 from polytopes import _matrix_tree as mt
 from polytopes import _matrix_tree_fast as fast
 from polytopes import _matrix_tree_graphs as graphs
@@ -66,7 +65,9 @@ def test_general_graph_and_mask_brute_force(method):
     edges = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4], [0, 4], [1, 3], [0, 2]])
     P = SpanningTree(5, edges=edges)
     Z = 2 * torch.randn(5, len(edges), dtype=torch.float64)
-    torch.testing.assert_close(mt.spanning_tree_marginals(Z, P.edges, 5, method=method), gibbs(P.vertices, Z)[0], atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        mt.spanning_tree_marginals(Z, P.edges, 5, method=method), gibbs(P.vertices, Z)[0], atol=1e-8, rtol=0
+    )
     mask = torch.rand(5, 5) < 0.6
     mask[0, 1:] = True  # reachable from the root
     A = Arborescence(5, root=0, mask=mask)
@@ -120,7 +121,9 @@ def test_auto_falls_back_where_the_inverse_is_inaccurate():
     torch.testing.assert_close(auto, exact, atol=1e-10, rtol=0)
     torch.testing.assert_close(auto.sum(-1), torch.full((16,), 11.0, dtype=torch.float64), atol=1e-9, rtol=0)
     logz = mt.spanning_tree_log_partition(Z, edges, 12)
-    torch.testing.assert_close(logz, mt.spanning_tree_log_partition(Z, edges, 12, method="stable"), atol=1e-9, rtol=1e-12)
+    torch.testing.assert_close(
+        logz, mt.spanning_tree_log_partition(Z, edges, 12, method="stable"), atol=1e-9, rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("n,root", [(6, 0), (12, 5)])
@@ -129,7 +132,9 @@ def test_arborescence_auto_falls_back_per_element(n, root):
     elements to the log-space path, the well-conditioned ones stay on the inverse path."""
     g = torch.Generator().manual_seed(n)
     lab = torch.randint(0, 3, (8, n), generator=g)
-    Zd = 32.0 * (lab.unsqueeze(-1) == lab.unsqueeze(-2)).double() + torch.randn(8, n, n, dtype=torch.float64, generator=g)
+    Zd = 32.0 * (lab.unsqueeze(-1) == lab.unsqueeze(-2)).double() + torch.randn(
+        8, n, n, dtype=torch.float64, generator=g
+    )
     Zd[:4] = torch.randn(4, n, n, dtype=torch.float64, generator=g)  # well conditioned
     Zc, D = mt._arb_prepare(Zd, root, None)
     ok = fast.FastArborescenceMarginals.apply(Zc, D, True)[1]
@@ -163,9 +168,7 @@ def test_extreme_spread_is_exact_and_reaches_the_hard_tree(n):
     assert torch.isfinite(mu).all()
     torch.testing.assert_close(mu, hard, atol=1e-6, rtol=0)
     torch.testing.assert_close(mu.sum(-1), torch.full((4,), n - 1.0, dtype=torch.float64), atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        mt.spanning_tree_log_partition(Z, P.edges, n), (Z * hard).sum(-1), atol=1e-6, rtol=1e-12
-    )
+    torch.testing.assert_close(mt.spanning_tree_log_partition(Z, P.edges, n), (Z * hard).sum(-1), atol=1e-6, rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", ("fast", "stable"))
@@ -218,7 +221,9 @@ def test_no_grad_and_inference_mode():
         torch.testing.assert_close(mt.spanning_tree_marginals(Z, edges, 6), expected, atol=0, rtol=0)
         Zd = 1e3 * torch.randn(2, 7, 7, dtype=torch.float64)
         mu = mt.arborescence_marginals(Zd, root=3)
-    torch.testing.assert_close(mu.sum(-2)[:, [0, 1, 2, 4, 5, 6]], torch.ones(2, 6, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        mu.sum(-2)[:, [0, 1, 2, 4, 5, 6]], torch.ones(2, 6, dtype=torch.float64), atol=1e-9, rtol=0
+    )
 
 
 def test_edge_tables_follow_in_place_changes_of_the_edge_list():
@@ -306,7 +311,9 @@ def test_arborescence_gradgradcheck(n, root):
     Zd = torch.randn(2, n, n, dtype=torch.float64, requires_grad=True)
     for mask in (None, reachable_mask(n, root)):
         for method in ("fast", "auto"):
-            assert torch.autograd.gradgradcheck(lambda z: mt.arborescence_marginals(z, root, mask, method=method), (Zd,))
+            assert torch.autograd.gradgradcheck(
+                lambda z: mt.arborescence_marginals(z, root, mask, method=method), (Zd,)
+            )
 
 
 def test_gradgradcheck_of_the_large_graph_tables_and_a_mixed_batch(monkeypatch):
@@ -340,13 +347,19 @@ def test_second_derivatives_agree_across_paths_and_with_slogdet():
         return torch.autograd.grad((g * v).sum(), Z)[0]
 
     def slogdet_marginals(z):
-        W = torch.zeros(3, n * n, dtype=torch.float64).index_copy(1, edges[:, 0] * n + edges[:, 1], z.exp()).view(3, n, n)
+        W = (
+            torch.zeros(3, n * n, dtype=torch.float64)
+            .index_copy(1, edges[:, 0] * n + edges[:, 1], z.exp())
+            .view(3, n, n)
+        )
         W = W + W.mT
         L = torch.diag_embed(W.sum(-1)) - W
         return torch.autograd.grad(torch.linalg.slogdet(L[:, :-1, :-1])[1].sum(), z, create_graph=True)[0]
 
     h_fast = hvp(lambda z: mt.spanning_tree_marginals(z, edges, n, method="fast"))
-    torch.testing.assert_close(h_fast, hvp(lambda z: mt.spanning_tree_marginals(z, edges, n, method="stable")), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        h_fast, hvp(lambda z: mt.spanning_tree_marginals(z, edges, n, method="stable")), atol=1e-10, rtol=0
+    )
     torch.testing.assert_close(h_fast, hvp(slogdet_marginals), atol=1e-10, rtol=0)
     Zd = torch.randn(3, n, n, dtype=torch.float64, requires_grad=True)
     Gd, vd = torch.randn(3, n, n, dtype=torch.float64), torch.randn(3, n, n, dtype=torch.float64)
@@ -362,8 +375,12 @@ def test_relaxations_are_twice_differentiable():
     P, A = SpanningTree(4), Arborescence(5, root=3, mask=reachable_mask(5, 7))
     U = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     Ud = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda u: sstcvx.relax(P, u, 0.7, "exp_family_entropy", solver="specialized"), (U,))
-    assert torch.autograd.gradgradcheck(lambda u: sstcvx.relax(A, u, 0.7, "exp_family_entropy", solver="specialized"), (Ud,))
+    assert torch.autograd.gradgradcheck(
+        lambda u: sstcvx.relax(P, u, 0.7, "exp_family_entropy", solver="specialized"), (U,)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda u: sstcvx.relax(A, u, 0.7, "exp_family_entropy", solver="specialized"), (Ud,)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +433,10 @@ def test_tree_polytopes_pickle_and_deepcopy_after_use():
 
     for P, U in (
         (SpanningTree(5), torch.randn(3, 10, dtype=torch.float64)),
-        (SpanningTree(5, edges=torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4], [0, 4], [1, 3]])), torch.randn(3, 6, dtype=torch.float64)),
+        (
+            SpanningTree(5, edges=torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4], [0, 4], [1, 3]])),
+            torch.randn(3, 6, dtype=torch.float64),
+        ),
         (Arborescence(5, root=2, mask=reachable_mask(5, 1)), torch.randn(3, 5, 5, dtype=torch.float64)),
     ):
         X = sstcvx.relax(P, U, 0.5, "exp_family_entropy", solver="specialized")

@@ -13,7 +13,6 @@ import torch
 
 from polytopes._mst import maximum_arborescence, maximum_spanning_tree
 
-
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
@@ -29,10 +28,7 @@ def nx_mst(W, mask=None):
     G = nx.Graph()
     G.add_nodes_from(range(n))
     G.add_weighted_edges_from(
-        (i, j, float(W[i, j]))
-        for i in range(n)
-        for j in range(i + 1, n)
-        if mask is None or mask[i, j]
+        (i, j, float(W[i, j])) for i in range(n) for j in range(i + 1, n) if mask is None or mask[i, j]
     )
     Y = torch.zeros(n, n, dtype=torch.float64)
     for i, j in nx.maximum_spanning_tree(G).edges:
@@ -185,7 +181,7 @@ def test_mst_wide_magnitudes(dtype):
 def test_mst_mask_matches_networkx():
     g = torch.Generator().manual_seed(5)
     n = 9
-    for trial in range(6):
+    for _trial in range(6):
         M = torch.rand(n, n, generator=g) < 0.35
         M = M | M.T
         perm = torch.randperm(n, generator=g)  # a Hamiltonian path keeps it connected
@@ -264,7 +260,7 @@ def test_mst_validation():
         maximum_spanning_tree(W, mask=torch.ones(5, 5, dtype=torch.bool))
     M = torch.ones(4, 4, dtype=torch.bool)
     M[0, 1] = False
-    with pytest.raises(ValueError, match="mask.*symmetric"):
+    with pytest.raises(ValueError, match=r"mask.*symmetric"):
         maximum_spanning_tree(W, mask=M)
 
 
@@ -292,9 +288,7 @@ def test_arborescence_equals_brute_force(n):
         X = maximum_arborescence(S, root=root)
         for b in range(6):
             assert_arborescence(X[b], root)
-            assert total(X[b], S[b]) == pytest.approx(
-                brute_arborescence_max(S[b], root), abs=1e-12
-            )
+            assert total(X[b], S[b]) == pytest.approx(brute_arborescence_max(S[b], root), abs=1e-12)
     # integer scores with many ties: still a maximum arborescence, exactly
     T = torch.randint(-2, 3, (6, n, n), generator=g).double()
     X = maximum_arborescence(T)
@@ -334,8 +328,14 @@ def test_arborescence_deep_nesting():
     g = torch.Generator().manual_seed(1)
     S = nested_cycles(n)
     perm = torch.cat([torch.tensor([0]), torch.randperm(n - 1, generator=g) + 1])
-    batch = torch.stack([S, torch.randn(n, n, generator=g, dtype=torch.float64),
-                         S[perm][:, perm], torch.randn(n, n, generator=g, dtype=torch.float64)])
+    batch = torch.stack(
+        [
+            S,
+            torch.randn(n, n, generator=g, dtype=torch.float64),
+            S[perm][:, perm],
+            torch.randn(n, n, generator=g, dtype=torch.float64),
+        ]
+    )
     X = maximum_arborescence(batch)
     for b in range(4):
         assert_arborescence(X[b], 0)
@@ -362,7 +362,7 @@ def test_arborescence_wide_magnitudes(dtype):
 def test_arborescence_mask():
     g = torch.Generator().manual_seed(17)
     n = 9
-    for trial in range(5):
+    for _trial in range(5):
         M = torch.rand(n, n, generator=g) < 0.3
         perm = torch.randperm(n - 1, generator=g) + 1  # path root -> ... keeps it feasible
         order = torch.cat([torch.tensor([0]), perm])

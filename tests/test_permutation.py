@@ -173,7 +173,9 @@ def test_large_tau_gives_the_barycentre(regularizer):
     # argmin of f over the Birkhoff polytope: the uniform matrix 1/n for the entropy and ||x||^2 alike
     U = torch.randn(8, 5, 5, dtype=torch.float64)
     atol = 1e-7 if regularizer == "entropy" else 1e-6  # the projection moves by (U / tau) minus its means
-    torch.testing.assert_close(sstcvx.relax(Permutation(5), U, 1e7, regularizer), torch.full_like(U, 1 / 5), atol=atol, rtol=0)
+    torch.testing.assert_close(
+        sstcvx.relax(Permutation(5), U, 1e7, regularizer), torch.full_like(U, 1 / 5), atol=atol, rtol=0
+    )
 
 
 def test_projection_arguments_and_budget():

@@ -77,7 +77,9 @@ def test_euclidean_is_the_per_group_projection():
     P = ProductSimplex([3, 1, 2])
     Z = torch.tensor([[1.0, 0.5, -1.0, -7.0, 2.0, 2.0]], dtype=torch.float64)
     X = relax(P, Z, 1.0, "euclidean")
-    torch.testing.assert_close(X, torch.tensor([[0.75, 0.25, 0.0, 1.0, 0.5, 0.5]], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        X, torch.tensor([[0.75, 0.25, 0.0, 1.0, 0.5, 0.5]], dtype=torch.float64), atol=1e-15, rtol=0
+    )
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)
@@ -103,4 +105,4 @@ def test_registered_family():
     P = family(3, 2)
     assert isinstance(P, ProductSimplex) and tuple(P.event_shape) == (3, 2)
     assert tuple(family(4).event_shape) == (4, 4)
-    assert set(family.regularizers) <= set(sstcvx.specialized_regularizers(P))
+    assert set(family.regularizers) <= set(sstcvx.registry.specialized_regularizers(P))

@@ -53,7 +53,7 @@ def _run_threads(work, count):
     def guarded(i):
         try:
             work(i)
-        except BaseException as error:  # noqa: BLE001  reported in the main thread
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
@@ -101,12 +101,12 @@ def test_specialized_tree_solvers_under_threads_match_one_thread():
 
     def work(i):
         for j in itertools.chain(range(i % len(cases), len(cases)), range(i % len(cases))):
-            for reg in sstcvx.specialized_regularizers(cases[j]):
+            for reg in sstcvx.registry.specialized_regularizers(cases[j]):
                 results[(i, j, reg)] = sstcvx.relax(cases[j], inputs[j], 0.5, reg)
             results[(i, j, "argmax")] = sstcvx.argmax(cases[j], inputs[j])
 
     _run_threads(work, 4)
-    for (i, j, what), X in results.items():
+    for (_i, j, what), X in results.items():
         if what == "argmax":
             expected = sstcvx.argmax(cases[j], inputs[j])
         else:
@@ -128,20 +128,21 @@ def _double_backward(P, reg, solver):
 
 
 @pytest.mark.parametrize(
-    "make, reg, path",
+    "make, reg, path, solver",
     [
-        (declared_ksubset, "entropy", "generic path"),
-        (lambda: sstcvx.Polytope.from_vertices(torch.eye(4)), "exp_family_entropy", "vertex weights"),
+        (declared_ksubset, "entropy", "generic path", "cvxpylayers"),
+        (declared_ksubset, "entropy", "fast generic path", "fast"),
+        (lambda: sstcvx.Polytope.from_vertices(torch.eye(4)), "exp_family_entropy", "vertex weights", "generic"),
     ],
-    ids=["cvxpylayers", "vertex-weights"],
+    ids=["cvxpylayers", "fast", "vertex-weights"],
 )
-def test_generic_path_refuses_double_backward(make, reg, path):
+def test_generic_path_refuses_double_backward(make, reg, path, solver):
     P = make()
     with pytest.raises(sstcvx.SecondDerivativeError, match=rf"(?s){path}.*differentiable only once.*create_graph"):
-        _double_backward(P, reg, "generic")
+        _double_backward(P, reg, solver)
     # the first derivative is unaffected
     U = torch.randn(2, *P.event_shape, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(sstcvx.relax(P, U, 0.7, reg, solver="generic").sum(), U)
+    (grad,) = torch.autograd.grad(sstcvx.relax(P, U, 0.7, reg, solver=solver).sum(), U)
     assert torch.isfinite(grad).all()
 
 
@@ -157,7 +158,7 @@ SPECIALIZED = [
 def test_every_non_tree_family_is_listed():
     """The list below covers every specialized relaxation of these families (trees: elsewhere)."""
     for P, regs in SPECIALIZED:
-        assert tuple(sorted(regs)) == tuple(sorted(sstcvx.specialized_regularizers(P))), P.name
+        assert tuple(sorted(regs)) == tuple(sorted(sstcvx.registry.specialized_regularizers(P))), P.name
 
 
 @pytest.mark.parametrize(
@@ -177,9 +178,9 @@ def test_specialized_relaxation_is_twice_differentiable(P, reg):
 
 
 def _layers(P):
-    yield generic.generic_relaxation(P, sstcvx.get_regularizer("entropy")).layer
+    yield generic.generic_relaxation(P, sstcvx.regularizers.get_regularizer("entropy")).layer
     V = sstcvx.Polytope.from_vertices(torch.eye(3))
-    yield generic.generic_relaxation(V, sstcvx.get_regularizer("exp_family_entropy")).lifted.layer
+    yield generic.generic_relaxation(V, sstcvx.regularizers.get_regularizer("exp_family_entropy")).lifted.layer
 
 
 def test_every_generic_layer_uses_the_named_backend():
@@ -203,7 +204,7 @@ def test_a_changed_cvxpylayers_default_does_not_change_the_backend(monkeypatch):
     U = torch.randn(2, 4, dtype=torch.float64)
     X = sstcvx.relax(P, U, 1.0, "euclidean", solver="generic")
     assert ((X.sum(-1) - 2).abs() < 1e-6).all()
-    assert generic.generic_relaxation(P, sstcvx.get_regularizer("euclidean")).layer.ctx.solver == "DIFFCP"
+    assert generic.generic_relaxation(P, sstcvx.regularizers.get_regularizer("euclidean")).layer.ctx.solver == "DIFFCP"
 
 
 def test_pyproject_bounds_hold_the_tested_versions():
@@ -256,9 +257,9 @@ POLYTOPES = [
 def _use(P, U):
     """Hard samples on both paths and relaxed samples on every path P has; returns them."""
     out = [sstcvx.argmax(P, U, solver="generic"), sstcvx.argmax(P, U)]
-    for reg in sstcvx.specialized_regularizers(P):
+    for reg in sstcvx.registry.specialized_regularizers(P):
         out.append(sstcvx.relax(P, U, 0.5, reg))
-    if not sstcvx.specialized_regularizers(P):
+    if not sstcvx.registry.specialized_regularizers(P):
         out.append(sstcvx.relax(P, U, 0.5, "euclidean", solver="generic"))
     return out
 
@@ -278,7 +279,7 @@ def test_polytopes_pickle_and_copy_before_and_after_use(make):
 def test_regularizers_pickle_and_copy():
     P = declared_ksubset(4, 2)
     U = torch.randn(2, 4, dtype=torch.float64)
-    for reg in (sstcvx.get_regularizer(name) for name in ("entropy", "euclidean", "exp_family_entropy")):
+    for reg in (sstcvx.regularizers.get_regularizer(name) for name in ("entropy", "euclidean", "exp_family_entropy")):
         for how, copied in _round_trips(reg).items():
             assert copied.name == reg.name, how
     mine = sstcvx.Regularizer.from_cvxpy(squared_norm, name="sq")
@@ -318,7 +319,10 @@ def test_declared_polytope_in_dataloader_workers():
     sstcvx.argmax(P, torch.randn(6, dtype=torch.float64), solver="generic")  # used before it is sent
     U = torch.randn(8, 6, dtype=torch.float64)
     loader = torch.utils.data.DataLoader(
-        LPDataset(P, U), batch_size=2, num_workers=2, multiprocessing_context="spawn"  # spawn pickles P
+        LPDataset(P, U),
+        batch_size=2,
+        num_workers=2,
+        multiprocessing_context="spawn",  # spawn pickles P
     )
     X = torch.cat(list(loader))
     assert torch.equal(X, top_k(U, 2))
@@ -402,7 +406,7 @@ def test_compare_output_paths_are_checked_before_the_run(capsys, tmp_path, optio
 
 def test_bench_out_is_checked_before_the_run(capsys, tmp_path):
     status = cli_main(["bench", "--quick", "--out", str(tmp_path / "missing" / "deeper")])
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     assert status == 2 and err.count("\n") == 1 and "--out" in err and "does not exist" in err, err
 
 
@@ -422,7 +426,9 @@ assert torch.equal(X, torch.zeros_like(U).scatter(-1, U.topk(2, dim=-1).indices,
 
 def test_library_calls_print_nothing_on_stdout():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", SILENT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SILENT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
 

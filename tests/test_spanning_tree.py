@@ -82,7 +82,9 @@ def test_the_relaxation_approaches_the_hard_tree():
     P = SpanningTree(5)
     theta = torch.randn(6, 10, dtype=torch.float64)
     hard = sstcvx.argmax(P, theta)
-    gaps = [(sstcvx.relax(P, theta, t, "exp_family_entropy") - hard).abs().max().item() for t in (1.0, 1e-2, 1e-4, 1e-8)]
+    gaps = [
+        (sstcvx.relax(P, theta, t, "exp_family_entropy") - hard).abs().max().item() for t in (1.0, 1e-2, 1e-4, 1e-8)
+    ]
     assert gaps[0] > 0.1 and gaps[-1] < 1e-6
 
 

@@ -107,16 +107,23 @@ def test_a_family_is_one_module(tmp_path):
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}  # two small subprocesses side by side
     run = {"cwd": ROOT, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     contract = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_contract.py", "-k", NAME], **run
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_contract.py", "-k", NAME],
+        **run,
     )
-    compare = subprocess.Popen([sys.executable, "-m", "sstcvx", "compare", NAME, "--batch", "2", "--repeats", "0"], **run)
+    compare = subprocess.Popen(
+        [sys.executable, "-m", "sstcvx", "compare", NAME, "--batch", "2", "--repeats", "0"], **run
+    )
     contract_output, _ = contract.communicate(timeout=300)
     compare_output, _ = compare.communicate(timeout=300)
 
     # (a) every test of the contract suite ran on the new family and passed
     assert contract.returncode == 0, contract_output
-    contract_tests = set(re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_contract.py").read_text(), re.MULTILINE))
-    passed = set(re.findall(rf"^PASSED tests/test_contract.py::(test_\w+)\[[^\]]*{NAME}", contract_output, re.MULTILINE))
+    contract_tests = set(
+        re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_contract.py").read_text(), re.MULTILINE)
+    )
+    passed = set(
+        re.findall(rf"^PASSED tests/test_contract.py::(test_\w+)\[[^\]]*{NAME}", contract_output, re.MULTILINE)
+    )
     assert passed == contract_tests, contract_output
     assert not re.search(r"\b(failed|skipped|error)", contract_output), contract_output
 

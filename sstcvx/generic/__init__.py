@@ -66,13 +66,25 @@ def generic_relaxation(P, regularizer):
     return cache.cached(P, ("relax",) + _regularizer_key(regularizer), build)
 
 
-def fast_relaxation(P, regularizer):
+def fast_relaxation(P, regularizer, with_auxiliary: bool = False):
     """The cached fast torch solver of ``(P, regularizer)``, or ``None`` where it does not apply
     (a regularizer other than the built-in entropy, binary_entropy and euclidean and those of
-    ``Regularizer.separable``, or a declaration that is not linear)."""
+    ``Regularizer.separable``, or a declaration that is not linear).
+
+    A declaration with auxiliary variables (an extended formulation) gets it only with
+    ``with_auxiliary=True`` (``solver="fast"``): there the barrier on the auxiliary variables
+    recenters slowly, and the solver measured slower than the cvxpylayers path (see
+    docs/generic.md), so ``"auto"`` and ``"generic"`` keep the conic path for those.
+    """
     separable = isinstance(regularizer, SeparableRegularizer)
     if not separable and (isinstance(regularizer, CvxpyRegularizer) or regularizer.name not in FAST_REGULARIZERS):
         return None
+    if not with_auxiliary:
+        try:
+            if P.linear_form().n_aux > 0:
+                return None
+        except (ValueError, NotImplementedError):  # not a linear declaration: the conic path serves it
+            return None
 
     def build():
         try:

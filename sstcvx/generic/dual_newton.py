@@ -8,58 +8,62 @@ canonical linear form (:meth:`sstcvx.Polytope.linear_form`),
 with f the negative entropy, the binary entropy or 1/2 ||x||^2 (separable, on x only; the
 auxiliary variables w of an extended formulation are not regularized).
 
-Algorithm: a barrier method on the dual, by damped Newton.  Fixed columns (l = u) are
-substituted out; bounds of x that f's domain implies (x >= 0 for the entropy, [0, 1] for the
-binary entropy) are dropped and the other bounds of x become inequality rows.  With
-``C = [A; G]``, multipliers ``nu = (lambda, y)``, ``y >= 0``, and ``d = (b, h)``, the dual is
+Algorithm: Newton on the dual, with an interior-point treatment of the inequality rows.  Fixed
+columns (l = u) are substituted out; bounds of x that f's domain implies (x >= 0 for the
+entropy, [0, 1] for the binary entropy) are dropped and the others stay inside the conjugate
+(a clamp).  With ``C = [A; G]``, multipliers ``nu = (lambda, y)``, ``y >= 0``, ``d = (b, h)``,
+the dual is
 
-    minimize_nu  Psi(nu) = f*(z - C_x^T nu) + <d, nu> + sum_j g_j((C_w^T nu)_j) - mu sum_i log y_i
+    minimize_nu  f*_box(z - C_x^T nu) + <d, nu> + sum_j g_j((C_w^T nu)_j)   subject to y >= 0
 
-where f* is f's conjugate (``exp(v - 1)``, ``log(1 + e^v)``, ``v^2 / 2``: x = grad f* is a
-closed form, so stationarity in x holds exactly at every iterate and no coordinate of x ever
-leaves f's domain, even where it underflows to 0), and ``g_j`` is the conjugate of minus the
-log barrier of w_j's bounds, also a closed form (a one-variable quadratic).  Bounds of w that
-are absent are replaced by a box of width ``AUX_BOX`` times the form's scale; a solution that
-touches it is reported as not converged (so it goes to the conic fallback).  Psi is smooth and
-strictly convex in nu; its gradient is the primal residual ``d - C [x; w] - (0, mu / y)``, and
-its Hessian ``C_x D_x C_x^T + C_w D_w C_w^T + diag(0, mu / y^2)`` is an m x m matrix (m = the
-number of rows, which is small for most declarations: 1 for a k-subset, 2n - 1 for Birkhoff).
-Each Newton step is one batched Cholesky solve; steps are damped by a backtracking line
-search (Armijo, or a decrease of the residual, keeping y > 0), which makes the method
-globally convergent.
+where f*_box is the conjugate of f plus the bounds of x (x = clamp(grad f*) in closed form:
+``exp(v - 1)``, the sigmoid, the identity; so stationarity in x holds exactly at every iterate
+and no coordinate leaves f's domain, even where it underflows to 0), and ``g_j`` is the
+conjugate of minus the log barrier (weight mu) of w_j's bounds, also a closed form (a root of a
+quadratic).  Bounds of w implied by the rows are found by interval propagation; a side still
+unbounded gets an artificial box of width ``AUX_BOX`` times the form's scale, and a solution that
+touches it is reported as not converged.  The dual gradient is the primal residual
+``d - C [x; w]``; the inequality rows carry slacks s with ``s y = mu`` (a primal-dual
+interior-point step), so each Newton step solves ``(C_x D_x C_x^T + C_w D_w C_w^T + diag(0, s / y))
+dnu = -r``, an m x m system (m = the number of rows: 1 for a k-subset, 2n - 1 for Birkhoff), by
+one batched Cholesky factorization.  Steps keep y, s > 0 (fraction to the boundary) and are damped
+by a backtracking line search: Armijo on the dual where there are equality rows only (the method
+is then plain damped Newton on a smooth convex function and converges quadratically), a decrease
+of the residual otherwise; where the full step is taken far from the solution it is doubled while
+that keeps improving (the exponential's quadratic model undershoots by one unit of log x per step).
 
-Two continuations make extreme inputs routine: ``z`` is scaled by ``t`` from
-``CONTINUATION_SCALE / max|z|`` up to 1 by factors of 10 (the multipliers scaled along, which
-keeps every exponent bounded), then the barrier weight ``mu`` (relative to ``max(1, max|z|)``)
-goes from 1e-1 to ``1e-12`` by factors of ``MU_FACTOR`` (only when the problem has inequality
-rows or bounded auxiliary variables; with equality rows only, the method is plain Newton on
-the dual and converges quadratically).  Every element has its own stage; all elements iterate
-together, and an element that has converged is frozen.
+Continuations: for the entropy, z is scaled by ``t`` from ``CONTINUATION_SCALE / max|z|`` up to 1
+by factors of 10 (the multipliers scaled along, which keeps every exponent bounded); the barrier
+weight ``mu`` (relative to ``max(1, max|z|)``) goes from ``MU_START`` to ``MU_FINAL`` by factors of
+``MU_FACTOR`` once the residual is of the order of mu (only where there are inequality rows or
+auxiliary variables).  Every element has its own stage; all elements iterate together, and an
+element that has converged is frozen.
 
-Why this method (by measurement, see ``docs/generic.md``): a primal interior-point method
-cannot represent the entropy's solution at small tau (coordinates of size exp(-1e6)), and its
-Newton systems have the size of x and w; the dual has as many unknowns as rows, x in closed
-form, and needs no phase one (``nu = (0, 1)`` is strictly feasible).  The Euclidean case,
-whose conjugate on a box is only piecewise quadratic, is handled with its bounds as rows, so
-that the same smooth method applies.
+Why this method: a primal interior-point method cannot represent the entropy's solution at small
+tau (coordinates of size exp(-1e6)), and its Newton systems have the size of x and w; the dual has
+as many unknowns as rows, x in closed form, and needs no phase one (``nu = (0, 1)`` is strictly
+feasible).  Measured (``docs/generic.md``): 5-7 Newton steps with equality rows only, 10-40 with
+inequality rows; the barrier on auxiliary variables whose optimal values are not unique (flows,
+vertex weights) recenters slowly after each reduction of mu (hundreds of steps): that case is
+correct but not yet fast.
 
-Precision: the returned point is the barrier solution at ``mu = 1e-12 max(1, |z|)``: the
-primal residual (the dual gradient) is below ``tol`` (1e-11 absolute, relative to
-``max(1, |d|)``) and the complementarity gap is ``mu`` per row, a relative KKT residual
-near 1e-11.
+Precision: the returned point satisfies the primal residual bound ``tol`` (1e-11 times the
+form's scale, or 64 eps max|z| where that is larger: the rounding of the exponents) and, with
+inequality rows or auxiliary variables, complementarity ``mu = 1e-10 max(1, |z|)``; x is then
+within O(mu) of the exact solution.
 
-Backward (exact for the computed point): X = grad f*(z - C_x^T nu(z)), so
+Backward (exact for the computed point): X = grad f*_box(z - C_x^T nu(z)), so
 
-    dX/dz = D_x - D_x C_x^T H^{-1} C_x D_x,     H = the dual Hessian at the solution,
+    dX/dz = D_x - D_x C_x^T H^{-1} C_x D_x,     H = the Newton matrix at the solution,
 
-one batched Cholesky solve per backward pass.  In H, an inactive inequality row carries the
-weight mu / y^2 (huge), so it drops out, and an active one carries mu / y^2 ~ 0, so this is
-``D - D C_a^T (C_a D C_a^T)^+ C_a D`` with C_a the equality and active rows, up to O(mu); it is
-also the exact derivative of the barrier solution that the forward pass returns, which is
-why ``torch.autograd.gradcheck`` passes at its default tolerances.
+one batched Cholesky solve per backward pass.  In H an inactive inequality row carries the
+weight s / y (huge), so it drops out, and an active one s / y ~ 0: this is
+``D - D C_a^T (C_a D C_a^T)^+ C_a D`` with C_a the equality and active rows, up to O(mu); clamped
+coordinates have D = 0.  It is also the derivative of the point the forward pass returns, which
+is why ``torch.autograd.gradcheck`` passes at its default tolerances.
 
-Cost per Newton step: O(B m^2 (n + n_aux) + B m^3); typically 5-15 steps with equality rows
-only, 30-60 with inequality rows.  Everything runs in float64 on the input's device.
+Cost per Newton step: O(B m^2 (n + n_aux) + B m^3), plus O(B m (n + n_aux)) per line-search
+trial.  Everything runs in float64 on the input's device.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ import numpy as np
 import torch
 
 from ..errors import SolverError
+from .layer import refuse_double_backward
 
 #: The regularizers this solver serves.
 FAST_REGULARIZERS = ("entropy", "binary_entropy", "euclidean")
@@ -536,8 +541,7 @@ def solve(prob: DualProblem, name: str, Z: torch.Tensor, max_iter: int = MAX_ITE
         active = active & ~bad
 
     state = _State(prob, name, z * t[:, None], nu, s, mu, sc)
-    H = _hessian(prob, state, nu, s, jitter)
-    L = _cholesky(H) if m else H
+    L = _cholesky(_hessian(prob, state, nu, s, jitter)) if m else nu.new_zeros(B, 0, 0)
     if state.w is not None:
         near = ((state.a <= 1e-6 * (prob.wu - prob.wl)) & prob.w_art_lo) | (
             (state.rest <= 1e-6 * (prob.wu - prob.wl)) & prob.w_art_hi
@@ -558,8 +562,8 @@ class _Backward(torch.autograd.Function):
         return X.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, G):
+        refuse_double_backward("the fast generic path")
         chol, Dx = ctx.saved_tensors
         prob = ctx.prob
         g = G.to(torch.float64)[:, prob.x_free]

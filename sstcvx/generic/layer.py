@@ -77,7 +77,9 @@ class GenericRelaxation:
         is not finite) is re-solved with the fallback solver, and a
         :class:`SolverError` names it if that fails too.
         """
-        args = dict(default_solver_args(self.regularizer) if solver_args is None else check_solver_args(solver_args))
+        if solver_args is not None:
+            check_solver_args(solver_args)
+        args = dict(default_solver_args(self.regularizer) if solver_args is None else solver_args)
         Z64 = Z.to(device="cpu", dtype=torch.float64)
         if torch.is_grad_enabled() and Z64.requires_grad:
             X = _CheckedBackward.apply(Z64, self, args)
@@ -168,8 +170,8 @@ def refuse_double_backward(path: str) -> None:
     """
     if torch.is_grad_enabled():
         raise SecondDerivativeError(
-            f"{path} is differentiable only once: its backward (a conic solver's derivative) has "
-            "no derivative of its own, so create_graph=True (a gradient penalty, a Hessian-vector "
+            f"{path} is differentiable only once: its backward (the solver's derivative at its "
+            "solution) has no derivative of its own, so create_graph=True (a gradient penalty, a Hessian-vector "
             "product, a meta-learning step) would silently miss its second-order terms. Use a "
             "specialized solver that is twice differentiable (solver='specialized' where the family "
             "has one), a closed form in torch, or finite differences of first derivatives"

@@ -48,7 +48,9 @@ class VertexWeightsRelaxation:
     def __call__(self, Z: torch.Tensor, solver_args: dict | None = None) -> torch.Tensor:
         """Z: (B, *event_shape) -> X_tau of the same shape, dtype and device; differentiable."""
         Z64 = Z.reshape(Z.shape[0], -1).to(device="cpu", dtype=torch.float64)
-        args = dict(default_solver_args(self.lifted.regularizer) if solver_args is None else check_solver_args(solver_args))
+        if solver_args is not None:
+            check_solver_args(solver_args)
+        args = dict(default_solver_args(self.lifted.regularizer) if solver_args is None else solver_args)
         with torch.no_grad():
             weights = self.lifted.solve(Z64 @ self.vertices.T, args)
         X = _VertexWeightsMean.apply(Z64, weights, self.vertices, self.polytope.name)

@@ -24,14 +24,16 @@ import platform
 import sys
 import time
 import warnings
+from typing import Any
 
 import torch
 
 from ..families import families as registered_families
 from ..families import load_errors
 from .compare import compare
+from .report import ComparisonReport
 
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {
         "batch": 8,
         "max_generic_batch": 8,
@@ -65,6 +67,34 @@ def _tasks(families, settings):
     return tasks
 
 
+def speedup_report(cases, batches=(1, 32, 256), tau=0.5, max_generic_batch=32, repeats=3, backend="cvxpylayers"):
+    """The specialized solver against the generic path on the same utilities, for benchmark scripts.
+
+    ``cases``: ``(P, regularizer)`` pairs; each is compared at every batch size with
+    :func:`sstcvx.compare` (reference ``"specialized"``), the generic path running on at most
+    ``max_generic_batch`` rows of the batch on the given ``backend`` (``"cvxpylayers"``,
+    ``"fast"`` or ``"generic"``).  The report's ``speedup`` columns are per-instance ratios; its
+    ``max|dX|`` and ``max|dVJP|`` the agreement.  Returns one :class:`ComparisonReport`.
+    """
+    report = ComparisonReport()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for P, regularizer in cases:
+            for batch in batches:
+                report = report + compare(
+                    P,
+                    regularizer,
+                    tau=tau,
+                    batch=batch,
+                    repeats=repeats,
+                    reference="specialized",
+                    max_generic_batch=max_generic_batch,
+                    generic_backend=backend,
+                    hard=False,
+                )
+    return report
+
+
 def _run_generic(family, reg, P, n):
     """Whether the generic path is run at this size (and why not)."""
     if n > family.max_generic_n:
@@ -73,7 +103,7 @@ def _run_generic(family, reg, P, n):
         try:
             if P.vertices is None:
                 return False, "no vertex list (the generic exp_family_entropy is a problem over the vertex weights)"
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             return False, f"vertex enumeration failed ({error})"
     return True, ""
 
@@ -144,7 +174,7 @@ def run_bench(out_dir="bench_out", quick: bool = False, families=None, progress:
                     )
                 record["generic_skipped"] = why or None
                 record["configurations"] = [dataclasses.asdict(r) for r in report]
-            except Exception as error:  # noqa: BLE001  one failing configuration does not stop the bench
+            except Exception as error:
                 record["error"] = f"{type(error).__name__}: {error}"
             records.append(record)
             bar.update(1)
@@ -279,9 +309,9 @@ def plot(data, out_dir) -> list:
     def figure(title):
         fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.6 * rows_), squeeze=False)
         fig.suptitle(title, fontsize=11)
-        for ax in axes.flat[len(families):]:
+        for ax in axes.flat[len(families) :]:
             ax.axis("off")
-        return fig, {f: ax for f, ax in zip(families, axes.flat)}
+        return fig, dict(zip(families, axes.flat))
 
     def ticks(ax, values):
         """Plain tick labels at the swept values (log axes otherwise print 3x10^0)."""
@@ -310,9 +340,13 @@ def plot(data, out_dir) -> list:
     for family in families:
         ax = axes[family]
         for reg in data["families"][family]["regularizers"]:
-            pts = [(rec["n"], row) for rec, row in _rows(data, "n") if rec["family"] == family and row["regularizer"] == reg]
-            spec = [(n, r["time_reference"] / r["batch"] * 1e3) for n, r in pts if r["time_reference"]]
-            gen = [(n, r["time_generic"] / r["generic_batch"] * 1e3) for n, r in pts if r["time_generic"]]
+            sized = [
+                (rec["n"], row)
+                for rec, row in _rows(data, "n")
+                if rec["family"] == family and row["regularizer"] == reg
+            ]
+            spec = [(n, r["time_reference"] / r["batch"] * 1e3) for n, r in sized if r["time_reference"]]
+            gen = [(n, r["time_generic"] / r["generic_batch"] * 1e3) for n, r in sized if r["time_generic"]]
             if spec:
                 ax.plot(*zip(*spec), "-s", color=colors.get(reg), ms=3, label=f"{reg} (specialized)")
             if gen:
@@ -335,8 +369,13 @@ def plot(data, out_dir) -> list:
                 ax.plot(*zip(*spec), "-s", color=colors.get(reg), ms=3, label=f"{reg} (specialized)")
             if gen:
                 ax.plot(*zip(*gen), "--o", color=colors.get(reg), ms=3, label=f"{reg} (generic)")
-        ax.set(xscale="log", yscale="log", title=f"{family} (n={data['families'][family]['n']})", xlabel="batch size",
-               ylabel="ms per call")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"{family} (n={data['families'][family]['n']})",
+            xlabel="batch size",
+            ylabel="ms per call",
+        )
         ticks(ax, data["settings"]["batches"])
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6)
@@ -354,8 +393,13 @@ def plot(data, out_dir) -> list:
                 ax.plot(*zip(*err), "-o", color=colors.get(reg), ms=3, label=f"{reg} X_tau")
             if grad:
                 ax.plot(*zip(*grad), ":", color=colors.get(reg), label=f"{reg} VJP")
-        ax.set(xscale="log", yscale="log", title=f"{family} (n={data['families'][family]['n']})", xlabel="tau",
-               ylabel="max abs difference")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"{family} (n={data['families'][family]['n']})",
+            xlabel="tau",
+            ylabel="max abs difference",
+        )
         ticks(ax, data["settings"]["taus"])
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6)

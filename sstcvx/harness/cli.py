@@ -141,7 +141,9 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         help=f"a registered family{listed} or FILE.py:FUNCTION, a function of a Python file "
         "returning an sstcvx.Polytope (called with no arguments, or with n=/k= when --n/--k are given)",
     )
-    compare.add_argument("--n", type=_positive_int, help="size of the family (default: the family's, e.g. 10 for ksubset)")
+    compare.add_argument(
+        "--n", type=_positive_int, help="size of the family (default: the family's, e.g. 10 for ksubset)"
+    )
     compare.add_argument("--k", type=_positive_int, help="subset size for ksubset (default n // 3)")
     compare.add_argument("--batch", type=_positive_int, default=16, help="rows of utilities U (default 16)")
     compare.add_argument(
@@ -157,7 +159,12 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
     )
     compare.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     compare.add_argument("--csv", metavar="PATH", help="also write the report as CSV to PATH")
-    compare.add_argument("--repeats", type=_nonnegative_int, default=3, help="timed repetitions after the warm-up (default 3; 0: no timing)")
+    compare.add_argument(
+        "--repeats",
+        type=_nonnegative_int,
+        default=3,
+        help="timed repetitions after the warm-up (default 3; 0: no timing)",
+    )
     compare.add_argument("--seed", type=int, default=0, help="seed of the utilities and the cotangent (default 0)")
     compare.add_argument(
         "--reference",
@@ -266,8 +273,10 @@ def load_user_polytope(target: str, n=None, k=None):
     try:
         P = make(**kwargs)
     except Exception as error:
-        raise UsageError(f"target {target!r}: {function}({', '.join(f'{a}={b}' for a, b in kwargs.items())}) "
-                         f"raised {type(error).__name__}: {error}") from None
+        raise UsageError(
+            f"target {target!r}: {function}({', '.join(f'{a}={b}' for a, b in kwargs.items())}) "
+            f"raised {type(error).__name__}: {error}"
+        ) from None
     if not isinstance(P, sstcvx.Polytope):
         raise UsageError(f"target {target!r}: {function}() returned {type(P).__name__}, expected an sstcvx.Polytope")
     return P
@@ -391,7 +400,9 @@ def _bench(args) -> int:
         names = [name.strip() for name in args.families.split(",") if name.strip()]
         bad = [name for name in names if name not in _family_names()]
         if bad or not names:
-            raise UsageError(f"--families: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(_family_names())}")
+            raise UsageError(
+                f"--families: unknown {', '.join(map(repr, bad))}; expected names from {', '.join(_family_names())}"
+            )
     check_output_dir("--out", args.out)
     from .bench import run_bench
 

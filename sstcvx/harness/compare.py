@@ -18,15 +18,8 @@ elements that solved are still compared.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
-import json
 import math
-import statistics
-import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -38,8 +31,9 @@ from ..generic import AffineFeasibility, default_solver_args, fallback_solver_ar
 from ..generic.settings import check_solver_args
 from ..noise import get_noise
 from ..polytope import VertexPolytope
-from ..regularizers import SeparableRegularizer, get_regularizer
+from ..regularizers import get_regularizer
 from ..sampling import argmax, relax
+from .report import Comparison, ComparisonReport
 from .timing import adaptive_median
 
 REFERENCES = ("auto", "specialized", "brute_force", "second_solver")
@@ -50,197 +44,6 @@ MAX_BRUTE_FORCE_VERTICES = 5000
 MAX_VERTEX_FORMULATION = 2000
 _IGNORED_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 _MAX_MESSAGES = 5
-
-
-@dataclass
-class Comparison:
-    """One configuration (polytope, regularizer, tau, batch) of a comparison.
-
-    Differences are max / mean absolute entrywise differences between the generic
-    path and the reference on the same utilities U (``*_grad_*``: of the
-    vector-Jacobian products with the same random cotangent, i.e. the gradients
-    of <G, X_tau(U)> with respect to U).  Times are medians in seconds of one call
-    on the whole batch (``generic_batch`` rows for the generic path, ``batch`` for
-    the others); ``*_backward`` times are forward + backward.  ``speedup`` is the
-    generic path's time per instance over the reference's (forward), and
-    ``speedup_backward`` the same for forward + backward.  ``None`` means not
-    measured (see ``messages``).
-    """
-
-    polytope: str
-    regularizer: str
-    tau: float
-    batch: int
-    generic_batch: int
-    size: int
-    reference: str
-    max_abs_diff: float | None = None
-    mean_abs_diff: float | None = None
-    max_abs_grad_diff: float | None = None
-    mean_abs_grad_diff: float | None = None
-    brute_force_max_abs_diff: float | None = None
-    hard_agreement: float | None = None
-    hard_is_vertex: bool | None = None
-    time_generic: float | None = None
-    time_generic_backward: float | None = None
-    time_specialized: float | None = None
-    time_specialized_backward: float | None = None
-    time_reference: float | None = None
-    time_reference_backward: float | None = None
-    time_generic_argmax: float | None = None
-    time_reference_argmax: float | None = None
-    speedup: float | None = None
-    speedup_backward: float | None = None
-    build_time_generic: float | None = None
-    warnings: int = 0
-    failures: int = 0
-    messages: list = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        """A readable identifier of the configuration."""
-        return f"{self.polytope} | {self.regularizer} | tau={self.tau:g} | batch={self.batch}"
-
-
-_COLUMNS = [  # (header, width, formatter)
-    ("polytope", 26, lambda r: r.polytope),
-    ("regularizer", 18, lambda r: r.regularizer),
-    ("tau", 6, lambda r: f"{r.tau:g}"),
-    ("batch", 6, lambda r: str(r.batch) if r.generic_batch == r.batch else f"{r.generic_batch}/{r.batch}"),
-    ("reference", 13, lambda r: r.reference),
-    ("max|dX|", 9, lambda r: _sci(r.max_abs_diff)),
-    ("max|dVJP|", 9, lambda r: _sci(r.max_abs_grad_diff)),
-    ("hard=", 6, lambda r: "-" if r.hard_agreement is None else f"{r.hard_agreement:.0%}"),
-    ("vertex", 6, lambda r: "-" if r.hard_is_vertex is None else ("yes" if r.hard_is_vertex else "NO")),
-    ("gen ms", 8, lambda r: _ms(r.time_generic)),
-    ("ref ms", 8, lambda r: _ms(r.time_reference)),
-    ("speedup", 8, lambda r: _ratio(r.speedup)),
-    ("fwd+bwd", 8, lambda r: _ratio(r.speedup_backward)),
-    ("build ms", 8, lambda r: _ms(r.build_time_generic)),
-    ("warn/fail", 9, lambda r: f"{r.warnings}/{r.failures}"),
-]
-
-
-def _sci(v):
-    return "-" if v is None else f"{v:.1e}"
-
-
-def _ms(v):
-    return "-" if v is None else (f"{v * 1e3:.3g}" if v * 1e3 < 100 else f"{v * 1e3:.0f}")
-
-
-def _ratio(v):
-    return "-" if v is None else (f"{v:.3g}x" if v < 1000 else f"{v:.0f}x")
-
-
-@dataclass
-class ComparisonReport:
-    """The result of :func:`compare`: one :class:`Comparison` per configuration.
-
-    ``str(report)`` (or ``print(report)``) is a table; :meth:`to_json` /
-    :meth:`from_json` and :meth:`to_csv` export it.  Reports add up with ``+``.
-    """
-
-    rows: list = field(default_factory=list)
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __add__(self, other: "ComparisonReport") -> "ComparisonReport":
-        return ComparisonReport(list(self.rows) + list(other.rows))
-
-    @property
-    def warnings(self) -> int:
-        return sum(r.warnings for r in self.rows)
-
-    @property
-    def failures(self) -> int:
-        return sum(r.failures for r in self.rows)
-
-    def table(self, messages: bool = True) -> str:
-        """The report as a fixed-width text table (times in ms per batch), with footnotes."""
-        header = " ".join(f"{name:<{w}}" if i < 5 else f"{name:>{w}}" for i, (name, w, _) in enumerate(_COLUMNS))
-        lines = [header, "-" * len(header)]
-        for r in self.rows:
-            cells = []
-            for i, (_, w, fmt) in enumerate(_COLUMNS):
-                text = fmt(r)
-                text = text if len(text) <= w else text[: w - 1] + "~"
-                cells.append(f"{text:<{w}}" if i < 5 else f"{text:>{w}}")
-            lines.append(" ".join(cells))
-        lines.append(
-            "max|dX|, max|dVJP|: generic path vs reference on the same U; hard=: hard samples agreeing; "
-            "speedup: generic time per instance / reference's (fwd+bwd: with the backward pass); "
-            "batch g/b: generic path capped at g rows"
-        )
-        if messages:
-            for r in self.rows:
-                for m in r.messages:
-                    lines.append(f"  note [{r.key}]: {m}")
-        return "\n".join(lines)
-
-    def __str__(self):
-        return self.table()
-
-    def to_dict(self) -> dict:
-        configurations = {}
-        for r in self.rows:
-            key, copy = r.key, 1
-            while key in configurations:  # the same configuration twice (reports added up)
-                copy += 1
-                key = f"{r.key} #{copy}"
-            configurations[key] = dataclasses.asdict(r)
-        return {"format": "sstcvx.compare/1", "configurations": configurations}
-
-    def to_json(self, path=None, indent: int = 2) -> str:
-        """The report as JSON: ``{"configurations": {key: {field: value}}}``; written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ComparisonReport":
-        names = {f.name for f in dataclasses.fields(Comparison)}
-        rows = []
-        for key, values in data["configurations"].items():
-            unknown = set(values) - names
-            if unknown:
-                raise ValueError(f"configuration {key!r}: unknown fields {sorted(unknown)}")
-            rows.append(Comparison(**values))
-        return cls(rows)
-
-    @classmethod
-    def from_json(cls, text_or_path) -> "ComparisonReport":
-        """The report written by :meth:`to_json` (a JSON string or a path to a file)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as fh:
-                text = fh.read()
-        return cls.from_dict(json.loads(text))
-
-    def to_csv(self, path=None) -> str:
-        """The report as CSV, one row per configuration (``messages`` joined by ' | ')."""
-        names = [f.name for f in dataclasses.fields(Comparison)]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
-        for r in self.rows:
-            row = dataclasses.asdict(r)
-            row["messages"] = " | ".join(row["messages"])
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-        text = buffer.getvalue()
-        if path is not None:
-            with open(path, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-        return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +197,7 @@ def compare(
     hard: bool = True,
     generic: bool = True,
     dtype: torch.dtype = torch.float64,
+    generic_backend: str = "generic",
 ) -> ComparisonReport:
     """Run the generic path and a reference on the same utilities and report how they differ.
 
@@ -432,6 +236,10 @@ def compare(
         generic: run the generic path (False: time the reference alone, e.g. at sizes the
             generic path cannot reach).
         dtype: floating dtype of U.
+        generic_backend: the ``solver=`` of the compared path: ``"generic"`` (the fast torch solver
+            where it applies, cvxpylayers otherwise), ``"fast"`` or ``"cvxpylayers"``; with
+            ``reference="second_solver"`` (cvxpylayers) or ``"specialized"`` this puts any two
+            backends on the same utilities.
 
     Returns a :class:`ComparisonReport`.  Solver failures and warnings are counted in
     it, never raised; invalid arguments raise ``ValueError``/``TypeError``.
@@ -446,6 +254,8 @@ def compare(
     for t in taus:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"tau: expected finite temperatures > 0, got {t!r}")
+    if generic_backend not in ("generic", "fast", "cvxpylayers"):
+        raise ValueError(f"generic_backend: expected 'generic', 'fast' or 'cvxpylayers', got {generic_backend!r}")
     reference = {"specialised": "specialized"}.get(reference, reference) if isinstance(reference, str) else reference
     if reference not in REFERENCES:
         raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
@@ -488,15 +298,9 @@ def compare(
             # the hard samples' warnings and failures are counted once, in the first row
             rows.append(
                 _compare_one(P, reg, float(t), U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_args, repeats,
-                             hard_stats, hard_log if not rows else _Log(), generic, size)
+                             hard_stats, hard_log if not rows else _Log(), generic, size, generic_backend)
             )
     return ComparisonReport(rows)
-
-
-def _generic_solver(reg):
-    """The generic path compared: the cvxpylayers one (the user's CVXPY form, an independent
-    statement of f) for a separable regularizer, whose fast solvers all use its mirror map."""
-    return "cvxpylayers" if isinstance(reg, SeparableRegularizer) else "generic"
 
 
 def _reference(P, reg, reference, V, reference_solver_args):
@@ -511,7 +315,7 @@ def _reference(P, reg, reference, V, reference_solver_args):
     def brute(tau):
         if brute_exact:
             return _Path("brute force", lambda u: vertex_marginals(Pv, u / tau))
-        return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver=_generic_solver(reg)))
+        return _Path("brute force (vertex formulation)", lambda u: relax(Pv, u, tau, reg, solver="cvxpylayers"))
 
     def specialized(tau):
         return _Path("specialized", lambda u: relax(P, u, tau, reg, solver="specialized"))
@@ -520,7 +324,7 @@ def _reference(P, reg, reference, V, reference_solver_args):
     args = dict(fallback_solver_args(default_solver_args(reg)) if reference_solver_args is None else reference_solver_args)
 
     def second(tau):
-        return _Path(f"second solver ({args.get('solve_method', '?')})", lambda u: relax(P, u, tau, reg, solver="generic", solver_args=args))
+        return _Path(f"second solver ({args.get('solve_method', '?')})", lambda u: relax(P, u, tau, reg, solver="cvxpylayers", solver_args=args))
 
     choice = reference
     if choice == "auto":
@@ -582,7 +386,7 @@ def _compare_hard(P, U, Ug, V, repeats, log, generic):
 
 
 def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_args, repeats, hard_stats, hard_log,
-                 generic, size):
+                 generic, size, generic_backend="generic"):
     row = Comparison(
         polytope=P.name,
         regularizer=reg.name,
@@ -614,7 +418,7 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
         layer = log.run("generic path (build)", generic_relaxation, P, reg)
         if layer is not None:
             row.build_time_generic = layer.build_time
-            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver=_generic_solver(reg), solver_args=solver_args))
+            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver=generic_backend, solver_args=solver_args))
             X_gen, g_gen, ok_gen = gen.measure(Ug, Gg, log)
             if X_gen is not None and X_ref is not None:
                 rows = ok_gen & ok_ref[: Ug.shape[0]]

@@ -11,7 +11,7 @@ import sstcvx
 from sstcvx.families import families as registered_families
 from sstcvx.families import load_errors
 
-from .compare import ComparisonReport
+from .report import ComparisonReport
 
 
 def run_tour(out=print, seed: int = 0) -> None:
@@ -31,13 +31,17 @@ def run_tour(out=print, seed: int = 0) -> None:
         f"first row {[round(v, 3) for v in soft[0].tolist()]}  ({time.perf_counter() - start:.2f} s, {path} path)"
     )
     hard = sstcvx.sample(P, theta, mode="hard", generator=generator)
-    out(f"hard     X    : first row {hard[0].int().tolist()}, every row has exactly three ones: {bool((hard.sum(-1) == 3).all())}")
+    out(
+        f"hard     X    : first row {hard[0].int().tolist()}, every row has exactly three ones: {bool((hard.sum(-1) == 3).all())}"
+    )
     st = sstcvx.sample(P, theta, tau=0.5, regularizer="binary_entropy", mode="straight_through", generator=generator)
     weights = torch.randn(8)
     (st * weights).sum().backward()
+    grad = theta.grad
+    assert grad is not None  # theta requires grad and st depends on it
     out(
         f"straight-through: forward values are 0/1: {bool(((st == 0) | (st == 1)).all())}; "
-        f"gradient wrt theta has shape {tuple(theta.grad.shape)} and norm {theta.grad.norm():.4f}"
+        f"gradient wrt theta has shape {tuple(grad.shape)} and norm {grad.norm():.4f}"
     )
 
 
@@ -52,7 +56,11 @@ def _path_independent_sets(n: int = 6):
     x = cp.Variable(n)
     constraints = [x >= 0, x <= 1] + [x[i] + x[i + 1] <= 1 for i in range(n - 1)]
     P = sstcvx.Polytope.from_cvxpy(x, constraints, name=f"path-indep-sets({n})")
-    V = [bits for bits in itertools.product((0.0, 1.0), repeat=n) if all(bits[i] * bits[i + 1] == 0 for i in range(n - 1))]
+    V = [
+        bits
+        for bits in itertools.product((0.0, 1.0), repeat=n)
+        if all(bits[i] * bits[i + 1] == 0 for i in range(n - 1))
+    ]
     return P, torch.tensor(V, dtype=torch.float64)
 
 

@@ -62,13 +62,13 @@ def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    times = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = _clock()
                 fns[name]()
                 times[name].append(_clock() - start)

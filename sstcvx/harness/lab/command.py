@@ -28,7 +28,8 @@ def _names(allowed, what):
         if bad or not names:
             extra = " or FILE.py:FUNCTION" if what == "estimator" else ""
             raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; expected {', '.join(allowed)}{extra}")
+                f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; expected {', '.join(allowed)}{extra}"
+            )
         return names
 
     return parse
@@ -60,37 +61,80 @@ def add_lab_parser(commands, common, listed: str = ""):
         epilog="Examples: 'sstcvx lab ksubset --n 10 --k 3 --tau 0.1,0.3,1'; 'sstcvx lab simplex --loss linear "
         "--estimators relaxed,score_function'; 'sstcvx lab my.py:make_polytope --loss my.py:my_loss'.",
     )
-    lab.add_argument("target", metavar="FAMILY|FILE.py:FUNCTION",
-                     help=f"a registered family{listed} or FILE.py:FUNCTION returning an sstcvx.Polytope")
+    lab.add_argument(
+        "target",
+        metavar="FAMILY|FILE.py:FUNCTION",
+        help=f"a registered family{listed} or FILE.py:FUNCTION returning an sstcvx.Polytope",
+    )
     lab.add_argument("--n", type=_positive_int, help="size of the family (default: the family's)")
     lab.add_argument("--k", type=_positive_int, help="subset size for ksubset (default n // 3)")
-    lab.add_argument("--loss", default="quadratic", metavar="NAME|FILE.py:FUNCTION",
-                     help=f"the loss L: {', '.join(LOSSES)} (coefficients c ~ N(0, 1) from the seed; quadratic is "
-                     "(<c, X> - 1)^2) or FILE.py:FUNCTION, a function loss(X) -> (B,) of a batch X (B, *event_shape) "
-                     "(default quadratic)")
-    lab.add_argument("--tau", type=_temperatures, default=[0.1, 0.3, 1.0],
-                     help="temperatures of the relaxed and straight-through estimators, separated by commas (default 0.1,0.3,1)")
-    lab.add_argument("--regularizer", type=_regularizers, action="append",
-                     help="regularizer of the relaxed and straight-through estimators; repeat it or separate by commas "
-                     "(default: the family's list; for a user polytope its specialized ones, else euclidean)")
-    lab.add_argument("--estimators", type=_names(ESTIMATOR_NAMES, "estimator"), default=list(ESTIMATOR_NAMES),
-                     help="estimators to measure, separated by commas: relaxed, straight_through, score_function, or "
-                     "FILE.py:FUNCTION, a function fn(P, theta, loss, noise, num, generator) returning per-sample "
-                     "gradients (num, *event_shape) (default: the three)")
-    lab.add_argument("--baselines", type=_names(BASELINES, "baseline"), default=list(BASELINES),
-                     help=f"baselines of the score function, separated by commas (default {','.join(BASELINES)})")
-    lab.add_argument("--loo-k", type=_int_at_least_2, default=8, help="group size of the leave-one-out baseline (default 8)")
-    lab.add_argument("--noise", choices=NOISES, default="gumbel",
-                     help="noise law (default gumbel; the score function needs a smooth density on R, so no exponential)")
-    lab.add_argument("--samples", type=_positive_int, default=2000,
-                     help="per-sample gradients per estimator and setting (default 2000)")
-    lab.add_argument("--reference-samples", type=_int_at_least_2, default=200_000,
-                     help="hard samples behind the Monte Carlo reference (default 200000)")
+    lab.add_argument(
+        "--loss",
+        default="quadratic",
+        metavar="NAME|FILE.py:FUNCTION",
+        help=f"the loss L: {', '.join(LOSSES)} (coefficients c ~ N(0, 1) from the seed; quadratic is "
+        "(<c, X> - 1)^2) or FILE.py:FUNCTION, a function loss(X) -> (B,) of a batch X (B, *event_shape) "
+        "(default quadratic)",
+    )
+    lab.add_argument(
+        "--tau",
+        type=_temperatures,
+        default=[0.1, 0.3, 1.0],
+        help="temperatures of the relaxed and straight-through estimators, separated by commas (default 0.1,0.3,1)",
+    )
+    lab.add_argument(
+        "--regularizer",
+        type=_regularizers,
+        action="append",
+        help="regularizer of the relaxed and straight-through estimators; repeat it or separate by commas "
+        "(default: the family's list; for a user polytope its specialized ones, else euclidean)",
+    )
+    lab.add_argument(
+        "--estimators",
+        type=_names(ESTIMATOR_NAMES, "estimator"),
+        default=list(ESTIMATOR_NAMES),
+        help="estimators to measure, separated by commas: relaxed, straight_through, score_function, or "
+        "FILE.py:FUNCTION, a function fn(P, theta, loss, noise, num, generator) returning per-sample "
+        "gradients (num, *event_shape) (default: the three)",
+    )
+    lab.add_argument(
+        "--baselines",
+        type=_names(BASELINES, "baseline"),
+        default=list(BASELINES),
+        help=f"baselines of the score function, separated by commas (default {','.join(BASELINES)})",
+    )
+    lab.add_argument(
+        "--loo-k", type=_int_at_least_2, default=8, help="group size of the leave-one-out baseline (default 8)"
+    )
+    lab.add_argument(
+        "--noise",
+        choices=NOISES,
+        default="gumbel",
+        help="noise law (default gumbel; the score function needs a smooth density on R, so no exponential)",
+    )
+    lab.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=2000,
+        help="per-sample gradients per estimator and setting (default 2000)",
+    )
+    lab.add_argument(
+        "--reference-samples",
+        type=_int_at_least_2,
+        default=200_000,
+        help="hard samples behind the Monte Carlo reference (default 200000)",
+    )
     lab.add_argument("--batch", type=_positive_int, default=2000, help="samples per estimator call (default 2000)")
     lab.add_argument("--confidence", type=_probability, default=0.95, help="level of the intervals (default 0.95)")
-    lab.add_argument("--target-error", type=_positive_float, default=0.1,
-                     help="relative RMS error (x ||grad||) for the samples-needed column (default 0.1)")
-    lab.add_argument("--seed", type=int, default=0, help="seed of theta, the loss coefficients and every sample (default 0)")
+    lab.add_argument(
+        "--target-error",
+        type=_positive_float,
+        default=0.1,
+        help="relative RMS error (x ||grad||) for the samples-needed column (default 0.1)",
+    )
+    lab.add_argument(
+        "--seed", type=int, default=0, help="seed of theta, the loss coefficients and every sample (default 0)"
+    )
     lab.add_argument("--out", metavar="DIR", default="lab_out", help="output directory (default lab_out)")
     lab.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return lab
@@ -120,7 +164,7 @@ def load_function(spec: str, what: str):
         module = importlib.util.module_from_spec(loader_spec)
         try:
             loader_spec.loader.exec_module(module)
-        except Exception as error:  # noqa: BLE001  any error of the user file is reported in one line
+        except Exception as error:
             raise UsageError(f"{what} {spec!r}: importing {path} failed: {type(error).__name__}: {error}") from None
         sys.modules[module_name] = module
     fn = getattr(module, name, None)
@@ -149,23 +193,42 @@ def lab_command(args) -> int:
         P = load_user_polytope(args.target, args.n, args.k)
         default_regs = None
     else:
-        raise UsageError(f"unknown family {args.target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION")
+        raise UsageError(
+            f"unknown family {args.target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION"
+        )
     regs = list(dict.fromkeys(r for group in args.regularizer for r in group)) if args.regularizer else default_regs
     loss = load_function(args.loss, "--loss") if ".py:" in args.loss else args.loss
     if isinstance(loss, str) and loss not in LOSSES:
         raise UsageError(f"--loss: unknown loss {loss!r}; expected {', '.join(LOSSES)} or FILE.py:FUNCTION")
-    estimators = [CustomEstimator(load_function(e, "--estimators"), name=e.rpartition(":")[2]) if ".py:" in e else e
-                  for e in dict.fromkeys(args.estimators)]
+    estimators = [
+        CustomEstimator(load_function(e, "--estimators"), name=e.rpartition(":")[2]) if ".py:" in e else e
+        for e in dict.fromkeys(args.estimators)
+    ]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
     if find_argmax(P) is None:
-        print(f"note: {P.name} has no specialized argmax, so the {args.reference_samples} hard samples of the reference "
-              "go through the generic LP path (milliseconds each); lower --reference-samples for a first look")
+        print(
+            f"note: {P.name} has no specialized argmax, so the {args.reference_samples} hard samples of the reference "
+            "go through the generic LP path (milliseconds each); lower --reference-samples for a first look"
+        )
     try:
-        report = run_lab(P, loss, taus=args.tau, regularizers=regs, estimators=estimators, baselines=args.baselines,
-                         loo_k=args.loo_k, noise=args.noise, samples=args.samples, reference_samples=args.reference_samples,
-                         batch=args.batch, confidence=args.confidence, target_error=args.target_error, seed=args.seed,
-                         progress=not args.no_progress)
+        report = run_lab(
+            P,
+            loss,
+            taus=args.tau,
+            regularizers=regs,
+            estimators=estimators,
+            baselines=args.baselines,
+            loo_k=args.loo_k,
+            noise=args.noise,
+            samples=args.samples,
+            reference_samples=args.reference_samples,
+            batch=args.batch,
+            confidence=args.confidence,
+            target_error=args.target_error,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     except LossError as error:
         print(f"sstcvx lab: {error}", file=sys.stderr)
         return 1

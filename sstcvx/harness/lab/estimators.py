@@ -48,16 +48,22 @@ def evaluate_loss(loss: Callable, X: torch.Tensor, where: str) -> torch.Tensor:
     values = loss(X)
     B = X.shape[0]
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
-        raise LossError(f"loss: expected a floating torch.Tensor of shape ({B},) from loss(X), got {type(values).__name__}"
-                        + (f" of dtype {values.dtype}" if isinstance(values, torch.Tensor) else ""))
+        raise LossError(
+            f"loss: expected a floating torch.Tensor of shape ({B},) from loss(X), got {type(values).__name__}"
+            + (f" of dtype {values.dtype}" if isinstance(values, torch.Tensor) else "")
+        )
     if values.shape != (B,):
-        raise LossError(f"loss: expected one value per sample, shape ({B},), for X of shape {tuple(X.shape)}; "
-                        f"got shape {tuple(values.shape)}")
+        raise LossError(
+            f"loss: expected one value per sample, shape ({B},), for X of shape {tuple(X.shape)}; "
+            f"got shape {tuple(values.shape)}"
+        )
     finite = torch.isfinite(values.detach())
     if not bool(finite.all()):
         k = int((~finite).nonzero()[0])
-        raise LossError(f"loss: non-finite value {float(values.detach()[k])} at sample {k} of {B} ({where}); "
-                        "the lab needs a finite loss on every point of P")
+        raise LossError(
+            f"loss: non-finite value {float(values.detach()[k])} at sample {k} of {B} ({where}); "
+            "the lab needs a finite loss on every point of P"
+        )
     return values
 
 
@@ -69,14 +75,18 @@ def check_noise_for_score(noise: Noise) -> None:
     boundary term the score function misses.
     """
     if isinstance(noise, Exponential):
-        raise ValueError("noise: the score-function estimator (and the lab's reference) needs a density positive "
-                         "on all of R; the exponential law's support moves with theta, so the score function is "
-                         "biased. Use gumbel, gaussian or logistic noise")
+        raise ValueError(
+            "noise: the score-function estimator (and the lab's reference) needs a density positive "
+            "on all of R; the exponential law's support moves with theta, so the score function is "
+            "biased. Use gumbel, gaussian or logistic noise"
+        )
     probe = torch.zeros(1, dtype=torch.float64)
     try:
         noise.log_prob(probe)
     except NotImplementedError:
-        raise TypeError(f"noise: {noise!r} has no log_prob; the score-function estimator needs the log-density") from None
+        raise TypeError(
+            f"noise: {noise!r} has no log_prob; the score-function estimator needs the log-density"
+        ) from None
 
 
 def score(noise: Noise, theta: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
@@ -111,9 +121,9 @@ class Estimator:
 
     name = "estimator"
     group_size = 1
-    tau = None
-    regularizer = None
-    baseline = None
+    tau: float | None = None
+    regularizer: str | None = None
+    baseline: str | None = None
 
     def reset(self) -> None:
         """Forget any state (called by the lab before each measurement)."""
@@ -169,7 +179,9 @@ class StraightThrough(Relaxed):
     name = "straight_through"
 
     def _forward(self, P, U):
-        return straight_through(argmax(P, U.detach(), self.solver), relax(P, U, self.tau, self._regularizer, self.solver))
+        return straight_through(
+            argmax(P, U.detach(), self.solver), relax(P, U, self.tau, self._regularizer, self.solver)
+        )
 
 
 class ScoreFunction(Estimator):
@@ -196,7 +208,7 @@ class ScoreFunction(Estimator):
         if baseline == "leave_one_out" and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
             raise ValueError(f"k: the leave-one-out baseline needs groups of at least 2 samples, got {k!r}")
         self.baseline = baseline
-        self.k = k if baseline == "leave_one_out" else None
+        self.k: int | None = k if baseline == "leave_one_out" else None
         self.group_size = k if baseline == "leave_one_out" else 1
         self.solver = solver
         self.reset()
@@ -212,8 +224,9 @@ class ScoreFunction(Estimator):
         if self.baseline == "none":
             return torch.zeros_like(values)
         if self.baseline == "leave_one_out":
-            groups = values.reshape(-1, self.k)
-            return ((groups.sum(-1, keepdim=True) - groups) / (self.k - 1)).reshape(-1)
+            k = self.group_size  # the leave-one-out group: k samples
+            groups = values.reshape(-1, k)
+            return ((groups.sum(-1, keepdim=True) - groups) / (k - 1)).reshape(-1)
         earlier = torch.cumsum(values, 0) - values + self._sum  # sum of the losses before each sample
         counts = self._count + torch.arange(values.shape[0], dtype=values.dtype, device=values.device)
         baseline = torch.where(counts > 0, earlier / counts.clamp_min(1), torch.zeros_like(values))
@@ -243,13 +256,17 @@ class CustomEstimator(Estimator):
     it uses, if any (places it on the lab's plots against tau); ``reset``: optional callable.
     """
 
-    def __init__(self, fn: Callable, name: str | None = None, group_size: int = 1, tau: float | None = None, reset=None):
+    def __init__(
+        self, fn: Callable, name: str | None = None, group_size: int = 1, tau: float | None = None, reset=None
+    ):
         if not callable(fn):
-            raise TypeError(f"fn: expected a callable estimator(P, theta, loss, noise, num, generator), got {type(fn).__name__}")
+            raise TypeError(
+                f"fn: expected a callable estimator(P, theta, loss, noise, num, generator), got {type(fn).__name__}"
+            )
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name = str(name or getattr(fn, "__name__", type(fn).__name__))
         self.group_size = group_size
         self.tau = None if tau is None else float(tau)
         self._reset = reset

@@ -86,7 +86,9 @@ class Reference:
 
 def _check_theta(P, theta):
     if not isinstance(theta, torch.Tensor) or not theta.is_floating_point():
-        raise TypeError(f"theta: expected a floating torch.Tensor of shape {tuple(P.event_shape)}, got {type(theta).__name__}")
+        raise TypeError(
+            f"theta: expected a floating torch.Tensor of shape {tuple(P.event_shape)}, got {type(theta).__name__}"
+        )
     if theta.shape != P.event_shape:
         raise ValueError(f"theta: expected shape {tuple(P.event_shape)} (P.event_shape), got {tuple(theta.shape)}")
     if not bool(torch.isfinite(theta).all()):
@@ -94,9 +96,19 @@ def _check_theta(P, theta):
     return theta.detach()
 
 
-def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, batch: int = 20_000,
-                       confidence: float = 0.95, generator: torch.Generator | None = None, solver: str = "auto",
-                       pilot: int | None = None, progress=None) -> Reference:
+def reference_gradient(
+    P,
+    theta,
+    loss,
+    noise="gumbel",
+    samples: int = 100_000,
+    batch: int = 20_000,
+    confidence: float = 0.95,
+    generator: torch.Generator | None = None,
+    solver: str = "auto",
+    pilot: int | None = None,
+    progress=None,
+) -> Reference:
     """An unbiased estimate of grad_theta E[L(X)] with a confidence interval (score function + control variates).
 
     Args:
@@ -128,7 +140,9 @@ def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, b
     start = time.perf_counter()
 
     def draw(num):
-        U = theta + law.sample((num,) + tuple(P.event_shape), dtype=theta.dtype, device=theta.device, generator=generator)
+        U = theta + law.sample(
+            (num,) + tuple(P.event_shape), dtype=theta.dtype, device=theta.device, generator=generator
+        )
         X = argmax(P, U, solver)
         values = evaluate_loss(loss, X, "reference").detach().to(torch.float64)
         S = score(law, theta, U).reshape(num, d).to(torch.float64)
@@ -138,7 +152,9 @@ def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, b
     G, S = (torch.cat(parts) for parts in zip(*(draw(min(batch, pilot - i)) for i in range(0, pilot, batch))))
     Gc, Sc = G - G.mean(0), S - S.mean(0)
     ridge = 1e-10 * float((Sc * Sc).sum()) / max(pilot, 1)
-    B_t = torch.linalg.solve(Sc.T @ Sc + ridge * torch.eye(d, dtype=Sc.dtype, device=Sc.device), Sc.T @ Gc)  # (d, d) = B^T
+    B_t = torch.linalg.solve(
+        Sc.T @ Sc + ridge * torch.eye(d, dtype=Sc.dtype, device=Sc.device), Sc.T @ Gc
+    )  # (d, d) = B^T
     plain, corrected = Moments(), Moments()
     done = 0
     while done < samples:
@@ -151,7 +167,11 @@ def reference_gradient(P, theta, loss, noise="gumbel", samples: int = 100_000, b
             progress(done)
     cov = corrected.cov / samples
     mean = corrected.mean.to(theta.dtype).reshape(P.event_shape)
-    half = (normal_quantile(confidence) * torch.sqrt(torch.diagonal(cov).clamp_min(0))).to(theta.dtype).reshape(P.event_shape)
+    half = (
+        (normal_quantile(confidence) * torch.sqrt(torch.diagonal(cov).clamp_min(0)))
+        .to(theta.dtype)
+        .reshape(P.event_shape)
+    )
     total_plain, total_corrected = float(torch.diagonal(plain.cov).sum()), float(torch.diagonal(corrected.cov).sum())
     return Reference(
         mean=mean,
@@ -237,5 +257,14 @@ def exact_reference(P, theta, loss, noise="gumbel", confidence: float = 0.95) ->
     if g is None:
         return None
     d = g.numel()
-    return Reference(mean=g, cov=torch.zeros(d, d, dtype=torch.float64, device=g.device), low=g, high=g, radius=0.0,
-                     samples=0, kind="exact", confidence=confidence, seconds=time.perf_counter() - start)
+    return Reference(
+        mean=g,
+        cov=torch.zeros(d, d, dtype=torch.float64, device=g.device),
+        low=g,
+        high=g,
+        radius=0.0,
+        samples=0,
+        kind="exact",
+        confidence=confidence,
+        seconds=time.perf_counter() - start,
+    )

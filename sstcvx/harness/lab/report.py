@@ -91,7 +91,11 @@ _COLUMNS = [  # (header, width, formatter)
     ("std", 8, lambda r: _fmt(r.std)),
     ("MSE", 8, lambda r: _fmt(r.mse)),
     ("us/sample", 9, lambda r: "-" if r.seconds_per_sample is None else f"{r.seconds_per_sample * 1e6:.3g}"),
-    ("N(target)", 9, lambda r: "-" if r.error else ("never" if r.samples_to_target is None else str(r.samples_to_target))),
+    (
+        "N(target)",
+        9,
+        lambda r: "-" if r.error else ("never" if r.samples_to_target is None else str(r.samples_to_target)),
+    ),
 ]
 
 
@@ -128,7 +132,8 @@ class LabReport:
         """The row of ``estimator`` with the given settings (those left None are not matched)."""
         for r in self.rows:
             if r.estimator == estimator and all(
-                want is None or (got is not None and (math.isclose(got, want) if isinstance(want, float) else got == want))
+                want is None
+                or (got is not None and (math.isclose(got, want) if isinstance(want, float) else got == want))
                 for want, got in ((tau, r.tau), (regularizer, r.regularizer), (baseline, r.baseline))
             ):
                 return r
@@ -144,8 +149,10 @@ class LabReport:
         ]
         if self.reference_check:
             c = self.reference_check
-            lines.append(f"Monte Carlo reference vs exact gradient: distance {c['distance']:.2g}, "
-                         f"{c['confidence']:.0%} ball radius {c['radius']:.2g} ({'agrees' if c['agrees'] else 'DISAGREES'})")
+            lines.append(
+                f"Monte Carlo reference vs exact gradient: distance {c['distance']:.2g}, "
+                f"{c['confidence']:.0%} ball radius {c['radius']:.2g} ({'agrees' if c['agrees'] else 'DISAGREES'})"
+            )
         header = " ".join(f"{name:<{w}}" if i < 4 else f"{name:>{w}}" for i, (name, w, _) in enumerate(_COLUMNS))
         lines += [header, "-" * len(header)]
         for r in self.rows:
@@ -221,7 +228,9 @@ class LabReport:
             if path is None:
                 raise ValueError("path: expected a PNG path (or axes to draw into)")
             fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-            fig.suptitle(title or f"{self.polytope}, loss {self.loss}: estimators of grad E[L(X)] against tau", fontsize=11)
+            fig.suptitle(
+                title or f"{self.polytope}, loss {self.loss}: estimators of grad E[L(X)] against tau", fontsize=11
+            )
         positive = [v for r in ok for v in (r.bias_norm, r.std, r.mse) if v and v > 0]
         floor = 0.3 * min(positive) if positive else 1e-12  # where an interval reaching 0 ends on the log axis
         for index, name in enumerate(lines):
@@ -235,12 +244,27 @@ class LabReport:
                 x = [r.tau for r in rows]
                 ax.plot(x, [max(v, floor) for v in values], "-o", ms=3, color=color, label=name)
                 if metric == "bias_norm":
-                    ax.fill_between(x, [max(r.bias_ci[0], floor) for r in rows], [max(r.bias_ci[1], floor) for r in rows],
-                                    color=color, alpha=0.15, lw=0)
-        labels = {"bias_norm": f"|bias| ({self.confidence:.0%} interval shaded; dashed: no tau)", "std": "std of one sample",
-                  "mse": "MSE of one sample"}
+                    ax.fill_between(
+                        x,
+                        [max(r.bias_ci[0], floor) for r in rows],
+                        [max(r.bias_ci[1], floor) for r in rows],
+                        color=color,
+                        alpha=0.15,
+                        lw=0,
+                    )
+        labels = {
+            "bias_norm": f"|bias| ({self.confidence:.0%} interval shaded; dashed: no tau)",
+            "std": "std of one sample",
+            "mse": "MSE of one sample",
+        }
         for ax, metric in zip(axes, ("bias_norm", "std", "mse")):
-            ax.set(xscale="log", yscale="log", xlabel="tau", ylabel={"bias_norm": "|bias|"}.get(metric, metric), title=labels[metric])
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="tau",
+                ylabel={"bias_norm": "|bias|"}.get(metric, metric),
+                title=labels[metric],
+            )
             if taus:
                 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 

@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from ...validation import check_polytope, check_solver
 from ...noise import get_noise
 from ...registry import specialized_regularizers
 from ...regularizers import get_regularizer
+from ...validation import check_polytope, check_solver
 from .estimators import (
     BASELINES,
     Estimator,
@@ -54,12 +54,13 @@ def expand_estimators(P, estimators, taus, regularizers, baselines, loo_k, solve
     """
     if isinstance(estimators, str) or not hasattr(estimators, "__iter__"):
         estimators = [estimators]
-    out = []
+    out: list[Estimator] = []
     for item in estimators:
         if isinstance(item, str):
             if item not in ESTIMATORS:
-                raise ValueError(f"estimators: unknown name {item!r}; expected {', '.join(ESTIMATORS)}, "
-                                 "an Estimator or a callable")
+                raise ValueError(
+                    f"estimators: unknown name {item!r}; expected {', '.join(ESTIMATORS)}, an Estimator or a callable"
+                )
             if item == "score_function":
                 out += [ScoreFunction(b, k=loo_k, solver=solver) for b in baselines]
             else:
@@ -72,8 +73,20 @@ def expand_estimators(P, estimators, taus, regularizers, baselines, loo_k, solve
     return out
 
 
-def measure(estimator: Estimator, P, theta, loss, noise, reference, samples: int, batch: int, confidence: float,
-            target_error: float, generator=None, progress=None) -> LabRow:
+def measure(
+    estimator: Estimator,
+    P,
+    theta,
+    loss,
+    noise,
+    reference,
+    samples: int,
+    batch: int,
+    confidence: float,
+    target_error: float,
+    generator=None,
+    progress=None,
+) -> LabRow:
     """Draw ``samples`` per-sample gradients of ``estimator`` (in calls of about ``batch``) and compare them with ``reference``.
 
     Rows are averaged within groups of ``estimator.group_size`` first; the per-sample
@@ -83,8 +96,11 @@ def measure(estimator: Estimator, P, theta, loss, noise, reference, samples: int
     """
     K = estimator.group_size
     settings = estimator.settings() if isinstance(estimator, Estimator) else {}
-    row = LabRow(estimator=estimator.name, group_size=K,
-                 **{k: v for k, v in settings.items() if k in ("tau", "regularizer", "baseline", "k")})
+    row = LabRow(
+        estimator=estimator.name,
+        group_size=K,
+        **{k: v for k, v in settings.items() if k in ("tau", "regularizer", "baseline", "k")},
+    )
     shape = tuple(P.event_shape)
     total = K * math.ceil(samples / K)
     step = K * max(1, batch // K)
@@ -112,7 +128,7 @@ def measure(estimator: Estimator, P, theta, loss, noise, reference, samples: int
                 progress(num)
     except (LossError, KeyboardInterrupt):
         raise
-    except Exception as error:  # noqa: BLE001  a failing solver or user estimator fails its row only
+    except Exception as error:
         row.error = f"{type(error).__name__}: {error}".splitlines()[0]
         if progress is not None:
             progress(total - done)
@@ -206,7 +222,11 @@ def run_lab(
         raise ValueError(f"reference_samples: expected an int >= 2, got {reference_samples!r}")
     if not (isinstance(confidence, float) and 0 < confidence < 1):
         raise ValueError(f"confidence: expected a float in (0, 1), got {confidence!r}")
-    if isinstance(target_error, bool) or not isinstance(target_error, (int, float)) or not (0 < target_error < math.inf):
+    if (
+        isinstance(target_error, bool)
+        or not isinstance(target_error, (int, float))
+        or not (0 < target_error < math.inf)
+    ):
         raise ValueError(f"target_error: expected a positive number, got {target_error!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
@@ -243,20 +263,39 @@ def run_lab(
             bar.update(total_so_far - done[0])
             done[0] = total_so_far
 
-        monte_carlo = reference_gradient(P, theta, loss, law, reference_samples, reference_batch, confidence, generator,
-                                         solver, progress=advance)
+        monte_carlo = reference_gradient(
+            P, theta, loss, law, reference_samples, reference_batch, confidence, generator, solver, progress=advance
+        )
         exact = exact_reference(P, theta, loss, law, confidence) if use_exact else None
         check = None
         if exact is not None:
             distance = float((monte_carlo.mean - exact.mean).norm())
-            check = {"distance": distance, "radius": monte_carlo.radius, "confidence": confidence,
-                     "agrees": distance <= monte_carlo.radius}
+            check = {
+                "distance": distance,
+                "radius": monte_carlo.radius,
+                "confidence": confidence,
+                "agrees": distance <= monte_carlo.radius,
+            }
         reference = exact if exact is not None else monte_carlo
         rows = []
         for estimator in built:
             bar.set_description(getattr(estimator, "name", "estimator"))
-            rows.append(measure(estimator, P, theta, loss, law, reference, samples, batch, confidence, target_error,
-                                generator, bar.update))
+            rows.append(
+                measure(
+                    estimator,
+                    P,
+                    theta,
+                    loss,
+                    law,
+                    reference,
+                    samples,
+                    batch,
+                    confidence,
+                    target_error,
+                    generator,
+                    bar.update,
+                )
+            )
     finally:
         bar.close()
     summary = reference.summary()
@@ -272,9 +311,17 @@ def run_lab(
         reference=summary,
         reference_check=check,
         rows=rows,
-        settings={"taus": taus, "regularizers": regularizer_names, "baselines": list(baselines), "loo_k": loo_k,
-                  "samples": samples, "reference_samples": reference_samples, "batch": batch, "solver": solver,
-                  "torch_threads": torch.get_num_threads()},
+        settings={
+            "taus": taus,
+            "regularizers": regularizer_names,
+            "baselines": list(baselines),
+            "loo_k": loo_k,
+            "samples": samples,
+            "reference_samples": reference_samples,
+            "batch": batch,
+            "solver": solver,
+            "torch_threads": torch.get_num_threads(),
+        },
     )
 
 
