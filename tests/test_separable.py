@@ -216,7 +216,7 @@ def test_backward_matches_cvxpylayers():
 def test_dispatch():
     for P in (polytopes.Simplex(4), polytopes.KSubset(4, 2), polytopes.Hypercube(4)):
         assert serves_separable(P)
-        assert "separable" not in sstcvx.specialized_regularizers(P)
+        assert "separable" not in sstcvx.registry.specialized_regularizers(P)
         assert sstcvx.relaxation_solver(P, TSALLIS)[1] == "specialized"
     P = polytopes.Permutation(3) if hasattr(polytopes, "Permutation") else None
     if P is not None:
