@@ -291,7 +291,7 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
     # total-th and next largest entry, less phi' at the middle of the interval (right when the
     # answer is nearly a vertex), and the upper end of the bracket, where every x_i <= c (no
     # coordinate at its upper bound, where D = 0 would make the first Newton steps useless)
-    k = min(max(int(round(total)), 1), n - 1) if n > 1 else 1
+    k = min(max(round(total), 1), n - 1) if n > 1 else 1
     top = z.topk(min(k + 1, n), dim=-1).values
     middle = 0.5 * (a + b) if math.isfinite(a) and math.isfinite(b) else c
     gm, _ = reg.derivatives(z.new_tensor(middle))
@@ -302,6 +302,7 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
     tiny = torch.finfo(z.dtype).tiny
     use_log = a >= 0 and total > 0
     first = nu, *mirror_map(reg, z - nu, av, bv, slopes=slopes)[:2]
+    nu_old = nu
     for iteration in range(max_iter):
         if iteration == 0:
             upper = hi

@@ -236,7 +236,7 @@ def cube(x):
 
 
 def test_construction_errors():
-    with pytest.raises(ValueError, match="not strictly convex.*phi''"):
+    with pytest.raises(ValueError, match=r"not strictly convex.*phi''"):
         Regularizer.separable(cube, domain=(-1, 1))
     with pytest.raises(ValueError, match="not strictly convex"):
         Regularizer.separable(lambda x: x, domain=(0, 1))
@@ -244,9 +244,9 @@ def test_construction_errors():
         Regularizer.separable(torch.log, domain=(-1, 1))
     with pytest.raises(ValueError, match="elementwise"):
         Regularizer.separable(lambda x: x * x * x.sum(), domain=(0, 1))
-    with pytest.raises(ValueError, match="elementwise|shape"):
+    with pytest.raises(ValueError, match=r"elementwise|shape"):
         Regularizer.separable(lambda x: (x * x).sum(), domain=(0, 1))
-    with pytest.raises(ValueError, match="dphi.*disagrees"):
+    with pytest.raises(ValueError, match=r"dphi.*disagrees"):
         Regularizer.separable(lambda x: x * x, dphi=lambda x: x)
     with pytest.raises(ValueError, match="inverse_dphi"):
         Regularizer.separable(lambda x: x * x, inverse_dphi=lambda v: v)
@@ -274,7 +274,7 @@ def test_given_derivatives_and_inverse_are_used():
 def test_copies_and_pickling():
     clone = copy.deepcopy(TSALLIS)
     assert clone.phi is TSALLIS.phi and clone.domain == TSALLIS.domain and clone.name == TSALLIS.name
-    with pytest.raises(pickle.PicklingError, match="cvxpy.*lambda|top level"):
+    with pytest.raises(pickle.PicklingError, match=r"cvxpy.*lambda|top level"):
         pickle.dumps(TSALLIS)
     top_level = Regularizer.separable(tsallis_phi, domain=(0, math.inf), name="pickled")
     back = pickle.loads(pickle.dumps(top_level))
