@@ -1,20 +1,24 @@
-"""Your own relaxation: a new regularizer in one line of CVXPY, compared with the built-in ones.
+"""Your own relaxation: a new separable regularizer in a few lines of torch, compared with the built-in ones.
 
 A stochastic softmax trick is fixed by the polytope P and the strongly convex regularizer f
-of X_tau = argmax_{x in P} <U, x> - tau f(x).  ``sstcvx.Regularizer.from_cvxpy`` turns any
-convex CVXPY expression into an f that the generic path solves (and differentiates) on any
-polytope.  Two new ones are prototyped here on the k-subset polytope ``polytopes.KSubset``:
+of X_tau = argmax_{x in P} <U, x> - tau f(x).  ``sstcvx.Regularizer.separable(phi, domain)``
+turns an elementwise torch function phi into f(x) = sum_i phi(x_i): the families whose relaxed
+program reduces to one scalar root per element (the simplex, k-subsets, the hypercube) solve
+it directly, from phi's derivatives (by autograd) and a batched inverse of phi'.  Given its
+CVXPY form too (``cvxpy=``), the same f also runs on the generic cvxpylayers path, which
+serves any polytope and is the independent check.  Two new ones are prototyped here on the
+k-subset polytope ``polytopes.KSubset``:
 
-* ``tsallis_1.5``: the Tsallis 1.5-entropy, f(x) = sum_i (x_i^1.5 - x_i) / 0.75 (the
-  regularizer of 1.5-entmax on the simplex); like the Euclidean one it reaches the
-  boundary, so X_tau has exact zeros and ones;
-* ``entropy+euclidean``: 1/2 sum_i x_i log x_i + 1/2 * 1/2 ||x||^2, a mix of the two.
+* ``tsallis_1.5``: the Tsallis 1.5-entropy, phi(x) = (x^1.5 - x) / 0.75 (the regularizer of
+  1.5-entmax on the simplex); like the Euclidean one it reaches the boundary, so X_tau has
+  exact zeros and ones;
+* ``entropy+euclidean``: phi(x) = 1/2 x log x + 1/4 x^2, a mix of the entropy and 1/2 ||x||^2.
 
-They are checked against an independent formulation (``sstcvx.compare`` with the brute-force
-reference: the same program stated on the vertex list of P), then trained on the same task as
-the built-in relaxations: binary entropy, Euclidean and exponential-family entropy
-(specialized solvers) and the plain entropy (no specialized solver on k-subsets, so
-the generic path).
+``sstcvx.compare`` runs both paths on the same utilities (agreement and time per instance) and
+checks them against the same program stated on the vertex list of P (brute force).  Then the
+new relaxations are trained, on both paths, beside the built-in ones: binary entropy,
+Euclidean and exponential-family entropy (specialized solvers) and the plain entropy (no
+specialized solver on k-subsets, so the generic path).
 
 Task: a linear map from a context c to utilities theta; relaxed k-subsets X_tau of
 U = theta + Gumbel noise; squared loss to the k best items under a hidden linear utility.
@@ -30,6 +34,7 @@ Run ``python examples/new_relaxation.py``; ``--tiny`` for a smoke test.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,10 +49,29 @@ import _common  # noqa: E402
 import polytopes  # noqa: E402
 import sstcvx  # noqa: E402
 
-TSALLIS = sstcvx.Regularizer.from_cvxpy(lambda x: (cp.sum(cp.power(x, 1.5)) - cp.sum(x)) / 0.75, name="tsallis_1.5")
-MIX = sstcvx.Regularizer.from_cvxpy(
-    lambda x: 0.5 * -cp.sum(cp.entr(x)) + 0.25 * cp.sum_squares(x), name="entropy+euclidean"
-)
+def _xlogx(x):
+    return torch.where(x > 0, x * torch.log(x.clamp_min(1e-300)), torch.zeros_like(x))
+
+
+def tsallis_phi(x):
+    return (x.clamp_min(0) ** 1.5 - x) / 0.75
+
+
+def tsallis_cvxpy(x):
+    return (cp.sum(cp.power(x, 1.5)) - cp.sum(x)) / 0.75
+
+
+def mix_phi(x):
+    return 0.5 * _xlogx(x) + 0.25 * x * x
+
+
+def mix_cvxpy(x):
+    return 0.5 * -cp.sum(cp.entr(x)) + 0.25 * cp.sum_squares(x)
+
+
+# functions defined with def at the top level: the regularizers pickle (data-loader workers, torch.save)
+TSALLIS = sstcvx.Regularizer.separable(tsallis_phi, domain=(0, math.inf), name="tsallis_1.5", cvxpy=tsallis_cvxpy)
+MIX = sstcvx.Regularizer.separable(mix_phi, domain=(0, math.inf), name="entropy+euclidean", cvxpy=mix_cvxpy)
 REGULARIZERS = {
     "binary_entropy": "binary_entropy",
     "euclidean": "euclidean",
@@ -69,8 +93,9 @@ def make_data(counts, n: int, k: int, features: int, gen: torch.Generator):
     return splits
 
 
-def train(P, name: str, data, args):
-    """Fit theta = Linear(c) with the relaxation ``name``; return the model, its losses and seconds per instance."""
+def train(P, name: str, data, args, solver: str = "auto"):
+    """Fit theta = Linear(c) with the relaxation ``name`` on the path ``solver``; return the model, its losses
+    and seconds per instance."""
     gen = _common.seed_everything(args.seed)
     regularizer = REGULARIZERS[name]
     (c, y), _ = data
@@ -81,7 +106,7 @@ def train(P, name: str, data, args):
         idx = torch.randint(len(c), (args.batch_size,), generator=gen)
         theta = model(c[idx])
         start = time.perf_counter()
-        X = sstcvx.sample(P, theta, args.tau, regularizer, generator=gen)
+        X = sstcvx.sample(P, theta, args.tau, regularizer, solver=solver, generator=gen)
         loss = ((X - y[idx]) ** 2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
@@ -112,7 +137,8 @@ def plot(path, curves, tau):
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, losses in curves.items():
-        ax.plot(_common.smooth(losses, 5), "--" if name in NEW else "-", label=name + (" (new)" if name in NEW else ""))
+        new = name.split(" (")[0] in NEW
+        ax.plot(_common.smooth(losses, 5), "--" if new else "-", label=name + (" (new)" if new else ""))
     ax.set(xlabel="step", ylabel="||X_tau - target||^2 (train, smoothed)", title=f"k-subset relaxations, tau={tau}")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -133,10 +159,13 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--compare-batch", type=int, default=8, help="utilities checked by sstcvx.compare")
     p.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=list(REGULARIZERS))
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats of sstcvx.compare")
+    p.add_argument("--skip-generic", action="store_true", help="do not also train the new ones on the cvxpylayers path")
     _common.add_run_arguments(p, "new_relaxation")
     args = p.parse_args(argv)
     if args.tiny:
         args.items, args.k, args.steps, args.batch_size, args.train, args.test, args.compare_batch = 6, 2, 2, 4, 32, 8, 2
+        args.repeats = 1
     return args
 
 
@@ -147,17 +176,33 @@ def main(argv=None) -> dict:
     data = make_data((args.train, args.test), args.items, args.k, args.features, gen)
 
     new = [REGULARIZERS[name] for name in args.regularizers if name in NEW]
-    if new:  # the new regularizers, generic path vs the same program on the vertex list
-        print(sstcvx.compare(P, new, tau=args.tau, batch=args.compare_batch, seed=args.seed, reference="brute_force", repeats=0).table())
+    comparison = {}
+    if new:
+        # the new regularizers: the cvxpylayers path ("generic") against the separable solver of
+        # k-subsets ("specialized"), timed, then against the same program on the vertex list
+        both = sstcvx.compare(P, new, tau=args.tau, batch=args.compare_batch, seed=args.seed, repeats=args.repeats)
+        brute = sstcvx.compare(P, new, tau=args.tau, batch=args.compare_batch, seed=args.seed, reference="brute_force",
+                               repeats=0, hard=False)
+        print((both + brute).table())
+        for row, check in zip(both.rows, brute.rows):
+            comparison[row.regularizer] = {
+                "max_abs_diff": row.max_abs_diff, "max_abs_grad_diff": row.max_abs_grad_diff,
+                "brute_force_max_abs_diff": check.max_abs_diff,
+                "ms_per_instance_generic": None if row.time_generic is None else row.time_generic / row.generic_batch * 1e3,
+                "ms_per_instance_separable": None if row.time_reference is None else row.time_reference / row.batch * 1e3,
+            }
 
     results, curves = {}, {}
-    for name in args.regularizers:
-        model, curves[name], seconds = train(P, name, data, args)
-        path = sstcvx.relaxation_solver(P, REGULARIZERS[name])[1]
-        results[name] = {"path": path, "ms_per_instance": seconds * 1e3, "final_loss": curves[name][-1]}
-        results[name].update(evaluate(P, name, model, data, args))
+    runs = [(name, "auto") for name in args.regularizers]
+    runs += [(name, "generic") for name in args.regularizers if name in NEW and not args.skip_generic]
+    for name, solver in runs:
+        key = name if solver == "auto" else f"{name} (cvxpylayers)"
+        model, curves[key], seconds = train(P, name, data, args, solver)
+        path = sstcvx.relaxation_solver(P, REGULARIZERS[name], solver)[1]
+        results[key] = {"path": path, "ms_per_instance": seconds * 1e3, "final_loss": curves[key][-1]}
+        results[key].update(evaluate(P, name, model, data, args))
     rows = [
-        [name + (" (new)" if name in NEW else ""), r["path"], r["ms_per_instance"], r["final_loss"],
+        [name + (" (new)" if name.split(" (")[0] in NEW else ""), r["path"], r["ms_per_instance"], r["final_loss"],
          r["subset_precision"], r["boundary_fraction"], r["relaxed_hard_gap"]]
         for name, r in results.items()
     ]
@@ -165,6 +210,7 @@ def main(argv=None) -> dict:
     title = f"{P.name}, tau={args.tau}, {args.steps} steps of batch {args.batch_size}, {args.test} held-out contexts"
     print(_common.format_table(columns, rows, title))
     plot(out, curves, args.tau)
+    results["compare"] = comparison
     return _common.finish_run(args, out, results)
 
 

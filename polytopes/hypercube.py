@@ -74,6 +74,18 @@ def recognize(form):
     return Match(Hypercube(form.n), range(form.n))
 
 
+@register_relaxation(Hypercube, "separable")
+def separable_hypercube(P: Hypercube, Z: torch.Tensor, regularizer) -> torch.Tensor:
+    """argmax_{x in [0,1]^n} <Z, x> - sum_i phi(x_i) for any ``Regularizer.separable``: phi's mirror map.
+
+    x_i = clamp((phi')^{-1}(Z_i), 0, 1) (on [0, 1] intersected with phi's domain), backward
+    diag(1 / phi''(x)) (0 at the bounds).  See :func:`sstcvx.separable.box_relaxation`.
+    """
+    from sstcvx.separable import box_relaxation
+
+    return box_relaxation(regularizer, Z, 0.0, 1.0, P.name)
+
+
 register_family(
     Family(
         name="hypercube",

@@ -612,6 +612,19 @@ def _subset_matrix(n: int, k: int, device) -> torch.Tensor:
 register_relaxation(KSubset, "exp_family_entropy")(lambda P, Z: k_subset_marginals(Z, P.k))
 
 
+@register_relaxation(KSubset, "separable")
+def separable_ksubset(P: KSubset, Z: torch.Tensor, regularizer) -> torch.Tensor:
+    """argmax_{0 <= x <= 1, sum x = k} <Z, x> - sum_i phi(x_i) for any ``Regularizer.separable``.
+
+    x_i = x(Z_i - nu), x(v) phi's mirror map on [0, 1] intersected with its domain and nu the
+    one scalar per row with sum_i x(Z_i - nu) = k (safeguarded Newton); exact implicit backward
+    dZ = D (g - <D, g> / sum D), D = 1 / phi''(x).  See :func:`sstcvx.separable.sum_relaxation`.
+    """
+    from sstcvx.separable import sum_relaxation
+
+    return sum_relaxation(regularizer, Z, float(P.k), 0.0, 1.0, P.name)
+
+
 def _make_ksubset(n: int, k: int | None) -> KSubset:
     """KSubset(n, k), with k about n / 3 (within 1 <= k <= n - 1) when not given."""
     return KSubset(n, max(1, min(n - 1, n // 3)) if k is None else k)

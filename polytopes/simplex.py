@@ -116,6 +116,19 @@ def recognize(form):
     return Match(Simplex(n), range(n))
 
 
+@register_relaxation(Simplex, "separable")
+def separable_simplex(P: Simplex, Z: torch.Tensor, regularizer) -> torch.Tensor:
+    """argmax_{x in simplex} <Z, x> - sum_i phi(x_i) for any ``Regularizer.separable``: x_i = x(Z_i - nu).
+
+    x(v) is phi's mirror map on [0, 1] intersected with its domain, nu the one scalar per row
+    with sum_i x(Z_i - nu) = 1 (safeguarded Newton); exact implicit backward
+    dZ = D (g - <D, g> / sum D), D = 1 / phi''(x).  See :func:`sstcvx.separable.sum_relaxation`.
+    """
+    from sstcvx.separable import sum_relaxation
+
+    return sum_relaxation(regularizer, Z, 1.0, 0.0, 1.0, P.name)
+
+
 register_family(
     Family(
         name="simplex",

@@ -23,6 +23,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+#: The registration key of a solver that serves every separable regularizer
+#: (``Regularizer.separable``) on its target; it applies when no solver is registered under the
+#: regularizer's own name.  Such a solver receives the regularizer: ``fn(P, Z, regularizer)``.
+SEPARABLE = "separable"
+
 _RELAXATIONS: dict = {}
 _ARGMAXES: dict = {}
 
@@ -48,11 +53,15 @@ def _instance_table(target, attribute):
 
 
 def register_relaxation(target, regularizer: str) -> Callable:
-    """Decorator: register ``fn(P, Z)`` as the specialized solver of ``regularizer`` on ``target``."""
+    """Decorator: register ``fn(P, Z)`` as the specialized solver of ``regularizer`` on ``target``.
+
+    ``regularizer="separable"`` (:data:`SEPARABLE`) registers ``fn(P, Z, regularizer)`` for every
+    separable regularizer (``Regularizer.separable``) that has no solver under its own name.
+    """
     _check_target(target)
     from .regularizers import get_regularizer
 
-    name = get_regularizer(regularizer).name
+    name = SEPARABLE if regularizer == SEPARABLE else get_regularizer(regularizer).name
 
     def decorate(fn):
         if isinstance(target, type):
@@ -78,20 +87,42 @@ def register_argmax(target) -> Callable:
     return decorate
 
 
-def find_relaxation(P, regularizer_name: str):
-    """The specialized relaxation solver for ``(P, regularizer)``, or ``None``."""
+def find_relaxation(P, regularizer):
+    """The specialized relaxation solver ``fn(P, Z)`` for ``(P, regularizer)``, or ``None``.
+
+    ``regularizer`` is a name or a :class:`~sstcvx.Regularizer`; for a separable one without a
+    solver under its own name, the target's ``"separable"`` solver, bound to it, is returned.
+    """
+    from .regularizers import Regularizer, SeparableRegularizer
+
+    if isinstance(regularizer, Regularizer):
+        fn = _find(P, regularizer.name)
+        if fn is None and isinstance(regularizer, SeparableRegularizer):
+            fn = _find(P, SEPARABLE, regularizer)
+        return fn
+    return _find(P, regularizer)
+
+
+def _bind(fn, separable):
+    """A ``"separable"`` solver ``fn(P, Z, regularizer)`` bound to one regularizer."""
+    return fn if separable is None else (lambda P, Z: fn(P, Z, separable))
+
+
+def _find(P, regularizer_name: str, separable=None):
+    """The solver registered under ``regularizer_name`` for P (its own, its recognized family's, its
+    class's), bound to ``separable`` (the regularizer) when looking up the ``"separable"`` key."""
     own = P.__dict__.get("_own_relaxations") or {}
     if regularizer_name in own:
-        return own[regularizer_name]
+        return _bind(own[regularizer_name], separable)
     recognized = getattr(P, "recognized", None)
     if recognized is not None:
-        fn = find_relaxation(recognized.polytope, regularizer_name)
+        fn = _find(recognized.polytope, regularizer_name, separable)
         if fn is not None:
             return recognized.relaxation(fn)
     for cls in type(P).__mro__:
         fn = _RELAXATIONS.get((cls, regularizer_name))
         if fn is not None:
-            return fn
+            return _bind(fn, separable)
     return None
 
 
@@ -113,14 +144,21 @@ def find_argmax(P):
 
 
 def specialized_regularizers(P) -> list[str]:
-    """Names of the regularizers with a specialized solver on ``P``."""
+    """Names of the regularizers with a specialized solver on ``P`` (not counting the solver for
+    every separable regularizer; see :func:`serves_separable`)."""
     names = set((P.__dict__.get("_own_relaxations") or {}).keys())
     recognized = getattr(P, "recognized", None)
     if recognized is not None:
         names.update(specialized_regularizers(recognized.polytope))
     for cls in type(P).__mro__:
         names.update(name for (c, name) in _RELAXATIONS if c is cls)
+    names.discard(SEPARABLE)
     return sorted(names)
+
+
+def serves_separable(P) -> bool:
+    """Whether ``P`` has a specialized solver for every separable regularizer."""
+    return _find(P, SEPARABLE) is not None
 
 
 #: The British spelling of :func:`specialized_regularizers`, kept as an alias.

@@ -33,7 +33,7 @@ from .errors import SolverError
 from .generic import fast_relaxation, generic_argmax, generic_relaxation
 from .generic.settings import check_solver_args
 from .noise import get_noise
-from .regularizers import get_regularizer
+from .regularizers import SeparableRegularizer, get_regularizer
 
 
 def _flatten(P, U):
@@ -65,7 +65,7 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
     reg = get_regularizer(regularizer)
     solver = check_solver(solver)
     if solver in ("auto", "specialized"):
-        fn = registry.find_relaxation(P, reg.name)
+        fn = registry.find_relaxation(P, reg)
         if fn is not None:
             return (lambda Z, **_: fn(P, Z)), "specialized"
         if solver == "specialized":
@@ -76,14 +76,17 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
         if reg.name == "exp_family_entropy" and P.vertices is not None:
             # exact, and one matmul instead of the generic path's conic problem over the vertex weights
             return (lambda Z, **_: vertex_marginals(P, Z)), "enumeration"
-    if solver in ("auto", "generic", "fast"):
+    # A separable regularizer with a CVXPY form goes to cvxpylayers unless solver="fast": the fast
+    # solver evaluates its mirror map by an inner iteration at every dual step, slower for now
+    slow_fast = isinstance(reg, SeparableRegularizer) and reg.has_cvxpy_form and solver != "fast"
+    if solver in ("auto", "generic", "fast") and not slow_fast:
         fast = fast_relaxation(P, reg, with_auxiliary=solver == "fast")
         if fast is not None:
             return fast, "fast"
         if solver == "fast":
             raise ValueError(
-                f"solver='fast': the fast generic solver serves the built-in 'entropy', 'binary_entropy' and "
-                f"'euclidean' on a linear declaration; got regularizer {reg.name!r} on {P.name}. "
+                f"solver='fast': the fast generic solver serves the built-in 'entropy', 'binary_entropy', "
+                f"'euclidean' and Regularizer.separable on a linear declaration; got regularizer {reg.name!r} on {P.name}. "
                 "Use solver='generic' or 'cvxpylayers'"
             )
     layer = generic_relaxation(P, reg)

@@ -58,9 +58,13 @@ def test_custom_polytope(tmp_path):
 
 def test_new_relaxation(tmp_path):
     results = run_example("new_relaxation", tmp_path)
-    assert results["tsallis_1.5"]["path"] == "generic"
-    assert results["entropy+euclidean"]["path"] == "generic"
+    assert results["tsallis_1.5"]["path"] == "specialized"  # Regularizer.separable on k-subsets
+    assert results["tsallis_1.5 (cvxpylayers)"]["path"] == "generic"
+    assert results["entropy+euclidean"]["path"] == "specialized"
     assert results["binary_entropy"]["path"] == "specialized"
+    compare = results.pop("compare")
+    for name in ("tsallis_1.5", "entropy+euclidean"):
+        assert compare[name]["max_abs_diff"] < 1e-6 and compare[name]["brute_force_max_abs_diff"] < 1e-6, compare
     for name, r in results.items():
         assert in_unit_interval(r["subset_precision"], r["boundary_fraction"], r["relaxed_hard_gap"]), (name, r)
         assert math.isfinite(r["final_loss"])

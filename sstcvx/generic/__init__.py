@@ -18,7 +18,7 @@ solver's tolerance otherwise (the defaults agree with the closed forms to about 
 
 from __future__ import annotations
 
-from ..regularizers import CvxpyRegularizer
+from ..regularizers import CvxpyRegularizer, SeparableRegularizer
 from . import cache
 from .dual_newton import FAST_REGULARIZERS, FastRelaxation
 from .layer import GenericRelaxation
@@ -52,7 +52,7 @@ __all__ = [
 
 
 def _regularizer_key(regularizer):
-    if isinstance(regularizer, CvxpyRegularizer):
+    if isinstance(regularizer, (CvxpyRegularizer, SeparableRegularizer)):
         return ("user", id(regularizer))
     return ("builtin", regularizer.name)
 
@@ -68,15 +68,16 @@ def generic_relaxation(P, regularizer):
 
 def fast_relaxation(P, regularizer, with_auxiliary: bool = False):
     """The cached fast torch solver of ``(P, regularizer)``, or ``None`` where it does not apply
-    (a regularizer other than the built-in entropy, binary_entropy and euclidean, or a
-    declaration that is not linear).
+    (a regularizer other than the built-in entropy, binary_entropy and euclidean and those of
+    ``Regularizer.separable``, or a declaration that is not linear).
 
     A declaration with auxiliary variables (an extended formulation) gets it only with
     ``with_auxiliary=True`` (``solver="fast"``): there the barrier on the auxiliary variables
     recenters slowly, and the solver measured slower than the cvxpylayers path (see
     docs/generic.md), so ``"auto"`` and ``"generic"`` keep the conic path for those.
     """
-    if isinstance(regularizer, CvxpyRegularizer) or regularizer.name not in FAST_REGULARIZERS:
+    separable = isinstance(regularizer, SeparableRegularizer)
+    if not separable and (isinstance(regularizer, CvxpyRegularizer) or regularizer.name not in FAST_REGULARIZERS):
         return None
     if not with_auxiliary:
         try:
@@ -91,7 +92,7 @@ def fast_relaxation(P, regularizer, with_auxiliary: bool = False):
         except (ValueError, NotImplementedError):  # not a linear declaration: the conic path serves it
             return False
 
-    fast = cache.cached(P, ("fast", regularizer.name), build)
+    fast = cache.cached(P, ("fast",) + _regularizer_key(regularizer), build)
     return fast or None
 
 

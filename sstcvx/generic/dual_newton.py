@@ -155,11 +155,16 @@ class DualProblem:
         )
 
 
-def build_dual_problem(form, regularizer_name: str) -> DualProblem:
-    """Turn a :class:`~sstcvx.linear_form.LinearForm` into the solver's :class:`DualProblem`."""
+def build_dual_problem(form, regularizer_name) -> DualProblem:
+    """Turn a :class:`~sstcvx.linear_form.LinearForm` into the solver's :class:`DualProblem`.
+
+    ``regularizer_name``: a built-in name of ``FAST_REGULARIZERS``, or a
+    :class:`~sstcvx.regularizers.SeparableRegularizer` (whose mirror map stands in for the
+    closed forms)."""
     from ..linear_form import _independent_rows
 
-    if regularizer_name not in FAST_REGULARIZERS:
+    separable = not isinstance(regularizer_name, str)
+    if not separable and regularizer_name not in FAST_REGULARIZERS:
         raise ValueError(f"regularizer: the fast solver serves {FAST_REGULARIZERS}, got {regularizer_name!r}")
     n, N = form.n, form.n_vars
     A, b = form.A.numpy().copy(), form.b.numpy().copy()
@@ -180,6 +185,9 @@ def build_dual_problem(form, regularizer_name: str) -> DualProblem:
     elif regularizer_name == "binary_entropy":
         xl = np.where(xl <= 0, -np.inf, xl)
         xu = np.where(xu >= 1, np.inf, xu)
+    elif separable:  # the mirror map keeps x in phi's domain itself
+        xl = np.where(xl <= regularizer_name.domain[0], -np.inf, xl)
+        xu = np.where(xu >= regularizer_name.domain[1], np.inf, xu)
     cols = np.concatenate([x_free, w_free]).astype(np.int64)
     nx = len(x_free)
     A, G = A[:, cols], G[:, cols]
@@ -258,7 +266,9 @@ def _xlogx(x):
 
 def _primal_x(name, v, xl, xu):
     """x = argmax_{xl <= x <= xu} v x - f(x) (a clamp of grad f*), D = its derivative, and the mask
-    of clamped coordinates."""
+    of clamped coordinates.  ``name``: a built-in name, or a separable regularizer (its mirror map)."""
+    if not isinstance(name, str):
+        return name.mirror(v, xl, xu)
     if name == "entropy":
         x = torch.exp(v - 1.0)
         D = x
@@ -274,6 +284,8 @@ def _primal_x(name, v, xl, xu):
 
 def _conjugate(name, v, x, clamped):
     """sum_j sup_{xl <= x_j <= xu} v_j x_j - f(x_j), given the maximizer x and the clamped mask."""
+    if not isinstance(name, str):
+        return name.conjugate(v, x)
     if name == "entropy":
         free = torch.exp(v - 1.0)
         f = _xlogx(x)
@@ -337,6 +349,8 @@ class _State:
 
 def _hessian(prob, state, nu, s, jitter):
     """The Newton matrix C_x D_x C_x^T + C_w D_w C_w^T + diag(0, s / y), plus a small jitter."""
+    if prob.m == 0:  # no rows (a box, all of it in the conjugate's clamp)
+        return nu.new_zeros(nu.shape[0], 0, 0)
     H = (prob.Cx * state.Dx[:, None, :]) @ prob.Cx.T if prob.Cx.shape[1] else None
     if state.Dw is not None:
         Hw = (prob.Cw * state.Dw[:, None, :]) @ prob.Cw.T
@@ -575,14 +589,21 @@ class FastRelaxation:
     """
 
     def __init__(self, P, regularizer, max_iter: int = MAX_ITER):
+        from ..regularizers import SeparableRegularizer
+
         name = regularizer.name
-        if name not in FAST_REGULARIZERS:
-            raise ValueError(f"regularizer: the fast generic solver serves {FAST_REGULARIZERS}, got {name!r}")
+        separable = isinstance(regularizer, SeparableRegularizer)
+        if not separable and name not in FAST_REGULARIZERS:
+            raise ValueError(
+                f"regularizer: the fast generic solver serves {FAST_REGULARIZERS} and Regularizer.separable, got {name!r}"
+            )
         self.polytope = P
         self.regularizer = regularizer
         self.name = name
+        # what the solver's conjugate functions dispatch on: a built-in name or the separable regularizer
+        self.kind = regularizer if separable else name
         self.max_iter = max_iter
-        self.problem = build_dual_problem(P.linear_form(), name)
+        self.problem = build_dual_problem(P.linear_form(), self.kind)
         self._on_device = {}
 
     def problem_on(self, device) -> DualProblem:
@@ -595,7 +616,7 @@ class FastRelaxation:
     def solve(self, Z: torch.Tensor, max_iter: int | None = None) -> FastSolution:
         """The raw batched solution of ``Z (B, *event_shape)`` (no fallback, no autograd)."""
         prob = self.problem_on(Z.device)
-        return solve(prob, self.name, Z.detach().reshape(Z.shape[0], -1), max_iter or self.max_iter)
+        return solve(prob, self.kind, Z.detach().reshape(Z.shape[0], -1), max_iter or self.max_iter)
 
     def __call__(self, Z: torch.Tensor, solver_args: dict | None = None, max_iter: int | None = None) -> torch.Tensor:
         B = Z.shape[0]

@@ -305,7 +305,7 @@ def compare(
 
 def _reference(P, reg, reference, V, reference_solver_args):
     """(name, path factory tau -> _Path or None, brute-force factory or None) for one regularizer."""
-    has_specialized = registry.find_relaxation(P, reg.name) is not None
+    has_specialized = registry.find_relaxation(P, reg) is not None
     brute_exact = V is not None and reg.name == "exp_family_entropy"
     vertex_formulation = (
         V is not None and reg.has_cvxpy_form and not isinstance(P, VertexPolytope) and V.shape[0] <= MAX_VERTEX_FORMULATION
