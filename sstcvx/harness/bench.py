@@ -31,6 +31,7 @@ import torch
 from ..families import families as registered_families
 from ..families import load_errors
 from .compare import compare
+from .progress import progress_bar
 from .report import ComparisonReport
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -226,23 +227,8 @@ def _load_average():
         return None
 
 
-class _NoBar:
-    def update(self, _):
-        pass
-
-    def set_description(self, _):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total, enabled):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="config", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return progress_bar(total, enabled, unit="config")
 
 
 # ----------------------------------------------------------------------------------------------

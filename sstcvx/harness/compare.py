@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .. import registry
-from ..validation import check_polytope
 from ..enumeration import best_vertex, vertex_marginals
 from ..generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
 from ..generic.settings import check_solver_args
@@ -33,6 +32,7 @@ from ..noise import get_noise
 from ..polytope import VertexPolytope
 from ..regularizers import get_regularizer
 from ..sampling import argmax, relax
+from ..validation import check_polytope
 from .report import Comparison, ComparisonReport
 from .timing import adaptive_median
 
@@ -297,8 +297,25 @@ def compare(
         for t in taus:
             # the hard samples' warnings and failures are counted once, in the first row
             rows.append(
-                _compare_one(P, reg, float(t), U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_args, repeats,
-                             hard_stats, hard_log if not rows else _Log(), generic, size, generic_backend)
+                _compare_one(
+                    P,
+                    reg,
+                    float(t),
+                    U,
+                    G,
+                    Ug,
+                    Gg,
+                    ref_name,
+                    ref_path,
+                    bf_path,
+                    solver_args,
+                    repeats,
+                    hard_stats,
+                    hard_log if not rows else _Log(),
+                    generic,
+                    size,
+                    generic_backend,
+                )
             )
     return ComparisonReport(rows)
 
@@ -308,7 +325,10 @@ def _reference(P, reg, reference, V, reference_solver_args):
     has_specialized = registry.find_relaxation(P, reg) is not None
     brute_exact = V is not None and reg.name == "exp_family_entropy"
     vertex_formulation = (
-        V is not None and reg.has_cvxpy_form and not isinstance(P, VertexPolytope) and V.shape[0] <= MAX_VERTEX_FORMULATION
+        V is not None
+        and reg.has_cvxpy_form
+        and not isinstance(P, VertexPolytope)
+        and V.shape[0] <= MAX_VERTEX_FORMULATION
     )
     Pv = VertexPolytope(V, name=f"vertices of {P.name}") if V is not None else None
 
@@ -321,10 +341,15 @@ def _reference(P, reg, reference, V, reference_solver_args):
         return _Path("specialized", lambda u: relax(P, u, tau, reg, solver="specialized"))
 
     # the second solver is the other one of the pair the generic path picks for this regularizer
-    args = dict(fallback_solver_args(default_solver_args(reg)) if reference_solver_args is None else reference_solver_args)
+    args = dict(
+        fallback_solver_args(default_solver_args(reg)) if reference_solver_args is None else reference_solver_args
+    )
 
     def second(tau):
-        return _Path(f"second solver ({args.get('solve_method', '?')})", lambda u: relax(P, u, tau, reg, solver="cvxpylayers", solver_args=args))
+        return _Path(
+            f"second solver ({args.get('solve_method', '?')})",
+            lambda u: relax(P, u, tau, reg, solver="cvxpylayers", solver_args=args),
+        )
 
     choice = reference
     if choice == "auto":
@@ -359,9 +384,9 @@ def _compare_hard(P, U, Ug, V, repeats, log, generic):
     stats = {}
     Pv = VertexPolytope(V, name=f"vertices of {P.name}") if V is not None else None
     if registry.find_argmax(P) is not None:
-        ref_fn = lambda u: argmax(P, u, solver="specialized")  # noqa: E731
+        ref_fn = lambda u: argmax(P, u, solver="specialized")
     elif Pv is not None:
-        ref_fn = lambda u: best_vertex(Pv, u)  # noqa: E731
+        ref_fn = lambda u: best_vertex(Pv, u)
     else:
         ref_fn = None
     X_ref = log.run("reference argmax", ref_fn, U) if ref_fn is not None else None
@@ -385,8 +410,25 @@ def _compare_hard(P, U, Ug, V, repeats, log, generic):
     return stats
 
 
-def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_args, repeats, hard_stats, hard_log,
-                 generic, size, generic_backend="generic"):
+def _compare_one(
+    P,
+    reg,
+    tau,
+    U,
+    G,
+    Ug,
+    Gg,
+    ref_name,
+    ref_path,
+    bf_path,
+    solver_args,
+    repeats,
+    hard_stats,
+    hard_log,
+    generic,
+    size,
+    generic_backend="generic",
+):
     row = Comparison(
         polytope=P.name,
         regularizer=reg.name,
@@ -418,7 +460,9 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
         layer = log.run("generic path (build)", generic_relaxation, P, reg)
         if layer is not None:
             row.build_time_generic = layer.build_time
-            gen = _Path("generic path", lambda u: relax(P, u, tau, reg, solver=generic_backend, solver_args=solver_args))
+            gen = _Path(
+                "generic path", lambda u: relax(P, u, tau, reg, solver=generic_backend, solver_args=solver_args)
+            )
             X_gen, g_gen, ok_gen = gen.measure(Ug, Gg, log)
             if X_gen is not None and X_ref is not None:
                 rows = ok_gen & ok_ref[: Ug.shape[0]]
@@ -442,7 +486,13 @@ def _compare_one(P, reg, tau, U, G, Ug, Gg, ref_name, ref_path, bf_path, solver_
     row.speedup_backward = _per_instance_ratio(
         row.time_generic_backward, row.generic_batch, row.time_reference_backward, row.batch
     )
-    for name in ("max_abs_diff", "mean_abs_diff", "max_abs_grad_diff", "mean_abs_grad_diff", "brute_force_max_abs_diff"):
+    for name in (
+        "max_abs_diff",
+        "mean_abs_diff",
+        "max_abs_grad_diff",
+        "mean_abs_grad_diff",
+        "brute_force_max_abs_diff",
+    ):
         value = getattr(row, name)
         if value is not None and not math.isfinite(value):
             setattr(row, name, None)

@@ -13,6 +13,28 @@ import json
 from dataclasses import dataclass, field
 
 
+def fixed_width_table(columns, rows, left_aligned: int) -> list[str]:
+    """Lines of a text table: a header, a rule, one line per row.
+
+    ``columns``: ``(header, width, formatter)`` triples, the formatter mapping a row to its cell
+    text (cut to the width with a trailing ``~``); the first ``left_aligned`` columns are aligned
+    left, the others right.
+    """
+
+    def line(cells):
+        return " ".join(f"{t:<{w}}" if i < left_aligned else f"{t:>{w}}" for i, (t, w) in enumerate(cells))
+
+    header = line((name, width) for name, width, _ in columns)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = []
+        for _, width, formatter in columns:
+            text = formatter(row)
+            cells.append((text if len(text) <= width else text[: width - 1] + "~", width))
+        lines.append(line(cells))
+    return lines
+
+
 @dataclass
 class Comparison:
     """One configuration (polytope, regularizer, tau, batch) of a comparison.
@@ -126,15 +148,7 @@ class ComparisonReport:
 
     def table(self, messages: bool = True) -> str:
         """The report as a fixed-width text table (times in ms per batch), with footnotes."""
-        header = " ".join(f"{name:<{w}}" if i < 5 else f"{name:>{w}}" for i, (name, w, _) in enumerate(_COLUMNS))
-        lines = [header, "-" * len(header)]
-        for r in self.rows:
-            cells = []
-            for i, (_, w, fmt) in enumerate(_COLUMNS):
-                text = fmt(r)
-                text = text if len(text) <= w else text[: w - 1] + "~"
-                cells.append(f"{text:<{w}}" if i < 5 else f"{text:>{w}}")
-            lines.append(" ".join(cells))
+        lines = fixed_width_table(_COLUMNS, self.rows, left_aligned=5)
         lines.append(
             "max|dX|, max|dVJP|: generic path vs reference on the same U; hard=: hard samples agreeing; "
             "speedup: generic time per instance / reference's (fwd+bwd: with the backward pass); "

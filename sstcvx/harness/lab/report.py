@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from ..report import fixed_width_table
+
 
 @dataclass
 class LabRow:
@@ -153,15 +155,7 @@ class LabReport:
                 f"Monte Carlo reference vs exact gradient: distance {c['distance']:.2g}, "
                 f"{c['confidence']:.0%} ball radius {c['radius']:.2g} ({'agrees' if c['agrees'] else 'DISAGREES'})"
             )
-        header = " ".join(f"{name:<{w}}" if i < 4 else f"{name:>{w}}" for i, (name, w, _) in enumerate(_COLUMNS))
-        lines += [header, "-" * len(header)]
-        for r in self.rows:
-            cells = []
-            for i, (_, w, fmt) in enumerate(_COLUMNS):
-                text = fmt(r)
-                text = text if len(text) <= w else text[: w - 1] + "~"
-                cells.append(f"{text:<{w}}" if i < 4 else f"{text:>{w}}")
-            lines.append(" ".join(cells))
+        lines += fixed_width_table(_COLUMNS, self.rows, left_aligned=4)
         lines.append(
             f"|bias| = ||E[estimate] - grad|| with its {self.confidence:.0%} interval; std = sqrt(tr Cov) of one sample; "
             f"MSE = |bias|^2 + std^2 per sample; N(target): samples whose average reaches RMS error "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
@@ -12,6 +11,7 @@ from ...noise import get_noise
 from ...registry import specialized_regularizers
 from ...regularizers import get_regularizer
 from ...validation import check_polytope, check_solver
+from ..progress import progress_bar
 from .estimators import (
     BASELINES,
     Estimator,
@@ -325,20 +325,5 @@ def run_lab(
     )
 
 
-class _NoBar:
-    def update(self, _):
-        pass
-
-    def set_description(self, _):
-        pass
-
-    def close(self):
-        pass
-
-
 def _bar(total, enabled):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="sample", unit_scale=True, file=sys.stderr, dynamic_ncols=True, leave=False)
+    return progress_bar(total, enabled, unit="sample", unit_scale=True)
