@@ -86,15 +86,21 @@ class _Coordinates:
         zero = torch.zeros_like(a)
         self.a0, self.b0 = torch.where(self.fa, a, zero), torch.where(self.fb, b, zero)
         self.width = torch.where(self.fa & self.fb, self.b0 - self.a0, torch.ones_like(a))
+        # the common case, every interval bounded: one expression instead of four
+        self.bounded = bool((self.fa & self.fb).all())
 
     def x(self, s):
         both = self.a0 + self.width * torch.sigmoid(s)
+        if self.bounded:
+            return both
         lower = self.a0 + torch.exp(s)
         upper = self.b0 - torch.exp(-s)
         return torch.where(self.fa, torch.where(self.fb, both, lower), torch.where(self.fb, upper, s))
 
     def dx(self, s):
         both = self.width * torch.sigmoid(s) * torch.sigmoid(-s)
+        if self.bounded:
+            return both
         return torch.where(self.fa, torch.where(self.fb, both, torch.exp(s)), torch.where(self.fb, torch.exp(-s), 1.0))
 
     def s(self, x, delta_a, delta_b):
@@ -102,6 +108,8 @@ class _Coordinates:
         x = torch.where(self.fa, torch.maximum(x, self.a0 + delta_a), x)
         x = torch.where(self.fb, torch.minimum(x, self.b0 - delta_b), x)
         both = torch.log(x - self.a0) - torch.log(self.b0 - x)
+        if self.bounded:
+            return both
         lower = torch.log(x - self.a0)
         upper = -torch.log(self.b0 - x)
         return torch.where(self.fa, torch.where(self.fb, both, lower), torch.where(self.fb, upper, x))
