@@ -71,6 +71,27 @@ def endpoint_slopes(reg, a: torch.Tensor, b: torch.Tensor):
     return ga, gb
 
 
+def barrier_ends(reg, a: torch.Tensor, b: torch.Tensor):
+    """Whether phi' is infinite at each finite end (a barrier, as log x at 0) rather than finite.
+
+    Decided from phi' at distances delta, 1e-6 w and 1e-3 w from the end (w = min(1, b - a)): a
+    barrier changes more over the first stretch (many decades) than over the second, a finite
+    slope less.  Scale-invariant in phi.
+    """
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    width = torch.where(fa & fb, (b - a).clamp(max=1.0), torch.ones_like(a))
+    delta_a, delta_b = _deltas(a, b)
+    inside = _inside_point(a, b)
+    a0, b0 = torch.where(fa, a, inside), torch.where(fb, b, inside)
+    points = torch.stack([a0 + delta_a, a0 + 1e-6 * width, a0 + 1e-3 * width,
+                          b0 - delta_b, b0 - 1e-6 * width, b0 - 1e-3 * width])
+    g, _ = reg.derivatives(points)
+    g = torch.where(torch.isfinite(g), g, torch.full_like(g, math.inf))
+    near_a, far_a = (g[0] - g[1]).abs(), (g[1] - g[2]).abs()
+    near_b, far_b = (g[3] - g[4]).abs(), (g[4] - g[5]).abs()
+    return fa & ~(near_a <= far_a), fb & ~(near_b <= far_b)
+
+
 class _Coordinates:
     """x = map(s): a monotone bijection from the real line onto the open interval (a, b).
 
@@ -80,28 +101,40 @@ class _Coordinates:
     leave the domain, and bisection halves the logarithm of the distance to a finite end.
     """
 
-    def __init__(self, a, b):
+    def __init__(self, a, b, log_a=None, log_b=None):
+        # the map stretches logarithmically only towards an end where phi' is infinite (a barrier,
+        # log_a / log_b); towards an end where phi' is finite, phi' is smooth in x itself
         self.a, self.b = a, b
-        self.fa, self.fb = torch.isfinite(a), torch.isfinite(b)
+        self.finite_a, self.finite_b = torch.isfinite(a), torch.isfinite(b)
+        self.fa = self.finite_a if log_a is None else self.finite_a & log_a
+        self.fb = self.finite_b if log_b is None else self.finite_b & log_b
         zero = torch.zeros_like(a)
-        self.a0, self.b0 = torch.where(self.fa, a, zero), torch.where(self.fb, b, zero)
+        self.a0, self.b0 = torch.where(self.finite_a, a, zero), torch.where(self.finite_b, b, zero)
         self.width = torch.where(self.fa & self.fb, self.b0 - self.a0, torch.ones_like(a))
+        # the common case, every interval a pair of barriers: one expression instead of four
+        self.bounded = bool((self.fa & self.fb).all())
 
     def x(self, s):
         both = self.a0 + self.width * torch.sigmoid(s)
+        if self.bounded:
+            return both
         lower = self.a0 + torch.exp(s)
         upper = self.b0 - torch.exp(-s)
         return torch.where(self.fa, torch.where(self.fb, both, lower), torch.where(self.fb, upper, s))
 
     def dx(self, s):
         both = self.width * torch.sigmoid(s) * torch.sigmoid(-s)
+        if self.bounded:
+            return both
         return torch.where(self.fa, torch.where(self.fb, both, torch.exp(s)), torch.where(self.fb, torch.exp(-s), 1.0))
 
     def s(self, x, delta_a, delta_b):
         """The inverse map, with x moved at least delta inside each finite end."""
-        x = torch.where(self.fa, torch.maximum(x, self.a0 + delta_a), x)
-        x = torch.where(self.fb, torch.minimum(x, self.b0 - delta_b), x)
+        x = torch.where(self.finite_a, torch.maximum(x, self.a0 + delta_a), x)
+        x = torch.where(self.finite_b, torch.minimum(x, self.b0 - delta_b), x)
         both = torch.log(x - self.a0) - torch.log(self.b0 - x)
+        if self.bounded:
+            return both
         lower = torch.log(x - self.a0)
         upper = -torch.log(self.b0 - x)
         return torch.where(self.fa, torch.where(self.fb, both, lower), torch.where(self.fb, upper, x))
@@ -113,7 +146,7 @@ def _deltas(a, b):
 
 
 def mirror_map(reg, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x0: torch.Tensor | None = None,
-               slopes=None, max_iter: int = MAX_ITER):
+               slopes=None, max_iter: int = MAX_ITER, barriers=None):
     """x = argmax_{a <= x <= b} v x - phi(x) elementwise, D = dx/dv (0 where clamped), and the clamped mask.
 
     ``v (..., n)`` float64; ``a, b`` broadcastable to v (a < b, either may be infinite), inside
@@ -137,7 +170,9 @@ def mirror_map(reg, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x0: torch
         x = torch.minimum(torch.maximum(reg.inverse_dphi(v), a), b)
         h = None
     else:
-        x, h = _newton_inverse(reg, v, a, b, low | high, x0, max_iter)
+        if barriers is None:
+            barriers = barrier_ends(reg, a, b)
+        x, h = _newton_inverse(reg, v, a, b, low | high, x0, max_iter, *(torch.broadcast_to(t, v.shape) for t in barriers))
     x = torch.where(low, a, torch.where(high, b, x))
     # a root that rounds onto an end of the interval is clamped there too
     clamped = low | high | (x <= a) | (x >= b)
@@ -147,15 +182,15 @@ def mirror_map(reg, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x0: torch
     return x, D, clamped
 
 
-def _newton_inverse(reg, v, a, b, skip, x0, max_iter):
+def _newton_inverse(reg, v, a, b, skip, x0, max_iter, barrier_a=None, barrier_b=None):
     eps = torch.finfo(v.dtype).eps
     todo = ~skip
-    coords = _Coordinates(a, b)
+    coords = _Coordinates(a, b, barrier_a, barrier_b)
     delta_a, delta_b = _deltas(a, b)
     inf = torch.full_like(v, math.inf)
     # the root lies beyond a + delta_a and before b - delta_b (v is strictly between the end slopes)
-    sl = torch.where(coords.fa, coords.s(coords.a0 + delta_a, delta_a, delta_b), -inf)
-    su = torch.where(coords.fb, coords.s(coords.b0 - delta_b, delta_a, delta_b), inf)
+    sl = torch.where(coords.finite_a, coords.s(coords.a0 + delta_a, delta_a, delta_b), -inf)
+    su = torch.where(coords.finite_b, coords.s(coords.b0 - delta_b, delta_a, delta_b), inf)
     s = torch.zeros_like(v)
     if x0 is not None:  # a warm start, except where it sits at an end (a clamped coordinate)
         s = torch.where((x0 > a) & (x0 < b), coords.s(x0, delta_a, delta_b), s)
@@ -284,6 +319,7 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
     c = total / n
     av, bv = z.new_tensor(a), z.new_tensor(b)
     slopes = endpoint_slopes(reg, av, bv)
+    barriers = barrier_ends(reg, av, bv)
     gc, _ = reg.derivatives(z.new_tensor(c))
     lo = z.amin(-1, keepdim=True) - gc
     hi = z.amax(-1, keepdim=True) - gc
@@ -301,12 +337,12 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
     previous = torch.full_like(nu, math.inf)
     tiny = torch.finfo(z.dtype).tiny
     use_log = a >= 0 and total > 0
-    first = nu, *mirror_map(reg, z - nu, av, bv, slopes=slopes)[:2]
+    first = nu, *mirror_map(reg, z - nu, av, bv, slopes=slopes, barriers=barriers)[:2]
     nu_old = nu
     for iteration in range(max_iter):
         if iteration == 0:
             upper = hi
-            x, D, _ = mirror_map(reg, z - upper, av, bv, slopes=slopes)
+            x, D, _ = mirror_map(reg, z - upper, av, bv, slopes=slopes, barriers=barriers)
             S0, S1 = first[1].sum(-1, keepdim=True), x.sum(-1, keepdim=True)
             lo = torch.where(S0 > total, first[0], lo)
             hi = torch.where(S0 < total, first[0], hi)
@@ -318,7 +354,7 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
             x, D = torch.where(keep, first[1], x), torch.where(keep, first[2], D)
         else:
             # warm start: the first-order prediction x - D dnu of the new point
-            x, D, _ = mirror_map(reg, z - nu, av, bv, x0=x - D * (nu - nu_old), slopes=slopes)
+            x, D, _ = mirror_map(reg, z - nu, av, bv, x0=x - D * (nu - nu_old), slopes=slopes, barriers=barriers)
         f = x.sum(-1, keepdim=True) - total
         d = D.sum(-1, keepdim=True)
         lo = torch.where(f > 0, nu, lo)
