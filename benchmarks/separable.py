@@ -59,20 +59,20 @@ def mix(x):
 
 
 RELAXATIONS = {
-    "tsallis_1.5": dict(
-        phi=tsallis,
-        dphi=lambda x: 2.0 * x.clamp_min(0).sqrt() - 4.0 / 3.0,
-        d2phi=lambda x: 1.0 / x.sqrt(),
+    "tsallis_1.5": {
+        "phi": tsallis,
+        "dphi": lambda x: 2.0 * x.clamp_min(0).sqrt() - 4.0 / 3.0,
+        "d2phi": lambda x: 1.0 / x.sqrt(),
         # phi'(x) = 2 sqrt(x) - 4/3 on x > 0; below phi'(0) = -4/3 the mirror map clamps to 0 itself
-        inverse_dphi=lambda v: ((v + 4.0 / 3.0).clamp_min(0) / 2.0) ** 2,
-        cvxpy=lambda x: (cp.sum(cp.power(x, 1.5)) - cp.sum(x)) / 0.75,
-    ),
-    "entropy+euclidean": dict(
-        phi=mix,
-        dphi=lambda x: 0.5 * (torch.log(x) + 1.0) + 0.5 * x,
-        d2phi=lambda x: 0.5 / x + 0.5,
-        cvxpy=lambda x: 0.5 * -cp.sum(cp.entr(x)) + 0.25 * cp.sum_squares(x),
-    ),
+        "inverse_dphi": lambda v: ((v + 4.0 / 3.0).clamp_min(0) / 2.0) ** 2,
+        "cvxpy": lambda x: (cp.sum(cp.power(x, 1.5)) - cp.sum(x)) / 0.75,
+    },
+    "entropy+euclidean": {
+        "phi": mix,
+        "dphi": lambda x: 0.5 * (torch.log(x) + 1.0) + 0.5 * x,
+        "d2phi": lambda x: 0.5 / x + 0.5,
+        "cvxpy": lambda x: 0.5 * -cp.sum(cp.entr(x)) + 0.25 * cp.sum_squares(x),
+    },
 }
 
 
@@ -93,24 +93,32 @@ def main(argv=None):
 
         return run
 
-    print(f"{P.name}, tau = {tau}, batch {B} (from_cvxpy: batch {B_generic}), forward + backward, float64, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{P.name}, tau = {tau}, batch {B} (from_cvxpy: batch {B_generic}), forward + backward, float64, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     header = f"{'relaxation':<20}{'path':<34}{'ms/instance':>12}{'from_cvxpy /':>14}{'/ binary_entropy':>18}"
     print(header)
     print("-" * len(header))
     for name, spec in RELAXATIONS.items():
         auto = sstcvx.Regularizer.separable(spec["phi"], domain=(0, math.inf), name=name)
-        given = sstcvx.Regularizer.separable(spec["phi"], domain=(0, math.inf), name=name + " (given)",
-                                             dphi=spec["dphi"], d2phi=spec["d2phi"])
+        given = sstcvx.Regularizer.separable(
+            spec["phi"], domain=(0, math.inf), name=name + " (given)", dphi=spec["dphi"], d2phi=spec["d2phi"]
+        )
         generic = sstcvx.Regularizer.from_cvxpy(spec["cvxpy"], name=name + " (cvxpy)")
         candidates = {
             "separable (autograd)": step(auto, U, G),
             "separable (given derivatives)": step(given, U, G),
         }
         if "inverse_dphi" in spec:
-            inverse = sstcvx.Regularizer.separable(spec["phi"], domain=(0, math.inf), name=name + " (inverse)",
-                                                   dphi=spec["dphi"], d2phi=spec["d2phi"],
-                                                   inverse_dphi=spec["inverse_dphi"])
+            inverse = sstcvx.Regularizer.separable(
+                spec["phi"],
+                domain=(0, math.inf),
+                name=name + " (inverse)",
+                dphi=spec["dphi"],
+                d2phi=spec["d2phi"],
+                inverse_dphi=spec["inverse_dphi"],
+            )
             candidates["separable (given inverse of phi')"] = step(inverse, U, G)
         candidates["built-in binary_entropy"] = step("binary_entropy", U, G)
         fast = interleaved(candidates, rounds)
@@ -123,9 +131,13 @@ def main(argv=None):
             print(f"{name:<20}{path:<34}{t * 1e3:>12.4f}{against_generic:>13.1f}x{t / base:>17.2f}x")
         Xs = sstcvx.relax(P, U[:B_generic], tau, auto)
         Xg = sstcvx.relax(P, U[:B_generic], tau, generic, solver="generic")
-        print(f"{name:<20}max |X_separable - X_cvxpylayers| over {B_generic} elements: {float((Xs - Xg).abs().max()):.1e}")
-    print("ratios: from_cvxpy / path (target >= 100 for the separable paths); path / built-in binary entropy "
-          "(target <= 3). Timings on a shared machine are noisy: read the ratios.")
+        print(
+            f"{name:<20}max |X_separable - X_cvxpylayers| over {B_generic} elements: {float((Xs - Xg).abs().max()):.1e}"
+        )
+    print(
+        "ratios: from_cvxpy / path (target >= 100 for the separable paths); path / built-in binary entropy "
+        "(target <= 3). Timings on a shared machine are noisy: read the ratios."
+    )
     declared(B, B_generic, tau, gen)
 
 
@@ -135,9 +147,12 @@ def declared(B, B_generic, tau, gen):
     x = cp.Variable(10)
     knapsack = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) <= 3, x[0] + x[1] <= 1], name="knapsack(10)")
     y = cp.Variable(8)
-    chain = sstcvx.Polytope.from_cvxpy(y, [y >= 0, y <= 1] + [y[i + 1] <= y[i] for i in range(7)] + [cp.sum(y) >= 2],
-                                       name="chain(8)")
-    print(f"\ndeclared polytopes, batch {B} (from_cvxpy: {B_generic}), one round each (the separable fast path is slow)")
+    chain = sstcvx.Polytope.from_cvxpy(
+        y, [y >= 0, y <= 1] + [y[i + 1] <= y[i] for i in range(7)] + [cp.sum(y) >= 2], name="chain(8)"
+    )
+    print(
+        f"\ndeclared polytopes, batch {B} (from_cvxpy: {B_generic}), one round each (the separable fast path is slow)"
+    )
     print(f"{'polytope':<14}{'relaxation':<20}{'path':<30}{'ms/instance':>12}")
     for P in (knapsack, chain):
         n = P.event_shape[0]
@@ -150,17 +165,27 @@ def declared(B, B_generic, tau, gen):
 
         for name in ("tsallis_1.5",):
             spec = RELAXATIONS[name]
-            sep = sstcvx.Regularizer.separable(spec["phi"], domain=(0, math.inf), name=name, dphi=spec["dphi"],
-                                               d2phi=spec["d2phi"], inverse_dphi=spec["inverse_dphi"],
-                                               cvxpy=spec["cvxpy"])  # for the fallback of unconverged elements
+            sep = sstcvx.Regularizer.separable(
+                spec["phi"],
+                domain=(0, math.inf),
+                name=name,
+                dphi=spec["dphi"],
+                d2phi=spec["d2phi"],
+                inverse_dphi=spec["inverse_dphi"],
+                cvxpy=spec["cvxpy"],
+            )  # for the fallback of unconverged elements
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 sstcvx.relax(P, U, tau, sep, solver="fast")
-            print(f"{P.name:<14}{name:<20}fast solver: {len(caught)} of {B} elements not converged (re-solved by cvxpylayers)")
+            print(
+                f"{P.name:<14}{name:<20}fast solver: {len(caught)} of {B} elements not converged (re-solved by cvxpylayers)"
+            )
             generic = sstcvx.Regularizer.from_cvxpy(spec["cvxpy"], name=name + " (cvxpy)")
             rows = {
                 "separable, solver='fast'": median_time(lambda: run(sep, U, G, "fast"), 1) / B,
-                "from_cvxpy (cvxpylayers)": median_time(lambda: run(generic, U[:B_generic], G[:B_generic], "cvxpylayers"), 2)
+                "from_cvxpy (cvxpylayers)": median_time(
+                    lambda: run(generic, U[:B_generic], G[:B_generic], "cvxpylayers"), 2
+                )
                 / B_generic,
                 "binary_entropy, solver='fast'": median_time(lambda: run("binary_entropy", U, G, "fast"), 3) / B,
             }

@@ -44,10 +44,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import polytopes  # noqa: E402
-import sstcvx  # noqa: E402
+import polytopes
+import sstcvx
+
 
 def _xlogx(x):
     return torch.where(x > 0, x * torch.log(x.clamp_min(1e-300)), torch.zeros_like(x))
@@ -147,7 +148,9 @@ def plot(path, curves, tau):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--items", type=int, default=10, help="n of KSubset(n, k)")
     p.add_argument("--k", type=int, default=3, help="k of KSubset(n, k)")
     p.add_argument("--features", type=int, default=5, help="context dimension")
@@ -164,7 +167,15 @@ def parse_args(argv=None):
     _common.add_run_arguments(p, "new_relaxation")
     args = p.parse_args(argv)
     if args.tiny:
-        args.items, args.k, args.steps, args.batch_size, args.train, args.test, args.compare_batch = 6, 2, 2, 4, 32, 8, 2
+        args.items, args.k, args.steps, args.batch_size, args.train, args.test, args.compare_batch = (
+            6,
+            2,
+            2,
+            4,
+            32,
+            8,
+            2,
+        )
         args.repeats = 1
     return args
 
@@ -181,15 +192,28 @@ def main(argv=None) -> dict:
         # the new regularizers: the cvxpylayers path ("generic") against the separable solver of
         # k-subsets ("specialized"), timed, then against the same program on the vertex list
         both = sstcvx.compare(P, new, tau=args.tau, batch=args.compare_batch, seed=args.seed, repeats=args.repeats)
-        brute = sstcvx.compare(P, new, tau=args.tau, batch=args.compare_batch, seed=args.seed, reference="brute_force",
-                               repeats=0, hard=False)
+        brute = sstcvx.compare(
+            P,
+            new,
+            tau=args.tau,
+            batch=args.compare_batch,
+            seed=args.seed,
+            reference="brute_force",
+            repeats=0,
+            hard=False,
+        )
         print((both + brute).table())
         for row, check in zip(both.rows, brute.rows):
             comparison[row.regularizer] = {
-                "max_abs_diff": row.max_abs_diff, "max_abs_grad_diff": row.max_abs_grad_diff,
+                "max_abs_diff": row.max_abs_diff,
+                "max_abs_grad_diff": row.max_abs_grad_diff,
                 "brute_force_max_abs_diff": check.max_abs_diff,
-                "ms_per_instance_generic": None if row.time_generic is None else row.time_generic / row.generic_batch * 1e3,
-                "ms_per_instance_separable": None if row.time_reference is None else row.time_reference / row.batch * 1e3,
+                "ms_per_instance_generic": None
+                if row.time_generic is None
+                else row.time_generic / row.generic_batch * 1e3,
+                "ms_per_instance_separable": None
+                if row.time_reference is None
+                else row.time_reference / row.batch * 1e3,
             }
 
     results, curves = {}, {}
@@ -202,11 +226,26 @@ def main(argv=None) -> dict:
         results[key] = {"path": path, "ms_per_instance": seconds * 1e3, "final_loss": curves[key][-1]}
         results[key].update(evaluate(P, name, model, data, args))
     rows = [
-        [name + (" (new)" if name.split(" (")[0] in NEW else ""), r["path"], r["ms_per_instance"], r["final_loss"],
-         r["subset_precision"], r["boundary_fraction"], r["relaxed_hard_gap"]]
+        [
+            name + (" (new)" if name.split(" (")[0] in NEW else ""),
+            r["path"],
+            r["ms_per_instance"],
+            r["final_loss"],
+            r["subset_precision"],
+            r["boundary_fraction"],
+            r["relaxed_hard_gap"],
+        ]
         for name, r in results.items()
     ]
-    columns = ["regularizer", "path", "ms/instance", "final loss", "subset precision", "X_tau within 1e-6 of 0/1", "relaxed-hard gap"]
+    columns = [
+        "regularizer",
+        "path",
+        "ms/instance",
+        "final loss",
+        "subset precision",
+        "X_tau within 1e-6 of 0/1",
+        "relaxed-hard gap",
+    ]
     title = f"{P.name}, tau={args.tau}, {args.steps} steps of batch {args.batch_size}, {args.test} held-out contexts"
     print(_common.format_table(columns, rows, title))
     plot(out, curves, args.tau)

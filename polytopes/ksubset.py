@@ -354,7 +354,9 @@ def log_elementary_symmetric(z: torch.Tensor, k: int) -> torch.Tensor:
         z = torch.cat([z, pad.expand(*z.shape[:-1], size - n)], dim=-1)
     # the first level in closed form: a pair {a, b} has log e_0 = 0, log e_1 = logaddexp(a, b), log e_2 = a + b
     a, b = z[..., 0::2], z[..., 1::2]
-    table = torch.stack([torch.zeros_like(a), floored_logsumexp(torch.stack([a, b], dim=-1), -1, _LOG_FLOOR), a + b], dim=-1)
+    table = torch.stack(
+        [torch.zeros_like(a), floored_logsumexp(torch.stack([a, b], dim=-1), -1, _LOG_FLOOR), a + b], dim=-1
+    )
     table = table[..., : k + 1]  # (B, groups, degree + 1)
     while table.shape[-2] > 1:
         d_out = min(2 * (table.shape[-1] - 1), k)

@@ -21,7 +21,7 @@ solvers composed with the coordinate map, then solvers registered on P's classes
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 #: The registration key of a solver that serves every separable regularizer
 #: (``Regularizer.separable``) on its target; it applies when no solver is registered under the
@@ -39,9 +39,7 @@ def _check_target(target):
         return
     if isinstance(target, type) and issubclass(target, Polytope):
         return
-    raise TypeError(
-        f"target: expected a Polytope subclass or instance, got {type(target).__name__}"
-    )
+    raise TypeError(f"target: expected a Polytope subclass or instance, got {type(target).__name__}")
 
 
 def _instance_table(target, attribute):

@@ -13,7 +13,7 @@ import copy
 import itertools
 import math
 import pickle
-from typing import Callable
+from collections.abc import Callable
 
 import cvxpy as cp
 import torch
@@ -44,7 +44,7 @@ class Regularizer:
         return f"Regularizer({self.name!r})"
 
     @staticmethod
-    def from_cvxpy(fn: Callable[[cp.Expression], cp.Expression], name: str | None = None) -> "Regularizer":
+    def from_cvxpy(fn: Callable[[cp.Expression], cp.Expression], name: str | None = None) -> Regularizer:
         """A user regularizer f(x) = fn(x), a strongly convex CVXPY expression of the variable.
 
         ``fn`` receives the polytope's ``cp.Variable`` and must return a scalar
@@ -73,7 +73,7 @@ class Regularizer:
         d2phi: Callable | None = None,
         inverse_dphi: Callable | None = None,
         cvxpy: Callable | None = None,
-    ) -> "SeparableRegularizer":
+    ) -> SeparableRegularizer:
         """A separable regularizer f(x) = sum_i phi(x_i), phi strictly convex on ``domain``.
 
         ``phi`` maps a float64 tensor to a tensor of the same shape, elementwise, in torch
@@ -211,7 +211,7 @@ class CvxpyRegularizer(Regularizer):
     def __getstate__(self):
         try:
             pickle.dumps(self.fn)
-        except Exception as error:  # noqa: BLE001  pickle raises several types here
+        except Exception as error:
             raise pickle.PicklingError(
                 f"regularizer {self.name!r} cannot be pickled: its function {self.fn!r} cannot "
                 f"({type(error).__name__}: {error}). Define the function with def at the top level "
@@ -228,7 +228,7 @@ def _check_picklable(name: str, functions: dict):
             continue
         try:
             pickle.dumps(fn)
-        except Exception as error:  # noqa: BLE001  pickle raises several types here
+        except Exception as error:
             raise pickle.PicklingError(
                 f"regularizer {name!r} cannot be pickled: its {role} {fn!r} cannot "
                 f"({type(error).__name__}: {error}). Define the function with def at the top level "
@@ -271,10 +271,16 @@ class SeparableRegularizer(Regularizer):
 
     bounded_jacobian = False
 
-    def __init__(self, phi, domain=(-math.inf, math.inf), name=None, dphi=None, d2phi=None, inverse_dphi=None,
-                 cvxpy=None):
-        for role, fn in (("phi", phi), ("dphi", dphi), ("d2phi", d2phi), ("inverse_dphi", inverse_dphi),
-                         ("cvxpy", cvxpy)):
+    def __init__(
+        self, phi, domain=(-math.inf, math.inf), name=None, dphi=None, d2phi=None, inverse_dphi=None, cvxpy=None
+    ):
+        for role, fn in (
+            ("phi", phi),
+            ("dphi", dphi),
+            ("d2phi", d2phi),
+            ("inverse_dphi", inverse_dphi),
+            ("cvxpy", cvxpy),
+        ):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{role}: expected a callable, got {type(fn).__name__}")
         if phi is None:
@@ -350,7 +356,7 @@ class SeparableRegularizer(Regularizer):
         where = f"on its domain [{lo:g}, {hi:g}]"
         try:
             values = self.phi(grid)
-        except Exception as error:  # noqa: BLE001  report any failure of the user's function
+        except Exception as error:
             raise TypeError(
                 f"regularizer {self.name!r}: phi failed on a float64 tensor of shape {tuple(grid.shape)} "
                 f"({type(error).__name__}: {error}); phi must be an elementwise torch function"
@@ -362,8 +368,9 @@ class SeparableRegularizer(Regularizer):
             )
         # elementwise: phi of part of the grid, as a 2-d tensor, is that part of phi(grid)
         part = grid[: 2 * (grid.numel() // 4)].reshape(2, -1)
-        if not torch.allclose(self.phi(part), values[: part.numel()].reshape(2, -1), rtol=1e-12, atol=1e-300,
-                              equal_nan=True):
+        if not torch.allclose(
+            self.phi(part), values[: part.numel()].reshape(2, -1), rtol=1e-12, atol=1e-300, equal_nan=True
+        ):
             raise ValueError(f"regularizer {self.name!r}: phi is not elementwise (phi(x)[i] depends on other entries)")
         g, h = self.derivatives(grid)
         for label, t in (("phi", values), ("phi'", g), ("phi''", h)):
@@ -439,6 +446,4 @@ def get_regularizer(regularizer) -> Regularizer:
                 f"regularizer: unknown name {regularizer!r}; expected one of {sorted(BUILTIN)} "
                 "or a Regularizer (e.g. Regularizer.from_cvxpy(lambda x: ...))"
             ) from None
-    raise TypeError(
-        f"regularizer: expected a name or a Regularizer, got {type(regularizer).__name__}"
-    )
+    raise TypeError(f"regularizer: expected a name or a Regularizer, got {type(regularizer).__name__}")

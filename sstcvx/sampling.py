@@ -18,6 +18,12 @@ from __future__ import annotations
 import torch
 
 from . import registry
+from .enumeration import vertex_marginals
+from .errors import SolverError
+from .generic import fast_relaxation, generic_argmax, generic_relaxation
+from .generic.settings import check_solver_args
+from .noise import get_noise
+from .regularizers import SeparableRegularizer, get_regularizer
 from .validation import (
     all_finite,
     check_mode,
@@ -28,12 +34,6 @@ from .validation import (
     shape_tau,
     validation_enabled,
 )
-from .enumeration import vertex_marginals
-from .errors import SolverError
-from .generic import fast_relaxation, generic_argmax, generic_relaxation
-from .generic.settings import check_solver_args
-from .noise import get_noise
-from .regularizers import SeparableRegularizer, get_regularizer
 
 
 def _flatten(P, U):

@@ -83,8 +83,9 @@ def barrier_ends(reg, a: torch.Tensor, b: torch.Tensor):
     delta_a, delta_b = _deltas(a, b)
     inside = _inside_point(a, b)
     a0, b0 = torch.where(fa, a, inside), torch.where(fb, b, inside)
-    points = torch.stack([a0 + delta_a, a0 + 1e-6 * width, a0 + 1e-3 * width,
-                          b0 - delta_b, b0 - 1e-6 * width, b0 - 1e-3 * width])
+    points = torch.stack(
+        [a0 + delta_a, a0 + 1e-6 * width, a0 + 1e-3 * width, b0 - delta_b, b0 - 1e-6 * width, b0 - 1e-3 * width]
+    )
     g, _ = reg.derivatives(points)
     g = torch.where(torch.isfinite(g), g, torch.full_like(g, math.inf))
     near_a, far_a = (g[0] - g[1]).abs(), (g[1] - g[2]).abs()
@@ -145,8 +146,16 @@ def _deltas(a, b):
     return torch.clamp(4 * eps * a.abs(), min=1e-300), torch.clamp(4 * eps * b.abs(), min=1e-300)
 
 
-def mirror_map(reg, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x0: torch.Tensor | None = None,
-               slopes=None, max_iter: int = MAX_ITER, barriers=None):
+def mirror_map(
+    reg,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    slopes=None,
+    max_iter: int = MAX_ITER,
+    barriers=None,
+):
     """x = argmax_{a <= x <= b} v x - phi(x) elementwise, D = dx/dv (0 where clamped), and the clamped mask.
 
     ``v (..., n)`` float64; ``a, b`` broadcastable to v (a < b, either may be infinite), inside
@@ -172,7 +181,9 @@ def mirror_map(reg, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x0: torch
     else:
         if barriers is None:
             barriers = barrier_ends(reg, a, b)
-        x, h = _newton_inverse(reg, v, a, b, low | high, x0, max_iter, *(torch.broadcast_to(t, v.shape) for t in barriers))
+        x, h = _newton_inverse(
+            reg, v, a, b, low | high, x0, max_iter, *(torch.broadcast_to(t, v.shape) for t in barriers)
+        )
     x = torch.where(low, a, torch.where(high, b, x))
     # a root that rounds onto an end of the interval is clamped there too
     clamped = low | high | (x <= a) | (x >= b)
@@ -260,7 +271,11 @@ def _newton_inverse(reg, v, a, b, skip, x0, max_iter, barrier_a=None, barrier_b=
         element = int(bad.reshape(-1, bad.shape[-1]).any(-1).nonzero()[0]) if bad.dim() > 1 else 0
         raise SolverError(
             f"regularizer {reg.name!r}: the inverse of phi' did not converge in {max_iter} steps "
-            f"(batch element {element})", element=element, solver="separable", status="max_iter")
+            f"(batch element {element})",
+            element=element,
+            solver="separable",
+            status="max_iter",
+        )
     return x, h
 
 
@@ -361,7 +376,9 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
         hi = torch.where(f < 0, nu, hi)
         # each x_i is exact to D_i times the inner tolerance on phi', so the sum to their total
         inner = 2 * INNER_TOLERANCE * d * (z - nu).abs().amax(-1, keepdim=True).clamp_min(1.0)
-        done = (f.abs() <= torch.maximum(inner, torch.full_like(f, tol))) | (hi - lo <= 4.0 * eps * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0))
+        done = (f.abs() <= torch.maximum(inner, torch.full_like(f, tol))) | (
+            hi - lo <= 4.0 * eps * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
+        )
         if bool(done.all()):
             return nu, x, D
         # Newton on log S(nu) = log total where the coordinates are nonnegative (exact in one step for
@@ -376,13 +393,18 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
         previous = f.abs()
         nu_old = nu
         nu = torch.where(done, nu, torch.where(take, newton, 0.5 * (lo + hi)))
-    bad = ~((f.abs() <= 1e-8 * max(1.0, abs(total))) | (hi - lo <= 1e-10 * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)))
+    bad = ~(
+        (f.abs() <= 1e-8 * max(1.0, abs(total))) | (hi - lo <= 1e-10 * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0))
+    )
     if bool(bad.any()):
         element = int(bad.reshape(-1).nonzero()[0])
         raise SolverError(
             f"regularizer {reg.name!r}: the threshold of the sum constraint did not converge in {max_iter} steps "
             f"(batch element {element}, residual {float(f.reshape(-1)[element]):.2e})",
-            element=element, solver="separable", status="max_iter")
+            element=element,
+            solver="separable",
+            status="max_iter",
+        )
     return nu, x, D
 
 

@@ -38,11 +38,15 @@ ENTROPY = Regularizer.separable(entropy_phi, domain=(0, math.inf), name="sep_ent
 BINARY = Regularizer.separable(lambda x: xlogx(x) + xlogx(1 - x), domain=(0, 1), name="sep_binary_entropy")
 SQUARE = Regularizer.separable(lambda x: 0.5 * x * x, name="sep_square")
 TSALLIS = Regularizer.separable(
-    tsallis_phi, domain=(0, math.inf), name="sep_tsallis_1.5",
+    tsallis_phi,
+    domain=(0, math.inf),
+    name="sep_tsallis_1.5",
     cvxpy=lambda x: (cp.sum(cp.power(x, 1.5)) - cp.sum(x)) / 0.75,
 )
 MIX = Regularizer.separable(
-    lambda x: 0.5 * xlogx(x) + 0.25 * x * x, domain=(0, math.inf), name="sep_entropy+euclidean",
+    lambda x: 0.5 * xlogx(x) + 0.25 * x * x,
+    domain=(0, math.inf),
+    name="sep_entropy+euclidean",
     cvxpy=lambda x: 0.5 * -cp.sum(cp.entr(x)) + 0.25 * cp.sum_squares(x),
 )
 
@@ -191,7 +195,9 @@ def test_sum_constraint_and_dtype():
 @pytest.mark.parametrize("reg", [TSALLIS, MIX, BINARY], ids=lambda r: r.name)
 @pytest.mark.parametrize("family", ["simplex", "ksubset", "hypercube"])
 def test_gradcheck(reg, family):
-    P = {"simplex": polytopes.Simplex(5), "ksubset": polytopes.KSubset(5, 2), "hypercube": polytopes.Hypercube(5)}[family]
+    P = {"simplex": polytopes.Simplex(5), "ksubset": polytopes.KSubset(5, 2), "hypercube": polytopes.Hypercube(5)}[
+        family
+    ]
     Z = utilities((3, 5), 1.0, seed=5).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: sstcvx.relax(P, z, 1.0, reg), (Z,))
 
@@ -264,11 +270,16 @@ def test_construction_errors():
 
 def test_given_derivatives_and_inverse_are_used():
     reg = Regularizer.separable(
-        entropy_phi, domain=(0, math.inf), dphi=lambda x: torch.log(x) + 1, d2phi=lambda x: 1 / x,
+        entropy_phi,
+        domain=(0, math.inf),
+        dphi=lambda x: torch.log(x) + 1,
+        d2phi=lambda x: 1 / x,
         inverse_dphi=lambda v: torch.exp(v - 1),
     )
     Z = utilities((16, 5), 2.0)
-    torch.testing.assert_close(sstcvx.relax(polytopes.Simplex(5), Z, 1.0, reg), torch.softmax(Z, -1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        sstcvx.relax(polytopes.Simplex(5), Z, 1.0, reg), torch.softmax(Z, -1), atol=1e-12, rtol=0
+    )
 
 
 def test_copies_and_pickling():
@@ -279,7 +290,9 @@ def test_copies_and_pickling():
     top_level = Regularizer.separable(tsallis_phi, domain=(0, math.inf), name="pickled")
     back = pickle.loads(pickle.dumps(top_level))
     Z = utilities((4, 5), 1.0)
-    torch.testing.assert_close(sstcvx.relax(polytopes.Simplex(5), Z, 1.0, back), entmax15_reference(Z), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        sstcvx.relax(polytopes.Simplex(5), Z, 1.0, back), entmax15_reference(Z), atol=1e-12, rtol=0
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,8 +305,9 @@ def declared_polytopes():
     x = cp.Variable(5)
     knapsack = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) <= 2, x[0] + x[1] <= 1], name="knapsack")
     y = cp.Variable(4)
-    flow = sstcvx.Polytope.from_cvxpy(y, [y >= 0, y[0] + y[1] == 1, y[2] <= y[0], y[3] <= y[1] + 0.5 * y[2]],
-                                      name="flow")
+    flow = sstcvx.Polytope.from_cvxpy(
+        y, [y >= 0, y[0] + y[1] == 1, y[2] <= y[0], y[3] <= y[1] + 0.5 * y[2]], name="flow"
+    )
     return knapsack, flow
 
 
@@ -323,5 +337,6 @@ def test_recognized_declaration_uses_the_family_solver():
         pytest.skip("this declaration is not recognized as a k-subset")
     assert sstcvx.relaxation_solver(P, TSALLIS)[1] == "specialized"
     U = utilities((4, 6), 1.0, seed=10)
-    torch.testing.assert_close(sstcvx.relax(P, U, 0.5, TSALLIS), sstcvx.relax(polytopes.KSubset(6, 2), U, 0.5, TSALLIS),
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        sstcvx.relax(P, U, 0.5, TSALLIS), sstcvx.relax(polytopes.KSubset(6, 2), U, 0.5, TSALLIS), atol=1e-12, rtol=0
+    )

@@ -60,9 +60,9 @@ def _regularizer_key(regularizer):
 def generic_relaxation(P, regularizer):
     """The cached generic layer of ``(P, regularizer)``, built on first use."""
     if regularizer.has_cvxpy_form:
-        build = lambda: GenericRelaxation(P, regularizer)  # noqa: E731
+        build = lambda: GenericRelaxation(P, regularizer)
     else:
-        build = lambda: VertexWeightsRelaxation(P, regularizer)  # noqa: E731
+        build = lambda: VertexWeightsRelaxation(P, regularizer)
     return cache.cached(P, ("relax",) + _regularizer_key(regularizer), build)
 
 

@@ -103,8 +103,12 @@ STATUS_CONVERGED = 0
 STATUS_MAX_ITER = 1
 STATUS_NOT_FINITE = 2
 STATUS_AUX_BOX = 3
-STATUS_NAMES = {0: "converged", 1: "maximum number of iterations reached", 2: "non-finite iterate",
-                3: "an auxiliary variable reached its artificial bound"}
+STATUS_NAMES = {
+    0: "converged",
+    1: "maximum number of iterations reached",
+    2: "non-finite iterate",
+    3: "an auxiliary variable reached its artificial bound",
+}
 
 
 @dataclass
@@ -129,8 +133,8 @@ class DualProblem:
     x_free: torch.Tensor
     x_fixed_value: torch.Tensor
     scale: float
-    xl: torch.Tensor = None
-    xu: torch.Tensor = None
+    xl: torch.Tensor | None = None
+    xu: torch.Tensor | None = None
 
     @property
     def row_scale(self) -> float:
@@ -146,12 +150,23 @@ class DualProblem:
     def has_barrier(self) -> bool:
         return self.m > self.m_eq or self.Cw.shape[1] > 0
 
-    def to(self, device) -> "DualProblem":
-        move = lambda t: t.to(device)  # noqa: E731
+    def to(self, device) -> DualProblem:
+        move = lambda t: t.to(device)
         return DualProblem(
-            self.n, self.m_eq, move(self.Cx), move(self.Cw), move(self.d), move(self.wl), move(self.wu),
-            move(self.w_art_lo), move(self.w_art_hi), move(self.x_free), move(self.x_fixed_value), self.scale,
-            move(self.xl), move(self.xu),
+            self.n,
+            self.m_eq,
+            move(self.Cx),
+            move(self.Cw),
+            move(self.d),
+            move(self.wl),
+            move(self.wu),
+            move(self.w_art_lo),
+            move(self.w_art_hi),
+            move(self.x_free),
+            move(self.x_fixed_value),
+            self.scale,
+            move(self.xl),
+            move(self.xu),
         )
 
 
@@ -166,7 +181,7 @@ def build_dual_problem(form, regularizer_name) -> DualProblem:
     separable = not isinstance(regularizer_name, str)
     if not separable and regularizer_name not in FAST_REGULARIZERS:
         raise ValueError(f"regularizer: the fast solver serves {FAST_REGULARIZERS}, got {regularizer_name!r}")
-    n, N = form.n, form.n_vars
+    n = form.n
     A, b = form.A.numpy().copy(), form.b.numpy().copy()
     G, h = form.G.numpy().copy(), form.h.numpy().copy()
     lo, up = form.lower.numpy().copy(), form.upper.numpy().copy()
@@ -201,8 +216,14 @@ def build_dual_problem(form, regularizer_name) -> DualProblem:
         A, b = _independent_rows(A, b, "the polytope")
     C = np.vstack([A, G]) if len(G) else A
     d = np.concatenate([b, h])
-    scale = float(max(1.0, np.abs(d).max(initial=0.0), np.abs(lo[np.isfinite(lo)]).max(initial=0.0),
-                      np.abs(up[np.isfinite(up)]).max(initial=0.0)))
+    scale = float(
+        max(
+            1.0,
+            np.abs(d).max(initial=0.0),
+            np.abs(lo[np.isfinite(lo)]).max(initial=0.0),
+            np.abs(up[np.isfinite(up)]).max(initial=0.0),
+        )
+    )
     # Bounds of w that the rows imply (valid constraints, so the barrier may use them); the sides
     # still unbounded get an artificial box.
     plo, pup = _implied_bounds(np.vstack([A, -A, G]), np.concatenate([b, -b, h]), lo[cols], up[cols])
@@ -213,10 +234,10 @@ def build_dual_problem(form, regularizer_name) -> DualProblem:
     new_wl = np.where(free_w, -width, np.where(art_lo, wu - width, wl))
     new_wu = np.where(free_w, width, np.where(art_hi, wl + width, wu))
     wl, wu = new_wl, new_wu
-    t = lambda a, dt=torch.float64: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
+    t = lambda a, dt=torch.float64: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)
     return DualProblem(
         n=n,
-        m_eq=int(len(A)),
+        m_eq=len(A),
         Cx=t(C[:, :nx].reshape(len(C), nx)),
         Cw=t(C[:, nx:].reshape(len(C), len(w_free))),
         d=t(d),
@@ -604,7 +625,7 @@ class FastRelaxation:
         self.kind = regularizer if separable else name
         self.max_iter = max_iter
         self.problem = build_dual_problem(P.linear_form(), self.kind)
-        self._on_device = {}
+        self._on_device: dict = {}
 
     def problem_on(self, device) -> DualProblem:
         key = str(device)

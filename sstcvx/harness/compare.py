@@ -291,7 +291,7 @@ def compare(
     hard_log = _Log()
     hard_stats = _compare_hard(P, U, Ug, V, repeats, hard_log, generic) if hard else {}
 
-    rows = []
+    rows: list[Comparison] = []
     for reg in regs:
         ref_name, ref_path, bf_path = _reference(P, reg, reference, V, reference_solver_args)
         for t in taus:
