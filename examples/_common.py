@@ -27,6 +27,28 @@ def progress(iterable, desc: str, quiet: bool = False, **kwargs):
     return tqdm(iterable, desc=desc, disable=quiet, dynamic_ncols=True, leave=False, **kwargs)
 
 
+def train_classifier(model, x, labels, test, evaluate, args, gen, desc: str, metrics) -> dict:
+    """Adam on the cross-entropy of ``model(x[idx], gen)`` over random minibatches, with ``evaluate(model, *test)``
+    every ``args.eval_every`` steps; returns the curves (steps, losses, and each of ``metrics``)."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    curves = {"step": [], "loss": [], "eval_step": [], **{m: [] for m in metrics}}
+    for step in progress(range(1, args.steps + 1), desc, args.quiet):
+        idx = torch.randint(len(x), (args.batch_size,), generator=gen)
+        loss = F.cross_entropy(model(x[idx], gen), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curves["step"].append(step)
+        curves["loss"].append(loss.item())
+        if step % args.eval_every == 0 or step == args.steps:
+            curves["eval_step"].append(step)
+            for key, value in evaluate(model, *test).items():
+                curves[key].append(value)
+    return curves
+
+
 def format_table(columns: list[str], rows: list[list], title: str | None = None) -> str:
     """A plain-text table (Markdown pipe syntax) with numbers formatted to 4 significant digits."""
 

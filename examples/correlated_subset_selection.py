@@ -153,21 +153,7 @@ def train(method: str, data, args, seed: int):
     gen = _common.seed_everything(seed)
     (x, labels, _), test = data
     model = Explainer(method, x.shape[1], args.k, args.hidden, args.tau, args.kernel)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    curves = {"step": [], "loss": [], "eval_step": [], **{m: [] for m in METRICS}}
-    for step in _common.progress(range(1, args.steps + 1), f"{method:>16} seed {seed}", args.quiet):
-        idx = torch.randint(len(x), (args.batch_size,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx], gen), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        curves["step"].append(step)
-        curves["loss"].append(loss.item())
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate(model, *test)
-            curves["eval_step"].append(step)
-            for key, value in metrics.items():
-                curves[key].append(value)
+    curves = _common.train_classifier(model, x, labels, test, evaluate, args, gen, f"{method:>16} seed {seed}", METRICS)
     return model, curves
 
 

@@ -118,21 +118,8 @@ def train(method: str, data, args):
     gen = _common.seed_everything(args.seed)
     (x, labels, _), test = data
     model = L2X(method, x.shape[1], args.hidden, args.tau)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    curves = {"step": [], "loss": [], "eval_step": [], "accuracy": [], "subset_precision": []}
-    for step in _common.progress(range(1, args.steps + 1), f"{method:>18}", args.quiet):
-        idx = torch.randint(len(x), (args.batch_size,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx], gen), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        curves["step"].append(step)
-        curves["loss"].append(loss.item())
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate(model, *test)
-            curves["eval_step"].append(step)
-            for key, value in metrics.items():
-                curves[key].append(value)
+    metrics = ("accuracy", "subset_precision")
+    curves = _common.train_classifier(model, x, labels, test, evaluate, args, gen, f"{method:>18}", metrics)
     return model, curves
 
 
