@@ -293,6 +293,21 @@ def load_family(name: str, n=None, k=None):
         raise UsageError(f"{name} with n={n if n is not None else family.n}: {error}") from None
 
 
+def load_target(target: str, n=None, k=None):
+    """``(polytope, family)`` for a command's FAMILY|FILE.py:FUNCTION target.
+
+    ``family`` is the registered family: the named one, or for a user's declaration the family it
+    was recognized as (``None`` when it was not).  Wrong targets raise :class:`UsageError`.
+    """
+    if target in _family_names():
+        return load_family(target, n, k)
+    if ":" in target:
+        P = load_user_polytope(target, n, k)
+        recognized = getattr(P, "recognized", None)
+        return P, None if recognized is None else families().get(recognized.family)
+    raise UsageError(f"unknown family {target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION")
+
+
 def check_output_file(option: str, path: str) -> None:
     """A file the run will write at the end: its directory must exist and be writable, and the
     path must not be a directory (checked before the run, so a typo does not cost the run)."""
@@ -328,27 +343,14 @@ def _compare(args) -> int:
         if path:
             check_output_file(option, path)
 
-    if args.target in _family_names():
-        try:
-            P, family = load_family(args.target, args.n, args.k)
-        except RuntimeError as error:
-            print(f"sstcvx compare: {error}", file=sys.stderr)
-            return 1
+    # a family, or a declaration recognized as one: its generic path against the family's solvers
+    P, family = load_target(args.target, args.n, args.k)
+    if family is not None:
         default_regs = list(family.regularizers)
-    elif ":" in args.target:
-        P = load_user_polytope(args.target, args.n, args.k)
-        recognized = getattr(P, "recognized", None)
-        if recognized is not None and recognized.family in families():
-            # a declaration recognized as a family: its generic path against the family's solvers
-            default_regs = list(families()[recognized.family].regularizers)
-        else:
-            default_regs = ["euclidean", "entropy"]
-            if args.reference != "second_solver" and P.vertices is not None:
-                default_regs.append("exp_family_entropy")
     else:
-        raise UsageError(
-            f"unknown family {args.target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION"
-        )
+        default_regs = ["euclidean", "entropy"]
+        if args.reference != "second_solver" and P.vertices is not None:
+            default_regs.append("exp_family_entropy")
     regs = [r for group in args.regularizer for r in group] if args.regularizer else default_regs
     regs = list(dict.fromkeys(regs))
     try:

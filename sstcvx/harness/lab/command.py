@@ -178,24 +178,12 @@ def lab_command(args) -> int:
     import torch
 
     from ...registry import find_argmax
-    from ..cli import UsageError, _family_names, load_family, load_user_polytope
+    from ..cli import UsageError, load_target
     from .estimators import CustomEstimator, LossError
     from .run import run_lab
 
-    if args.target in _family_names():
-        try:
-            P, family = load_family(args.target, args.n, args.k)
-        except RuntimeError as error:
-            print(f"sstcvx lab: {error}", file=sys.stderr)
-            return 1
-        default_regs = list(family.regularizers)
-    elif ":" in args.target:
-        P = load_user_polytope(args.target, args.n, args.k)
-        default_regs = None
-    else:
-        raise UsageError(
-            f"unknown family {args.target!r}; expected one of {', '.join(_family_names())} or FILE.py:FUNCTION"
-        )
+    P, family = load_target(args.target, args.n, args.k)
+    default_regs = list(family.regularizers) if family is not None else None
     regs = list(dict.fromkeys(r for group in args.regularizer for r in group)) if args.regularizer else default_regs
     loss = load_function(args.loss, "--loss") if ".py:" in args.loss else args.loss
     if isinstance(loss, str) and loss not in LOSSES:
