@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .regularizers import Regularizer, SeparableRegularizer, get_regularizer
+
 #: The registration key of a solver that serves every separable regularizer
 #: (``Regularizer.separable``) on its target; it applies when no solver is registered under the
 #: regularizer's own name.  Such a solver receives the regularizer: ``fn(P, Z, regularizer)``.
@@ -57,8 +59,6 @@ def register_relaxation(target, regularizer: str) -> Callable:
     separable regularizer (``Regularizer.separable``) that has no solver under its own name.
     """
     _check_target(target)
-    from .regularizers import get_regularizer
-
     name = SEPARABLE if regularizer == SEPARABLE else get_regularizer(regularizer).name
 
     def decorate(fn):
@@ -91,8 +91,6 @@ def find_relaxation(P, regularizer):
     ``regularizer`` is a name or a :class:`~sstcvx.Regularizer`; for a separable one without a
     solver under its own name, the target's ``"separable"`` solver, bound to it, is returned.
     """
-    from .regularizers import Regularizer, SeparableRegularizer
-
     if isinstance(regularizer, Regularizer):
         fn = _find(P, regularizer.name)
         if fn is None and isinstance(regularizer, SeparableRegularizer):
