@@ -407,103 +407,62 @@ def _linear_weights(z: torch.Tensor, k: int):
     return torch.exp(y.clamp_min(-(span + _FLOOR_MARGIN))), qualifies
 
 
-def _merge(I: torch.Tensor, k: int) -> torch.Tensor:
-    """Parents' truncated polynomials from their children's: I (2G, d + 1, B) -> (G, min(2d, k) + 1, B).
-
-    out[c] = sum_i left[i] right[c - i] (the product of the generating polynomials
-    prod_i (1 + w_i x)), read as sliding windows of ``right`` padded with d zeros;
-    the batch is the innermost (contiguous) dimension, so the products vectorise.
-    """
-    G, d1, B = I.shape[0] // 2, I.shape[1], I.shape[2]
-    d_out = min(2 * (d1 - 1), k)
-    pair = I.view(G, 2, d1, B)
-    windows = F.pad(pair[:, 1], (0, 0, d1 - 1, d_out + 1 - d1)).unfold(1, d1, 1).transpose(-1, -2)
-    return (windows * pair[:, 0].flip(1).unsqueeze(1)).sum(2)  # windows[c, i'] = right[c - d + i']
-
-
-def _merge_tangent(I: torch.Tensor, dI: torch.Tensor, k: int) -> torch.Tensor:
-    """The derivative of :func:`_merge` along dI: conv(dI_left, I_right) + conv(I_left, dI_right).
-
-    Both convolutions in one product: their windows and factors are concatenated
-    along the summed axis (one reduction over one axis vectorises; over two it does not).
-    """
-    G, d1, B = I.shape[0] // 2, I.shape[1], I.shape[2]
-    d_out = min(2 * (d1 - 1), k)
-    pair, dpair = I.view(G, 2, d1, B), dI.view(G, 2, d1, B)
-    right = F.pad(torch.stack([pair[:, 1], dpair[:, 1]], 1), (0, 0, d1 - 1, d_out + 1 - d1))  # (G, 2, L, B)
-    windows = right.unfold(2, d1, 1).permute(0, 2, 1, 4, 3).reshape(G, d_out + 1, 2 * d1, B)
-    left = torch.stack([dpair[:, 0], pair[:, 0]], 1).flip(2).view(G, 1, 2 * d1, B)
-    return (windows * left).sum(2)
-
-
-def _outside(R: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
-    """Children's outside coefficients from their parents': R (G, dp + 1, B), I (2G, d + 1, B) -> (2G, d + 1, B).
-
-    R_P[c] = e_{k - c}(items outside P), so a child's is
-    R_L[c] = sum_m I_sibling[m] R_P[c + m] (read as sliding windows of R_P).
-    """
-    G, d1, B = R.shape[0], I.shape[1], I.shape[2]
-    windows = F.pad(R, (0, 0, 0, 2 * d1 - 1 - R.shape[1])).unfold(1, d1, 1).transpose(-1, -2)  # [c, m] = R[c + m]
-    sibling = I.view(G, 2, d1, B).flip(1)
-    return (windows.unsqueeze(1) * sibling.unsqueeze(2)).sum(3).view(2 * G, d1, B)
-
-
-def _outside_tangent(R, dR, I, dI) -> torch.Tensor:
-    """The derivative of :func:`_outside` along (dR, dI): corr(dI_sibling, R_P) + corr(I_sibling, dR_P), one product."""
-    G, d1, B = R.shape[0], I.shape[1], I.shape[2]
-    padded = F.pad(torch.stack([R, dR], 1), (0, 0, 0, 2 * d1 - 1 - R.shape[1]))  # (G, 2, L, B)
-    windows = padded.unfold(2, d1, 1).permute(0, 2, 1, 4, 3).reshape(G, 1, d1, 2 * d1, B)  # [c, (s, m)]
-    sibling = torch.stack([dI.view(G, 2, d1, B), I.view(G, 2, d1, B)], 2).flip(1)  # (G, child, s, m, B)
-    return (windows * sibling.view(G, 2, 1, 2 * d1, B)).sum(3).view(2 * G, d1, B)
-
-
-def _linear_forward(w: torch.Tensor, n: int, k: int):
-    """Gibbs marginals (B, n) from the weights w (B, n) by the tree DP in linear space; also the state for the backward."""
-    B = w.shape[0]
-    size = 1 << (n - 1).bit_length()
-    w = F.pad(w, (0, size - n)).T.contiguous()  # (size, B), padding items of weight 0 change nothing
-    pairs = w.view(-1, 2, B)
-    a, b = pairs[:, 0], pairs[:, 1]
-    inside = [torch.stack([torch.ones_like(a), a + b, a * b], 1)[:, : k + 1]]  # pairs: e_0, e_1, e_2
-    while inside[-1].shape[0] > 1:
-        inside.append(_merge(inside[-1], k))
-    R = torch.zeros_like(inside[-1])
-    R[:, k] = 1.0  # the root's outside: e_{k - c}(nothing) = [c == k]
-    outside = [R]
-    for I in reversed(inside[:-1]):
-        outside.append(_outside(outside[-1], I))
-    outside.reverse()
-    R = outside[0]  # (size / 2, dpair + 1, B)
-    r = R[:, 1:2] + pairs.flip(1) * R[:, 2:3] if R.shape[1] > 2 else R[:, 1:2].expand(-1, 2, -1)
-    E = inside[-1][0, k]  # e_k(w), (B,)
-    m = pairs * r / E
-    return m.view(size, B).T[:, :n], (w, inside, outside, r, E, m)
-
-
-def _linear_hvp(state, g: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """H g (B, n) for H = d marginals / dz (the Gibbs covariance, symmetric): the tangent of the tree DP along g."""
-    w, inside, outside, r, E, m = state
-    size, B = w.shape
-    pairs = w.view(-1, 2, B)
-    dw = w * F.pad(g, (0, size - n)).T  # (size, B): the tangent of w = exp(z) along g
-    dpairs = dw.view(-1, 2, B)
-    a, b = pairs[:, 0], pairs[:, 1]
-    da, db = dpairs[:, 0], dpairs[:, 1]
-    dI = torch.stack([torch.zeros_like(a), da + db, da * b + a * db], 1)[:, : k + 1]
-    d_inside = [dI]
-    for I in inside[:-1]:
-        d_inside.append(_merge_tangent(I, d_inside[-1], k))
-    dR = torch.zeros_like(outside[-1])
-    for level in range(len(inside) - 2, -1, -1):
-        dR = _outside_tangent(outside[level + 1], dR, inside[level], d_inside[level])
-    R = outside[0]
-    if R.shape[1] > 2:
-        dr = dR[:, 1:2] + dpairs.flip(1) * R[:, 2:3] + pairs.flip(1) * dR[:, 2:3]
+def _linear_forward(w, k):
+    B, n = w.shape
+    W = torch.cat([w, w.flip((0, 1))])  # bottom: reversed rows, reversed items
+    Q = [None] * k  # Q[j][:, t] = e_j(items before t) in each half's own order; Q[0] = 1 implicit
+    if k > 1:
+        Q[1] = F.pad(W[:, :-1], (1, 0)).cumsum(-1)
+        step = torch.zeros_like(W)
+        head, Wl = step[:, 1:], W[:, :-1]
+        for j in range(2, k):
+            torch.mul(Wl, Q[j - 1][:, :-1], out=head)
+            Q[j] = torch.cumsum(step, -1)
+    # acc = sum over pairs c < (k-1)/2 of Q[k-1-c] * Phi(Q[c]), the middle c = (k-1)/2 at half weight
+    mirrored = [None] * k
+    if k == 1:
+        acc = torch.full_like(W, 0.5)
     else:
-        dr = dR[:, 1:2].expand(-1, 2, -1)
-    dE = d_inside[-1][0, k]
-    dm = (dpairs * r + pairs * dr - m * dE) / E
-    return dm.view(size, B).T[:, :n]
+        acc = Q[k - 1].clone() if k - 1 > 0 else None
+        if k == 1 + 0:
+            pass
+    for c in range(1, (k + 1) // 2):
+        mirrored[c] = Q[c].flip((0, 1))
+        acc.addcmul_(Q[k - 1 - c], mirrored[c], value=0.5 if 2 * c == k - 1 else 1.0)
+    if k > 1 and k % 2 == 1 and k - 1 == 0:
+        pass
+    if k % 2 == 1 and k > 1 and (k - 1) // 2 == 0:
+        pass
+    others = acc[:B] + acc[B:].flip((0, 1))
+    m = w * others
+    total = m.sum(-1, keepdim=True)
+    x = (k / total) * m
+    return x, (W, Q, mirrored, others, total, x)
+
+def _linear_hvp(state, g, k):
+    W, Q, mirrored, others, total, x = state
+    B, n = g.shape
+    G2 = torch.cat([g, g.flip((0, 1))])
+    dW = W * G2
+    dQ = [None] * k
+    if k > 1:
+        dQ[1] = F.pad(dW[:, :-1], (1, 0)).cumsum(-1)
+        step = torch.zeros_like(W)
+        head, Wl, dWl = step[:, 1:], W[:, :-1], dW[:, :-1]
+        for j in range(2, k):
+            torch.mul(dWl, Q[j - 1][:, :-1], out=head)
+            head.addcmul_(Wl, dQ[j - 1][:, :-1])
+            dQ[j] = torch.cumsum(step, -1)
+        d_acc = dQ[k - 1].clone()
+    else:
+        d_acc = torch.zeros_like(W)
+    for c in range(1, (k + 1) // 2):
+        v = 0.5 if 2 * c == k - 1 else 1.0
+        d_acc.addcmul_(dQ[k - 1 - c], mirrored[c], value=v)
+        d_acc.addcmul_(Q[k - 1 - c], dQ[c].flip((0, 1)), value=v)
+    d_others = d_acc[:B] + d_acc[B:].flip((0, 1))
+    dm = W[:B] * torch.addcmul(d_others, g, others)
+    return (k / total) * dm - x * (dm.sum(-1, keepdim=True) / total)
 
 
 class _GibbsMarginals(torch.autograd.Function):
@@ -517,13 +476,13 @@ class _GibbsMarginals(torch.autograd.Function):
         ctx.k, ctx.everywhere = k, everywhere
         ctx.save_for_backward(z)
         if everywhere:
-            m, ctx.state = _linear_forward(w, n, k)
+            m, ctx.state = _linear_forward(w, k)
             return m
         out = torch.empty_like(z)
         ctx.linear_rows = rows = linear.nonzero().squeeze(-1)
         ctx.log_rows = others = (~linear).nonzero().squeeze(-1)
         if rows.numel():
-            out[rows], ctx.state = _linear_forward(w[rows], n, k)
+            out[rows], ctx.state = _linear_forward(w[rows], k)
         with torch.enable_grad():
             out[others] = _log_space_marginals(z[others].detach().requires_grad_(True), k, False)
         return out
@@ -538,10 +497,10 @@ class _GibbsMarginals(torch.autograd.Function):
             (hvp,) = torch.autograd.grad(m, z, g, create_graph=True)
             return hvp, None
         if ctx.everywhere:
-            return _linear_hvp(ctx.state, g, n, k), None
+            return _linear_hvp(ctx.state, g, k), None
         out = torch.empty_like(z)
         if ctx.linear_rows.numel():
-            out[ctx.linear_rows] = _linear_hvp(ctx.state, g[ctx.linear_rows], n, k)
+            out[ctx.linear_rows] = _linear_hvp(ctx.state, g[ctx.linear_rows], k)
         with torch.enable_grad():
             rows = z[ctx.log_rows].detach().requires_grad_(True)
             m = _log_space_marginals(rows, k, True)
