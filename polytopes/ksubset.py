@@ -11,7 +11,7 @@ Specialized solvers (Z = U / tau, shape (B, n)):
   sorted breakpoints;
 * ``exp_family_entropy``: the marginals of the Gibbs law p(y) ~ exp<Z, y> on
   k-subsets, the gradient of log e_k(exp Z) (e_k the elementary symmetric
-  polynomial) computed by a log-space dynamic program.
+  polynomial) by prefix sums in linear space (a log-space DP for extreme rows).
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ register_relaxation(KSubset, "euclidean")(lambda P, Z: capped_simplex_projection
 
 
 # ----------------------------------------------------------------------------------------------
-# exponential-family entropy: Gibbs marginals by message passing over a tree of the items
+# exponential-family entropy: Gibbs marginals by prefix sums over the items (log-space DP for extreme rows)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -407,66 +407,111 @@ def _linear_weights(z: torch.Tensor, k: int):
     return torch.exp(y.clamp_min(-(span + _FLOOR_MARGIN))), qualifies
 
 
-def _linear_forward(w, k):
-    B, n = w.shape
-    W = torch.cat([w, w.flip((0, 1))])  # bottom: reversed rows, reversed items
-    Q = [None] * k  # Q[j][:, t] = e_j(items before t) in each half's own order; Q[0] = 1 implicit
-    if k > 1:
-        Q[1] = F.pad(W[:, :-1], (1, 0)).cumsum(-1)
-        step = torch.zeros_like(W)
-        head, Wl = step[:, 1:], W[:, :-1]
-        for j in range(2, k):
-            torch.mul(Wl, Q[j - 1][:, :-1], out=head)
-            Q[j] = torch.cumsum(step, -1)
-    # acc = sum over pairs c < (k-1)/2 of Q[k-1-c] * Phi(Q[c]), the middle c = (k-1)/2 at half weight
-    mirrored = [None] * k
-    if k == 1:
-        acc = torch.full_like(W, 0.5)
-    else:
-        acc = Q[k - 1].clone() if k - 1 > 0 else None
-        if k == 1 + 0:
-            pass
-    for c in range(1, (k + 1) // 2):
-        mirrored[c] = Q[c].flip((0, 1))
-        acc.addcmul_(Q[k - 1 - c], mirrored[c], value=0.5 if 2 * c == k - 1 else 1.0)
-    if k > 1 and k % 2 == 1 and k - 1 == 0:
-        pass
-    if k % 2 == 1 and k > 1 and (k - 1) // 2 == 0:
-        pass
-    others = acc[:B] + acc[B:].flip((0, 1))
-    m = w * others
-    total = m.sum(-1, keepdim=True)
-    x = (k / total) * m
-    return x, (W, Q, mirrored, others, total, x)
+def _mirror(Q: torch.Tensor) -> torch.Tensor:
+    """Rows and items reversed.  On a stack [prefix rows; suffix rows] whose suffix rows are the
+    prefix rows reversed (rows and items), the two halves trade places, each in the other's order."""
+    return Q.flip((0, 1))
 
-def _linear_hvp(state, g, k):
-    W, Q, mirrored, others, total, x = state
+
+def _pair_weight(c: int, k: int) -> float:
+    """The pair (c, k - 1 - c) of degrees is counted once; the middle c = (k - 1) / 2 pairs with itself (half weight)."""
+    return 0.5 if 2 * c == k - 1 else 1.0
+
+
+def _linear_forward(w: torch.Tensor, k: int):
+    """Gibbs marginals (B, n) from the weights w (B, n) by prefix sums in linear space; also the state for the backward.
+
+    The rows of W = [w; mirror(w)] (2B, n) hold w's prefixes on top and its
+    suffixes below.  Q_j[:, t] = e_j(first t entries of the row) follows from
+    Q_{j-1} by one cumulative sum over the items, Q_j[:, t + 1] = sum_{s <= t} W_s Q_{j-1}[:, s]
+    (Q_0 = 1), two batched operations per degree, in one buffer.  Item t's
+    leave-one-out coefficient is e_{k-1}(others) = sum_c e_{k-1-c}(before t) e_c(after t);
+    the top half of Q_{k-1-c} * mirror(Q_c) holds term c and its bottom half the
+    mirror of term k - 1 - c, so the pairs c <= (k - 1) / 2 suffice (only their
+    mirrors are kept).  Marginal w_t e_{k-1}(others) / e_k, with k e_k = sum_t w_t e_{k-1}(others).
+    """
+    B, n = w.shape
+    if k == 1:  # one item: the softmax
+        x = w / w.sum(-1, keepdim=True)
+        return x, (None, None, None, None, x)
+    half = (k - 1) // 2
+    W = torch.cat([w, _mirror(w)])
+    step = torch.zeros_like(W)  # column 0 stays 0 (e_j of no entries, j >= 1)
+    head, left = step[:, 1:], W[:, :-1]  # views made once: every degree reuses the same buffers
+    head.copy_(left)
+    Q = torch.cumsum(step, -1)
+    Q_left = Q[:, :-1]
+    mirrored, acc = [], None
+    for j in range(1, k):
+        if j > 1:
+            torch.mul(left, Q_left, out=head)
+            torch.cumsum(step, -1, out=Q)
+        if j <= half:
+            mirrored.append(_mirror(Q))
+        c = k - 1 - j
+        if c == 0:  # mirror(Q_0) = 1
+            acc = Q.clone() if acc is None else acc.add_(Q)
+        elif c <= half:
+            if acc is None:
+                acc = torch.mul(Q, mirrored[c - 1])
+                if 2 * c == k - 1:
+                    acc.mul_(0.5)
+            else:
+                acc.addcmul_(Q, mirrored[c - 1], value=_pair_weight(c, k))
+    others = acc[:B] + _mirror(acc[B:])
+    m = w * others
+    scale = k / m.sum(-1, keepdim=True)  # 1 / e_k
+    x = m.mul_(scale)
+    return x, (W, mirrored, others, scale, x)
+
+
+def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
+    """H g (B, n) for H = d marginals / dz (the Gibbs covariance, symmetric): the tangent of :func:`_linear_forward` along g.
+
+    The prefix sums are recomputed with their tangents in one buffer X_j = [Q_j; dQ_j]
+    (4B rows; recomputing costs fewer fresh pages than keeping them): dQ_j obeys
+    Q_j's recurrence with the source dW_s Q_{j-1}[:, s] added (dW = W g; the tangent
+    of a cumulative sum is the cumulative sum of the tangents).  The pair products
+    differentiate to dQ_{k-1-c} mirror(Q_c) + Q_{k-1-c} mirror(dQ_c).
+    """
+    W, mirrored, others, scale, x = state
+    if k == 1:
+        return x * (g - (x * g).sum(-1, keepdim=True))
     B, n = g.shape
-    G2 = torch.cat([g, g.flip((0, 1))])
-    dW = W * G2
-    dQ = [None] * k
-    if k > 1:
-        dQ[1] = F.pad(dW[:, :-1], (1, 0)).cumsum(-1)
-        step = torch.zeros_like(W)
-        head, Wl, dWl = step[:, 1:], W[:, :-1], dW[:, :-1]
-        for j in range(2, k):
-            torch.mul(dWl, Q[j - 1][:, :-1], out=head)
-            head.addcmul_(Wl, dQ[j - 1][:, :-1])
-            dQ[j] = torch.cumsum(step, -1)
-        d_acc = dQ[k - 1].clone()
-    else:
-        d_acc = torch.zeros_like(W)
-    for c in range(1, (k + 1) // 2):
-        v = 0.5 if 2 * c == k - 1 else 1.0
-        d_acc.addcmul_(dQ[k - 1 - c], mirrored[c], value=v)
-        d_acc.addcmul_(Q[k - 1 - c], dQ[c].flip((0, 1)), value=v)
-    d_others = d_acc[:B] + d_acc[B:].flip((0, 1))
-    dm = W[:B] * torch.addcmul(d_others, g, others)
-    return (k / total) * dm - x * (dm.sum(-1, keepdim=True) / total)
+    R, half = 2 * B, (k - 1) // 2
+    dW = torch.cat([g, _mirror(g)]).mul_(W)
+    step = W.new_zeros(2, R, n)  # [Q; dQ] inputs of the cumulative sums; column 0 stays 0
+    head, d_head, left, d_left = step[:, :, 1:], step[1, :, 1:], W[:, :-1], dW[:, :-1]
+    head[0].copy_(left)
+    d_head.copy_(d_left)
+    X = torch.cumsum(step, -1)
+    Q, dQ, X_left, Q_left = X[0], X[1], X[:, :, :-1], X[0, :, :-1]
+    flips, d_acc = [], None
+    for j in range(1, k):
+        if j > 1:
+            torch.mul(left, X_left, out=head)  # both halves: W broadcasts over [Q; dQ]
+            d_head.addcmul_(d_left, Q_left)
+            torch.cumsum(step, -1, out=X)
+        if j <= half:
+            flips.append(_mirror(dQ))
+        c = k - 1 - j
+        if c == 0:
+            d_acc = dQ.clone() if d_acc is None else d_acc.add_(dQ)
+        elif c <= half:
+            weight = _pair_weight(c, k)
+            if d_acc is None:
+                d_acc = torch.mul(dQ, mirrored[c - 1]).addcmul_(Q, flips[c - 1])
+                if weight != 1.0:
+                    d_acc.mul_(weight)
+            else:
+                d_acc.addcmul_(dQ, mirrored[c - 1], value=weight).addcmul_(Q, flips[c - 1], value=weight)
+    d_others = d_acc[:B] + _mirror(d_acc[B:])
+    dm = W[:B] * torch.addcmul(d_others, g, others)  # the tangent of m = w e_{k-1}(others)
+    return torch.addcmul(dm, x, dm.sum(-1, keepdim=True), value=-1.0 / k).mul_(scale)
 
 
 class _GibbsMarginals(torch.autograd.Function):
-    """Gibbs marginals of the k-subsets (B, n) float64: forward and backward by explicit message passes."""
+    """Gibbs marginals of the k-subsets (B, n) float64: forward and backward by explicit prefix-sum passes."""
 
     @staticmethod
     def forward(ctx, z, k):
@@ -515,19 +560,20 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
     k-subset log-partition function (:func:`log_elementary_symmetric`).
     Z: (..., n) -> (..., n), same dtype and device; sum x = k.
 
-    Algorithm: the generating polynomial prod_i (1 + w_i t), w = exp(Z - max Z),
-    truncated at degree k, is built up a balanced binary tree over the items
-    (log2 n vectorised levels, each a batch of small polynomial products: the
-    elementary symmetric polynomials e_c of every group), then the outside
-    coefficients e_{k-c}(items outside the group) are passed down the same tree;
-    item i's marginal is w_i e_{k-1}(others) / e_k.  All sums have positive terms
-    (no cancellation), in float64.  Backward: H g with H the Gibbs covariance, the
-    tangent of both passes along g (one more pair of passes, no autograd
-    recording).  Work O(n k) per pass in total; each level is a few batched
-    tensor operations with the batch innermost.  Rows whose k largest entries
-    spread more than min(30, (600 - log C(n, k)) / k) below the maximum (small
-    tau), where positive sums in float64 could over- or underflow, take the
-    log-space DP (:func:`log_elementary_symmetric`) and its autograd instead.
+    Algorithm: with w = exp(Z - max Z), item i's marginal is w_i e_{k-1}(others) / e_k
+    (e_c the elementary symmetric polynomials of the weights).  The prefix
+    polynomials e_j(w_1..w_t), j < k, for all t, come from one cumulative sum over
+    the items per degree, for the rows and the reversed rows stacked (prefixes and
+    suffixes at once); e_{k-1}(others) = sum_c e_{k-1-c}(before i) e_c(after i)
+    pairs them.  All sums have positive terms (no cancellation), in float64.
+    Backward: H g with H the Gibbs covariance, the tangent of the same recurrences
+    along g (the tangent of a cumulative sum is a cumulative sum), no autograd
+    recording.  Work O(n k) per pass; about 2k batched operations forward and 3k
+    backward, with the batch vectorised.  For k > n / 2 the complements are
+    computed, x(Z, k) = 1 - x(-Z, n - k).  Rows whose k largest entries spread more
+    than min(30, (600 - log C(n, k)) / k) below the maximum (small tau), where
+    positive sums in float64 could over- or underflow, take the log-space DP
+    (:func:`log_elementary_symmetric`) and its autograd instead.
 
     When C(n, k) n <= 4096 the subsets are enumerated instead: a softmax over the
     C(n, k) subset scores, differentiated by autograd (exact, and fewer operations).
@@ -543,6 +589,8 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
     n = Z.shape[-1]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k: expected 1 <= k <= n - 1 = {n - 1}, got {k}")
+    if 2 * k > n:  # fewer degrees for the complements: S ~ exp<Z, S> iff its complement ~ exp<-Z, .>
+        return 1.0 - k_subset_marginals(-Z, n - k)
     z = Z.reshape(-1, n).to(torch.float64)
     if z.shape[0] == 0:
         return Z * 0
