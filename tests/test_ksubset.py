@@ -194,3 +194,40 @@ def test_capped_simplex_newton_finds_the_exact_support_of_the_sorted_method(scal
         assert (free >= interior).all() and (free_sorted >= interior).all()
         torch.testing.assert_close(x, x_sorted, atol=1e-12 * max(1.0, scale), rtol=0)
         torch.testing.assert_close(x.sum(-1), torch.full((64,), float(k), dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 1e4])
+def test_capped_simplex_fast_newton_is_the_sorted_method_or_defers(scale):
+    # generic input: the cheap steps settle on the exact projection; integer-valued rows (roots on
+    # breakpoints) may defer (None) to the exact-candidate steps, and the public projection is exact either way
+    from polytopes.ksubset import _capped_simplex_fast_newton, _capped_simplex_sorted, capped_simplex_projection
+
+    z = scale * torch.randn(64, 50, dtype=torch.float64)
+    for k in (1, 7, 25, 49):
+        result = _capped_simplex_fast_newton(z, k)
+        assert result is not None
+        x_sorted, free_sorted = _capped_simplex_sorted(z, k)
+        torch.testing.assert_close(result[0], x_sorted, atol=1e-12 * max(1.0, scale), rtol=0)
+        # the same support up to entries within rounding of a bound (degenerate: x the same)
+        interior = (x_sorted > 1e-9) & (x_sorted < 1 - 1e-9)
+        assert torch.equal(result[1] & interior, free_sorted & interior) and (result[1] >= interior).all()
+    z[:8] = z[:8].round()
+    for k in (1, 7, 25, 49):
+        x = capped_simplex_projection(z, k)
+        torch.testing.assert_close(x, _capped_simplex_sorted(z, k)[0], atol=1e-12 * max(1.0, scale), rtol=0)
+
+
+@pytest.mark.parametrize("n,k", [(40, 30), (41, 21), (60, 59)])
+def test_exp_family_complements_for_large_k(n, k):
+    # k > n / 2 goes through the complements (n - k degrees): same marginals and covariance as the direct passes
+    from polytopes.ksubset import _GibbsMarginals, k_subset_marginals
+
+    z = 2 * torch.randn(3, n, dtype=torch.float64)
+    g = torch.randn(3, n, dtype=torch.float64)
+    zg, zd = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    X, direct = k_subset_marginals(zg, k), _GibbsMarginals.apply(zd, k)
+    torch.testing.assert_close(X, direct, atol=1e-12, rtol=0)
+    torch.testing.assert_close(X.sum(-1), torch.full((3,), float(k), dtype=torch.float64), atol=1e-11, rtol=0)
+    (hvp,) = torch.autograd.grad(X, zg, g)
+    (reference,) = torch.autograd.grad(direct, zd, g)
+    torch.testing.assert_close(hvp, reference, atol=1e-12, rtol=0)
