@@ -7,7 +7,7 @@ Prints, in one run:
 1. The k-subset exponential-family-entropy dynamic program at batch 128, n = 45, k = 9 and
    n = 435, k = 29, float64:
    * ``ours``: the marginals X = grad log e_k(exp Z) by ``polytopes.ksubset.k_subset_marginals``
-     (up/down passes over a tree of the items, tangent backward);
+     (prefix sums over the items per degree, tangent backward);
    * ``numpy-fd``: a numpy log-space DP over the items (vectorised over the batch and
      over the perturbed copies), differentiated by central finite differences
      (2n + 1 DP evaluations);
@@ -82,7 +82,7 @@ def numpy_fd_marginals(z: np.ndarray, k: int, coordinates, h: float = 1e-5, chun
 
 def dp_section(quick: bool, rounds: int):
     print("1. k-subset exp_family_entropy: log-space DP marginals vs numpy DP + central finite differences")
-    print("   batch 128, float64; ours = the marginals by up/down message passes")
+    print("   batch 128, float64; ours = the marginals by prefix sums over the items")
     header = f"   {'n':>4} {'k':>3} | {'ours':>11} | {'numpy-fd':>11} | {'ratio':>7} | {'max |diff|':>10} | {'ours train':>11}"
     print(header)
     generator = np.random.default_rng(0)

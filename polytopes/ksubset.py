@@ -21,7 +21,6 @@ import math
 
 import cvxpy as cp
 import torch
-import torch.nn.functional as F
 
 from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
@@ -482,7 +481,7 @@ def _linear_forward(w: torch.Tensor, k: int):
     mirror of term k - 1 - c, so the pairs c <= (k - 1) / 2 suffice (only their
     mirrors are kept).  Marginal w_t e_{k-1}(others) / e_k, with k e_k = sum_t w_t e_{k-1}(others).
     """
-    B, n = w.shape
+    B = w.shape[0]
     if k == 1:  # one item: the softmax
         x = w / w.sum(-1, keepdim=True)
         return x, (None, None, None, None, x)
@@ -567,7 +566,6 @@ class _GibbsMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, k):
-        n = z.shape[-1]
         w, linear = _linear_weights(z, k)
         everywhere = bool(linear.all())
         ctx.k, ctx.everywhere = k, everywhere
@@ -587,7 +585,7 @@ class _GibbsMarginals(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z,) = ctx.saved_tensors
-        k, n = ctx.k, z.shape[-1]
+        k = ctx.k
         if torch.is_grad_enabled():
             # double backward requested (create_graph): differentiate the log-space DP twice by autograd
             m = _log_space_marginals(z, k, True)
