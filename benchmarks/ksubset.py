@@ -81,7 +81,7 @@ def numpy_fd_marginals(z: np.ndarray, k: int, coordinates, h: float = 1e-5, chun
 
 
 def dp_section(quick: bool, rounds: int):
-    print("1. k-subset exp_family_entropy: log-space DP marginals vs numpy DP + central finite differences")
+    print("1. k-subset exp_family_entropy: prefix-sum DP marginals vs numpy DP + central finite differences")
     print("   batch 128, float64; ours = the marginals by prefix sums over the items")
     header = f"   {'n':>4} {'k':>3} | {'ours':>11} | {'numpy-fd':>11} | {'ratio':>7} | {'max |diff|':>10} | {'ours train':>11}"
     print(header)
