@@ -42,6 +42,12 @@ INNER_TOLERANCE = 16 * 2.0**-52
 SUM_PROGRESS = 0.2
 #: Joint Newton steps on (x, nu) allowed before the rows still unconverged go to the nested solver.
 JOINT_ITER = 40
+#: Nodes of the tabulated inverse of phi' that starts the joint iteration, and the reach of its
+#: stretched coordinate towards a barrier (x - a down to e^-REACH times the width).
+TABLE_SIZE = 1024
+TABLE_REACH = 30.0
+#: Newton/bisection steps on nu allowed on the tabulated surrogate.
+SURROGATE_ITER = 30
 #: After this many joint steps, every other step keeps nu (see :func:`_joint_sum`).
 SLOW_AFTER = 8
 
@@ -446,6 +452,80 @@ class _IntervalInfo:
         # the closest a free coordinate comes to an end (its x stays strictly inside)
         self.inner_a, self.inner_b = a + float(delta_a), b - float(delta_b)
         self.usable = all(math.isfinite(t) for t in (self.ga, self.gb, self.gc, self.dc)) and self.dc > 0
+        self.a, self.b = a, b
+        self._tables: dict = {}
+        self.table = self._build_table(reg) if self.usable else None
+
+    # the tabulated inverse of phi' (the surrogate that starts the joint iteration)
+    def x_of_s(self, s):
+        """The stretched coordinate of the table: x = a + w sigmoid(s) between two barriers, a + e^s
+        or b - e^-s towards one, s itself between finite-slope ends; and dx/ds."""
+        a, b = self.a, self.b
+        if self.barrier_a and self.barrier_b:
+            p = torch.sigmoid(s)
+            return a + (b - a) * p, (b - a) * p * (1.0 - p)
+        if self.barrier_a:
+            e = torch.exp(s)
+            return a + e, e
+        if self.barrier_b:
+            e = torch.exp(-s)
+            return b - e, e
+        # between finite-slope ends: x = a + w sin^2(pi s / 2) on [0, 1], nodes crowding quadratically
+        # towards both ends, where phi' often behaves as a square root (x^1.5 at 0)
+        return _sine_map(a, b, 0.5 * math.pi * s)
+
+    def _build_table(self, reg):
+        a, b = self.a, self.b
+        w = b - a
+        if self.barrier_a and self.barrier_b:
+            lo, hi = -TABLE_REACH, TABLE_REACH
+        elif self.barrier_a:
+            lo, hi = math.log(w) - TABLE_REACH, math.log(w)
+        elif self.barrier_b:
+            lo, hi = -math.log(w), TABLE_REACH - math.log(w)
+        else:
+            lo, hi = 0.0, 1.0
+        s = torch.linspace(lo, hi, TABLE_SIZE, dtype=torch.float64)
+        x, _ = self.x_of_s(s)
+        inside = (x > self.inner_a) & (x < self.inner_b)
+        s, x = s[inside], x[inside]
+        # a finite-slope end is a node itself (where phi' = ga), so that x~ reaches it continuously
+        if not self.barrier_a:
+            s0 = 0.0 if not self.barrier_b else math.log(self.inner_a - a)
+            s, x = torch.cat([s.new_tensor([s0]), s]), torch.cat([x.new_tensor([self.inner_a]), x])
+        if not self.barrier_b:
+            s1 = 1.0 if not self.barrier_a else math.log(self.inner_b - a)
+            s, x = torch.cat([s, s.new_tensor([s1])]), torch.cat([x, x.new_tensor([self.inner_b])])
+        g, _ = reg.derivatives(x)
+        if s.numel() < 8 or not bool(torch.isfinite(g).all()) or not bool((g[1:] > g[:-1]).all()):
+            return None  # phi' not resolved as increasing on the grid: no table, the start from c serves
+        # per segment j: v_j = phi'(x_j), s_j, and the slope ds/dv; v beyond the ends extrapolates the end
+        # segments linearly in s (exact for a log barrier)
+        k = (s[1:] - s[:-1]) / (g[1:] - g[:-1])
+        return g[1:-1].contiguous(), torch.stack([g[:-1], s[:-1], k], -1)
+
+    def table_on(self, like):
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = tuple(t.to(device=like.device, dtype=like.dtype) for t in self.table)
+        return self._tables[key]
+
+    def surrogate(self, v):
+        """x(v) from the table (piecewise linear in s between the nodes), dx/dv, and the clamped masks."""
+        bounds, rows = self.table_on(v)
+        g0, s0, k = rows[torch.searchsorted(bounds, v)].unbind(-1)
+        x, dx = self.x_of_s(s0 + (v - g0) * k)
+        # the active set is that of the exact mirror map (v beyond an end's slope); the other coordinates
+        # stay strictly inside
+        at_a, at_b = v <= self.ga, v >= self.gb
+        clamped = at_a | at_b
+        x = torch.where(at_a, self.a, torch.where(at_b, self.b, x.clamp(self.inner_a, self.inner_b)))
+        return x, torch.where(clamped, 0.0, dx * k), at_a, at_b
+
+    def __getstate__(self):  # the device copies of the table are a cache
+        state = dict(self.__dict__)
+        state["_tables"] = {}
+        return state
 
 
 def _interval_info(reg, a, b, total, n):
@@ -458,6 +538,14 @@ def _interval_info(reg, a, b, total, n):
     if info is None:
         info = table[key] = _IntervalInfo(reg, a, b, total, n)
     return info
+
+
+def _sine_map(a, b, theta):
+    """x = a + (b - a) sin^2(theta) for theta in [0, pi/2], accurate near both ends, and dx/dtheta."""
+    w = b - a
+    sin, cos = torch.sin(theta), torch.cos(theta)
+    x = torch.where(theta < 0.25 * math.pi, a + w * sin * sin, b - w * cos * cos)
+    return x, 2.0 * w * sin * cos
 
 
 def _advance(info, a, b, x, g, D, v):
@@ -487,7 +575,13 @@ def _advance(info, a, b, x, g, D, v):
         grow = torch.exp((-dx / right).clamp(max=60.0))
         new, slope = b - right * grow, D * grow
     else:
-        new, slope = x + dx, D
+        # in the table's angle theta (x = a + w sin^2 theta), where phi' like a square root at an end is
+        # nearly linear; dx/dtheta = 2 sqrt((x - a)(b - x))
+        root = torch.sqrt((x - a) * (b - x))
+        theta = torch.atan2(torch.sqrt(x - a), torch.sqrt(b - x)) + dx / (2.0 * root)
+        new, dnew = _sine_map(a, b, theta)
+        slope = D * dnew / (2.0 * root)
+        new = torch.where(theta <= 0.0, a, torch.where(theta >= 0.5 * math.pi, b, new))
     tiny = torch.finfo(x.dtype).tiny
     below = new <= info.inner_a
     above = new >= info.inner_b
@@ -499,6 +593,36 @@ def _advance(info, a, b, x, g, D, v):
     at_a, at_b = v <= info.ga, v >= info.gb
     clamped = at_a | at_b
     return torch.where(at_a, a, torch.where(at_b, b, new)), torch.where(clamped, 0.0, slope), at_a, at_b
+
+
+def _surrogate_root(info, z, total, nu, lo, hi, use_log):
+    """nu with sum_i x~(z_i - nu) = total for the tabulated mirror map x~ (:meth:`_IntervalInfo.surrogate`),
+    to about 1e-10, and x~, its clamped masks there: Newton steps (on log S where the coordinates are
+    nonnegative) inside a bracket, bisection where a step leaves it.  No evaluation of phi."""
+    tiny = torch.finfo(z.dtype).tiny
+    tol = 1e-10 * max(1.0, abs(total))
+    for _ in range(SURROGATE_ITER):
+        x, D, at_a, at_b = info.surrogate(z - nu)
+        S = x.sum(-1, keepdim=True)
+        f = S - total
+        lo, hi = torch.where(f > 0, nu, lo), torch.where(f < 0, nu, hi)
+        done = f.abs() <= tol
+        if bool(done.all()):
+            break
+        sum_D = D.sum(-1, keepdim=True)
+        if use_log:
+            step = torch.where(S > 0, torch.log(S.clamp_min(tiny) / total) * S, f)
+        else:
+            step = f
+        new = nu + step / sum_D.clamp_min(tiny)
+        new = torch.where((new > lo) & (new < hi), new, 0.5 * (lo + hi))
+        nu_next = torch.where(done, nu, new)
+        if bool((nu_next == nu).all()):
+            break
+        nu = nu_next
+    else:
+        x, D, at_a, at_b = info.surrogate(z - nu)
+    return nu, x, at_a, at_b
 
 
 def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
@@ -536,13 +660,18 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
         k = min(max(round(total), 1), n - 1) if n > 1 else 1
         top = z.topk(min(k + 1, n), dim=-1).values
         nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - info.gc
-    start = torch.full_like(z, info.c)
-    x, _, at_a, at_b = _advance(info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu)
     tol_sum = 16.0 * n * eps * max(1.0, abs(total))
     # every term is >= c at nu = min z - phi'(c) and <= c at max z - phi'(c): a bracket of the root
     lo = z.amin(-1, keepdim=True) - info.gc
     hi = z.amax(-1, keepdim=True) - info.gc
     nu = nu.clamp(lo, hi)
+    if info.table is not None:
+        nu, x, at_a, at_b = _surrogate_root(info, z, total, nu, lo, hi, use_log)
+    else:
+        start = torch.full_like(z, info.c)
+        x, _, at_a, at_b = _advance(
+            info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu
+        )
     for iteration in range(max_iter):
         free = ~(at_a | at_b)
         # a clamped coordinate is evaluated at c: it leaves its end by a Newton step from c
@@ -596,7 +725,13 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
         new_nu = nu + dnu
         new_nu = torch.where((new_nu > lo) & (new_nu < hi) | (dnu == 0), new_nu, 0.5 * (lo + hi))
         nu = torch.where(done, nu, new_nu)
-        x_new, _, at_a_new, at_b_new = _advance(info, a, b, xe, g, D_all, z - nu)
+        v_new = z - nu
+        x_new, _, at_a_new, at_b_new = _advance(info, a, b, xe, g, D_all, v_new)
+        if info.table is not None:
+            # a coordinate that leaves its end starts from the table rather than from a Newton step from c
+            leaving = (at_a & ~at_a_new) | (at_b & ~at_b_new)
+            if bool(leaving.any()):
+                x_new = torch.where(leaving, info.surrogate(v_new)[0], x_new)
         keep = done | ~torch.isfinite(nu)
         x = torch.where(keep, x, x_new)
         at_a, at_b = torch.where(keep, at_a, at_a_new), torch.where(keep, at_b, at_b_new)
