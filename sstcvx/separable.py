@@ -41,15 +41,17 @@ INNER_TOLERANCE = 16 * 2.0**-52
 #: slower (linear) convergence, as at a root where every free coordinate leaves its interval, bisects.
 SUM_PROGRESS = 0.2
 #: Joint Newton steps on (x, nu) allowed before the rows still unconverged go to the nested solver.
-JOINT_ITER = 40
+JOINT_ITER = 12
 #: Nodes of the tabulated inverse of phi' that starts the joint iteration, and the reach of its
 #: stretched coordinate towards a barrier (x - a down to e^-REACH times the width).
 TABLE_SIZE = 1024
 TABLE_REACH = 30.0
-#: Newton/bisection steps on nu allowed on the tabulated surrogate.
-SURROGATE_ITER = 12
+#: Newton/bisection steps on nu allowed on the tabulated surrogate (a start: the joint steps refine it).
+SURROGATE_ITER = 6
+#: The table's root stops at |sum x~ - total| <= SURROGATE_TOL max(1, total).
+SURROGATE_TOL = 1e-6
 #: After this many joint steps, every other step keeps nu (see :func:`_joint_sum`).
-SLOW_AFTER = 8
+SLOW_AFTER = 6
 
 
 def _inside_point(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -614,7 +616,7 @@ def _surrogate_root(info, z, total, nu, lo, hi, use_log):
     to about 1e-10, and x~, its clamped masks there: Newton steps (on log S where the coordinates are
     nonnegative) inside a bracket, bisection where a step leaves it.  No evaluation of phi."""
     tiny = torch.finfo(z.dtype).tiny
-    tol = 1e-10 * max(1.0, abs(total))
+    tol = SURROGATE_TOL * max(1.0, abs(total))
     for _ in range(SURROGATE_ITER):
         x, D, at_a, at_b = info.surrogate(z - nu)
         S = x.sum(-1, keepdim=True)
@@ -687,6 +689,7 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
             info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu
         )
     tol_sum = 16.0 * n * eps * max(1.0, abs(total))
+    previous = torch.full_like(nu, math.inf)
     for iteration in range(max_iter):
         clamped = at_a | at_b
         # a clamped coordinate is evaluated at c (phi' may be infinite at its end), its values unused
@@ -710,6 +713,13 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
         gap_a = torch.where(at_a, info.ga - v, math.inf).amin(-1, keepdim=True)
         gap_b = torch.where(at_b, v - info.gb, math.inf).amin(-1, keepdim=True)
         dnu = torch.where(sum_D > 0, dnu, torch.where(f < 0, -gap_a, gap_b))
+        # a root of multiplicity m (a vertex of a phi' like a square root at its end: x ~ (v - ga)^2 makes
+        # sum x - total touch zero quadratically) shrinks Newton's steps by (m - 1) / m each: then
+        # the step is scaled by m, estimated from two consecutive steps in the same direction
+        ratio = dnu / previous
+        m = torch.where((ratio > 0.3) & (ratio < 0.8), 1.0 / (1.0 - ratio), 1.0)
+        previous = dnu
+        dnu = dnu * m
         if iteration >= SLOW_AFTER:
             # the bracket: with every free x on one side of its root, sum x bounds S(nu) = sum_i x_i(z_i - nu),
             # which decreases in nu; a step that leaves it is replaced by its midpoint.  Every other step
