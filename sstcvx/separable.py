@@ -522,8 +522,8 @@ class _IntervalInfo:
         # stay strictly inside
         at_a, at_b = v <= self.ga, v >= self.gb
         clamped = at_a | at_b
-        x = torch.where(at_a, self.a, torch.where(at_b, self.b, x.clamp(self.inner_a, self.inner_b)))
-        return x, torch.where(clamped, 0.0, dx * k), at_a, at_b
+        x = x.clamp(self.inner_a, self.inner_b).masked_fill(at_a, self.a).masked_fill(at_b, self.b)
+        return x, (dx * k).masked_fill(clamped, 0.0), at_a, at_b
 
     def __getstate__(self):  # the device copies of the table are a cache
         state = dict(self.__dict__)
@@ -595,7 +595,7 @@ def _advance(info, a, b, x, g, D, v):
     new = new.clamp(info.inner_a, info.inner_b)
     at_a, at_b = v <= info.ga, v >= info.gb
     clamped = at_a | at_b
-    return torch.where(at_a, a, torch.where(at_b, b, new)), torch.where(clamped, 0.0, slope), at_a, at_b
+    return new.masked_fill(at_a, a).masked_fill(at_b, b), slope.masked_fill(clamped, 0.0), at_a, at_b
 
 
 def _nu_step(x, slope, S, total, use_log):
@@ -605,7 +605,7 @@ def _nu_step(x, slope, S, total, use_log):
     if not use_log:
         return S - total
     tiny = torch.finfo(x.dtype).tiny
-    moving = torch.where(slope > 0, x, 0.0).sum(-1, keepdim=True)
+    moving = x.masked_fill(slope <= 0, 0.0).sum(-1, keepdim=True)
     target = total - (S - moving)
     logs = torch.log(moving.clamp_min(tiny) / target.clamp_min(tiny)) * moving
     return torch.where((moving > 0) & (target > 0), logs, S - total)
@@ -693,11 +693,11 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
     for iteration in range(max_iter):
         clamped = at_a | at_b
         # a clamped coordinate is evaluated at c (phi' may be infinite at its end), its values unused
-        xe = torch.where(clamped, info.c, x)
+        xe = x.masked_fill(clamped, info.c)
         g, h = reg.derivatives(xe)
         v = z - nu
         D_all = 1.0 / h
-        D = torch.where(clamped, 0.0, D_all)
+        D = D_all.masked_fill(clamped, 0.0)
         dx = (v - g) * D
         scale = 16.0 * eps * v.abs().amax(-1, keepdim=True).clamp_min(1.0)
         S = x.sum(-1, keepdim=True)
@@ -710,16 +710,17 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
         # the step in nu that makes the linearized sum right
         dnu = _nu_step(x + dx, D, S + dx.sum(-1, keepdim=True), total, use_log) / sum_D.clamp_min(tiny)
         # every coordinate clamped where nu stands: move nu to the nearest end slope that frees one
-        gap_a = torch.where(at_a, info.ga - v, math.inf).amin(-1, keepdim=True)
-        gap_b = torch.where(at_b, v - info.gb, math.inf).amin(-1, keepdim=True)
-        dnu = torch.where(sum_D > 0, dnu, torch.where(f < 0, -gap_a, gap_b))
+        stuck = sum_D <= 0
+        if bool(stuck.any()):
+            gap_a = (info.ga - v).masked_fill(~at_a, math.inf).amin(-1, keepdim=True)
+            gap_b = (v - info.gb).masked_fill(~at_b, math.inf).amin(-1, keepdim=True)
+            dnu = torch.where(stuck, torch.where(f < 0, -gap_a, gap_b), dnu)
         # a root of multiplicity m (a vertex of a phi' like a square root at its end: x ~ (v - ga)^2 makes
         # sum x - total touch zero quadratically) shrinks Newton's steps by (m - 1) / m each: then
         # the step is scaled by m, estimated from two consecutive steps in the same direction
         ratio = dnu / previous
-        m = torch.where((ratio > 0.3) & (ratio < 0.8), 1.0 / (1.0 - ratio), 1.0)
         previous = dnu
-        dnu = dnu * m
+        dnu = torch.where((ratio > 0.3) & (ratio < 0.8), dnu / (1.0 - ratio), dnu)
         if iteration >= SLOW_AFTER:
             # the bracket: with every free x on one side of its root, sum x bounds S(nu) = sum_i x_i(z_i - nu),
             # which decreases in nu; a step that leaves it is replaced by its midpoint.  Every other step
@@ -745,7 +746,7 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
                 x_new = torch.where(lost, info.surrogate(v_new)[0], x_new)
             else:
                 x_new = torch.where(lost, _advance(info, a, b, xe, g, D_all, v_new)[0], x_new)
-        x_new = torch.where(at_a_new, a, torch.where(at_b_new, b, x_new))
+        x_new = x_new.masked_fill(at_a_new, a).masked_fill(at_b_new, b)
         x = torch.where(done, x, x_new)
         at_a, at_b = at_a_new & ~done | at_a & done, at_b_new & ~done | at_b & done
     return x, D, done.squeeze(-1)
