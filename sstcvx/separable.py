@@ -636,7 +636,7 @@ def _surrogate_root(info, z, total, nu, lo, hi, use_log):
     return nu, x, at_a, at_b
 
 
-def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
+def _joint_sum(reg, z, total, a, b, max_iter=None):
     """x (B, n) = argmax {<z, x> - sum phi(x_i) : a <= x <= b, sum x = total}, D = dx/dv at it, and
     the mask of rows that converged: a joint (semismooth) Newton iteration on (x, nu).
 
@@ -661,6 +661,7 @@ def _joint_sum(reg, z, total, a, b, max_iter=JOINT_ITER):
     tensor operations per step; typically 2-4 steps after the table's 3-8.
     """
     n = z.shape[-1]
+    max_iter = JOINT_ITER if max_iter is None else max_iter
     info = _interval_info(reg, a, b, total, n)
     eps = torch.finfo(z.dtype).eps
     tiny = torch.finfo(z.dtype).tiny
