@@ -757,7 +757,7 @@ def _solve_sum(reg, z, total, a, b):
     """x and D of :func:`sum_relaxation` for a float64 batch z (B, n): the joint iteration, then the
     nested solver (:func:`_sum_root`) for the rows it left unconverged; the nested solver alone when
     the user gave the inverse of phi' (then each evaluation of the mirror map is exact and cheap)."""
-    if reg.inverse_dphi is None and math.isfinite(a) and math.isfinite(b):
+    if math.isfinite(a) and math.isfinite(b):
         info = _interval_info(reg, a, b, total, z.shape[-1])
         if info.usable:
             x, D, done = _joint_sum(reg, z, total, a, b)
