@@ -686,9 +686,7 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
         nu, x, at_a, at_b = _surrogate_root(info, z, total, nu, lo, hi, use_log)
     else:
         start = torch.full_like(z, info.c)
-        x, _, at_a, at_b = _advance(
-            info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu
-        )
+        x, _, at_a, at_b = _advance(info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu)
     tol_sum = 16.0 * n * eps * max(1.0, abs(total))
     previous = torch.full_like(nu, math.inf)
     for iteration in range(max_iter):
