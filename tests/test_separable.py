@@ -449,3 +449,17 @@ def test_the_joint_iteration_evaluates_phi_a_few_times():
     counted.clear()
     sstcvx.relax(polytopes.KSubset(10, 3), Z, 1.0, reg)  # the interval's table is cached by now
     assert len(counted) <= 12, len(counted)
+
+
+@pytest.mark.parametrize("name", list(JOINT_CASES))
+def test_box_newton_matches_the_safeguarded_inverse(name):
+    """The hypercube's Newton steps from the table against mirror_map (the safeguarded inverse)."""
+    from sstcvx.separable import _solve_box, mirror_map
+
+    reg = JOINT_CASES[name]
+    z = torch.cat([utilities((16, 7), scale, seed=15) for scale in (0.01, 1.0, 30.0)])
+    x, D = _solve_box(reg, z, 0.0, 1.0)
+    x_ref, D_ref, _ = mirror_map(reg, z, z.new_tensor(0.0), z.new_tensor(1.0))
+    torch.testing.assert_close(x, x_ref, atol=1e-12, rtol=0)
+    inside = (x_ref > 1e-9) & (x_ref < 1 - 1e-9)
+    torch.testing.assert_close(D[inside], D_ref[inside], rtol=1e-9, atol=1e-12)
