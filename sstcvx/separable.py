@@ -436,8 +436,8 @@ class _IntervalInfo:
 
     ``ga``, ``gb``: phi'(a+), phi'(b-) (:func:`endpoint_slopes`); ``barrier_a``, ``barrier_b``:
     whether phi' is infinite there (:func:`barrier_ends`); ``c = total / n`` and phi'(c),
-    1 / phi''(c); ``chord_a``, ``chord_b``: the slopes (c - a) / (phi'(c) - ga) and
-    (b - c) / (gb - phi'(c)) with which a coordinate leaves an end.
+    1 / phi''(c); ``table``: the tabulated inverse of phi' (:meth:`surrogate`), None where phi' is
+    not resolved as increasing on its grid.  Its device copies are made on first use.
     """
 
     def __init__(self, reg, a: float, b: float, total: float, n: int):
@@ -449,8 +449,6 @@ class _IntervalInfo:
         self.c = total / n
         gc, hc = reg.derivatives(torch.tensor(self.c, dtype=torch.float64))
         self.gc, self.dc = float(gc), 1.0 / float(hc)
-        self.chord_a = (self.c - a) / (self.gc - self.ga) if math.isfinite(self.ga) else self.dc
-        self.chord_b = (b - self.c) / (self.gb - self.gc) if math.isfinite(self.gb) else self.dc
         delta_a, delta_b = _deltas(av, bv)
         # the closest a free coordinate comes to an end (its x stays strictly inside)
         self.inner_a, self.inner_b = a + float(delta_a), b - float(delta_b)
