@@ -498,13 +498,25 @@ class _IntervalInfo:
         if not self.barrier_b:
             s1 = 1.0 if not self.barrier_a else math.log(self.inner_b - a)
             s, x = torch.cat([s, s.new_tensor([s1])]), torch.cat([x, x.new_tensor([self.inner_b])])
-        g, _ = reg.derivatives(x)
+        g, h = reg.derivatives(x)
         if s.numel() < 8 or not bool(torch.isfinite(g).all()) or not bool((g[1:] > g[:-1]).all()):
             return None  # phi' not resolved as increasing on the grid: no table, the start from c serves
-        # per segment j: v_j = phi'(x_j), s_j, and the slope ds/dv; v beyond the ends extrapolates the end
-        # segments linearly in s (exact for a log barrier)
-        k = (s[1:] - s[:-1]) / (g[1:] - g[:-1])
-        return g[1:-1].contiguous(), torch.stack([g[:-1], s[:-1], k], -1)
+        if self.barrier_a or self.barrier_b:
+            # towards a barrier: per segment j, v_j = phi'(x_j), s_j and ds/dv; s~ is linear in v (exact for
+            # a log barrier, whose phi' is linear in s), and so is its extrapolation beyond the ends
+            k = (s[1:] - s[:-1]) / (g[1:] - g[:-1])
+            return g[1:-1].contiguous(), torch.stack([g[:-1], s[:-1], k], -1)
+        # between finite-slope ends, per segment j (v from v_j = phi'(x_j) to v_j+1): x~ = x_j + D_j t + q_j t^2,
+        # t = v - v_j, with D_j = 1 / phi''(x_j) and q_j putting x~ on x_j+1 at the segment's end (exact where x
+        # is quadratic in v, as near a square-root end); linear where that quadratic would not increase
+        D = 1.0 / h
+        width = g[1:] - g[:-1]
+        rise = x[1:] - x[:-1]
+        q = (rise - D[:-1] * width) / (width * width)
+        monotone = (D[:-1] >= 0) & (2.0 * rise / width - D[:-1] >= 0) & torch.isfinite(q)
+        slope = torch.where(monotone, D[:-1], rise / width)
+        q = torch.where(monotone, q, 0.0)
+        return g[1:-1].contiguous(), torch.stack([g[:-1], x[:-1], slope, q], -1)
 
     def table_on(self, like):
         key = (like.device, like.dtype)
@@ -513,16 +525,25 @@ class _IntervalInfo:
         return self._tables[key]
 
     def surrogate(self, v):
-        """x(v) from the table (piecewise linear in s between the nodes), dx/dv, and the clamped masks."""
+        """x~(v) from the table (s piecewise linear in v towards a barrier, x piecewise quadratic in v
+        between finite-slope ends), dx~/dv, and the masks of the coordinates at a and at b (v beyond
+        the end slopes)."""
         bounds, rows = self.table_on(v)
-        g0, s0, k = rows[torch.searchsorted(bounds, v)].unbind(-1)
-        x, dx = self.x_of_s(s0 + (v - g0) * k)
+        if self.barrier_a or self.barrier_b:
+            g0, s0, k = rows[torch.searchsorted(bounds, v)].unbind(-1)
+            x, dx = self.x_of_s(s0 + (v - g0) * k)
+            k = dx * k
+        else:
+            g0, x0, k, q = rows[torch.searchsorted(bounds, v)].unbind(-1)
+            t = v - g0
+            x = x0 + t * (k + q * t)
+            k = k + 2.0 * q * t
         # the active set is that of the exact mirror map (v beyond an end's slope); the other coordinates
         # stay strictly inside
         at_a, at_b = v <= self.ga, v >= self.gb
         clamped = at_a | at_b
         x = x.clamp(self.inner_a, self.inner_b).masked_fill(at_a, self.a).masked_fill(at_b, self.b)
-        return x, (dx * k).masked_fill(clamped, 0.0), at_a, at_b
+        return x, k.masked_fill(clamped, 0.0), at_a, at_b
 
     def __getstate__(self):  # the device copies of the table are a cache
         state = dict(self.__dict__)
