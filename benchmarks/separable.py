@@ -15,7 +15,8 @@ the Tsallis 1.5-entropy phi(x) = (x^1.5 - x) / 0.75 and the mix phi(x) = 1/2 x l
   depends on the batch);
 * ``built-in binary_entropy``: the limited multi-label projection on the same polytope.
 
-Then, on two declared polytopes with inequality rows (a knapsack and a chain), the Tsallis
+Then the same two relaxations on ``Hypercube(10)`` (the box solver) against the built-in binary
+entropy there.  Then, on two declared polytopes with inequality rows (a knapsack and a chain), the Tsallis
 entropy (closed-form derivatives and inverse) on the fast dual solver (``solver="fast"``), the
 built-in binary entropy on the same solver, and ``from_cvxpy`` on cvxpylayers (one round each).
 
@@ -138,7 +139,34 @@ def main(argv=None):
         "ratios: from_cvxpy / path (target >= 100 for the separable paths); path / built-in binary entropy "
         "(target <= 3). Timings on a shared machine are noisy: read the ratios."
     )
+    hypercube(U, G, tau, rounds)
     declared(B, B_generic, tau, gen)
+
+
+def hypercube(U, G, tau, rounds):
+    """The box solver (Newton steps from the table, one per coordinate) on Hypercube(10) against the
+    built-in binary entropy there (a sigmoid)."""
+    P = polytopes.Hypercube(U.shape[-1])
+    candidates = {}
+    for name, spec in RELAXATIONS.items():
+        reg = sstcvx.Regularizer.separable(spec["phi"], domain=(0, math.inf), name=name)
+
+        def run(reg=reg):
+            x = U.detach().requires_grad_(True)
+            (sstcvx.relax(P, x, tau, reg) * G).sum().backward()
+
+        candidates[f"{name} (autograd)"] = run
+
+    def builtin():
+        x = U.detach().requires_grad_(True)
+        (sstcvx.relax(P, x, tau, "binary_entropy") * G).sum().backward()
+
+    candidates["built-in binary_entropy"] = builtin
+    times = interleaved(candidates, rounds)
+    base = times["built-in binary_entropy"]
+    print(f"\n{P.name}, batch {U.shape[0]}, forward + backward")
+    for path, t in times.items():
+        print(f"{path:<34}{t / U.shape[0] * 1e3:>12.4f} ms/instance{t / base:>10.1f}x binary entropy")
 
 
 def declared(B, B_generic, tau, gen):

@@ -340,3 +340,126 @@ def test_recognized_declaration_uses_the_family_solver():
     torch.testing.assert_close(
         sstcvx.relax(P, U, 0.5, TSALLIS), sstcvx.relax(polytopes.KSubset(6, 2), U, 0.5, TSALLIS), atol=1e-12, rtol=0
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# the joint Newton iteration of sum_relaxation against the nested solver (an independent route:
+# exact inverses of phi' inside a scalar root on nu)
+# ----------------------------------------------------------------------------------------------
+
+
+def neg_log(x):
+    return -torch.log(x)
+
+
+def quartic(x):
+    return x**4 + 0.01 * x * x
+
+
+JOINT_CASES = {
+    "x log x": ENTROPY,  # barrier at 0, finite slope at 1
+    "binary entropy": BINARY,  # barriers at both ends
+    "-log x": Regularizer.separable(neg_log, domain=(0, math.inf), name="sep_neg_log"),  # barrier, phi' -> 0
+    "x^1.5": TSALLIS,  # finite slope, phi'' infinite at 0 (a square root)
+    "mix": MIX,
+    "x^2 / 2": SQUARE,  # no barrier, clamps at both ends
+    "x^4": Regularizer.separable(quartic, name="sep_quartic"),  # phi' flat near 0
+}
+
+
+@pytest.mark.parametrize("name", list(JOINT_CASES))
+def test_joint_iteration_matches_the_nested_solver(name):
+    from sstcvx.separable import _solve_sum, _sum_root
+
+    reg = JOINT_CASES[name]
+    gen = torch.Generator().manual_seed(11)
+    for scale in (0.01, 1.0, 30.0):  # from nearly uniform to nearly a vertex (tau -> 0)
+        for n, total in ((7, 1.0), (7, 3.0), (7, 6.0)):
+            z = torch.randn(24, n, generator=gen, dtype=torch.float64) * scale
+            x, D = _solve_sum(reg, z, total, 0.0, 1.0)
+            _, x_ref, D_ref = _sum_root(reg, z, total, 0.0, 1.0)
+            torch.testing.assert_close(x, x_ref, atol=1e-11, rtol=0)
+            torch.testing.assert_close(x.sum(-1), torch.full((24,), total, dtype=torch.float64), atol=1e-12, rtol=0)
+            # D = 1 / phi''(x) off the bounds; a coordinate within rounding of an end may be called clamped
+            # by one solver and free by the other
+            inside = (x_ref > 1e-9) & (x_ref < 1 - 1e-9)
+            torch.testing.assert_close(D[inside], D_ref[inside], rtol=1e-9, atol=1e-12)
+
+
+def test_joint_iteration_with_extreme_utilities():
+    """Entries of |z| up to 700 (exp(z) at the edge of float64) and rows with equal entries."""
+    from sstcvx.separable import _solve_sum, _sum_root
+
+    z = torch.tensor(
+        [[700.0, -700.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0], [1e-9, 0.0, -1e-9, 5.0, 5.0]],
+        dtype=torch.float64,
+    )
+    for reg in (ENTROPY, TSALLIS, MIX, BINARY):
+        x, _ = _solve_sum(reg, z, 2.0, 0.0, 1.0)
+        _, x_ref, _ = _sum_root(reg, z, 2.0, 0.0, 1.0)
+        torch.testing.assert_close(x, x_ref, atol=1e-11, rtol=0)
+
+
+def test_unconverged_rows_go_to_the_nested_solver(monkeypatch):
+    """With one joint step allowed, the rows left unconverged are solved by the nested solver: the same result."""
+    from sstcvx import separable
+
+    Z = utilities((32, 6), 3.0, seed=12)
+    P = polytopes.KSubset(6, 2)
+    reference = sstcvx.relax(P, Z, 1.0, TSALLIS)
+    calls = []
+    nested = separable._sum_root
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return nested(*args, **kwargs)
+
+    monkeypatch.setattr(separable, "JOINT_ITER", 1)
+    monkeypatch.setattr(separable, "_sum_root", counting)
+    X = sstcvx.relax(P, Z, 1.0, TSALLIS)
+    assert calls and 0 < calls[0] <= 32
+    torch.testing.assert_close(X, reference, atol=1e-11, rtol=0)
+
+
+def test_without_a_table_the_start_from_c_serves(monkeypatch):
+    """A phi' the table cannot resolve (here: a grid too small) leaves the joint iteration its plain start."""
+    from sstcvx import separable
+
+    monkeypatch.setattr(separable, "TABLE_SIZE", 4)
+    reg = Regularizer.separable(tsallis_phi, domain=(0, math.inf), name="no table")
+    Z = utilities((16, 6), 2.0, seed=13)
+    info = separable._interval_info(reg, 0.0, 1.0, 2.0, 6)
+    assert info.table is None
+    X = separable.sum_relaxation(reg, Z, 2.0, 0.0, 1.0)
+    torch.testing.assert_close(X, separable._sum_root(reg, Z, 2.0, 0.0, 1.0)[1], atol=1e-11, rtol=0)
+
+
+def test_the_joint_iteration_evaluates_phi_a_few_times():
+    """The cost claim: a handful of evaluations of (phi', phi'') per batch, not hundreds."""
+    counted = []
+
+    class Counting(type(MIX)):
+        def derivatives(self, x):
+            counted.append(x.shape)
+            return super().derivatives(x)
+
+    reg = Counting(MIX.phi, domain=(0, math.inf), name="counting mix")
+    Z = utilities((256, 10), 2.0, seed=14)
+    sstcvx.relax(polytopes.KSubset(10, 3), Z, 1.0, reg)
+    counted.clear()
+    sstcvx.relax(polytopes.KSubset(10, 3), Z, 1.0, reg)  # the interval's table is cached by now
+    assert len(counted) <= 12, len(counted)
+
+
+@pytest.mark.parametrize("name", list(JOINT_CASES))
+def test_box_newton_matches_the_safeguarded_inverse(name):
+    """The hypercube's Newton steps from the table against mirror_map (the safeguarded inverse)."""
+    from sstcvx.separable import _solve_box, mirror_map
+
+    reg = JOINT_CASES[name]
+    z = torch.cat([utilities((16, 7), scale, seed=15) for scale in (0.01, 1.0, 30.0)])
+    x, D = _solve_box(reg, z, 0.0, 1.0)
+    x_ref, D_ref, _ = mirror_map(reg, z, z.new_tensor(0.0), z.new_tensor(1.0))
+    torch.testing.assert_close(x, x_ref, atol=1e-12, rtol=0)
+    inside = (x_ref > 1e-9) & (x_ref < 1 - 1e-9)
+    torch.testing.assert_close(D[inside], D_ref[inside], rtol=1e-9, atol=1e-12)
