@@ -97,6 +97,10 @@ STEP_CAP = 10.0
 #: With equality rows only, a predicted decrease of the dual below this times |Psi| is rounding: the
 #: line search then accepts a step that halves the residual instead (Armijo cannot see the decrease).
 FLAT = 1e3 * 2.0**-52
+#: With equality rows only (see _equality_start): Sinkhorn sweeps of the entropy's start over two
+#: blocks of unit rows, and the safeguarded Newton steps of the start where one block holds every row.
+START_SWEEPS = 3
+START_STEPS = 4
 #: Newton steps allowed per element (all stages together).
 MAX_ITER = 500
 #: Width of the artificial box given to an auxiliary variable without bounds, times the form's scale.
@@ -456,36 +460,79 @@ def _unit_row_blocks(prob):
     return blocks
 
 
-def _equality_start(prob, name, zt):
-    """A starting ``nu (B, m)`` for the equality rows: on each block of unit rows with disjoint
-    supports (:func:`_unit_row_blocks`), the multipliers that make those rows hold with the other
-    multipliers fixed, block after block (twice for the entropy: two Sinkhorn sweeps).  For the
-    entropy this is a log-sum-exp (exact); for the binary entropy the shift that would be exact if
-    the row's coordinates were equal (logit of the row mean); for the Euclidean regularizer the
-    shift exact when no coordinate of the row is clamped.  Any start is valid (the dual has no
-    constraints here); this one saves Newton steps, most of them for the entropy, where a row's
-    multiplier from 0 is otherwise reached one unit of log x per step.  Cost: O(B m nx) per block."""
+def _disjoint_row_squares(prob):
+    """``C_x * C_x`` where no two rows share a coordinate (the Newton matrix is then diagonal), else None."""
+    nonzero = (prob.Cx != 0).to(prob.Cx.dtype)
+    if prob.m == 0 or bool((nonzero.sum(0) > 1).any()):
+        return None
+    return prob.Cx * prob.Cx
+
+
+def _equality_start(prob, name, zt, sc):
+    """A starting ``nu (B, m)`` for the equality rows, from the blocks of unit rows with disjoint
+    supports (:func:`_unit_row_blocks`).  Any start is valid (the dual has no constraints here); a
+    good one saves Newton steps of the full method, each costlier (a factorization and a line
+    search), most of all for the entropy, where a row's multiplier from 0 is otherwise reached one
+    unit of log x per step.
+
+    Block after block, the multipliers of the block's rows are shifted to make those rows hold with
+    the other multipliers fixed: for the entropy by a log-sum-exp, which is exact (one sweep with
+    one block: one per group, a simplex; ``START_SWEEPS`` Sinkhorn sweeps with two: Birkhoff); for
+    the binary entropy by the shift that would be exact if the row's coordinates were equal (the
+    logit of the row mean); for the Euclidean regularizer by the shift that is exact when no
+    coordinate is clamped.  Where one block holds every row (a k-subset), ``START_STEPS`` Newton
+    steps per row follow (the Newton matrix is diagonal), each kept only where it reduces the
+    row's residual and halved after a failure.  A shift is capped like the solver's steps
+    (``STEP_CAP`` times the scale of z) and skipped where it is not finite.
+    Cost: O(B m nx) per block and step, no factorization."""
     B = zt.shape[0]
     nu = zt.new_zeros(B, prob.m)
     blocks = _cached(prob, "_unit_row_blocks", lambda: _unit_row_blocks(prob))
     if not blocks or not isinstance(name, str):
         return nu
     v = zt.clone()
-    sweeps = 2 if name == "entropy" else 1
+    cap = STEP_CAP * sc[:, None]
+
+    def apply(delta, rows, Cb):
+        nonlocal v
+        delta = torch.where(torch.isfinite(delta), torch.clamp(delta, -cap, cap), torch.zeros_like(delta))
+        nu[:, rows] += delta
+        v = v - delta @ Cb
+
+    sweeps = START_SWEEPS if name == "entropy" and len(blocks) > 1 else 1
     for _ in range(sweeps):
         for rows, Cb, db, size in blocks:
             if name == "entropy":
                 top = v.amax(-1, keepdim=True)
                 delta = torch.log(torch.exp(v - top) @ Cb.T) + top - 1.0 - torch.log(db)
             elif name == "binary_entropy":
-                mean = (torch.sigmoid(v) @ Cb.T) / size
-                delta = torch.logit(mean) - torch.logit(db / size)
+                delta = torch.logit((torch.sigmoid(v) @ Cb.T) / size) - torch.logit(db / size)
             else:
-                x = torch.minimum(torch.maximum(v, prob.xl), prob.xu)
-                delta = (x @ Cb.T - db) / size
-            delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
-            nu[:, rows] += delta
-            v = v - delta @ Cb
+                delta = (torch.minimum(torch.maximum(v, prob.xl), prob.xu) @ Cb.T - db) / size
+            apply(delta, rows, Cb)
+    if name == "entropy" or len(blocks) > 1:
+        return nu
+    # one block holds every row (the Newton matrix is diagonal): plain Newton steps per row, each kept
+    # only where it reduces the row's residual (a safeguard in place of a line search)
+    rows, Cb, db, size = blocks[0]
+
+    def row_residual(v):
+        if name == "binary_entropy":
+            x = torch.sigmoid(v)
+            return x @ Cb.T - db, (x * torch.sigmoid(-v)) @ Cb.T
+        x = torch.minimum(torch.maximum(v, prob.xl), prob.xu)
+        free = ((v >= prob.xl) & (v <= prob.xu)).to(v.dtype) @ Cb.T  # the curvature: unclamped coordinates
+        return x @ Cb.T - db, torch.where(free > 0, free, size)
+
+    r, curvature = row_residual(v)
+    damping = torch.ones_like(r)
+    for _ in range(START_STEPS):
+        delta = damping * r / curvature
+        rt, ct = row_residual(v - delta @ Cb)
+        keep = rt.abs() < r.abs()
+        damping = torch.where(keep, 1.0, 0.5 * damping)
+        r, curvature = torch.where(keep, rt, r), torch.where(keep, ct, curvature)
+        apply(torch.where(keep, delta, torch.zeros_like(delta)), rows, Cb)
     return nu
 
 
@@ -544,13 +591,33 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
         kind = ("general", name)
     row_scale = _cached(prob, "_row_scale", lambda: prob.row_scale)
     zt = z * t[:, None] if continuation else z
-    nu = _equality_start(prob, name, zt)
+    nu = _equality_start(prob, name, zt, sc)
     v = zt - nu @ prob.Cx
     x, D, g, value, res = _equality_eval(prob, kind, v, nu)
     status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     jitter = 1e-14
+
+    # rows with disjoint supports (a k-subset, one per group, a simplex): the Newton matrix is diagonal
+    row_squares = _cached(prob, "_disjoint_row_squares", lambda: _disjoint_row_squares(prob))
+
+    def newton_matrix(D):
+        """C_x D C_x^T plus the jitter of :func:`_hessian`: ``(B, m, m)``, or its diagonal ``(B, m)``
+        where the rows have disjoint supports."""
+        if row_squares is not None:
+            H = D @ row_squares.T
+            diag = H
+        else:
+            H = (prob.Cx * D[:, None, :]) @ prob.Cx.T
+            diag = H.diagonal(dim1=-2, dim2=-1)
+        diag += jitter * diag.amax(-1, keepdim=True).clamp_min(1e-300) + 1e-14 * row_scale
+        return H
+
+    def newton_solve(D, g):
+        if row_squares is not None:
+            return g / newton_matrix(D)
+        return torch.cholesky_solve(g.unsqueeze(-1), _cholesky(newton_matrix(D))).squeeze(-1)
 
     def trial(a, step):
         tnu = nu + a[:, None] * step
@@ -579,11 +646,7 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
                 v = zt - nu @ prob.Cx
                 x, D, g, value, res = _equality_eval(prob, kind, v, nu)
         iterations = iterations + active.long()
-        H = (prob.Cx * D[:, None, :]) @ prob.Cx.T
-        diag = H.diagonal(dim1=-2, dim2=-1)
-        diag += jitter * diag.amax(-1, keepdim=True).clamp_min(1e-300) + 1e-14 * row_scale
-        L = _cholesky(H)
-        step = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        step = -newton_solve(D, g)
         slope = (g * step).sum(-1)
         # a step never moves an exponent by more than STEP_CAP times the current scale of z (the
         # Hessian is singular where every coordinate of a row is clamped, and the step then is huge)
@@ -614,7 +677,7 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
                     break
         # Far from the solution the quadratic model of an exponential undershoots (one unit of log x per
         # step): where the full step was taken, try doubling it while Psi keeps decreasing.
-        grow = accepted & (alpha >= 1.0) & (res > 1e-2 * prob.scale)
+        grow = accepted & (alpha >= 1.0) & (res > 1e-2 * prob.scale) & (name != "euclidean")
         if bool(grow.any()):
             best = T[5]
             a = torch.ones_like(t)
@@ -632,13 +695,10 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
         active = active & ~stuck
         nu, v, x, D, g, value, res = merge(accepted, T, current)
 
-    # the returned point is x(nu) computed afresh, and the factor for the backward is at that point
-    v = zt - nu @ prob.Cx
-    x, D, g, value, res = _equality_eval(prob, kind, v, nu)
-    H = (prob.Cx * D[:, None, :]) @ prob.Cx.T
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    diag += jitter * diag.amax(-1, keepdim=True).clamp_min(1e-300) + 1e-14 * row_scale
-    L = _cholesky(H)
+    # x, D are those of nu (every evaluation computes v = z - C_x^T nu afresh); the factor for the
+    # backward is taken at that point
+    H = newton_matrix(D)
+    L = torch.diag_embed(H.sqrt()) if row_squares is not None else _cholesky(H)
     X = prob.x_fixed_value.to(dt).expand(B, -1).clone()
     X[:, prob.x_free] = x
     return FastSolution(X, nu, status, iterations, res, L, D)
