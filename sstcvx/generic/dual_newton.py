@@ -100,7 +100,7 @@ FLAT = 1e3 * 2.0**-52
 #: With equality rows only (see _equality_start): Sinkhorn sweeps of the entropy's start over two
 #: blocks of unit rows, and the safeguarded Newton steps of the start where one block holds every row.
 START_SWEEPS = 3
-START_STEPS = 4
+START_STEPS = 8
 #: Newton steps allowed per element (all stages together).
 MAX_ITER = 500
 #: Width of the artificial box given to an auxiliary variable without bounds, times the form's scale.
@@ -468,7 +468,7 @@ def _disjoint_row_squares(prob):
     return prob.Cx * prob.Cx
 
 
-def _equality_start(prob, name, zt, sc):
+def _equality_start(prob, name, zt, sc, tol):
     """A starting ``nu (B, m)`` for the equality rows, from the blocks of unit rows with disjoint
     supports (:func:`_unit_row_blocks`).  Any start is valid (the dual has no constraints here); a
     good one saves Newton steps of the full method, each costlier (a factorization and a line
@@ -480,10 +480,12 @@ def _equality_start(prob, name, zt, sc):
     one block: one per group, a simplex; ``START_SWEEPS`` Sinkhorn sweeps with two: Birkhoff); for
     the binary entropy by the shift that would be exact if the row's coordinates were equal (the
     logit of the row mean); for the Euclidean regularizer by the shift that is exact when no
-    coordinate is clamped.  Where one block holds every row (a k-subset), ``START_STEPS`` Newton
-    steps per row follow (the Newton matrix is diagonal), each kept only where it reduces the
-    row's residual and halved after a failure.  A shift is capped like the solver's steps
-    (``STEP_CAP`` times the scale of z) and skipped where it is not finite.
+    coordinate is clamped.  Where one block holds every row (a k-subset), up to ``START_STEPS``
+    Newton steps per row follow (the Newton matrix is diagonal; for the Euclidean regularizer the
+    curvature is the number of unclamped coordinates), safeguarded by a bracket of the row's root
+    (a step that leaves it is replaced by the bracket's midpoint), until every row holds to the
+    solver's tolerance ``tol (B,)``; the best point seen is returned.  A shift is capped like the
+    solver's steps (``STEP_CAP`` times the scale of z) and skipped where it is not finite.
     Cost: O(B m nx) per block and step, no factorization."""
     B = zt.shape[0]
     nu = zt.new_zeros(B, prob.m)
@@ -492,6 +494,7 @@ def _equality_start(prob, name, zt, sc):
         return nu
     v = zt.clone()
     cap = STEP_CAP * sc[:, None]
+    tol = tol[:, None]
 
     def apply(delta, rows, Cb):
         nonlocal v
@@ -512,27 +515,39 @@ def _equality_start(prob, name, zt, sc):
             apply(delta, rows, Cb)
     if name == "entropy" or len(blocks) > 1:
         return nu
-    # one block holds every row (the Newton matrix is diagonal): plain Newton steps per row, each kept
-    # only where it reduces the row's residual (a safeguard in place of a line search)
+    # one block holds every row (the Newton matrix is diagonal): Newton steps per row, safeguarded by a
+    # bracket of the row's root (the row sum decreases in its multiplier): a step that leaves the
+    # bracket is replaced by its midpoint; the best point seen is kept
     rows, Cb, db, size = blocks[0]
+    v0 = v
 
-    def row_residual(v):
+    def row_residual(shift):
+        v = v0 - shift @ Cb
         if name == "binary_entropy":
             x = torch.sigmoid(v)
             return x @ Cb.T - db, (x * torch.sigmoid(-v)) @ Cb.T
-        x = torch.minimum(torch.maximum(v, prob.xl), prob.xu)
-        free = ((v >= prob.xl) & (v <= prob.xu)).to(v.dtype) @ Cb.T  # the curvature: unclamped coordinates
-        return x @ Cb.T - db, torch.where(free > 0, free, size)
+        x = torch.clamp(v, prob.xl, prob.xu)
+        free = (x == v).to(v.dtype) @ Cb.T  # the curvature: the row's unclamped coordinates
+        return x @ Cb.T - db, free.clamp_min(1.0)
 
-    r, curvature = row_residual(v)
-    damping = torch.ones_like(r)
+    shift = torch.zeros_like(db).expand(B, -1)
+    r, curvature = row_residual(shift)
+    lo = torch.full_like(r, -math.inf)
+    hi = torch.full_like(r, math.inf)
+    best, best_abs = shift, r.abs()
     for _ in range(START_STEPS):
-        delta = damping * r / curvature
-        rt, ct = row_residual(v - delta @ Cb)
-        keep = rt.abs() < r.abs()
-        damping = torch.where(keep, 1.0, 0.5 * damping)
-        r, curvature = torch.where(keep, rt, r), torch.where(keep, ct, curvature)
-        apply(torch.where(keep, delta, torch.zeros_like(delta)), rows, Cb)
+        lo = torch.where(r > 0, shift, lo)  # every point is inside the bracket, so it only shrinks
+        hi = torch.where(r < 0, shift, hi)
+        step = torch.clamp(shift + r / curvature, shift - cap, shift + cap)
+        mid = 0.5 * (lo + hi)
+        shift = torch.where((step > lo) & (step < hi) | ~torch.isfinite(mid), step, mid)
+        r, curvature = row_residual(shift)
+        r_abs = r.abs()
+        better = r_abs < best_abs  # a NaN is never better
+        best, best_abs = torch.where(better, shift, best), torch.where(better, r_abs, best_abs)
+        if not bool((best_abs > tol).any()):  # all rows hold to the solver's tolerance
+            break
+    nu[:, rows] += best
     return nu
 
 
@@ -549,8 +564,8 @@ def _equality_eval(prob, kind, v, nu):
         D = x * torch.sigmoid(-v)
         value = torch.nn.functional.softplus(v).sum(-1)
     elif kind == "euclidean":
-        x = torch.minimum(torch.maximum(v, prob.xl), prob.xu)
-        D = ((v >= prob.xl) & (v <= prob.xu)).to(v.dtype)
+        x = torch.clamp(v, prob.xl, prob.xu)
+        D = (x == v).to(v.dtype)  # 0 where clamped
         value = (v * x - 0.5 * x * x).sum(-1)
     else:
         x, D, clamped = _primal_x(kind[1], v, prob.xl, prob.xu)
@@ -571,7 +586,8 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
     bounds."""
     B = Z.shape[0]
     dev, dt = Z.device, torch.float64
-    z = Z.to(dt)[:, prob.x_free]
+    all_free = _cached(prob, "_all_free", lambda: prob.x_free.numel() == prob.n)
+    z = Z.to(dt) if all_free else Z.to(dt)[:, prob.x_free]
     zmax = z.abs().amax(-1) if z.shape[1] else z.new_zeros(B)
     if name == "entropy":
         t = torch.clamp(CONTINUATION_SCALE / zmax.clamp_min(1e-300), max=1.0)
@@ -591,7 +607,7 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
         kind = ("general", name)
     row_scale = _cached(prob, "_row_scale", lambda: prob.row_scale)
     zt = z * t[:, None] if continuation else z
-    nu = _equality_start(prob, name, zt, sc)
+    nu = _equality_start(prob, name, zt, sc, tol)
     v = zt - nu @ prob.Cx
     x, D, g, value, res = _equality_eval(prob, kind, v, nu)
     status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
@@ -699,6 +715,8 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
     # backward is taken at that point
     H = newton_matrix(D)
     L = torch.diag_embed(H.sqrt()) if row_squares is not None else _cholesky(H)
+    if all_free:
+        return FastSolution(x, nu, status, iterations, res, L, D)
     X = prob.x_fixed_value.to(dt).expand(B, -1).clone()
     X[:, prob.x_free] = x
     return FastSolution(X, nu, status, iterations, res, L, D)
@@ -877,12 +895,18 @@ class _Backward(torch.autograd.Function):
         refuse_double_backward("the fast generic path")
         chol, Dx = ctx.saved_tensors
         prob = ctx.prob
-        g = G.to(torch.float64)[:, prob.x_free]
+        all_free = _cached(prob, "_all_free", lambda: prob.x_free.numel() == prob.n)
+        g = G.to(torch.float64) if all_free else G.to(torch.float64)[:, prob.x_free]
         Dg = Dx * g
         if prob.m:
             r = Dg @ prob.Cx.T
-            s = torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
+            if not prob.has_barrier and prob.__dict__.get("_disjoint_row_squares") is not None:
+                s = r / chol.diagonal(dim1=-2, dim2=-1).square()  # _solve_equality's diagonal factor
+            else:
+                s = torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
             Dg = Dg - Dx * (s @ prob.Cx)
+        if all_free:
+            return Dg.to(G.dtype), None, None, None, None
         grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         grad[:, prob.x_free] = Dg
         return grad.to(G.dtype), None, None, None, None
