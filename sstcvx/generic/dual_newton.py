@@ -538,9 +538,10 @@ def _equality_start(prob, name, zt, sc, tol):
     for _ in range(START_STEPS):
         lo = torch.where(r > 0, shift, lo)  # every point is inside the bracket, so it only shrinks
         hi = torch.where(r < 0, shift, hi)
-        step = torch.clamp(shift + r / curvature, shift - cap, shift + cap)
-        mid = 0.5 * (lo + hi)
-        shift = torch.where((step > lo) & (step < hi) | ~torch.isfinite(mid), step, mid)
+        step = shift + torch.clamp(r / curvature, -cap, cap)
+        # a step leaves the bracket only on a side other than the current point's, so both of its
+        # ends are finite there and the midpoint is a number
+        shift = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
         r, curvature = row_residual(shift)
         r_abs = r.abs()
         better = r_abs < best_abs  # a NaN is never better
