@@ -42,7 +42,8 @@ element that has converged is frozen.
 Why this method: a primal interior-point method cannot represent the entropy's solution at small
 tau (coordinates of size exp(-1e6)), and its Newton systems have the size of x and w; the dual has
 as many unknowns as rows, x in closed form, and needs no phase one (``nu = (0, 1)`` is strictly
-feasible).  Measured (``docs/generic.md``): 5-7 Newton steps with equality rows only, 10-40 with
+feasible).  Measured (``docs/generic.md``): 0-6 Newton steps with equality rows only (after a start
+from the rows' own closed forms, :func:`_equality_start`), 10-40 with
 inequality rows; the barrier on auxiliary variables whose optimal values are not unique (flows,
 vertex weights) recenters slowly after each reduction of mu (hundreds of steps): that case is
 correct but not yet fast.
@@ -477,14 +478,15 @@ def _equality_start(prob, name, zt, sc, tol):
 
     Block after block, the multipliers of the block's rows are shifted to make those rows hold with
     the other multipliers fixed: for the entropy by a log-sum-exp, which is exact (one sweep with
-    one block: one per group, a simplex; ``START_SWEEPS`` Sinkhorn sweeps with two: Birkhoff); for
-    the binary entropy by the shift that would be exact if the row's coordinates were equal (the
-    logit of the row mean); for the Euclidean regularizer by the shift that is exact when no
-    coordinate is clamped.  Where one block holds every row (a k-subset), up to ``START_STEPS``
-    Newton steps per row follow (the Newton matrix is diagonal; for the Euclidean regularizer the
-    curvature is the number of unclamped coordinates), safeguarded by a bracket of the row's root
-    (a step that leaves it is replaced by the bracket's midpoint), until every row holds to the
-    solver's tolerance ``tol (B,)``; the best point seen is returned.  A shift is capped like the
+    one block: one per group, a simplex; ``START_SWEEPS`` Sinkhorn sweeps with two: Birkhoff).
+    Where one block holds every row (a k-subset), the binary entropy and the Euclidean regularizer
+    take up to ``START_STEPS`` Newton steps per row from 0 (the Newton matrix is diagonal; for the
+    Euclidean regularizer the curvature is the number of unclamped coordinates), safeguarded by a
+    bracket of the row's root (a step that leaves it is replaced by the bracket's midpoint), until
+    every row holds to the solver's tolerance ``tol (B,)``; the best point seen is returned.  With
+    two blocks they take one sweep: the shift that would be exact if the row's coordinates were
+    equal (the logit of the row mean) for the binary entropy, the shift exact when no coordinate is
+    clamped for the Euclidean regularizer.  A shift is capped like the
     solver's steps (``STEP_CAP`` times the scale of z) and skipped where it is not finite.
     Cost: O(B m nx) per block and step, no factorization."""
     B = zt.shape[0]
@@ -502,7 +504,10 @@ def _equality_start(prob, name, zt, sc, tol):
         nu[:, rows] += delta
         v = v - delta @ Cb
 
-    sweeps = START_SWEEPS if name == "entropy" and len(blocks) > 1 else 1
+    if name == "entropy":
+        sweeps = START_SWEEPS if len(blocks) > 1 else 1
+    else:  # with one block, the safeguarded Newton steps below start from 0 (measured: no slower)
+        sweeps = 1 if len(blocks) > 1 else 0
     for _ in range(sweeps):
         for rows, Cb, db, size in blocks:
             if name == "entropy":
@@ -579,12 +584,17 @@ def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> 
     """:func:`solve` where there are equality rows only (no inequality rows, no auxiliary
     variables): damped Newton on the smooth convex dual Psi(nu) = f*(z - C_x^T nu) + <d, nu>.
 
-    The same iterates and tests as the general loop, arranged for fewer operations: a start from
-    :func:`_equality_start`; the trial point of the line search is evaluated once and becomes the
-    next iterate (x, D, the gradient and Psi are not recomputed); the exponents move by the step's
-    image ``C_x^T dnu``, computed once per step; the line search backtracks only for the elements
-    whose first trial fails Armijo; the closed forms skip the clamp where f's domain holds the
-    bounds."""
+    The same method, stopping test and continuation as the general loop, arranged for fewer
+    operations per step: a start from :func:`_equality_start` (on k-subsets and one per group it
+    usually converges there, and no Newton step is taken); the trial point of the line search is
+    evaluated once and becomes the next iterate (x, D, the gradient and Psi are not recomputed);
+    the line search backtracks only for the elements whose first trial fails Armijo, and where
+    the predicted decrease is below the rounding of Psi (``FLAT``) a step that halves the residual
+    is accepted instead; full steps are extended by doubling for the two entropies only (for the
+    piecewise quadratic Euclidean dual it measured slower); rows with disjoint supports give a
+    diagonal Newton matrix (a division instead of a Cholesky factorization, here and in the
+    backward); the closed forms skip the clamp where f's domain holds the bounds.  The returned
+    ``chol`` is then the diagonal factor ``diag(sqrt(H))``."""
     B = Z.shape[0]
     dev, dt = Z.device, torch.float64
     all_free = _cached(prob, "_all_free", lambda: prob.x_free.numel() == prob.n)
