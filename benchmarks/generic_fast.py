@@ -2,6 +2,10 @@
 
     python benchmarks/generic_fast.py [--quick] [--threads T] [--wall]
     python benchmarks/generic_fast.py --moreau [--quick]   # needs the `moreau` extra
+    python benchmarks/generic_fast.py --only "subsets,birkhoff" [--moreau] [--quick]
+
+``--only A,B``: only the cases whose "polytope regularizer" contains one of the substrings
+(and no scale case).
 
 For each declared polytope and regularizer: forward + backward time per instance at batch
 ``B`` (256; 64 with --quick) of the fast torch solver, of cvxpylayers/diffcp (timed on a
@@ -128,6 +132,8 @@ def moreau_main(args):
     print(f"forward+backward per instance at batch {B}: the fast solver against Moreau 0.4.1 through cvxpylayers (CPU)")
     print(f"{'polytope':<30} {'regularizer':<15} | {'fast':>11} | {'moreau':>11} | {'moreau/fast':>11} | {'|dX|':>8}")
     for P, reg, _S in list(cases())[:3] + [c for c in cases() if c[0].name.startswith("birkhoff")]:
+        if not selected(P, reg):
+            continue
         U = torch.randn(B, *P.event_shape, dtype=torch.float64)
         G = torch.randn(B, *P.event_shape, dtype=torch.float64)
         times = interleaved(
@@ -147,9 +153,24 @@ def moreau_main(args):
         )
 
 
+_ONLY: list[str] = []
+
+
+def selected(P, reg):
+    """Whether ``--only`` keeps the case (polytope ``P``, regularizer ``reg``)."""
+    return not _ONLY or any(key in f"{P.name} {reg}" for key in _ONLY)
+
+
 def main(argv=None):
-    if "--moreau" in (sys.argv[1:] if argv is None else argv):
-        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--moreau"]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--only" in argv:
+        i = argv.index("--only")
+        if i + 1 >= len(argv):
+            raise SystemExit("--only: expected comma-separated substrings of 'polytope regularizer'")
+        _ONLY[:] = [key for key in argv[i + 1].split(",") if key]
+        del argv[i : i + 2]
+    if "--moreau" in argv:
+        argv = [a for a in argv if a != "--moreau"]
         return moreau_main(benchmark_arguments(__doc__, "batch 64", argv))
     args = benchmark_arguments(__doc__, "batch 64 and fewer rounds", argv)
     B = 64 if args.quick else 256
@@ -161,6 +182,8 @@ def main(argv=None):
     head = f"{'polytope':<30} {'regularizer':<15} | {'fast':>11} | {'cvxpylayers':>11} | {'specialized':>11} | {'cvx/fast':>8} | {'fast/spec':>9} | {'|dX| cvx':>8} | {'|dX| spec':>9} | {'|dVJP| spec':>11}"
     print(head)
     for P, reg, S in cases():
+        if not selected(P, reg):
+            continue
         U = torch.randn(B, *P.event_shape, dtype=torch.float64)
         G = torch.randn(B, *P.event_shape, dtype=torch.float64)
         fns = {
@@ -187,7 +210,8 @@ def main(argv=None):
             + (f"  ({fails} of {B} to the conic fallback)" if fails else ""),
             flush=True,
         )
-    scale_case(args)
+    if not _ONLY:
+        scale_case(args)
 
 
 def scale_case(args):

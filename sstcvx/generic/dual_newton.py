@@ -42,7 +42,8 @@ element that has converged is frozen.
 Why this method: a primal interior-point method cannot represent the entropy's solution at small
 tau (coordinates of size exp(-1e6)), and its Newton systems have the size of x and w; the dual has
 as many unknowns as rows, x in closed form, and needs no phase one (``nu = (0, 1)`` is strictly
-feasible).  Measured (``docs/generic.md``): 5-7 Newton steps with equality rows only, 10-40 with
+feasible).  Measured (``docs/generic.md``): 0-6 Newton steps with equality rows only (after a start
+from the rows' own closed forms, :func:`_equality_start`), 10-40 with
 inequality rows; the barrier on auxiliary variables whose optimal values are not unique (flows,
 vertex weights) recenters slowly after each reduction of mu (hundreds of steps): that case is
 correct but not yet fast.
@@ -94,6 +95,13 @@ ROUNDING = 64 * 2.0**-52
 STAGE_TOLERANCE = 1e-3
 #: Largest change of an exponent (times max(1, |z|)) in one step.
 STEP_CAP = 10.0
+#: With equality rows only, a predicted decrease of the dual below this times |Psi| is rounding: the
+#: line search then accepts a step that halves the residual instead (Armijo cannot see the decrease).
+FLAT = 1e3 * 2.0**-52
+#: With equality rows only (see _equality_start): Sinkhorn sweeps of the entropy's start over two
+#: blocks of unit rows, and the safeguarded Newton steps of the start where one block holds every row.
+START_SWEEPS = 3
+START_STEPS = 8
 #: Newton steps allowed per element (all stages together).
 MAX_ITER = 500
 #: Width of the artificial box given to an auxiliary variable without bounds, times the form's scale.
@@ -416,8 +424,319 @@ class FastSolution:
     Dx: torch.Tensor
 
 
+# ---------------------------------------------------------------------------------------------
+# equality rows only: plain damped Newton on the smooth convex dual, with fewer operations per step
+def _cached(prob, key, build):
+    """A quantity derived from ``prob`` once (kept in the instance's ``__dict__``: the problem is
+    cached per polytope and device, so this is computed once per polytope, regularizer and device)."""
+    value = prob.__dict__.get(key)
+    if value is None:
+        value = prob.__dict__[key] = build()
+    return value
+
+
+def _unit_row_blocks(prob):
+    """Blocks of equality rows whose coefficients on x are all 1 and whose supports are disjoint
+    within a block (at most two blocks, found greedily in row order: the row sums and the column
+    sums of a Birkhoff declaration, the groups of a one-per-group one).  Each block is
+    ``(rows, C_block (k, nx), d_block (k,), support sizes (k,))`` on ``prob``'s device."""
+    C = prob.Cx[: prob.m_eq].cpu()
+    nonzero = C != 0
+    unit = nonzero.any(-1) & ((~nonzero) | ((C - 1).abs() <= 1e-12)).all(-1)
+    remaining = [i for i in range(C.shape[0]) if bool(unit[i])]
+    blocks = []
+    while remaining and len(blocks) < 2:
+        used = torch.zeros(C.shape[1], dtype=torch.bool)
+        block, rest = [], []
+        for i in remaining:  # once per problem, on the CPU
+            if bool((used & nonzero[i]).any()):
+                rest.append(i)
+            else:
+                block.append(i)
+                used |= nonzero[i]
+        rows = torch.tensor(block, dtype=torch.long)
+        Cb = prob.Cx[rows.to(prob.Cx.device)]
+        blocks.append((rows.to(prob.Cx.device), Cb, prob.d[rows.to(prob.d.device)], Cb.sum(-1)))
+        remaining = rest
+    return blocks
+
+
+def _disjoint_row_squares(prob):
+    """``C_x * C_x`` where no two rows share a coordinate (the Newton matrix is then diagonal), else None."""
+    nonzero = (prob.Cx != 0).to(prob.Cx.dtype)
+    if prob.m == 0 or bool((nonzero.sum(0) > 1).any()):
+        return None
+    return prob.Cx * prob.Cx
+
+
+def _equality_start(prob, name, zt, sc, tol):
+    """A starting ``nu (B, m)`` for the equality rows, from the blocks of unit rows with disjoint
+    supports (:func:`_unit_row_blocks`).  Any start is valid (the dual has no constraints here); a
+    good one saves Newton steps of the full method, each costlier (a factorization and a line
+    search), most of all for the entropy, where a row's multiplier from 0 is otherwise reached one
+    unit of log x per step.
+
+    Block after block, the multipliers of the block's rows are shifted to make those rows hold with
+    the other multipliers fixed: for the entropy by a log-sum-exp, which is exact (one sweep with
+    one block: one per group, a simplex; ``START_SWEEPS`` Sinkhorn sweeps with two: Birkhoff).
+    Where one block holds every row (a k-subset), the binary entropy and the Euclidean regularizer
+    take up to ``START_STEPS`` Newton steps per row from 0 (the Newton matrix is diagonal; for the
+    Euclidean regularizer the curvature is the number of unclamped coordinates), safeguarded by a
+    bracket of the row's root (a step that leaves it is replaced by the bracket's midpoint), until
+    every row holds to the solver's tolerance ``tol (B,)``; the best point seen is returned.  With
+    two blocks they take one sweep: the shift that would be exact if the row's coordinates were
+    equal (the logit of the row mean) for the binary entropy, the shift exact when no coordinate is
+    clamped for the Euclidean regularizer.  A shift is capped like the
+    solver's steps (``STEP_CAP`` times the scale of z) and skipped where it is not finite.
+    Cost: O(B m nx) per block and step, no factorization."""
+    B = zt.shape[0]
+    nu = zt.new_zeros(B, prob.m)
+    blocks = _cached(prob, "_unit_row_blocks", lambda: _unit_row_blocks(prob))
+    if not blocks or not isinstance(name, str):
+        return nu
+    v = zt.clone()
+    cap = STEP_CAP * sc[:, None]
+    tol = tol[:, None]
+
+    def apply(delta, rows, Cb):
+        nonlocal v
+        delta = torch.where(torch.isfinite(delta), torch.clamp(delta, -cap, cap), torch.zeros_like(delta))
+        nu[:, rows] += delta
+        v = v - delta @ Cb
+
+    if name == "entropy":
+        sweeps = START_SWEEPS if len(blocks) > 1 else 1
+    else:  # with one block, the safeguarded Newton steps below start from 0 (measured: no slower)
+        sweeps = 1 if len(blocks) > 1 else 0
+    for _ in range(sweeps):
+        for rows, Cb, db, size in blocks:
+            if name == "entropy":
+                top = v.amax(-1, keepdim=True)
+                delta = torch.log(torch.exp(v - top) @ Cb.T) + top - 1.0 - torch.log(db)
+            elif name == "binary_entropy":
+                delta = torch.logit((torch.sigmoid(v) @ Cb.T) / size) - torch.logit(db / size)
+            else:
+                delta = (torch.minimum(torch.maximum(v, prob.xl), prob.xu) @ Cb.T - db) / size
+            apply(delta, rows, Cb)
+    if name == "entropy" or len(blocks) > 1:
+        return nu
+    # one block holds every row (the Newton matrix is diagonal): Newton steps per row, safeguarded by a
+    # bracket of the row's root (the row sum decreases in its multiplier): a step that leaves the
+    # bracket is replaced by its midpoint; the best point seen is kept
+    rows, Cb, db, size = blocks[0]
+    v0 = v
+
+    def row_residual(shift):
+        v = v0 - shift @ Cb
+        if name == "binary_entropy":
+            x = torch.sigmoid(v)
+            return x @ Cb.T - db, (x * torch.sigmoid(-v)) @ Cb.T
+        x = torch.clamp(v, prob.xl, prob.xu)
+        free = (x == v).to(v.dtype) @ Cb.T  # the curvature: the row's unclamped coordinates
+        return x @ Cb.T - db, free.clamp_min(1.0)
+
+    shift = torch.zeros_like(db).expand(B, -1)
+    r, curvature = row_residual(shift)
+    lo = torch.full_like(r, -math.inf)
+    hi = torch.full_like(r, math.inf)
+    best, best_abs = shift, r.abs()
+    for _ in range(START_STEPS):
+        lo = torch.where(r > 0, shift, lo)  # every point is inside the bracket, so it only shrinks
+        hi = torch.where(r < 0, shift, hi)
+        step = shift + torch.clamp(r / curvature, -cap, cap)
+        # a step leaves the bracket only on a side other than the current point's, so both of its
+        # ends are finite there and the midpoint is a number
+        shift = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+        r, curvature = row_residual(shift)
+        r_abs = r.abs()
+        better = r_abs < best_abs  # a NaN is never better
+        best, best_abs = torch.where(better, shift, best), torch.where(better, r_abs, best_abs)
+        if not bool((best_abs > tol).any()):  # all rows hold to the solver's tolerance
+            break
+    nu[:, rows] += best
+    return nu
+
+
+def _equality_eval(prob, kind, v, nu):
+    """x(v), D = dx/dv, the dual gradient g = d - C_x x, Psi and max|g|, with v = z - C_x^T nu.
+    ``kind``: "entropy" or "binary_entropy" without clamped bounds, "euclidean" (clamp), or the
+    regularizer's ``name`` for the general closed forms (bounds inside the conjugate)."""
+    if kind == "entropy":
+        x = torch.exp(v - 1.0)
+        D = x
+        value = x.sum(-1)
+    elif kind == "binary_entropy":
+        x = torch.sigmoid(v)
+        D = x * torch.sigmoid(-v)
+        value = torch.nn.functional.softplus(v).sum(-1)
+    elif kind == "euclidean":
+        x = torch.clamp(v, prob.xl, prob.xu)
+        D = (x == v).to(v.dtype)  # 0 where clamped
+        value = (v * x - 0.5 * x * x).sum(-1)
+    else:
+        x, D, clamped = _primal_x(kind[1], v, prob.xl, prob.xu)
+        value = _conjugate(kind[1], v, x, clamped)
+    g = prob.d - x @ prob.Cx.T
+    return x, D, g, value + nu @ prob.d, g.abs().amax(-1)
+
+
+def _solve_equality(prob: DualProblem, name, Z: torch.Tensor, max_iter: int) -> FastSolution:
+    """:func:`solve` where there are equality rows only (no inequality rows, no auxiliary
+    variables): damped Newton on the smooth convex dual Psi(nu) = f*(z - C_x^T nu) + <d, nu>.
+
+    The same method, stopping test and continuation as the general loop, arranged for fewer
+    operations per step: a start from :func:`_equality_start` (on k-subsets and one per group it
+    usually converges there, and no Newton step is taken); the trial point of the line search is
+    evaluated once and becomes the next iterate (x, D, the gradient and Psi are not recomputed);
+    the line search backtracks only for the elements whose first trial fails Armijo, and where
+    the predicted decrease is below the rounding of Psi (``FLAT``) a step that halves the residual
+    is accepted instead; full steps are extended by doubling for the two entropies only (for the
+    piecewise quadratic Euclidean dual it measured slower); rows with disjoint supports give a
+    diagonal Newton matrix (a division instead of a Cholesky factorization, here and in the
+    backward); the closed forms skip the clamp where f's domain holds the bounds.  The returned
+    ``chol`` is then the diagonal factor ``diag(sqrt(H))``."""
+    B = Z.shape[0]
+    dev, dt = Z.device, torch.float64
+    all_free = _cached(prob, "_all_free", lambda: prob.x_free.numel() == prob.n)
+    z = Z.to(dt) if all_free else Z.to(dt)[:, prob.x_free]
+    zmax = z.abs().amax(-1) if z.shape[1] else z.new_zeros(B)
+    if name == "entropy":
+        t = torch.clamp(CONTINUATION_SCALE / zmax.clamp_min(1e-300), max=1.0)
+    else:
+        t = torch.ones_like(zmax)
+    continuation = name == "entropy" and bool((t < 1.0).any())
+    sc = torch.clamp(t * zmax, min=1.0)
+    tol = prob.scale * torch.clamp(ROUNDING * zmax, min=TOLERANCE)
+    stage_tol = STAGE_TOLERANCE * prob.scale
+    close_tol = 1e-6 * prob.scale
+    unclamped = _cached(
+        prob, "_unclamped", lambda: not any(bool(torch.isfinite(b).any()) for b in (prob.xl, prob.xu) if b is not None)
+    )
+    if name == "euclidean" or (name in ("entropy", "binary_entropy") and unclamped):
+        kind = name
+    else:
+        kind = ("general", name)
+    row_scale = _cached(prob, "_row_scale", lambda: prob.row_scale)
+    zt = z * t[:, None] if continuation else z
+    nu = _equality_start(prob, name, zt, sc, tol)
+    v = zt - nu @ prob.Cx
+    x, D, g, value, res = _equality_eval(prob, kind, v, nu)
+    status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
+    iterations = torch.zeros(B, dtype=torch.long, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    jitter = 1e-14
+
+    # rows with disjoint supports (a k-subset, one per group, a simplex): the Newton matrix is diagonal
+    row_squares = _cached(prob, "_disjoint_row_squares", lambda: _disjoint_row_squares(prob))
+
+    def newton_matrix(D):
+        """C_x D C_x^T plus the jitter of :func:`_hessian`: ``(B, m, m)``, or its diagonal ``(B, m)``
+        where the rows have disjoint supports."""
+        if row_squares is not None:
+            H = D @ row_squares.T
+            diag = H
+        else:
+            H = (prob.Cx * D[:, None, :]) @ prob.Cx.T
+            diag = H.diagonal(dim1=-2, dim2=-1)
+        diag += jitter * diag.amax(-1, keepdim=True).clamp_min(1e-300) + 1e-14 * row_scale
+        return H
+
+    def newton_solve(D, g):
+        if row_squares is not None:
+            return g / newton_matrix(D)
+        return torch.cholesky_solve(g.unsqueeze(-1), _cholesky(newton_matrix(D))).squeeze(-1)
+
+    def trial(a, step):
+        tnu = nu + a[:, None] * step
+        tv = zt - tnu @ prob.Cx
+        return (tnu, tv) + _equality_eval(prob, kind, tv, tnu)
+
+    def merge(mask, new, old):
+        return tuple(torch.where(mask[:, None] if o.dim() == 2 else mask, n_, o) for n_, o in zip(new, old))
+
+    for _ in range(max_iter):
+        done = active & (res <= tol)
+        if continuation:
+            done = done & (t >= 1.0)
+        status = torch.where(done, STATUS_CONVERGED, status)
+        active = active & ~done
+        if not bool(active.any()):
+            break
+        if continuation:
+            grow = active & (t < 1.0) & (res <= stage_tol)
+            if bool(grow.any()):
+                ratio = torch.where(grow, torch.clamp(1.0 / t, max=10.0), torch.ones_like(t))
+                nu = nu * ratio[:, None]
+                t = t * ratio
+                sc = torch.clamp(t * zmax, min=1.0)
+                zt = z * t[:, None]
+                v = zt - nu @ prob.Cx
+                x, D, g, value, res = _equality_eval(prob, kind, v, nu)
+        iterations = iterations + active.long()
+        step = -newton_solve(D, g)
+        slope = (g * step).sum(-1)
+        # a step never moves an exponent by more than STEP_CAP times the current scale of z (the
+        # Hessian is singular where every coordinate of a row is clamped, and the step then is huge)
+        alpha = torch.clamp(STEP_CAP * sc / (step @ prob.Cx).abs().amax(-1), max=1.0)
+        # where the predicted decrease is below the rounding of Psi, Armijo cannot see it
+        flat = -slope <= FLAT * value.abs().clamp_min(1.0)
+        current = (nu, v, x, D, g, value, res)
+
+        def better(T, a):
+            tval, tres = T[5], T[6]
+            armijo = tval <= value + 1e-4 * a * slope
+            # near the solution rounding hides the decrease of Psi: a smaller residual also counts
+            close = (tres <= 0.5 * res) & ((res <= close_tol) | flat)
+            return torch.isfinite(tval + tres) & (armijo | close)
+
+        T = trial(alpha, step)
+        accepted = better(T, alpha) & active
+        pending = active & ~accepted
+        if bool(pending.any()):
+            for _ls in range(59):
+                alpha = torch.where(accepted, alpha, alpha * 0.5)
+                T2 = trial(alpha, step)
+                ok = better(T2, alpha) & pending
+                T = merge(ok, T2, T)
+                accepted = accepted | ok
+                pending = pending & ~ok
+                if not bool(pending.any()):
+                    break
+        # Far from the solution the quadratic model of an exponential undershoots (one unit of log x per
+        # step): where the full step was taken, try doubling it while Psi keeps decreasing.
+        grow = accepted & (alpha >= 1.0) & (res > 1e-2 * prob.scale) & (name != "euclidean")
+        if bool(grow.any()):
+            best = T[5]
+            a = torch.ones_like(t)
+            for _ex in range(8):
+                a = a * 2
+                T2 = trial(a, step)
+                improve = grow & torch.isfinite(T2[5] + T2[6]) & (T2[5] < best)
+                best = torch.where(improve, T2[5], best)
+                T = merge(improve, T2, T)
+                grow = improve
+                if not bool(grow.any()):
+                    break
+        stuck = active & ~accepted
+        status = torch.where(stuck, STATUS_NOT_FINITE, status)
+        active = active & ~stuck
+        nu, v, x, D, g, value, res = merge(accepted, T, current)
+
+    # x, D are those of nu (every evaluation computes v = z - C_x^T nu afresh); the factor for the
+    # backward is taken at that point
+    H = newton_matrix(D)
+    L = torch.diag_embed(H.sqrt()) if row_squares is not None else _cholesky(H)
+    if all_free:
+        return FastSolution(x, nu, status, iterations, res, L, D)
+    X = prob.x_fixed_value.to(dt).expand(B, -1).clone()
+    X[:, prob.x_free] = x
+    return FastSolution(X, nu, status, iterations, res, L, D)
+
+
 def solve(prob: DualProblem, name: str, Z: torch.Tensor, max_iter: int = MAX_ITER) -> FastSolution:
     """Solve the relaxed problem for every row of ``Z (B, n)`` (float64, any device); see the module."""
+    if prob.m and not prob.has_barrier:
+        return _solve_equality(prob, name, Z, max_iter)
     B = Z.shape[0]
     dev, dt = Z.device, torch.float64
     z = Z.to(dt)[:, prob.x_free]
@@ -587,12 +906,18 @@ class _Backward(torch.autograd.Function):
         refuse_double_backward("the fast generic path")
         chol, Dx = ctx.saved_tensors
         prob = ctx.prob
-        g = G.to(torch.float64)[:, prob.x_free]
+        all_free = _cached(prob, "_all_free", lambda: prob.x_free.numel() == prob.n)
+        g = G.to(torch.float64) if all_free else G.to(torch.float64)[:, prob.x_free]
         Dg = Dx * g
         if prob.m:
             r = Dg @ prob.Cx.T
-            s = torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
+            if not prob.has_barrier and prob.__dict__.get("_disjoint_row_squares") is not None:
+                s = r / chol.diagonal(dim1=-2, dim2=-1).square()  # _solve_equality's diagonal factor
+            else:
+                s = torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
             Dg = Dg - Dx * (s @ prob.Cx)
+        if all_free:
+            return Dg.to(G.dtype), None, None, None, None
         grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         grad[:, prob.x_free] = Dg
         return grad.to(G.dtype), None, None, None, None
