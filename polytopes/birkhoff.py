@@ -2,20 +2,26 @@
 
 :func:`birkhoff_projection` solves argmin_{x doubly stochastic} ||x - Z||^2, the
 ``euclidean`` relaxation of :class:`polytopes.Permutation` (registered there, Z = U / tau),
-by semi-smooth Newton on its dual with the row potentials exact (simplex projections),
-and an exact backward (the Jacobian of the piecewise linear map).  It needs no polytope.
+by semi-smooth Newton on its dual (on both potentials when the spread of Z is moderate,
+else on the column potentials with the rows exact, by continuation), and an exact backward
+(the Jacobian of the piecewise linear map).  It needs no polytope.
 
 Tuning constants: its own below, and from :mod:`polytopes.sinkhorn` the continuation
 (``_FIRST_SPREAD`` = 32, ``_SCALE_FACTOR`` = 8) and the Newton ridge (``_NEWTON_RIDGE``
 = 1e-3 times the residual, at least ``_RIDGE_FLOOR`` = 1e-13).
 
-======================  =====  ==============================================================
-``BIRKHOFF_TOL``        1e-12  default largest |column sum - 1| accepted (plus rounding of X)
-``BIRKHOFF_MAX_ITER``   200    default budget of Newton steps over all stages
-``_BIRKHOFF_STAGE_TOL`` 1e-3   column-sum tolerance of the stages before the last
-``_BIRKHOFF_HALVINGS``  12     trial steps per Newton step (each a quarter of the last)
-``_BIRKHOFF_SWEEPS``    4      exact row/column steps before the Newton steps of a stage
-======================  =====  ==============================================================
+========================  =====  ==============================================================
+``BIRKHOFF_TOL``          1e-12  default largest |column sum - 1| accepted (plus rounding of X)
+``BIRKHOFF_MAX_ITER``     200    default budget of Newton steps over all stages
+``_BIRKHOFF_STAGE_TOL``   1e-3   column-sum tolerance of the stages before the last
+``_BIRKHOFF_HALVINGS``    12     trial steps per Newton step (each a quarter of the last)
+``_BIRKHOFF_SWEEPS``      4      exact row/column steps before the Newton steps of a stage
+``_NEWTON_SPREAD``        32     full-dual Newton when max(Z) - min(Z) <= 32 in every element
+``_NEWTON_SWEEPS``        2      exact row/column steps before its Newton steps
+``_NEWTON_MAX_ITER``      30     its step budget; what it leaves goes to the staged solver
+``_SUPPORT_RIDGE_FLOOR``  1e-9   its smallest ridge (plus 1e-3 times the residual)
+``_COMPACT_BATCH``        32     from this batch on, its converged elements are set aside
+========================  =====  ==============================================================
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ _BIRKHOFF_SWEEPS = 4  # alternating row and column projections before the Newton
 _NEWTON_SPREAD = 32.0
 _NEWTON_SWEEPS = 2
 _COMPACT_BATCH = 32
+# Its smallest ridge: with a disconnected support a rounding-sized gradient along a null direction of
+# the Laplacian becomes a step of gradient / ridge, which the line search then has to undo.
+_SUPPORT_RIDGE_FLOOR = 1e-9
 _NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
 
 
@@ -142,20 +151,17 @@ def _birkhoff_newton(Z, tol, max_iter):
     batched n x n product, Cholesky solve and about 40 elementwise passes over (B, n, n).
     """
     B, n, _ = Z.shape
-    v = Z.new_zeros(B, 1, n)
+    u = sparsemax_threshold(Z)[0]  # (B, n, 1)
     for _ in range(_NEWTON_SWEEPS):
-        _, u = _project_rows(Z - v)
-        _, v = _project_rows((Z - u.unsqueeze(-1)).mT)
-        v = v.unsqueeze(-2)
-    _, u = _project_rows(Z - v)
-    u = u.unsqueeze(-1)
+        v = sparsemax_threshold((Z - u).mT)[0].mT  # (B, 1, n)
+        u = sparsemax_threshold(Z - v)[0]
     Y, X, phi = _phi(Z, u, v)
     linear = u.sum((-2, -1)) + v.sum((-2, -1))  # phi = 1/2 |X|^2 + linear
     phi = phi + linear
     slack = 64 * n * n * _EPS64 * (Z.abs().amax((-2, -1)) + 1.0)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
-        gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)  # minus the gradient
+        gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)  # the gradient of phi
         err = torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
         pending = err > tol
         count = int(pending.sum())
@@ -179,14 +185,14 @@ def _birkhoff_newton(Z, tol, max_iter):
         S = (Y > 0).to(Z.dtype)
         counts = S.sum(-1, keepdim=True).clamp_min(1.0)  # r_S, (B, n, 1); a row without support counts one
         S_rows = S / counts
-        diagonal = S.sum(-2) + (_NEWTON_RIDGE * err + _RIDGE_FLOOR).unsqueeze(-1)
+        diagonal = S.sum(-2) + (_NEWTON_RIDGE * err + _SUPPORT_RIDGE_FLOOR).unsqueeze(-1)
         laplacian = torch.baddbmm(torch.diag_embed(diagonal) + 1.0, S_rows.mT, S, alpha=-1.0)
         L, _ = torch.linalg.cholesky_ex(laplacian)
         dv = torch.cholesky_solve(S_rows.mT @ gu - gv.mT, L)  # (B, n, 1)
         du = torch.baddbmm(gu, S, dv) / -counts  # (B, n, 1)
         dv = dv.mT
-        # Armijo: phi(t) <= phi + 1e-4 t <grad phi, d> (+ slack for rounding); <grad phi, d> < 0
-        slope = -1e-4 * (gu.mT @ du + gv @ dv.mT).flatten()
+        # Armijo: phi(t) <= phi + 1e-4 t <grad phi, d> (+ slack for rounding), <grad phi, d> < 0
+        slope = 1e-4 * (gu.mT @ du + gv @ dv.mT).flatten()
         dual_slope = du.sum((-2, -1)) + dv.sum((-2, -1))  # the change of sum u + sum v per unit t
         trial_u, trial_v, trial_linear = u + du, v + dv, linear + dual_slope
         trial_Y, trial_X, trial_phi = _phi(Z, trial_u, trial_v)
@@ -195,23 +201,35 @@ def _birkhoff_newton(Z, tol, max_iter):
         if bool(ok.all()):  # the common case: every element takes its full step
             u, v, Y, X, phi, linear = trial_u, trial_v, trial_Y, trial_X, trial_phi, trial_linear
             continue
-        pending, t, u0, v0, phi0, linear0 = ~ok, torch.ones_like(phi), u, v, phi, linear
-        for trial in range(_BIRKHOFF_HALVINGS + 1):
-            u, v = torch.where(ok[:, None, None], trial_u, u), torch.where(ok[:, None, None], trial_v, v)
-            Y, X = torch.where(ok[:, None, None], trial_Y, Y), torch.where(ok[:, None, None], trial_X, X)
-            phi, linear = torch.where(ok, trial_phi, phi), torch.where(ok, trial_linear, linear)
-            if trial == _BIRKHOFF_HALVINGS or not bool(pending.any()):
-                break  # after the last trial, elements without an Armijo step stay put
-            t = torch.where(pending, 0.25 * t, t)
-            trial_u, trial_v, trial_linear = (
-                u0 + t[:, None, None] * du,
-                v0 + t[:, None, None] * dv,
-                linear0 + t * dual_slope,
-            )
-            trial_Y, trial_X, trial_phi = _phi(Z, trial_u, trial_v)
+        # the elements whose full step failed backtrack alone (t quartered per trial), a smaller batch
+        u, v = torch.where(ok[:, None, None], trial_u, u), torch.where(ok[:, None, None], trial_v, v)
+        Y, X = torch.where(ok[:, None, None], trial_Y, Y), torch.where(ok[:, None, None], trial_X, X)
+        phi, linear = torch.where(ok, trial_phi, phi), torch.where(ok, trial_linear, linear)
+        back = (~ok).nonzero().squeeze(-1)
+        Zb, ub, vb, dub, dvb, phib, linb, slopeb, dualb, slackb = (
+            T.index_select(0, back) for T in (Z, u, v, du, dv, phi, linear, slope, dual_slope, slack)
+        )
+        t = 1.0
+        for _ in range(_BIRKHOFF_HALVINGS):
+            t = 0.25 * t
+            trial_u, trial_v, trial_linear = ub + t * dub, vb + t * dvb, linb + t * dualb
+            trial_Y, trial_X, trial_phi = _phi(Zb, trial_u, trial_v)
             trial_phi = trial_phi + trial_linear
-            ok = pending & (trial_phi <= phi0 + t * slope + slack)
-            pending = pending & ~ok
+            ok = trial_phi <= phib + t * slopeb + slackb
+            ub, vb = torch.where(ok[:, None, None], trial_u, ub), torch.where(ok[:, None, None], trial_v, vb)
+            phib, linb = torch.where(ok, trial_phi, phib), torch.where(ok, trial_linear, linb)
+            u.index_copy_(0, back[ok], trial_u[ok])
+            v.index_copy_(0, back[ok], trial_v[ok])
+            Y.index_copy_(0, back[ok], trial_Y[ok])
+            X.index_copy_(0, back[ok], trial_X[ok])
+            phi.index_copy_(0, back[ok], trial_phi[ok])
+            linear.index_copy_(0, back[ok], trial_linear[ok])
+            if bool(ok.all()):
+                break
+            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an Armijo step stay put
+            back, Zb, ub, vb, dub, dvb, phib, linb, slopeb, dualb, slackb = (
+                T.index_select(0, keep) for T in (back, Zb, ub, vb, dub, dvb, phib, linb, slopeb, dualb, slackb)
+            )
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
     return X, err, step
@@ -299,11 +317,14 @@ def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: in
     plus the rounding of X, 16 n eps max|Z|.  It is the ``euclidean`` relaxation of
     :class:`Permutation` (Z = U / tau): sparse, with exact zeros.
 
-    Forward: semi-smooth Newton on the dual in b, the row potentials a exact by
-    sorting (see :func:`_birkhoff_stage`), with continuation in the scale of Z for
-    large spreads; typically 5-15 steps at max|Z| ~ 1, 10-50 at spreads up to 1e6,
-    each an n x n Cholesky solve and a few row sorts (O(n^3 + n^2 log n)).  Warns
-    (RuntimeWarning) if ``max_iter`` steps do not reach ``tol``.
+    Forward: when max(Z) - min(Z) <= 32 (tau ~ 1), semi-smooth Newton on both dual
+    potentials (see :func:`_birkhoff_newton`), 3-8 steps at n = 4-50, each an n x n
+    Cholesky solve and elementwise passes (no sorting), exact once the support is found;
+    otherwise, and for the rare elements it leaves, semi-smooth Newton on the dual in b
+    with the row potentials a exact by sorting (see :func:`_birkhoff_stage`), with
+    continuation in the scale of Z; 10-50 steps at spreads up to 1e6, each an n x n
+    Cholesky solve and a few row sorts (O(n^3 + n^2 log n)).  Warns (RuntimeWarning) if
+    ``max_iter`` steps do not reach ``tol``.
 
     Backward: the exact Jacobian of the piecewise linear map, the orthogonal projection
     onto the matrices supported on X's support with zero row and column sums (one
