@@ -177,14 +177,19 @@ def _newton_steps(module, forward, U):
 
         module._narrow_newton, module._newton = narrow, damped
     else:
-        originals = {"_birkhoff_stage": module._birkhoff_stage}
+        originals = {"_birkhoff_stage": module._birkhoff_stage, "_birkhoff_newton": module._birkhoff_newton}
 
         def stage(*args, **kwargs):
             X, beta, err, steps = originals["_birkhoff_stage"](*args, **kwargs)
             counted.append(steps)
             return X, beta, err, steps
 
-        module._birkhoff_stage = stage
+        def newton(*args, **kwargs):
+            X, err, steps = originals["_birkhoff_newton"](*args, **kwargs)
+            counted.append(steps)
+            return X, err, steps
+
+        module._birkhoff_stage, module._birkhoff_newton = stage, newton
     try:
         forward(U, 1e-12, 500)
     finally:

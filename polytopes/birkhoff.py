@@ -56,6 +56,7 @@ _COMPACT_BATCH = 32
 # Its smallest ridge: with a disconnected support a rounding-sized gradient along a null direction of
 # the Laplacian becomes a step of gradient / ridge, which the line search then has to undo.
 _SUPPORT_RIDGE_FLOOR = 1e-9
+_MERIT_SWITCH = 1e-5  # below this residual its line search also asks the residual to decrease
 _NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
 
 
@@ -122,12 +123,16 @@ def _birkhoff_stage(Z, beta, tol, budget, slack):
     return X, beta, err, budget
 
 
-def _phi(Z, u, v):
-    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0) and 1/2 |X|^2 (B,), for u (B, n, 1), v (B, 1, n)."""
+def _evaluate(Z, u, v):
+    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0), 1/2 |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm.
+
+    u (B, n, 1), v (B, 1, n); r, c the row and column sums of X, shaped like u and v.
+    """
     Y = Z - (u + v)
     X = Y.clamp_min(0.0)
     flat = X.flatten(-2).unsqueeze(-2)
-    return Y, X, 0.5 * (flat @ flat.mT).flatten()
+    gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)
+    return Y, X, 0.5 * (flat @ flat.mT).flatten(), gu, gv, torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
 
 
 def _birkhoff_newton(Z, tol, max_iter):
@@ -155,14 +160,10 @@ def _birkhoff_newton(Z, tol, max_iter):
     for _ in range(_NEWTON_SWEEPS):
         v = sparsemax_threshold((Z - u).mT)[0].mT  # (B, 1, n)
         u = sparsemax_threshold(Z - v)[0]
-    Y, X, phi = _phi(Z, u, v)
-    linear = u.sum((-2, -1)) + v.sum((-2, -1))  # phi = 1/2 |X|^2 + linear
-    phi = phi + linear
-    slack = 64 * n * n * _EPS64 * (Z.abs().amax((-2, -1)) + 1.0)
+    Y, X, quad, gu, gv, err = _evaluate(Z, u, v)
+    slack = 64 * n * n * _EPS64 * (quad + 1.0)  # rounding of a change of phi, computed as below
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
-        gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)  # the gradient of phi
-        err = torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
         pending = err > tol
         count = int(pending.sum())
         if count == 0 or step == max_iter:
@@ -176,8 +177,8 @@ def _birkhoff_newton(Z, tol, max_iter):
                     X_out.index_copy_(0, index, X)
                     err_out.index_copy_(0, index, err)
                 keep = pending.nonzero().squeeze(-1)
-                index, Z, u, v, Y, X, phi, linear, gu, gv, err, tol, slack = (
-                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, phi, linear, gu, gv, err, tol, slack)
+                index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending = (
+                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending)
                 )
             else:
                 moving = pending.to(Z.dtype)[:, None, None]
@@ -191,45 +192,43 @@ def _birkhoff_newton(Z, tol, max_iter):
         dv = torch.cholesky_solve(S_rows.mT @ gu - gv.mT, L)  # (B, n, 1)
         du = torch.baddbmm(gu, S, dv) / -counts  # (B, n, 1)
         dv = dv.mT
-        # Armijo: phi(t) <= phi + 1e-4 t <grad phi, d> (+ slack for rounding), <grad phi, d> < 0
+        # Armijo on the change of phi, 1/2 |X(t)|^2 - 1/2 |X|^2 + t sum(du + dv) <= 1e-4 t <grad phi, d> + slack
+        # (<grad phi, d> < 0), computed as a difference so that its rounding is that of |X|^2, not of |u|;
+        # where that is below rounding (err < _MERIT_SWITCH) the largest residual must decrease too
         slope = 1e-4 * (gu.mT @ du + gv @ dv.mT).flatten()
-        dual_slope = du.sum((-2, -1)) + dv.sum((-2, -1))  # the change of sum u + sum v per unit t
-        trial_u, trial_v, trial_linear = u + du, v + dv, linear + dual_slope
-        trial_Y, trial_X, trial_phi = _phi(Z, trial_u, trial_v)
-        trial_phi = trial_phi + trial_linear
-        ok = trial_phi <= phi + slope + slack
+        dual_slope = du.sum((-2, -1)) + dv.sum((-2, -1))
+        blind = (err < _MERIT_SWITCH) & pending  # (converged elements keep still: their step is zero)
+        trial = (u + du, v + dv)
+        trial_eval = _evaluate(Z, *trial)
+        ok = (trial_eval[2] - quad + dual_slope <= slope + slack) & (~blind | (trial_eval[5] < err))
         if bool(ok.all()):  # the common case: every element takes its full step
-            u, v, Y, X, phi, linear = trial_u, trial_v, trial_Y, trial_X, trial_phi, trial_linear
+            (u, v), (Y, X, quad, gu, gv, err) = trial, trial_eval
             continue
         # the elements whose full step failed backtrack alone (t quartered per trial), a smaller batch
-        u, v = torch.where(ok[:, None, None], trial_u, u), torch.where(ok[:, None, None], trial_v, v)
-        Y, X = torch.where(ok[:, None, None], trial_Y, Y), torch.where(ok[:, None, None], trial_X, X)
-        phi, linear = torch.where(ok, trial_phi, phi), torch.where(ok, trial_linear, linear)
+        state = [u, v, Y, X, quad, gu, gv, err]
+        for i, T in enumerate(trial + trial_eval):
+            state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
         back = (~ok).nonzero().squeeze(-1)
-        Zb, ub, vb, dub, dvb, phib, linb, slopeb, dualb, slackb = (
-            T.index_select(0, back) for T in (Z, u, v, du, dv, phi, linear, slope, dual_slope, slack)
+        Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb = (
+            T.index_select(0, back) for T in (Z, u, v, du, dv, quad, err, slope, dual_slope, slack, blind)
         )
         t = 1.0
         for _ in range(_BIRKHOFF_HALVINGS):
             t = 0.25 * t
-            trial_u, trial_v, trial_linear = ub + t * dub, vb + t * dvb, linb + t * dualb
-            trial_Y, trial_X, trial_phi = _phi(Zb, trial_u, trial_v)
-            trial_phi = trial_phi + trial_linear
-            ok = trial_phi <= phib + t * slopeb + slackb
-            ub, vb = torch.where(ok[:, None, None], trial_u, ub), torch.where(ok[:, None, None], trial_v, vb)
-            phib, linb = torch.where(ok, trial_phi, phib), torch.where(ok, trial_linear, linb)
-            u.index_copy_(0, back[ok], trial_u[ok])
-            v.index_copy_(0, back[ok], trial_v[ok])
-            Y.index_copy_(0, back[ok], trial_Y[ok])
-            X.index_copy_(0, back[ok], trial_X[ok])
-            phi.index_copy_(0, back[ok], trial_phi[ok])
-            linear.index_copy_(0, back[ok], trial_linear[ok])
+            trial = (ub + t * dub, vb + t * dvb)
+            trial_eval = _evaluate(Zb, *trial)
+            ok = (trial_eval[2] - quadb + t * dualb <= t * slopeb + slackb) & (~blindb | (trial_eval[5] < errb))
+            taken = back[ok]
+            for T, value in zip(state, trial + trial_eval):
+                T.index_copy_(0, taken, value[ok])
             if bool(ok.all()):
                 break
-            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an Armijo step stay put
-            back, Zb, ub, vb, dub, dvb, phib, linb, slopeb, dualb, slackb = (
-                T.index_select(0, keep) for T in (back, Zb, ub, vb, dub, dvb, phib, linb, slopeb, dualb, slackb)
+            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
+            back, Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb = (
+                T.index_select(0, keep)
+                for T in (back, Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb)
             )
+        u, v, Y, X, quad, gu, gv, err = state
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
     return X, err, step
