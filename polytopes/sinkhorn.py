@@ -395,9 +395,10 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     beyond float32.  The state is log X with the potentials absorbed, so
     rounding is relative to the O(1) entries that matter, not to |Z|.
 
-    Forward: a few Sinkhorn sweeps, then log-domain damped Newton on the
-    dual (an n x n Cholesky solve per step, O(n^3); 3-5 steps when
-    max(Z) - min(Z) <= 64, the usual case at tau ~ 1).  Larger spreads are
+    Forward: when max(Z) - min(Z) <= 64 (the usual case at tau ~ 1), four
+    linear-space Sinkhorn sweeps, then Newton on the dual in the exp domain
+    without a line search (see :func:`_narrow_newton`; an n x n Cholesky
+    solve per step, O(n^3); 2-5 steps at n = 4-50).  Larger spreads are
     nearly linear programs, where Sinkhorn's alternating normalisations need
     O(spread) sweeps; Newton instead follows Z / s for s decreasing 8x per
     stage down to 1 (epsilon-scaling, each stage warm-started by the previous
