@@ -15,9 +15,12 @@ with the ratio ours / peer (below 1: ours is faster):
   over (item, count), the marginals in the forward) whose backward is a central difference
   of the marginals along G (two more marginal evaluations, one call on 2B rows);
 * the hard permutation sample: the batched auction on the CPU against the SciPy loop
-  (forward only; the registered argmax uses SciPy on the CPU, the auction on CUDA).
+  (forward only; the registered argmax uses SciPy on the CPU, the auction on CUDA);
+* Sinkhorn and the Birkhoff projection: no peer; the row softmax of the same (B, n, n)
+  utilities with its backward is printed as a floor, to read the per-call times on a shared
+  machine as ratios.
 
-Also printed: the Sinkhorn / Birkhoff Newton step counts at each size.  Ratios are measured
+Also printed: the Sinkhorn / Birkhoff Newton step counts at each size (the batch's, i.e. its slowest element's).  Ratios are measured
 in one process with the candidates interleaved round by round (benchmarks/_timing.py), by
 process CPU time on one thread unless ``--wall``/``--threads`` say otherwise: on a shared
 machine the absolute times are noisy, the ratios much less.
@@ -147,9 +150,20 @@ def permutation_section(rounds, generator):
             for batch in BATCHES:
                 U = gumbel(batch, n, generator)
                 G = torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
-                times = interleaved({"ours": forward_backward(relax_fn(P, regularizer), U, G)}, rounds if n < 50 else 3)
+                fns = {
+                    "ours": forward_backward(relax_fn(P, regularizer), U, G),
+                    "peer": forward_backward(lambda U: torch.softmax(U, -1), U, G),
+                }
+                times = interleaved(fns, rounds if n < 50 else 3)
                 steps = _newton_steps(module, forward, U)
-                row(f"{P.name} {regularizer}", batch, times["ours"], note=f"Newton steps: {steps}")
+                row(
+                    f"{P.name} {regularizer}",
+                    batch,
+                    times["ours"],
+                    "torch.softmax (rows)",
+                    times["peer"],
+                    note=f"Newton steps: {steps}",
+                )
     print()
     print("hard permutation sample (forward only), batch 128: the batched auction (CPU) against the SciPy loop")
     for n in (10, 50):
@@ -177,14 +191,19 @@ def _newton_steps(module, forward, U):
 
         module._narrow_newton, module._newton = narrow, damped
     else:
-        originals = {"_birkhoff_stage": module._birkhoff_stage}
+        originals = {"_birkhoff_stage": module._birkhoff_stage, "_birkhoff_newton": module._birkhoff_newton}
 
         def stage(*args, **kwargs):
             X, beta, err, steps = originals["_birkhoff_stage"](*args, **kwargs)
             counted.append(steps)
             return X, beta, err, steps
 
-        module._birkhoff_stage = stage
+        def newton(*args, **kwargs):
+            X, err, steps = originals["_birkhoff_newton"](*args, **kwargs)
+            counted.append(steps)
+            return X, err, steps
+
+        module._birkhoff_stage, module._birkhoff_newton = stage, newton
     try:
         forward(U, 1e-12, 500)
     finally:

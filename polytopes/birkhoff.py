@@ -2,20 +2,26 @@
 
 :func:`birkhoff_projection` solves argmin_{x doubly stochastic} ||x - Z||^2, the
 ``euclidean`` relaxation of :class:`polytopes.Permutation` (registered there, Z = U / tau),
-by semi-smooth Newton on its dual with the row potentials exact (simplex projections),
-and an exact backward (the Jacobian of the piecewise linear map).  It needs no polytope.
+by semi-smooth Newton on its dual (on both potentials when the spread of Z is moderate,
+else on the column potentials with the rows exact, by continuation), and an exact backward
+(the Jacobian of the piecewise linear map).  It needs no polytope.
 
 Tuning constants: its own below, and from :mod:`polytopes.sinkhorn` the continuation
 (``_FIRST_SPREAD`` = 32, ``_SCALE_FACTOR`` = 8) and the Newton ridge (``_NEWTON_RIDGE``
 = 1e-3 times the residual, at least ``_RIDGE_FLOOR`` = 1e-13).
 
-======================  =====  ==============================================================
-``BIRKHOFF_TOL``        1e-12  default largest |column sum - 1| accepted (plus rounding of X)
-``BIRKHOFF_MAX_ITER``   200    default budget of Newton steps over all stages
-``_BIRKHOFF_STAGE_TOL`` 1e-3   column-sum tolerance of the stages before the last
-``_BIRKHOFF_HALVINGS``  12     trial steps per Newton step (each a quarter of the last)
-``_BIRKHOFF_SWEEPS``    4      exact row/column steps before the Newton steps of a stage
-======================  =====  ==============================================================
+========================  =====  ==============================================================
+``BIRKHOFF_TOL``          1e-12  default largest |column sum - 1| accepted (plus rounding of X)
+``BIRKHOFF_MAX_ITER``     200    default budget of Newton steps over all stages
+``_BIRKHOFF_STAGE_TOL``   1e-3   column-sum tolerance of the stages before the last
+``_BIRKHOFF_HALVINGS``    12     trial steps per Newton step (each a quarter of the last)
+``_BIRKHOFF_SWEEPS``      4      exact row/column steps before the Newton steps of a stage
+``_NEWTON_SPREAD``        32     full-dual Newton when max(Z) - min(Z) <= 32 in every element
+``_NEWTON_SWEEPS``        2      exact row/column steps before its Newton steps
+``_NEWTON_MAX_ITER``      30     its step budget; what it leaves goes to the staged solver
+``_SUPPORT_RIDGE_FLOOR``  1e-9   its smallest ridge (plus 1e-3 times the residual)
+``_COMPACT_BATCH``        32     from this batch on, its converged elements are set aside
+========================  =====  ==============================================================
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ _EPS64 = float(torch.finfo(torch.float64).eps)
 _BIRKHOFF_STAGE_TOL = 1e-3  # column-sum tolerance of the continuation stages before the last
 _BIRKHOFF_HALVINGS = 12  # trial steps per Newton step (each a quarter of the last) before a column step
 _BIRKHOFF_SWEEPS = 4  # alternating row and column projections before the Newton steps of each stage
+# The full-dual Newton path (see _birkhoff_newton): for spreads of Z up to _NEWTON_SPREAD, with
+# _NEWTON_SWEEPS exact row/column steps first; elements it leaves unconverged go to the staged solver.
+_NEWTON_SPREAD = 32.0
+_NEWTON_SWEEPS = 2
+_COMPACT_BATCH = 32
+# Its smallest ridge: with a disconnected support a rounding-sized gradient along a null direction of
+# the Laplacian becomes a step of gradient / ridge, which the line search then has to undo.
+_SUPPORT_RIDGE_FLOOR = 1e-9
+_MERIT_SWITCH = 1e-5  # below this residual its line search also asks the residual to decrease
+_NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
 
 
 def _project_rows(V: torch.Tensor):
@@ -107,9 +123,145 @@ def _birkhoff_stage(Z, beta, tol, budget, slack):
     return X, beta, err, budget
 
 
+def _evaluate(Z, u, v):
+    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0), 1/2 |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm.
+
+    u (B, n, 1), v (B, 1, n); r, c the row and column sums of X, shaped like u and v.
+    """
+    Y = Z - (u + v)
+    X = Y.clamp_min(0.0)
+    flat = X.flatten(-2).unsqueeze(-2)
+    gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)
+    return Y, X, 0.5 * (flat @ flat.mT).flatten(), gu, gv, torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
+
+
+def _birkhoff_newton(Z, tol, max_iter):
+    """Semi-smooth Newton on the full dual of the projection of Z (B, n, n); returns (X, err, steps).
+
+    X = max(Z - u 1^T - 1 v^T, 0) minimises phi(u, v) = 1/2 |X|^2 + sum u + sum v, convex and
+    piecewise quadratic, with gradient (1 - r, 1 - c) (r, c the row and column sums of X)
+    and generalised Hessian [[diag(r_S), S], [S^T, diag(c_S)]], S = {X > 0} the support and
+    r_S, c_S its row and column counts.  Eliminating du leaves the grounded Laplacian system
+    of :func:`_birkhoff_stage` for dv (an n x n Cholesky solve); du then follows row by row.
+    On the right support phi is quadratic and one step is exact (finite termination).
+    A full step is taken when it passes the Armijo test on phi (the common case), else t
+    is quartered per element (at most _BIRKHOFF_HALVINGS trials).  The start is
+    _NEWTON_SWEEPS exact row/column steps (sparsemax thresholds by sorting), so every row
+    has support.  No sorting in the steps: Y, X and phi are elementwise and a reduction
+    away.  Converged elements stay put (their rounding-sized gradients may point along
+    directions where the Laplacian is singular but for the ridge), and from batch
+    _COMPACT_BATCH on they are set aside once they are at most half of the batch.
+    ``tol`` (B,): per element.  err (B,) is the largest |row or column sum - 1|; elements
+    with err > tol after ``max_iter`` steps are left to the caller.  Cost per step: one
+    batched n x n product, Cholesky solve and about 40 elementwise passes over (B, n, n).
+    """
+    B, n, _ = Z.shape
+    u = sparsemax_threshold(Z)[0]  # (B, n, 1)
+    for _ in range(_NEWTON_SWEEPS):
+        v = sparsemax_threshold((Z - u).mT)[0].mT  # (B, 1, n)
+        u = sparsemax_threshold(Z - v)[0]
+    Y, X, quad, gu, gv, err = _evaluate(Z, u, v)
+    slack = 64 * n * n * _EPS64 * (quad + 1.0)  # rounding of a change of phi, computed as below
+    X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
+    for step in range(max_iter + 1):
+        pending = err > tol
+        count = int(pending.sum())
+        if count == 0 or step == max_iter:
+            break
+        if count < len(u):
+            if len(u) >= _COMPACT_BATCH and 2 * count <= len(u):
+                # set converged elements aside once they are the majority: the stragglers' steps are cheaper alone
+                if index is None:
+                    X_out, err_out, index = X.clone(), err.clone(), torch.arange(B, device=Z.device)
+                else:
+                    X_out.index_copy_(0, index, X)
+                    err_out.index_copy_(0, index, err)
+                keep = pending.nonzero().squeeze(-1)
+                index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending = (
+                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending)
+                )
+            else:
+                moving = pending.to(Z.dtype)[:, None, None]
+                gu, gv = gu * moving, gv * moving
+        S = (Y > 0).to(Z.dtype)
+        counts = S.sum(-1, keepdim=True).clamp_min(1.0)  # r_S, (B, n, 1); a row without support counts one
+        S_rows = S / counts
+        diagonal = S.sum(-2) + (_NEWTON_RIDGE * err + _SUPPORT_RIDGE_FLOOR).unsqueeze(-1)
+        laplacian = torch.baddbmm(torch.diag_embed(diagonal) + 1.0, S_rows.mT, S, alpha=-1.0)
+        L, _ = torch.linalg.cholesky_ex(laplacian)
+        dv = torch.cholesky_solve(S_rows.mT @ gu - gv.mT, L)  # (B, n, 1)
+        du = torch.baddbmm(gu, S, dv) / -counts  # (B, n, 1)
+        dv = dv.mT
+        # Armijo on the change of phi, 1/2 |X(t)|^2 - 1/2 |X|^2 + t sum(du + dv) <= 1e-4 t <grad phi, d> + slack
+        # (<grad phi, d> < 0), computed as a difference so that its rounding is that of |X|^2, not of |u|;
+        # where that is below rounding (err < _MERIT_SWITCH) the largest residual must decrease too
+        slope = 1e-4 * (gu.mT @ du + gv @ dv.mT).flatten()
+        dual_slope = du.sum((-2, -1)) + dv.sum((-2, -1))
+        blind = (err < _MERIT_SWITCH) & pending  # (converged elements keep still: their step is zero)
+        trial = (u + du, v + dv)
+        trial_eval = _evaluate(Z, *trial)
+        ok = (trial_eval[2] - quad + dual_slope <= slope + slack) & (~blind | (trial_eval[5] < err))
+        if bool(ok.all()):  # the common case: every element takes its full step
+            (u, v), (Y, X, quad, gu, gv, err) = trial, trial_eval
+            continue
+        # the elements whose full step failed backtrack alone (t quartered per trial), a smaller batch
+        state = [u, v, Y, X, quad, gu, gv, err]
+        for i, T in enumerate(trial + trial_eval):
+            state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
+        back = (~ok).nonzero().squeeze(-1)
+        Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb = (
+            T.index_select(0, back) for T in (Z, u, v, du, dv, quad, err, slope, dual_slope, slack, blind)
+        )
+        t = 1.0
+        for _ in range(_BIRKHOFF_HALVINGS):
+            t = 0.25 * t
+            trial = (ub + t * dub, vb + t * dvb)
+            trial_eval = _evaluate(Zb, *trial)
+            ok = (trial_eval[2] - quadb + t * dualb <= t * slopeb + slackb) & (~blindb | (trial_eval[5] < errb))
+            taken = back[ok]
+            for T, value in zip(state, trial + trial_eval):
+                T.index_copy_(0, taken, value[ok])
+            if bool(ok.all()):
+                break
+            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
+            back, Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb = (
+                T.index_select(0, keep)
+                for T in (back, Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb)
+            )
+        u, v, Y, X, quad, gu, gv, err = state
+    if index is not None:
+        X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
+    return X, err, step
+
+
 @torch.no_grad()
 def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
     """The projection of Z float64 (B, n, n) onto the Birkhoff polytope; returns (X, unconverged, violation).
+
+    Batches whose spread max(Z) - min(Z) is at most _NEWTON_SPREAD in every element (tau ~ 1)
+    take :func:`_birkhoff_newton`; the elements it leaves unconverged, and all other
+    batches, :func:`_birkhoff_staged`.  The tolerance on the marginals is ``tol`` plus the
+    rounding of X = Z - alpha - beta, 16 n eps max|Z|, per element.
+    """
+    n = Z.shape[-1]
+    low, high = torch.aminmax(Z)
+    if float(high) - float(low) > _NEWTON_SPREAD and bool((Z.amax((-2, -1)) - Z.amin((-2, -1)) > _NEWTON_SPREAD).any()):
+        return _birkhoff_staged(Z, tol, max_iter)
+    element_tol = tol + 16 * n * _EPS64 * Z.abs().amax((-2, -1))
+    X, err, _ = _birkhoff_newton(Z, element_tol, min(max_iter, _NEWTON_MAX_ITER))
+    left = err > element_tol
+    if not bool(left.any()):
+        return X, 0, float(err.max())
+    # the few elements it did not finish: the staged solver from the start
+    keep = left.nonzero().squeeze(-1)
+    X_left, unconverged, violation = _birkhoff_staged(Z[keep], tol, max_iter)
+    X[keep] = X_left
+    err[keep] = 0.0
+    return X, unconverged, max(violation, float(err.max()))
+
+
+def _birkhoff_staged(Z: torch.Tensor, tol: float, max_iter: int):
+    """The projection of Z float64 (B, n, n) by staged reduced-dual Newton; returns (X, unconverged, violation).
 
     Continuation as in :func:`_sinkhorn_forward`: for a large spread of Z the
     projection is nearly a linear program, where Newton from a cold start crawls, so
@@ -164,11 +316,14 @@ def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: in
     plus the rounding of X, 16 n eps max|Z|.  It is the ``euclidean`` relaxation of
     :class:`Permutation` (Z = U / tau): sparse, with exact zeros.
 
-    Forward: semi-smooth Newton on the dual in b, the row potentials a exact by
-    sorting (see :func:`_birkhoff_stage`), with continuation in the scale of Z for
-    large spreads; typically 5-15 steps at max|Z| ~ 1, 10-50 at spreads up to 1e6,
-    each an n x n Cholesky solve and a few row sorts (O(n^3 + n^2 log n)).  Warns
-    (RuntimeWarning) if ``max_iter`` steps do not reach ``tol``.
+    Forward: when max(Z) - min(Z) <= 32 (tau ~ 1), semi-smooth Newton on both dual
+    potentials (see :func:`_birkhoff_newton`), 3-8 steps at n = 4-50, each an n x n
+    Cholesky solve and elementwise passes (no sorting), exact once the support is found;
+    otherwise, and for the rare elements it leaves, semi-smooth Newton on the dual in b
+    with the row potentials a exact by sorting (see :func:`_birkhoff_stage`), with
+    continuation in the scale of Z; 10-50 steps at spreads up to 1e6, each an n x n
+    Cholesky solve and a few row sorts (O(n^3 + n^2 log n)).  Warns (RuntimeWarning) if
+    ``max_iter`` steps do not reach ``tol``.
 
     Backward: the exact Jacobian of the piecewise linear map, the orthogonal projection
     onto the matrices supported on X's support with zero row and column sums (one

@@ -178,6 +178,56 @@ def test_large_tau_gives_the_barycentre(regularizer):
     )
 
 
+def gumbel_utilities(batch, n, scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(batch, n, n, dtype=torch.float64, generator=generator).clamp_min(1e-300)
+    theta = scale * torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
+    return theta - torch.log(-torch.log(uniform))
+
+
+@pytest.mark.parametrize("n", [4, 10])
+def test_projection_newton_path_agrees_with_the_staged_solver(n):
+    """The full-dual Newton path (spread <= 32) against the staged reduced-dual solver, batch 40 (compacted)."""
+    from polytopes import birkhoff
+
+    Z = gumbel_utilities(40, n)
+    X, unconverged, violation = birkhoff._birkhoff_forward(Z, 1e-12, 200)
+    reference, _, _ = birkhoff._birkhoff_staged(Z, 1e-14, 400)
+    assert unconverged == 0 and violation < 1e-12
+    assert (X >= 0).all() and marginal_violation(X) < 1e-12
+    torch.testing.assert_close(X, reference, atol=1e-12, rtol=0)
+    # elements the Newton path does not finish within its budget go to the staged solver
+    birkhoff_budget = birkhoff._NEWTON_MAX_ITER
+    try:
+        birkhoff._NEWTON_MAX_ITER = 1
+        X_left, unconverged, _ = birkhoff._birkhoff_forward(Z, 1e-12, 200)
+    finally:
+        birkhoff._NEWTON_MAX_ITER = birkhoff_budget
+    assert unconverged == 0  # the staged solver stops at column sums within 1e-12, so X within about that
+    torch.testing.assert_close(X_left, reference, atol=3e-12, rtol=0)
+
+
+def test_sinkhorn_batch_compaction_and_factorisation_fallback(monkeypatch):
+    """Setting converged elements aside (batch >= 32) changes no element; a failed factorisation falls back."""
+    from polytopes import sinkhorn as sinkhorn_module
+
+    Z = gumbel_utilities(48, 6, seed=1)
+    X = sinkhorn(Z)
+    alone = torch.cat([sinkhorn(Z[i : i + 1]) for i in range(len(Z))])
+    torch.testing.assert_close(X, alone, atol=1e-12, rtol=0)
+    factor, calls = torch.linalg.cholesky_ex, []
+
+    def failing_once(H):
+        calls.append(1)
+        L, info = factor(H)
+        return (L * float("nan"), info) if len(calls) == 2 else (L, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_once)
+    X_fallback, unconverged, _ = sinkhorn_module._sinkhorn_forward(Z, 1e-12, 500)
+    assert len(calls) > 2 and unconverged == 0
+    torch.testing.assert_close(X_fallback, X, atol=1e-11, rtol=0)
+
+
 def test_projection_arguments_and_budget():
     with pytest.raises(ValueError, match="tol"):
         birkhoff_projection(torch.zeros(3, 3), tol=0.0)
