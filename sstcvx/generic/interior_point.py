@@ -122,6 +122,7 @@ class InteriorPointProblem:
     nx: int
     dom_lo: float
     dom_hi: float
+    pattern: tuple | None = None
 
     @property
     def m(self) -> int:
@@ -167,7 +168,34 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
         int(prob.Cx.shape[1]),
         float(dom_lo),
         float(dom_hi),
+        _sparsity(C),
     )
+
+
+#: The normal matrix is assembled from its sparsity pattern when the table of products has at most
+#: this many entries (columns times non-zeros of M); densely otherwise.
+PATTERN_LIMIT = 2**22
+
+
+def _sparsity(C: torch.Tensor):
+    """``(K, flat, diag)`` to assemble M = C diag(p) C^T as ``(p @ K)`` on its non-zero entries: ``K (N,
+    nnz)`` holds C[r, j] C[c, j] for the entries (r, c) of M that some column touches (and the
+    diagonal), ``flat`` their positions in the flattened m x m matrix, ``diag (m,)`` where the diagonal
+    entries are among them.  None where the table would exceed PATTERN_LIMIT entries."""
+    m, N = C.shape
+    if m == 0:
+        return None
+    touch = (C != 0).to(C.dtype)
+    nz = ((touch @ touch.T) > 0) | torch.eye(m, dtype=torch.bool, device=C.device)
+    r, c = nz.nonzero(as_tuple=True)
+    if N * r.numel() > PATTERN_LIMIT or r.numel() > 0.5 * m * m:
+        return None
+    K = (C[r] * C[c]).T.contiguous()
+    flat = r * m + c
+    position = torch.full((m * m,), -1, dtype=torch.long, device=C.device)
+    position[flat] = torch.arange(r.numel(), device=C.device)
+    diag = position[torch.arange(m, device=C.device) * (m + 1)]
+    return K, flat, diag, r, c
 
 
 def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su: torch.Tensor):
@@ -197,7 +225,7 @@ class InteriorPointSolution:
     """What :func:`solve` returns: ``x (B, n)`` (float64), ``status (B,)`` (see
     ``dual_newton.STATUS_NAMES``), ``iterations (B,)``, ``residual (B,)`` (the largest scaled KKT
     residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of the equilibrated M and
-    its scaling ``q (B, m)`` (see :func:`_factor`), ``phi_inv (B, N)``
+    its scaling ``q (B, m)`` (see :func:`_normal_factor`), ``phi_inv (B, N)``
     and the scale ``sz (B, 1)`` at the solution."""
 
     x: torch.Tensor
@@ -248,23 +276,34 @@ def _phi(ip, it):
     return torch.cat([phi[:, : ip.nx] + it.h, phi[:, ip.nx :] + PROXIMAL], dim=1)
 
 
-def _normal_matrix(ip, it, phi_inv):
-    """M = C Phi^{-1} C^T + diag(0, s / y)."""
-    M = (ip.C * phi_inv[:, None, :]) @ ip.C.T
-    diag = torch.cat([it.v.new_zeros(it.v.shape[0], ip.m_eq), it.s / it.nu[:, ip.m_eq :]], dim=1)
-    return M + torch.diag_embed(diag)
+def _normal_factor(ip, it, phi_inv):
+    """The Cholesky factor of M = C Phi^{-1} C^T + diag(0, s / y) after symmetric diagonal
+    equilibration: ``(L, q)`` with ``M ~ diag(q) L L^T diag(q)``, ``q = sqrt(diag M)``.
 
-
-def _factor(M):
-    """Cholesky factor of M after symmetric diagonal equilibration: ``(L, q)`` with
-    ``M ~ diag(q) L L^T diag(q)``, ``q = sqrt(diag M)``.  Equilibration matters: near the solution the
-    entries of M range over many decades (1 / mu against mu), and a jitter relative to the largest
-    diagonal entry would swamp the small rows; here each row gets a relative jitter of JITTER (more
-    where the factorization fails: a rank-deficient set of active rows)."""
-    q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-    Ms = M / (q[:, :, None] * q[:, None, :])
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    return _cholesky(Ms + JITTER * eye), q
+    Equilibration matters: near the solution the entries of M range over many decades (1 / mu
+    against mu), and a jitter relative to the largest diagonal entry would swamp the small rows;
+    here each row gets a relative jitter of JITTER (more where the factorization fails: a
+    rank-deficient set of active rows).  M is assembled on its sparsity pattern (a path's rows touch
+    their neighbors only) where :func:`_sparsity` found one, densely otherwise."""
+    B, m, m_eq = phi_inv.shape[0], ip.m, ip.m_eq
+    extra = it.s / it.nu[:, m_eq:]
+    if ip.pattern is not None:
+        K, flat, diag, r, c = ip.pattern
+        values = phi_inv @ K
+        values[:, diag[m_eq:]] += extra
+        q = values[:, diag].clamp_min(1e-300).sqrt()
+        values = values / (q[:, r] * q[:, c])
+        values[:, diag] += JITTER
+        Ms = values.new_zeros(B, m * m)
+        Ms[:, flat] = values
+        Ms = Ms.view(B, m, m)
+    else:
+        M = (ip.C * phi_inv[:, None, :]) @ ip.C.T
+        M.diagonal(dim1=-2, dim2=-1)[:, m_eq:] += extra
+        q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+        Ms = M / (q[:, :, None] * q[:, None, :])
+        Ms.diagonal(dim1=-2, dim2=-1).add_(JITTER)
+    return _cholesky(Ms), q
 
 
 def _factor_solve(F, r):
@@ -390,7 +429,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             iterations[index] += 1
         phi = _phi(ip, cur)
         phi_inv = 1.0 / phi
-        L = _factor(_normal_matrix(ip, cur, phi_inv))
+        L = _normal_factor(ip, cur, phi_inv)
         # predictor (affine scaling)
         aff = _direction(ip, cur, L, phi_inv, rd, rp, -cs, -cl, -cu)
         a_aff = (_max_step(cur, ip, *aff) * FRACTION).clamp(max=1.0)[:, None]
@@ -420,7 +459,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     # the factor of M and Phi at the returned point, for the backward
     it.g, it.h = _scaled_derivatives(ip, it)
     phi_inv = 1.0 / _phi(ip, it)
-    L, q = _factor(_normal_matrix(ip, it, phi_inv)) if m else (phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0))
+    L, q = _normal_factor(ip, it, phi_inv) if m else (phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0))
     if prob.Cw.shape[1]:
         width = prob.wu - prob.wl
         near = ((it.sl[:, nx:] <= 1e-6 * width) & prob.w_art_lo) | ((it.su[:, nx:] <= 1e-6 * width) & prob.w_art_hi)
