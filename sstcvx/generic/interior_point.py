@@ -30,8 +30,8 @@ and multiplier positive (fraction to the boundary), and no line search: measured
 line search only slowed the entropies down (their dual residual at coordinates bound for 0 does
 not decrease monotonically) and the plain fraction-to-boundary step converged on every case of
 the benchmarks and tests.  The normal matrix is equilibrated (unit diagonal) before its
-Cholesky factorization, with a relative jitter of 1e-13; the auxiliary variables get a
-proximal term of weight 1e-8 (centered at the current iterate: it damps the steps in directions
+Cholesky factorization, with a relative jitter of 1e-15; the auxiliary variables get a
+proximal term of weight 1e-7 (centered at the current iterate: it damps the steps in directions
 where the flows of an extended formulation are not unique, without moving the solution).  phi' and
 phi'' are evaluated once per iteration, at the new point, for the whole batch: a user's
 separable regularizer costs one autograd call per iteration, not an inner iteration (unlike the
@@ -95,9 +95,9 @@ MU_TOLERANCE = 1e-12
 FRACTION = 0.995
 #: Proximal weight on the auxiliary variables (Phi_w >= PROXIMAL): a proximal-point term centered at
 #: the current iterate, so that it changes the steps, not the solution.
-PROXIMAL = 1e-8
+PROXIMAL = 1e-7
 #: Relative jitter on the diagonal of the equilibrated normal matrix.
-JITTER = 1e-13
+JITTER = 1e-15
 
 _DOMAINS = {"entropy": (0.0, math.inf), "binary_entropy": (0.0, 1.0), "euclidean": (-math.inf, math.inf)}
 
@@ -270,10 +270,10 @@ def _residuals(ip: InteriorPointProblem, it: _Iterate):
     return rd, rp, cs, cl, cu
 
 
-def _phi(ip, it):
+def _phi(ip, it, proximal=0.0):
     """The diagonal Phi = f''(x) (0 on w) + zl / sl + zu / su."""
     phi = it.zl / it.sl + it.zu / it.su
-    return torch.cat([phi[:, : ip.nx] + it.h, phi[:, ip.nx :] + PROXIMAL], dim=1)
+    return torch.cat([phi[:, : ip.nx] + it.h, phi[:, ip.nx :] + proximal], dim=1)
 
 
 def _normal_factor(ip, it, phi_inv):
@@ -427,7 +427,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             iterations += 1
         else:
             iterations[index] += 1
-        phi = _phi(ip, cur)
+        phi = _phi(ip, cur, PROXIMAL)
         phi_inv = 1.0 / phi
         L = _normal_factor(ip, cur, phi_inv)
         # predictor (affine scaling)
