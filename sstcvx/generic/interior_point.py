@@ -70,7 +70,8 @@ phi''; float64 throughout on the input's device; no Python loop over the batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -138,8 +139,9 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
     dt = torch.float64
     dom_lo, dom_hi = _DOMAINS[kind] if isinstance(kind, str) else kind.domain
     C = torch.cat([prob.Cx, prob.Cw], dim=1).to(dt)
-    xl = torch.clamp(prob.xl, min=dom_lo)
-    xu = torch.clamp(prob.xu, max=dom_hi)
+    assert prob.xl is not None and prob.xu is not None
+    xl = torch.clamp(prob.xl, min=float(dom_lo))
+    xu = torch.clamp(prob.xu, max=float(dom_hi))
     lo = torch.cat([xl, prob.wl])
     up = torch.cat([xu, prob.wu])
     if bool((lo >= up).any()):
@@ -202,7 +204,7 @@ def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su
     """(phi'(x), phi''(x)) on the columns of x.  For the built-in regularizers the distances to the
     ends of the domain are taken from the slacks where the bound is the domain's own end (exact
     even where 1 - x rounds to 0)."""
-    kind = ip.kind
+    kind: Any = ip.kind
     nx = ip.nx
     if not isinstance(kind, str):
         # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x)
@@ -238,29 +240,37 @@ class InteriorPointSolution:
     sz: torch.Tensor
 
 
+@dataclass
 class _Iterate:
     """The variables of a set of elements: v, nu = (lambda, y), s, the bound slacks sl, su and their
     multipliers zl, zu (0 where a bound is absent), the scaled z = z / sz, and the derivatives of
     the scaled objective f / sz at x."""
 
-    __slots__ = ("g", "h", "nu", "s", "sl", "su", "sz", "v", "zl", "zs", "zu")
+    v: torch.Tensor
+    nu: torch.Tensor
+    s: torch.Tensor
+    sl: torch.Tensor
+    su: torch.Tensor
+    zl: torch.Tensor
+    zu: torch.Tensor
+    zs: torch.Tensor
+    sz: torch.Tensor
+    g: torch.Tensor | None = None
+    h: torch.Tensor | None = None
 
-    def __init__(self, **kw):
-        for k, val in kw.items():
-            setattr(self, k, val)
+    def take(self, index) -> _Iterate:
+        return _Iterate(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
-    def take(self, index):
-        return _Iterate(**{k: getattr(self, k)[index] for k in self.__slots__})
-
-    def put(self, index, other):
-        for k in self.__slots__:
-            getattr(self, k)[index] = getattr(other, k)
+    def put(self, index, other: _Iterate) -> None:
+        for f in fields(self):
+            getattr(self, f.name)[index] = getattr(other, f.name)
 
 
 def _residuals(ip: InteriorPointProblem, it: _Iterate):
     """Dual residual rd (B, N), primal residual rp (B, m), complementarity products and their mean."""
     m_eq, nx = ip.m_eq, ip.nx
     grad = it.nu @ ip.C - it.zl + it.zu
+    assert it.g is not None
     rd = torch.cat([grad[:, :nx] + it.g - it.zs, grad[:, nx:]], dim=1)
     rp = it.v @ ip.C.T - ip.d
     if ip.m > m_eq:
@@ -384,8 +394,6 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         zu=ip.has_up.expand(B, N).clone(),
         zs=z / sz,
         sz=sz,
-        g=None,
-        h=None,
     )
     it.g, it.h = _scaled_derivatives(ip, it)
     status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
@@ -483,8 +491,6 @@ def _step(ip, it, alpha, dv, dnu, ds, dzl, dzu):
         zu=it.zu + alpha * dzu,
         zs=it.zs,
         sz=it.sz,
-        g=None,
-        h=None,
     )
     new.g, new.h = _scaled_derivatives(ip, new)
     return new
@@ -539,7 +545,7 @@ class InteriorPointRelaxation(FastRelaxation):
         self.ip = build_interior_point_problem(self.problem, self.kind)
         self._ip_on_device: dict = {}
 
-    def problem_on(self, device) -> InteriorPointProblem:
+    def problem_on(self, device) -> InteriorPointProblem:  # type: ignore[override]
         key = str(device)
         ip = self._ip_on_device.get(key)
         if ip is None:
@@ -547,7 +553,7 @@ class InteriorPointRelaxation(FastRelaxation):
             ip = self._ip_on_device[key] = build_interior_point_problem(dual, self.kind)
         return ip
 
-    def solve(self, Z: torch.Tensor, max_iter: int | None = None) -> InteriorPointSolution:
+    def solve(self, Z: torch.Tensor, max_iter: int | None = None) -> InteriorPointSolution:  # type: ignore[override]
         """The raw batched solution of ``Z (B, *event_shape)`` (no fallback, no autograd)."""
         ip = self.problem_on(Z.device)
         return solve(ip, Z.detach().reshape(Z.shape[0], -1), max_iter or self.max_iter)
