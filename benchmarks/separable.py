@@ -154,7 +154,7 @@ def declared(B, B_generic, tau, gen, rounds=5):
     )
     print(f"\ndeclared polytopes, batch {B} (from_cvxpy: {B_generic}), forward + backward, solver='auto'")
     header = (
-        f"{'polytope':<14}{'relaxation':<14}{'path':<34}{'ms/instance':>12}{'from_cvxpy /':>14}{'/ binary_entropy':>18}"
+        f"{'polytope':<14}{'relaxation':<18}{'path':<34}{'ms/instance':>12}{'from_cvxpy /':>14}{'/ binary_entropy':>18}"
     )
     print(header)
     print("-" * len(header))
@@ -201,13 +201,13 @@ def declared(B, B_generic, tau, gen, rounds=5):
             base = per["built-in binary_entropy"]
             for path, t in per.items():
                 print(
-                    f"{P.name:<14}{name:<14}{path:<34}{t * 1e3:>12.4f}{per['from_cvxpy (cvxpylayers)'] / t:>13.1f}x"
+                    f"{P.name:<14}{name:<18}{path:<34}{t * 1e3:>12.4f}{per['from_cvxpy (cvxpylayers)'] / t:>13.1f}x"
                     f"{t / base:>17.2f}x"
                 )
             Xs = sstcvx.relax(P, U[:B_generic], tau, auto)
             Xg = sstcvx.relax(P, U[:B_generic], tau, generic, solver="cvxpylayers")
             print(
-                f"{P.name:<14}{name:<14}max |X_fast - X_cvxpylayers| {float((Xs - Xg).abs().max()):.1e}; "
+                f"{P.name:<14}{name:<18}max |X_fast - X_cvxpylayers| {float((Xs - Xg).abs().max()):.1e}; "
                 f"{len(caught)} of {B} elements re-solved by cvxpylayers"
             )
 
