@@ -70,7 +70,7 @@ phi''; float64 throughout on the input's device; no Python loop over the batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -124,6 +124,21 @@ class InteriorPointProblem:
     dom_lo: float
     dom_hi: float
     pattern: tuple | None = None
+    #: the columns of x whose lower (upper) bound is the domain's own end, and whether all are
+    at_lo: torch.Tensor = field(init=False)
+    at_hi: torch.Tensor = field(init=False)
+    all_at_lo: bool = field(init=False)
+    all_at_hi: bool = field(init=False)
+    #: the number of complementarity pairs
+    pairs: float = field(init=False)
+
+    def __post_init__(self):
+        nx = self.nx
+        self.at_lo = (self.lo[:nx] == self.dom_lo) & (self.has_lo[:nx] > 0)
+        self.at_hi = (self.up[:nx] == self.dom_hi) & (self.has_up[:nx] > 0)
+        self.all_at_lo = bool(self.at_lo.all())
+        self.all_at_hi = bool(self.at_hi.all())
+        self.pairs = max(self.m - self.dual.m_eq + float(self.has_lo.sum() + self.has_up.sum()), 1.0)
 
     @property
     def m(self) -> int:
@@ -213,12 +228,10 @@ def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su
         return kind.derivatives(torch.minimum(torch.maximum(x, lo), hi))
     if kind == "euclidean":
         return x, torch.ones_like(x)
-    at_lo = (ip.lo[:nx] == ip.dom_lo) & (ip.has_lo[:nx] > 0)
-    a = torch.where(at_lo, sl[:, :nx], x - ip.dom_lo)
+    a = sl[:, :nx] if ip.all_at_lo else torch.where(ip.at_lo, sl[:, :nx], x - ip.dom_lo)
     if kind == "entropy":
         return torch.log(a) + 1.0, 1.0 / a
-    at_hi = (ip.up[:nx] == ip.dom_hi) & (ip.has_up[:nx] > 0)
-    b = torch.where(at_hi, su[:, :nx], ip.dom_hi - x)
+    b = su[:, :nx] if ip.all_at_hi else torch.where(ip.at_hi, su[:, :nx], ip.dom_hi - x)
     return torch.log(a) - torch.log(b), 1.0 / a + 1.0 / b
 
 
@@ -351,13 +364,9 @@ def _max_step(it, ip, dv, dnu, ds, dzl, dzu):
     return ratio.amin(-1).clamp(max=1.0 / FRACTION) if ratio.shape[1] else vals.new_full((vals.shape[0],), 1.0)
 
 
-def _count(ip):
-    return ip.m - ip.m_eq + float(ip.has_lo.sum() + ip.has_up.sum())
-
-
 def _measure(ip, it, rd, rp, cs, cl, cu, scale):
     """The convergence test's quantities: primal, dual (with the resolution of x) and mean complementarity."""
-    nc = max(_count(ip), 1.0)
+    nc = ip.pairs
     mu = (cs.sum(-1) + cl.sum(-1) + cu.sum(-1)) / nc
     p = rp.abs().amax(-1) if rp.shape[1] else mu.new_zeros(mu.shape)
     x = it.v[:, : ip.nx]
@@ -400,7 +409,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
     residual = torch.full((B,), math.inf, dtype=dt, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
-    nc = max(_count(ip), 1.0)
+    nc = ip.pairs
     index = None  # the indices of the active elements, None while all are active
     cur = it
     for _ in range(max_iter + 1):
@@ -478,9 +487,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
 
 
 def _step(ip, it, alpha, dv, dnu, ds, dzl, dzu):
-    v = it.v + alpha * dv
-    sl = torch.where(ip.has_lo > 0, it.sl + alpha * dv, it.sl)
-    su = torch.where(ip.has_up > 0, it.su - alpha * dv, it.su)
+    step = alpha * dv
+    v = it.v + step
+    sl = it.sl + step * ip.has_lo  # a slack without a bound stays 1
+    su = it.su - step * ip.has_up
     new = _Iterate(
         v=v,
         nu=it.nu + alpha * dnu,
