@@ -17,8 +17,9 @@ the Tsallis 1.5-entropy phi(x) = (x^1.5 - x) / 0.75 and the mix phi(x) = 1/2 x l
 
 Then the same two relaxations on ``Hypercube(10)`` (the box solver) against the built-in binary
 entropy there.  Then, on two declared polytopes with inequality rows (a knapsack and a chain), the Tsallis
-entropy (closed-form derivatives and inverse) on the fast dual solver (``solver="fast"``), the
-built-in binary entropy on the same solver, and ``from_cvxpy`` on cvxpylayers (one round each).
+entropy (autograd derivatives, and closed-form ones) on the fast generic path's interior-point
+solver (``solver="auto"`` takes it), the built-in binary entropy on the same solver (interleaved),
+and ``from_cvxpy`` on cvxpylayers.
 
 Printed: ms per instance and the ratios from_cvxpy / separable (target >= 100) and
 separable / built-in binary entropy (target <= 3), plus the largest difference between the
@@ -140,7 +141,7 @@ def main(argv=None):
         "(target <= 3). Timings on a shared machine are noisy: read the ratios."
     )
     hypercube(U, G, tau, rounds)
-    declared(B, B_generic, tau, gen)
+    declared(B, B_generic, tau, gen, rounds)
 
 
 def hypercube(U, G, tau, rounds):
@@ -169,59 +170,74 @@ def hypercube(U, G, tau, rounds):
         print(f"{path:<34}{t / U.shape[0] * 1e3:>12.4f} ms/instance{t / base:>10.1f}x binary entropy")
 
 
-def declared(B, B_generic, tau, gen):
-    """Two declared polytopes with inequality rows: the fast dual solver with the separable mirror map
-    (solver="fast"), the built-in binary entropy on the same solver, and from_cvxpy on cvxpylayers."""
+def declared(B, B_generic, tau, gen, rounds=5):
+    """Two declared polytopes with inequality rows: the interior-point solver of the fast generic path
+    with the separable regularizer (phi' and phi'' only), the built-in binary entropy on the same
+    solver, and from_cvxpy on cvxpylayers."""
     x = cp.Variable(10)
     knapsack = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) <= 3, x[0] + x[1] <= 1], name="knapsack(10)")
     y = cp.Variable(8)
     chain = sstcvx.Polytope.from_cvxpy(
         y, [y >= 0, y <= 1] + [y[i + 1] <= y[i] for i in range(7)] + [cp.sum(y) >= 2], name="chain(8)"
     )
-    print(
-        f"\ndeclared polytopes, batch {B} (from_cvxpy: {B_generic}), one round each (the separable fast path is slow)"
+    print(f"\ndeclared polytopes, batch {B} (from_cvxpy: {B_generic}), forward + backward, solver='auto'")
+    header = (
+        f"{'polytope':<14}{'relaxation':<18}{'path':<34}{'ms/instance':>12}{'from_cvxpy /':>14}{'/ binary_entropy':>18}"
     )
-    print(f"{'polytope':<14}{'relaxation':<20}{'path':<30}{'ms/instance':>12}")
+    print(header)
+    print("-" * len(header))
     for P in (knapsack, chain):
         n = P.event_shape[0]
         U = torch.randn(B, n, generator=gen, dtype=torch.float64)
         G = torch.randn(B, n, generator=gen, dtype=torch.float64)
 
-        def run(reg, u, g, solver):
-            v = u.detach().requires_grad_(True)
-            (sstcvx.relax(P, v, tau, reg, solver=solver) * g).sum().backward()
+        def run(reg, u, g, solver="auto", P=P):
+            def step():
+                v = u.detach().requires_grad_(True)
+                (sstcvx.relax(P, v, tau, reg, solver=solver) * g).sum().backward()
 
-        for name in ("tsallis_1.5",):
+            return step
+
+        for name in ("tsallis_1.5", "entropy+euclidean"):
             spec = RELAXATIONS[name]
-            sep = sstcvx.Regularizer.separable(
+            auto = sstcvx.Regularizer.separable(spec["phi"], domain=(0, math.inf), name=name, cvxpy=spec["cvxpy"])
+            given = sstcvx.Regularizer.separable(
                 spec["phi"],
                 domain=(0, math.inf),
-                name=name,
+                name=name + " (given)",
                 dphi=spec["dphi"],
                 d2phi=spec["d2phi"],
-                inverse_dphi=spec["inverse_dphi"],
                 cvxpy=spec["cvxpy"],
-            )  # for the fallback of unconverged elements
+            )
+            assert sstcvx.relaxation_solver(P, auto)[1] == "fast"
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                sstcvx.relax(P, U, tau, sep, solver="fast")
-            print(
-                f"{P.name:<14}{name:<20}fast solver: {len(caught)} of {B} elements not converged (re-solved by cvxpylayers)"
-            )
+                sstcvx.relax(P, U, tau, auto)
             generic = sstcvx.Regularizer.from_cvxpy(spec["cvxpy"], name=name + " (cvxpy)")
-            rows = {
-                "separable, solver='fast'": median_time(lambda: run(sep, U, G, "fast"), 1) / B,
-                "from_cvxpy (cvxpylayers)": median_time(
-                    lambda: run(generic, U[:B_generic], G[:B_generic], "cvxpylayers"), 2
+            fast = interleaved(
+                {
+                    "separable (autograd)": run(auto, U, G),
+                    "separable (given derivatives)": run(given, U, G),
+                    "built-in binary_entropy": run("binary_entropy", U, G),
+                },
+                rounds,
+            )
+            per = {k: v / B for k, v in fast.items()}
+            per["from_cvxpy (cvxpylayers)"] = (
+                median_time(run(generic, U[:B_generic], G[:B_generic], "cvxpylayers"), 2) / B_generic
+            )
+            base = per["built-in binary_entropy"]
+            for path, t in per.items():
+                print(
+                    f"{P.name:<14}{name:<18}{path:<34}{t * 1e3:>12.4f}{per['from_cvxpy (cvxpylayers)'] / t:>13.1f}x"
+                    f"{t / base:>17.2f}x"
                 )
-                / B_generic,
-                "binary_entropy, solver='fast'": median_time(lambda: run("binary_entropy", U, G, "fast"), 3) / B,
-            }
-            for path, t in rows.items():
-                print(f"{P.name:<14}{name:<20}{path:<30}{t * 1e3:>12.3f}")
-            Xs = sstcvx.relax(P, U[:B_generic], tau, sep, solver="fast")
+            Xs = sstcvx.relax(P, U[:B_generic], tau, auto)
             Xg = sstcvx.relax(P, U[:B_generic], tau, generic, solver="cvxpylayers")
-            print(f"{P.name:<14}max |X_fast - X_cvxpylayers|: {float((Xs - Xg).abs().max()):.1e}")
+            print(
+                f"{P.name:<14}{name:<18}max |X_fast - X_cvxpylayers| {float((Xs - Xg).abs().max()):.1e}; "
+                f"{len(caught)} of {B} elements re-solved by cvxpylayers"
+            )
 
 
 if __name__ == "__main__":

@@ -189,9 +189,17 @@ def main(argv=None) -> dict:
     new = [REGULARIZERS[name] for name in args.regularizers if name in NEW]
     comparison = {}
     if new:
-        # the new regularizers: the cvxpylayers path ("generic") against the separable solver of
+        # the new regularizers: the cvxpylayers path against the separable solver of
         # k-subsets ("specialized"), timed, then against the same program on the vertex list
-        both = sstcvx.compare(P, new, tau=args.tau, batch=args.compare_batch, seed=args.seed, repeats=args.repeats)
+        both = sstcvx.compare(
+            P,
+            new,
+            tau=args.tau,
+            batch=args.compare_batch,
+            seed=args.seed,
+            repeats=args.repeats,
+            generic_backend="cvxpylayers",
+        )
         brute = sstcvx.compare(
             P,
             new,
@@ -218,7 +226,7 @@ def main(argv=None) -> dict:
 
     results, curves = {}, {}
     runs = [(name, "auto") for name in args.regularizers]
-    runs += [(name, "generic") for name in args.regularizers if name in NEW and not args.skip_generic]
+    runs += [(name, "cvxpylayers") for name in args.regularizers if name in NEW and not args.skip_generic]
     for name, solver in runs:
         key = name if solver == "auto" else f"{name} (cvxpylayers)"
         model, curves[key], seconds = train(P, name, data, args, solver)

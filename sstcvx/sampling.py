@@ -23,7 +23,7 @@ from .errors import SolverError
 from .generic import fast_relaxation, generic_argmax, generic_relaxation
 from .generic.settings import check_solver_args
 from .noise import get_noise
-from .regularizers import SeparableRegularizer, get_regularizer
+from .regularizers import get_regularizer
 from .validation import (
     all_finite,
     check_mode,
@@ -76,10 +76,7 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
         if reg.name == "exp_family_entropy" and P.vertices is not None:
             # exact, and one matmul instead of the generic path's conic problem over the vertex weights
             return (lambda Z, **_: vertex_marginals(P, Z)), "enumeration"
-    # A separable regularizer with a CVXPY form goes to cvxpylayers unless solver="fast": the fast
-    # solver evaluates its mirror map by an inner iteration at every dual step, slower for now
-    slow_fast = isinstance(reg, SeparableRegularizer) and reg.has_cvxpy_form and solver != "fast"
-    if solver in ("auto", "generic", "fast") and not slow_fast:
+    if solver in ("auto", "generic", "fast"):
         fast = fast_relaxation(P, reg, with_auxiliary=solver == "fast")
         if fast is not None:
             return fast, "fast"

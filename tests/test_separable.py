@@ -315,7 +315,7 @@ def declared_polytopes():
 def test_declared_polytopes_on_the_fast_solver(reg):
     for P in declared_polytopes():
         assert sstcvx.relaxation_solver(P, reg, "fast")[1] == "fast"
-        assert sstcvx.relaxation_solver(P, reg)[1] == "generic"  # for now: see docs/separable.md
+        assert sstcvx.relaxation_solver(P, reg)[1] == "fast"  # the interior-point solver
         U = utilities((4, P.event_shape[0]), 1.0, seed=8)
         fast = sstcvx.relax(P, U, 0.5, reg, solver="fast")
         generic = sstcvx.relax(P, U, 0.5, reg, solver="cvxpylayers")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from ..regularizers import CvxpyRegularizer, SeparableRegularizer
 from . import cache
 from .dual_newton import FAST_REGULARIZERS, FastRelaxation
+from .interior_point import InteriorPointRelaxation
 from .layer import GenericRelaxation
 from .lifted import VertexWeightsRelaxation
 from .lp import AffineFeasibility, GenericArgmax
@@ -37,6 +38,7 @@ __all__ = [
     "generic_relaxation",
     "fast_relaxation",
     "FastRelaxation",
+    "InteriorPointRelaxation",
     "generic_argmax",
     "GenericRelaxation",
     "VertexWeightsRelaxation",
@@ -67,13 +69,15 @@ def generic_relaxation(P, regularizer):
 
 
 def fast_relaxation(P, regularizer, with_auxiliary: bool = False):
-    """The cached fast torch solver of ``(P, regularizer)``, or ``None`` where it does not apply
+    """The cached fast torch solver of ``(P, regularizer)`` (:class:`InteriorPointRelaxation` for a
+    declaration with inequality rows or auxiliary variables and for ``Regularizer.separable``,
+    :class:`FastRelaxation` otherwise), or ``None`` where it does not apply
     (a regularizer other than the built-in entropy, binary_entropy and euclidean and those of
     ``Regularizer.separable``, or a declaration that is not linear).
 
     A declaration with auxiliary variables (an extended formulation) gets it only with
-    ``with_auxiliary=True`` (``solver="fast"``): there the barrier on the auxiliary variables
-    recenters slowly, and the solver measured slower than the cvxpylayers path (see
+    ``with_auxiliary=True`` (``solver="fast"``): there the interior-point method leaves a share
+    of the elements unconverged at small tau (they go to the cvxpylayers fallback; see
     docs/generic.md), so ``"auto"`` and ``"generic"`` keep the conic path for those.
     """
     separable = isinstance(regularizer, SeparableRegularizer)
@@ -88,6 +92,11 @@ def fast_relaxation(P, regularizer, with_auxiliary: bool = False):
 
     def build():
         try:
+            # the interior-point method where there are inequality rows, auxiliary variables or a user's
+            # phi (only its derivatives needed); Newton on the dual, faster there, for the rest
+            form = P.linear_form()
+            if separable or form.m_in or form.n_aux:
+                return InteriorPointRelaxation(P, regularizer)
             return FastRelaxation(P, regularizer)
         except (ValueError, NotImplementedError):  # not a linear declaration: the conic path serves it
             return False

@@ -1,0 +1,278 @@
+"""The interior-point solver of the fast generic path (sstcvx.generic.interior_point): brute force over
+vertex lists, the specialized solvers, cvxpylayers, gradients, extremes, failures and dispatch."""
+
+import itertools
+import math
+
+import cvxpy as cp
+import pytest
+import torch
+
+import sstcvx
+from polytopes import KSubset, Simplex
+from sstcvx import generic
+from sstcvx.generic.interior_point import InteriorPointRelaxation
+from sstcvx.regularizers import Regularizer, get_regularizer
+
+
+def independent_sets(n):
+    x = cp.Variable(n)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, x[:-1] + x[1:] <= 1], name=f"IndependentSets(path {n})", recognize=False
+    )
+
+
+def knapsack():
+    x = cp.Variable(5)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, x <= 1, cp.sum(x) <= 2, x[0] + x[1] <= 1], name="Knapsack", recognize=False
+    )
+
+
+def redundant_knapsack():
+    """The knapsack with a duplicated, a rescaled and a loose row."""
+    x = cp.Variable(5)
+    cons = [x >= 0, x <= 1, cp.sum(x) <= 2, 2 * cp.sum(x) <= 4, x[0] + x[1] <= 1, x[0] + x[1] <= 1.5, x <= 3]
+    return sstcvx.Polytope.from_cvxpy(x, cons, name="RedundantKnapsack", recognize=False)
+
+
+def chain(n):
+    y = cp.Variable(n)
+    cons = [y >= 0, y <= 1, cp.sum(y) >= 1] + [y[i + 1] <= y[i] for i in range(n - 1)]
+    return sstcvx.Polytope.from_cvxpy(y, cons, name=f"Chain({n})", recognize=False)
+
+
+def spanning_trees_by_flows(n):
+    """Spanning trees of K_n by a multicommodity flow (auxiliary variables)."""
+    edges = list(itertools.combinations(range(n), 2))
+    x = cp.Variable(len(edges))
+    arcs = edges + [(j, i) for i, j in edges]
+    cons = [x >= 0, x <= 1, cp.sum(x) == n - 1]
+    for k in range(1, n):
+        f = cp.Variable(len(arcs), nonneg=True)
+        cons += [f[a] <= x[a % len(edges)] for a in range(len(arcs))]
+        for v in range(n):
+            out = [a for a, (i, _) in enumerate(arcs) if i == v]
+            inn = [a for a, (_, j) in enumerate(arcs) if j == v]
+            cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == (1.0 if v == 0 else (-1.0 if v == k else 0.0)))
+    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})", recognize=False)
+
+
+def zero_one_points(P):
+    """Brute force: the 0/1 points of a declaration without auxiliary variables (its vertices here)."""
+    L = P.linear_form()
+    pts = torch.tensor(list(itertools.product([0.0, 1.0], repeat=L.n)), dtype=torch.float64)
+    return pts[L.residuals(pts) <= 1e-9]
+
+
+def spanning_tree_points(n):
+    edges = list(itertools.combinations(range(n), 2))
+    rows = []
+    for subset in itertools.combinations(range(len(edges)), n - 1):
+        parent = list(range(n))
+
+        def find(a):
+            while parent[a] != a:
+                a = parent[a]
+            return a
+
+        ok = True
+        for e in subset:
+            a, b = find(edges[e][0]), find(edges[e][1])
+            ok &= a != b
+            parent[a] = b
+        if ok:
+            rows.append([1.0 if e in subset else 0.0 for e in range(len(edges))])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def separated_utilities(B, n, V, seed):
+    """Utilities with entries at least 0.2 from 0 and a best vertex at least 0.1 ahead of the next, so
+    that X at tau = 1e-3 is that vertex to within exp(-100)."""
+    U = torch.randn(4 * B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    U = U + 0.2 * torch.sign(U)
+    top = (U @ V.T).topk(2, dim=-1).values
+    return U[top[:, 0] - top[:, 1] >= 0.1][:B]
+
+
+def ipm(P, reg):
+    return InteriorPointRelaxation(P, get_regularizer(reg))
+
+
+def tsallis_phi(x):
+    return (x.clamp_min(0) ** 1.5 - x) / 0.75
+
+
+TSALLIS = Regularizer.separable(
+    tsallis_phi,
+    domain=(0, math.inf),
+    name="ipm_tsallis_1.5",
+    cvxpy=lambda x: (cp.sum(cp.power(x, 1.5)) - cp.sum(x)) / 0.75,
+)
+
+
+def test_dispatch():
+    for P in (independent_sets(4), spanning_trees_by_flows(3)):
+        fn, path = sstcvx.relaxation_solver(P, "binary_entropy", solver="fast")
+        assert path == "fast" and isinstance(fn, InteriorPointRelaxation)
+    x = cp.Variable(4)
+    simplex = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1], recognize=False)
+    fn, path = sstcvx.relaxation_solver(simplex, "entropy")
+    assert path == "fast" and not isinstance(fn, InteriorPointRelaxation)  # equality rows: Newton on the dual
+    fn, path = sstcvx.relaxation_solver(simplex, TSALLIS)
+    assert path == "fast" and isinstance(fn, InteriorPointRelaxation)
+    assert sstcvx.relaxation_solver(spanning_trees_by_flows(3), "binary_entropy")[1] == "generic"
+
+
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "euclidean"])
+@pytest.mark.parametrize("make", [independent_sets, lambda _n: knapsack(), lambda _n: redundant_knapsack()])
+def test_small_tau_gives_the_brute_force_argmax(make, reg):
+    P = make(5)
+    V = zero_one_points(P)
+    U = separated_utilities(16, P.event_shape[0], V, seed=1)
+    sol = ipm(P, reg).solve(U / 1e-3)
+    assert bool((sol.status == 0).all())
+    best = V[(U @ V.T).argmax(-1)]
+    torch.testing.assert_close(sol.x, best, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "euclidean"])
+def test_agrees_with_the_vertex_list_declaration(reg):
+    """The same polytope declared by inequality rows and by its vertex list (convex weights: auxiliary
+    variables) gives the same relaxed point."""
+    P = independent_sets(5)
+    Q = sstcvx.Polytope.from_vertices(zero_one_points(P))
+    U = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a, b = ipm(P, reg).solve(U), ipm(Q, reg).solve(U)
+    assert bool((a.status == 0).all()) and bool((b.status == 0).all())
+    torch.testing.assert_close(a.x, b.x, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("reg", ["binary_entropy", "euclidean"])
+def test_agrees_with_the_k_subset_solver(reg):
+    x = cp.Variable(8)
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 3], recognize=False)
+    U = 3 * torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    G = torch.randn(32, 8, dtype=torch.float64)
+    Z = U.clone().requires_grad_(True)
+    X = ipm(P, reg)(Z)
+    (g,) = torch.autograd.grad((X * G).sum(), Z)
+    Z2 = U.clone().requires_grad_(True)
+    Xs = sstcvx.relax(KSubset(8, 3), Z2, 1.0, reg, solver="specialized")
+    (gs,) = torch.autograd.grad((Xs * G).sum(), Z2)
+    torch.testing.assert_close(X, Xs, atol=1e-8, rtol=0)
+    torch.testing.assert_close(g, gs, atol=1e-8, rtol=0)
+
+
+def test_agrees_with_softmax_and_the_separable_simplex_solver():
+    x = cp.Variable(6)
+    P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) == 1], recognize=False)
+    U = 4 * torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ipm(P, "entropy")(U), torch.softmax(U, -1), atol=1e-8, rtol=0)
+    X = InteriorPointRelaxation(P, TSALLIS)(U)
+    Xs = sstcvx.relax(Simplex(6), U, 1.0, TSALLIS, solver="specialized")
+    torch.testing.assert_close(X, Xs, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make,reg",
+    [
+        (lambda: independent_sets(6), "euclidean"),
+        (lambda: independent_sets(6), "binary_entropy"),
+        (knapsack, "entropy"),
+    ],
+)
+def test_agrees_with_cvxpylayers(make, reg):
+    P = make()
+    U = 2 * torch.randn(4, P.event_shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    X = sstcvx.relax(P, U, 1.0, reg, solver="fast")
+    Xc = sstcvx.relax(P, U, 1.0, reg, solver="cvxpylayers")
+    torch.testing.assert_close(X, Xc, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("P", [chain(5), knapsack()], ids=lambda P: P.name)
+def test_separable_tsallis_agrees_with_cvxpylayers(P):
+    U = torch.randn(4, P.event_shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert sstcvx.relaxation_solver(P, TSALLIS)[1] == "fast"
+    X = sstcvx.relax(P, U, 0.5, TSALLIS)
+    Xc = sstcvx.relax(P, U, 0.5, TSALLIS, solver="cvxpylayers")
+    torch.testing.assert_close(X, Xc, atol=1e-6, rtol=0)
+
+
+def test_flows_agree_with_the_spanning_tree_vertex_list():
+    """Spanning trees of K4 by flows (auxiliary variables) against the same polytope by its 16 trees."""
+    P = spanning_trees_by_flows(4)
+    Q = sstcvx.Polytope.from_vertices(spanning_tree_points(4))
+    U = 5 * torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    a, b = ipm(P, "binary_entropy").solve(U), ipm(Q, "binary_entropy").solve(U)
+    ok = (a.status == 0) & (b.status == 0)
+    assert int(ok.sum()) >= 7
+    torch.testing.assert_close(a.x[ok], b.x[ok], atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make,reg",
+    [
+        (lambda: independent_sets(4), "binary_entropy"),
+        (knapsack, "euclidean"),
+        (knapsack, TSALLIS),
+        (lambda: spanning_trees_by_flows(3), "binary_entropy"),
+    ],
+)
+def test_gradcheck(make, reg):
+    P = make()
+    B = 1 if P.linear_form().n_aux else 3
+    Z = torch.randn(B, P.event_shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    Z.requires_grad_(True)
+    reg = get_regularizer(reg)
+    assert torch.autograd.gradcheck(lambda z: sstcvx.relax(P, z, 1.0, reg, solver="fast"), (Z,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1e-3, 1e3])
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "euclidean"])
+def test_extremes(dtype, tau, reg):
+    P = independent_sets(5)
+    U = 1e3 * separated_utilities(8, 5, zero_one_points(P), seed=9)
+    U[0] = 1e-3 * U[0]
+    sol = ipm(P, reg).solve((U / tau).to(dtype))
+    assert bool((sol.status == 0).all())
+    X = sstcvx.relax(P, U.to(dtype), tau, reg, solver="fast")
+    assert X.dtype == dtype and bool(torch.isfinite(X).all())
+    if tau == 1e-3:  # every element but the first is at its vertex
+        V = zero_one_points(P)
+        best = V[(U @ V.T).argmax(-1)]
+        torch.testing.assert_close(X[1:].double(), best[1:], atol=1e-5, rtol=0)
+    else:  # the minimizer of f over P, nearly: compare with the cvxpylayers path
+        Xc = sstcvx.relax(P, U[:2], tau, reg, solver="cvxpylayers")
+        torch.testing.assert_close(X[:2].double(), Xc, atol=1e-5, rtol=0)
+
+
+def test_non_converging_element_falls_back_then_is_named(monkeypatch):
+    P = chain(4)
+    U = torch.randn(3, 4, dtype=torch.float64)
+    relaxation = generic.fast_relaxation(P, get_regularizer("entropy"))
+    assert isinstance(relaxation, InteriorPointRelaxation)
+    monkeypatch.setattr(relaxation, "max_iter", 1)
+    with pytest.warns(RuntimeWarning, match="batch element 0 did not converge"):
+        X = sstcvx.relax(P, U, 1.0, "entropy", solver="fast")
+    monkeypatch.setattr(relaxation, "max_iter", 200)
+    torch.testing.assert_close(X, sstcvx.relax(P, U, 1.0, "entropy", solver="fast"), atol=1e-6, rtol=0)
+    monkeypatch.setattr(relaxation, "max_iter", 1)
+    bad = {"solve_method": "Clarabel", "max_iter": 1}
+    monkeypatch.setattr(generic.settings, "FALLBACK_SOLVER_ARGS", dict(bad))
+    with pytest.raises(sstcvx.SolverError, match="batch element 0 did not converge") as info:
+        sstcvx.relax(P, U, 1.0, "entropy", solver="fast", solver_args=bad)
+    assert info.value.element == 0 and info.value.solver == "fast"
+
+
+def test_batch_shapes_and_frozen_elements():
+    """Elements that converge early are frozen: solving one alone gives the same point as in a batch."""
+    P = independent_sets(6)
+    U = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    U[0, 0] *= 1e3
+    X = sstcvx.relax(P, U, 1.0, "binary_entropy", solver="fast")
+    assert X.shape == U.shape
+    for i, j in ((0, 0), (1, 2)):
+        alone = sstcvx.relax(P, U[i, j][None], 1.0, "binary_entropy", solver="fast")[0]
+        torch.testing.assert_close(X[i, j], alone, atol=1e-10, rtol=0)
