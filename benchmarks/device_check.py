@@ -11,7 +11,9 @@ relaxation (and the hard argmax), on one batch of utilities in float64 and float
 * the result keeps the input's device and dtype;
 * forward + backward time per call on the device (synchronized) and on the CPU.
 
-The fast generic solver is checked the same way on a few polytopes declared with CVXPY.
+The fast generic solver is checked the same way on a few polytopes declared with CVXPY: Newton
+on the dual (equality rows) and the interior-point method (inequality rows, a user-defined
+separable regularizer).
 The hard argmax must be identical on both.  Exit status 1 if any check fails, so that a
 session lent an accelerator can run it as one command.  An argmax that a family computes on
 the CPU by design is checked for agreement and the output device like the others.
@@ -22,6 +24,7 @@ CPU: a smoke run of the script itself.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -93,7 +96,20 @@ def declared_cases():
     path = sstcvx.Polytope.from_cvxpy(
         y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)", recognize=False
     )
-    return [(ksub, "binary_entropy"), (ksub, "euclidean"), (birkhoff, "entropy"), (path, "binary_entropy")]
+    tsallis = sstcvx.Regularizer.separable(_tsallis, domain=(0.0, math.inf), name="tsallis_1.5")
+    return [
+        (ksub, "binary_entropy"),
+        (ksub, "euclidean"),
+        (birkhoff, "entropy"),
+        (path, "binary_entropy"),
+        (path, "euclidean"),
+        (path, tsallis),
+    ]
+
+
+def _tsallis(x):
+    """The Tsallis 1.5-entropy term of 1.5-entmax, elementwise (a user-defined separable regularizer)."""
+    return (x.clamp_min(0) ** 1.5 - x) / 0.75
 
 
 def main(argv=None) -> int:
@@ -123,7 +139,8 @@ def main(argv=None) -> int:
     for P, regularizer in declared_cases():
         ok, line = check_case(P, regularizer, args.batch, device, generator, solver="fast")
         failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {regularizer + ' (fast)':<19} {line}")
+        name = regularizer if isinstance(regularizer, str) else regularizer.name
+        print(f"{'ok  ' if ok else 'FAIL'} {P.name:<28} {name + ' (fast)':<19} {line}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 
