@@ -31,8 +31,10 @@ line search only slowed the entropies down (their dual residual at coordinates b
 not decrease monotonically) and the plain fraction-to-boundary step converged on every case of
 the benchmarks and tests.  The normal matrix is equilibrated (unit diagonal) before its
 Cholesky factorization, with a relative jitter of 1e-15; the auxiliary variables get a
-proximal term of weight 1e-7 (centered at the current iterate: it damps the steps in directions
-where the flows of an extended formulation are not unique, without moving the solution).  phi' and
+proximal term of weight mu, the current mean complementarity (centered at the current iterate: it
+damps the steps in directions where the flows of an extended formulation are not unique, without
+moving the solution, and fades with mu; a fixed weight of 1e-7 cost 50-75 iterations on a flow
+formulation where this one takes 8-14).  phi' and
 phi'' are evaluated once per iteration, at the new point, for the whole batch: a user's
 separable regularizer costs one autograd call per iteration, not an inner iteration (unlike the
 dual method of :mod:`~sstcvx.generic.dual_newton`, which needs the inverse of phi').
@@ -41,8 +43,8 @@ Why this method and not the dual Newton method of :mod:`~sstcvx.generic.dual_new
 needs x(nu) in closed form (or by an inner root search for a user phi) and a barrier on the
 auxiliary variables that recenters slowly; the primal-dual method treats inequality rows, bounds
 and auxiliary variables alike, needs only phi' and phi'', and converges superlinearly: measured
-(docs/generic.md), 8-17 iterations on the benchmark polytopes, 50-75 on a flow formulation of
-spanning trees at |z| about 1 (the proximal term slows it there), 11-13 at 1,000 variables.  With equality rows only and a built-in regularizer,
+(docs/generic.md), 8-17 iterations on the benchmark polytopes, 8-14 on a flow formulation of
+spanning trees, 11-13 at 1,000 variables.  With equality rows only and a built-in regularizer,
 the dual method is faster (5-7 Newton steps and no slacks) and stays the default there.
 
 Convergence (per element, in the scaled problem): primal residual ``max|C v - d + (0, s)| <=
@@ -63,6 +65,11 @@ one batched Cholesky solve per backward pass with M and Phi at the returned poin
 there once after the iteration, without the proximal term).  An inactive inequality row has s / y huge in M and drops out,
 an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
 tolerances in float64.
+
+All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
+multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
+ratio test, the update and the removal of converged elements are one operation each; one host
+synchronization per iteration (the convergence test) besides the Cholesky factorization's check.
 
 Cost per iteration: O(B nnz(M) N + B m^3) (N = columns of x and w; M is assembled on its
 sparsity pattern where that is small, densely otherwise), one evaluation of phi' and phi'';
@@ -96,9 +103,11 @@ TOLERANCE = 1e-11
 MU_TOLERANCE = 1e-12
 #: Fraction of the step to the boundary that is taken.
 FRACTION = 0.995
-#: Proximal weight on the auxiliary variables (Phi_w >= PROXIMAL): a proximal-point term centered at
-#: the current iterate, so that it changes the steps, not the solution.
-PROXIMAL = 1e-7
+#: Proximal weight on the auxiliary variables, relative to the current mean complementarity mu
+#: (Phi_w >= PROXIMAL mu): a proximal-point term centered at the current iterate, so that it changes the
+#: steps, not the solution, and fades as mu -> 0 (a fixed weight of 1e-7 took 50-75 iterations on a
+#: flow formulation of spanning trees instead of 8-14).
+PROXIMAL = 1.0
 #: Relative jitter on the diagonal of the equilibrated normal matrix.
 JITTER = 1e-15
 
@@ -422,7 +431,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             iterations += 1
         else:
             iterations[index] += 1
-        phi_inv = _phi_inverse(lay, T, h, PROXIMAL)
+        phi_inv = _phi_inverse(lay, T, h, PROXIMAL * mu[:, None])
         F = _normal_factor(ip, S[:, :mi] / Y[:, :mi], phi_inv)
         # predictor (affine scaling)
         d_aff = _direction(ip, lay, T, F, phi_inv, rd, rp, -SY)
