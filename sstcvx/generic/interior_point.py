@@ -285,14 +285,16 @@ class _Layout:
 
 
 def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
-    """1 / Phi with Phi = f''(x) (0 on w, plus ``proximal``) + zl / sl + zu / su."""
-    N, nx = lay.N, lay.nx
-    q = T[:, lay.o_y + lay.mi : lay.o_s] / T[:, lay.o_s + lay.mi :]
-    phi = q[:, :N] + q[:, N:]
+    """``(1 / Phi, ratio)`` with Phi = f''(x) (0 on w, plus ``proximal``) + zl / sl + zu / su and
+    ``ratio = [s / y, zl / sl, zu / su] (B, P)``."""
+    N, nx, mi = lay.N, lay.nx, lay.mi
+    o_y, o_s = lay.o_y, lay.o_s
+    ratio = torch.cat([T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :]], dim=1)
+    phi = ratio[:, mi : mi + N] + ratio[:, mi + N :]
     phi[:, :nx] += h
     if N > nx:
         phi[:, nx:] += proximal
-    return phi.reciprocal_()
+    return phi.reciprocal_(), ratio
 
 
 def _normal_factor(ip, extra, phi_inv):
@@ -329,25 +331,25 @@ def _factor_solve(F, r):
     return torch.cholesky_solve((r / q).unsqueeze(-1), L).squeeze(-1) / q
 
 
-def _direction(ip, lay: _Layout, T, F, phi_inv, rd, rp, rc):
+def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     """The Newton direction ``dT`` (laid out as T) for the complementarity targets ``rc (B, P)`` (the
-    right-hand sides of S dY + Y dS = rc, pair by pair), with the factor F of the normal matrix."""
+    right-hand sides of S dY + Y dS = rc, pair by pair), with the factor F of the normal matrix and
+    ``ratio = [s / y, zl / sl, zu / su]`` (the same for predictor and corrector)."""
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
-    S = T[:, lay.o_s :]
-    Y = T[:, lay.o_y : lay.o_s]
-    rcs = rc / S
-    r1 = rcs[:, mi : mi + N] - rcs[:, mi + N :] - rd
+    rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
+    r1 = rcb[:, :N] - rcb[:, N:] - rd
     rows = -rp
     if mi:
-        rows[:, m_eq:] -= rc[:, :mi] / Y[:, :mi]
+        rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
+        rows[:, m_eq:] -= rcy
     u = phi_inv * r1
     rhs = u @ ip.C.T - rows
     dnu = _factor_solve(F, rhs)
     dv = u - phi_inv * (dnu @ ip.C)
     dSb = dv.repeat(1, 2) * lay.sign
-    dYb = (rc[:, mi:] - Y[:, mi:] * dSb) / S[:, mi:]
+    dYb = rcb - ratio[:, mi:] * dSb
     if mi:
-        ds = (rc[:, :mi] - S[:, :mi] * dnu[:, m_eq:]) / Y[:, :mi]
+        ds = rcy - ratio[:, :mi] * dnu[:, m_eq:]
         return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
@@ -431,10 +433,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             iterations += 1
         else:
             iterations[index] += 1
-        phi_inv = _phi_inverse(lay, T, h, PROXIMAL * mu[:, None])
-        F = _normal_factor(ip, S[:, :mi] / Y[:, :mi], phi_inv)
+        phi_inv, ratio = _phi_inverse(lay, T, h, PROXIMAL * mu[:, None])
+        F = _normal_factor(ip, ratio[:, :mi], phi_inv)
         # predictor (affine scaling)
-        d_aff = _direction(ip, lay, T, F, phi_inv, rd, rp, -SY)
+        d_aff = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
         a_aff = _max_step(lay, T, d_aff)
         dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
         mu_aff = (torch.addcmul(S, a_aff, dS) * torch.addcmul(Y, a_aff, dY)).sum(-1) / nc
@@ -444,16 +446,16 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
         # corrector: centering and the second-order term of the predictor
         rc = (target - SY - dS * dY) * lay.mask
-        dT = _direction(ip, lay, T, F, phi_inv, rd, rp, rc)
+        dT = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
         T = torch.addcmul(T, _max_step(lay, T, dT), dT)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     # the factor of M and Phi at the returned point, for the backward
     g, h = _scaled_derivatives(ip, lay, T, sz_all)
-    phi_inv = _phi_inverse(lay, T, h)
+    phi_inv, ratio = _phi_inverse(lay, T, h)
     if m:
-        L, q = _normal_factor(ip, T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], phi_inv)
+        L, q = _normal_factor(ip, ratio[:, :mi], phi_inv)
     else:
         L, q = phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0)
     if prob.Cw.shape[1]:
