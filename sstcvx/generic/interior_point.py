@@ -31,10 +31,11 @@ line search only slowed the entropies down (their dual residual at coordinates b
 not decrease monotonically) and the plain fraction-to-boundary step converged on every case of
 the benchmarks and tests.  The normal matrix is equilibrated (unit diagonal) before its
 Cholesky factorization, with a relative jitter of 1e-15; the auxiliary variables get a
-proximal term of weight mu, the current mean complementarity (centered at the current iterate: it
-damps the steps in directions where the flows of an extended formulation are not unique, without
-moving the solution, and fades with mu; a fixed weight of 1e-7 cost 50-75 iterations on a flow
-formulation where this one takes 8-14).  phi' and
+proximal term (centered at the current iterate: it damps the steps in directions where the flows
+of an extended formulation are not unique, without moving the solution) of weight mu, the
+current mean complementarity, for the first ``PROXIMAL_DELAY`` iterations, then at least
+``PROXIMAL``: measured, a fixed weight cost 50-75 iterations on a flow formulation at |z| about 1
+where this takes 8-14, and no weight floor let a few elements at |z| about 30 stall.  phi' and
 phi'' are evaluated once per iteration, at the new point, for the whole batch: a user's
 separable regularizer costs one autograd call per iteration, not an inner iteration (unlike the
 dual method of :mod:`~sstcvx.generic.dual_newton`, which needs the inverse of phi').
@@ -103,11 +104,13 @@ TOLERANCE = 1e-11
 MU_TOLERANCE = 1e-12
 #: Fraction of the step to the boundary that is taken.
 FRACTION = 0.995
-#: Proximal weight on the auxiliary variables, relative to the current mean complementarity mu
-#: (Phi_w >= PROXIMAL mu): a proximal-point term centered at the current iterate, so that it changes the
-#: steps, not the solution, and fades as mu -> 0 (a fixed weight of 1e-7 took 50-75 iterations on a
-#: flow formulation of spanning trees instead of 8-14).
-PROXIMAL = 1.0
+#: Proximal weight on the auxiliary variables (Phi_w >= the weight): a proximal-point term centered at
+#: the current iterate, so that it changes the steps, not the solution.  The weight is the current mean
+#: complementarity mu for the first PROXIMAL_DELAY iterations (it fades as mu -> 0: most elements
+#: converge in that time), then at least PROXIMAL (without that floor, a few elements of a flow
+#: formulation at |z| about 30 stall; with it from the start, those at |z| about 1 take 50-75 iterations).
+PROXIMAL = 1e-7
+PROXIMAL_DELAY = 12
 #: Relative jitter on the diagonal of the equilibrated normal matrix.
 JITTER = 1e-15
 
@@ -433,7 +436,9 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             iterations += 1
         else:
             iterations[index] += 1
-        phi_inv, ratio = _phi_inverse(lay, T, h, PROXIMAL * mu[:, None])
+        # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
+        prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
+        phi_inv, ratio = _phi_inverse(lay, T, h, prox)
         F = _normal_factor(ip, ratio[:, :mi], phi_inv)
         # predictor (affine scaling)
         d_aff = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
