@@ -31,8 +31,11 @@ line search only slowed the entropies down (their dual residual at coordinates b
 not decrease monotonically) and the plain fraction-to-boundary step converged on every case of
 the benchmarks and tests.  The normal matrix is equilibrated (unit diagonal) before its
 Cholesky factorization, with a relative jitter of 1e-15; the auxiliary variables get a
-proximal term of weight 1e-7 (centered at the current iterate: it damps the steps in directions
-where the flows of an extended formulation are not unique, without moving the solution).  phi' and
+proximal term (centered at the current iterate: it damps the steps in directions where the flows
+of an extended formulation are not unique, without moving the solution) of weight mu, the
+current mean complementarity, for the first ``PROXIMAL_DELAY`` iterations, then at least
+``PROXIMAL``: measured, a fixed weight cost 50-75 iterations on a flow formulation at |z| about 1
+where this takes 8-14, and no weight floor let a few elements at |z| about 30 stall.  phi' and
 phi'' are evaluated once per iteration, at the new point, for the whole batch: a user's
 separable regularizer costs one autograd call per iteration, not an inner iteration (unlike the
 dual method of :mod:`~sstcvx.generic.dual_newton`, which needs the inverse of phi').
@@ -41,8 +44,8 @@ Why this method and not the dual Newton method of :mod:`~sstcvx.generic.dual_new
 needs x(nu) in closed form (or by an inner root search for a user phi) and a barrier on the
 auxiliary variables that recenters slowly; the primal-dual method treats inequality rows, bounds
 and auxiliary variables alike, needs only phi' and phi'', and converges superlinearly: measured
-(docs/generic.md), 8-17 iterations on the benchmark polytopes, 50-75 on a flow formulation of
-spanning trees at |z| about 1 (the proximal term slows it there), 11-13 at 1,000 variables.  With equality rows only and a built-in regularizer,
+(docs/generic.md), 8-17 iterations on the benchmark polytopes, 8-14 on a flow formulation of
+spanning trees, 11-13 at 1,000 variables.  With equality rows only and a built-in regularizer,
 the dual method is faster (5-7 Newton steps and no slacks) and stays the default there.
 
 Convergence (per element, in the scaled problem): primal residual ``max|C v - d + (0, s)| <=
@@ -64,6 +67,11 @@ there once after the iteration, without the proximal term).  An inactive inequal
 an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
 tolerances in float64.
 
+All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
+multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
+ratio test, the update and the removal of converged elements are one operation each; one host
+synchronization per iteration (the convergence test) besides the Cholesky factorization's check.
+
 Cost per iteration: O(B nnz(M) N + B m^3) (N = columns of x and w; M is assembled on its
 sparsity pattern where that is small, densely otherwise), one evaluation of phi' and phi'';
 float64 throughout on the input's device; no Python loop over the batch.
@@ -72,7 +80,7 @@ float64 throughout on the input's device; no Python loop over the batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,9 +104,13 @@ TOLERANCE = 1e-11
 MU_TOLERANCE = 1e-12
 #: Fraction of the step to the boundary that is taken.
 FRACTION = 0.995
-#: Proximal weight on the auxiliary variables (Phi_w >= PROXIMAL): a proximal-point term centered at
-#: the current iterate, so that it changes the steps, not the solution.
+#: Proximal weight on the auxiliary variables (Phi_w >= the weight): a proximal-point term centered at
+#: the current iterate, so that it changes the steps, not the solution.  The weight is the current mean
+#: complementarity mu for the first PROXIMAL_DELAY iterations (it fades as mu -> 0: most elements
+#: converge in that time), then at least PROXIMAL (without that floor, a few elements of a flow
+#: formulation at |z| about 30 stall; with it from the start, those at |z| about 1 take 50-75 iterations).
 PROXIMAL = 1e-7
+PROXIMAL_DELAY = 12
 #: Relative jitter on the diagonal of the equilibrated normal matrix.
 JITTER = 1e-15
 
@@ -255,54 +267,41 @@ class InteriorPointSolution:
     sz: torch.Tensor
 
 
-@dataclass
-class _Iterate:
-    """The variables of a set of elements: v, nu = (lambda, y), s, the bound slacks sl, su and their
-    multipliers zl, zu (0 where a bound is absent), the scaled z = z / sz, and the derivatives of
-    the scaled objective f / sz at x."""
+class _Layout:
+    """Where the variables lie in the one state tensor ``T (B, width)`` of a set of elements:
+    ``[v (N) | lambda (m_eq) | y (mi) | zl, zu (2N) | s (mi) | sl, su (2N)]``, so that the
+    multipliers ``Y = [y, zl, zu]`` and their slacks ``S = [s, sl, su]`` are two aligned blocks of
+    ``P = mi + 2N`` pairs (complementarity, ratio test and update are one operation each over all
+    pairs, and dropping converged elements indexes one tensor).  Absent bounds keep zl = 0 (zu = 0)
+    and sl = 1 (su = 1) with zero directions."""
 
-    v: torch.Tensor
-    nu: torch.Tensor
-    s: torch.Tensor
-    sl: torch.Tensor
-    su: torch.Tensor
-    zl: torch.Tensor
-    zu: torch.Tensor
-    zs: torch.Tensor
-    sz: torch.Tensor
-    g: torch.Tensor | None = None
-    h: torch.Tensor | None = None
-
-    def take(self, index) -> _Iterate:
-        return _Iterate(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    def put(self, index, other: _Iterate) -> None:
-        for f in fields(self):
-            getattr(self, f.name)[index] = getattr(other, f.name)
+    def __init__(self, ip: InteriorPointProblem):
+        N, m, m_eq = ip.C.shape[1], ip.m, ip.m_eq
+        self.N, self.m, self.m_eq, self.mi, self.nx = N, m, m_eq, m - m_eq, ip.nx
+        self.pairs = m - m_eq + 2 * N
+        self.o_y = N + m_eq  # Y starts here; the positive part T[:, o_y:] is [Y | S]
+        self.o_s = self.o_y + self.pairs
+        self.width = self.o_s + self.pairs
+        # the sign of a bound slack's direction in dv (0 where the bound is absent), and which pairs exist
+        self.sign = torch.cat([ip.has_lo, -ip.has_up])
+        self.mask = torch.cat([ip.has_lo.new_ones(m - m_eq), ip.has_lo, ip.has_up])
 
 
-def _residuals(ip: InteriorPointProblem, it: _Iterate):
-    """Dual residual rd (B, N), primal residual rp (B, m), complementarity products and their mean."""
-    m_eq, nx = ip.m_eq, ip.nx
-    grad = it.nu @ ip.C - it.zl + it.zu
-    assert it.g is not None
-    rd = torch.cat([grad[:, :nx] + it.g - it.zs, grad[:, nx:]], dim=1)
-    rp = it.v @ ip.C.T - ip.d
-    if ip.m > m_eq:
-        rp = torch.cat([rp[:, :m_eq], rp[:, m_eq:] + it.s], dim=1)
-    cs = it.s * it.nu[:, m_eq:]
-    cl, cu = it.sl * it.zl, it.su * it.zu
-    return rd, rp, cs, cl, cu
+def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
+    """``(1 / Phi, ratio)`` with Phi = f''(x) (0 on w, plus ``proximal``) + zl / sl + zu / su and
+    ``ratio = [s / y, zl / sl, zu / su] (B, P)``."""
+    N, nx, mi = lay.N, lay.nx, lay.mi
+    o_y, o_s = lay.o_y, lay.o_s
+    ratio = torch.cat([T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :]], dim=1)
+    phi = ratio[:, mi : mi + N] + ratio[:, mi + N :]
+    phi[:, :nx] += h
+    if N > nx:
+        phi[:, nx:] += proximal
+    return phi.reciprocal_(), ratio
 
 
-def _phi(ip, it, proximal=0.0):
-    """The diagonal Phi = f''(x) (0 on w) + zl / sl + zu / su."""
-    phi = it.zl / it.sl + it.zu / it.su
-    return torch.cat([phi[:, : ip.nx] + it.h, phi[:, ip.nx :] + proximal], dim=1)
-
-
-def _normal_factor(ip, it, phi_inv):
-    """The Cholesky factor of M = C Phi^{-1} C^T + diag(0, s / y) after symmetric diagonal
+def _normal_factor(ip, extra, phi_inv):
+    """The Cholesky factor of M = C Phi^{-1} C^T + diag(0, extra) (extra = s / y) after symmetric diagonal
     equilibration: ``(L, q)`` with ``M ~ diag(q) L L^T diag(q)``, ``q = sqrt(diag M)``.
 
     Equilibration matters: near the solution the entries of M range over many decades (1 / mu
@@ -311,7 +310,6 @@ def _normal_factor(ip, it, phi_inv):
     rank-deficient set of active rows).  M is assembled on its sparsity pattern (a path's rows touch
     their neighbors only) where :func:`_sparsity` found one, densely otherwise."""
     B, m, m_eq = phi_inv.shape[0], ip.m, ip.m_eq
-    extra = it.s / it.nu[:, m_eq:]
     if ip.pattern is not None:
         K, flat, diag, r, c = ip.pattern
         values = phi_inv @ K
@@ -336,47 +334,37 @@ def _factor_solve(F, r):
     return torch.cholesky_solve((r / q).unsqueeze(-1), L).squeeze(-1) / q
 
 
-def _direction(ip, it, L, phi_inv, rd, rp, rc_s, rc_l, rc_u):
-    """The Newton direction for the complementarity targets rc_* (the right-hand sides of
-    s dy + y ds = rc_s, and so on), with the factor L of the normal matrix."""
-    m_eq = ip.m_eq
-    y = it.nu[:, m_eq:]
-    r1 = -rd + rc_l / it.sl - rc_u / it.su
+def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
+    """The Newton direction ``dT`` (laid out as T) for the complementarity targets ``rc (B, P)`` (the
+    right-hand sides of S dY + Y dS = rc, pair by pair), with the factor F of the normal matrix and
+    ``ratio = [s / y, zl / sl, zu / su]`` (the same for predictor and corrector)."""
+    N, m_eq, mi = lay.N, lay.m_eq, lay.mi
+    rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
+    r1 = rcb[:, :N] - rcb[:, N:] - rd
     rows = -rp
-    if ip.m > m_eq:
-        rows = torch.cat([rows[:, :m_eq], rows[:, m_eq:] - rc_s / y], dim=1)
+    if mi:
+        rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
+        rows[:, m_eq:] -= rcy
     u = phi_inv * r1
     rhs = u @ ip.C.T - rows
-    dnu = _factor_solve(L, rhs)
+    dnu = _factor_solve(F, rhs)
     dv = u - phi_inv * (dnu @ ip.C)
-    dy = dnu[:, m_eq:]
-    ds = (rc_s - it.s * dy) / y
-    dzl = (rc_l - it.zl * dv) * ip.has_lo / it.sl
-    dzu = (rc_u + it.zu * dv) * ip.has_up / it.su
-    return dv, dnu, ds, dzl, dzu
+    dSb = dv.repeat(1, 2) * lay.sign
+    dYb = rcb - ratio[:, mi:] * dSb
+    if mi:
+        ds = rcy - ratio[:, :mi] * dnu[:, m_eq:]
+        return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
+    return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
 
-def _max_step(it, ip, dv, dnu, ds, dzl, dzu):
-    """The largest alpha (capped at 1 / FRACTION) keeping s, y, sl, su, zl, zu positive."""
-    m_eq = ip.m_eq
-    vals = torch.cat([it.s, it.nu[:, m_eq:], it.sl, it.su, it.zl, it.zu], dim=1)
-    dl, du = dv * ip.has_lo, -dv * ip.has_up
-    dirs = torch.cat([ds, dnu[:, m_eq:], dl, du, dzl, dzu], dim=1)
-    ratio = torch.where(dirs < 0, -vals / dirs, torch.full_like(vals, math.inf))
-    return ratio.amin(-1).clamp(max=1.0 / FRACTION) if ratio.shape[1] else vals.new_full((vals.shape[0],), 1.0)
-
-
-def _measure(ip, it, rd, rp, cs, cl, cu, scale):
-    """The convergence test's quantities: primal, dual (with the resolution of x) and mean complementarity."""
-    nc = ip.pairs
-    mu = (cs.sum(-1) + cl.sum(-1) + cu.sum(-1)) / nc
-    p = rp.abs().amax(-1) if rp.shape[1] else mu.new_zeros(mu.shape)
-    x = it.v[:, : ip.nx]
-    eps = torch.finfo(x.dtype).eps
-    resolved = rd[:, : ip.nx].abs() <= 4 * eps * it.h * x.abs().clamp_min(1.0)
-    dx = torch.where(resolved, torch.zeros_like(x), rd[:, : ip.nx]).abs()
-    dd = torch.cat([dx, rd[:, ip.nx :].abs()], dim=1).amax(-1) if rd.shape[1] else mu.new_zeros(mu.shape)
-    return p, dd, mu
+def _max_step(lay: _Layout, T, dT):
+    """FRACTION times the largest alpha (at most 1 / FRACTION) keeping every slack and multiplier positive, (B, 1)."""
+    if not lay.pairs:
+        return T.new_ones(T.shape[0], 1)
+    pos, dpos = T[:, lay.o_y :], dT[:, lay.o_y :]
+    ratio = pos / dpos
+    ratio.masked_fill_(dpos >= 0, -math.inf)
+    return (ratio.amax(-1, keepdim=True).neg_().clamp_(max=1.0 / FRACTION) * FRACTION).clamp_(max=1.0)
 
 
 def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -> InteriorPointSolution:
@@ -385,132 +373,110 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     dt = torch.float64
     B = Z.shape[0]
     dev = Z.device
-    m, m_eq, N, nx = ip.m, ip.m_eq, ip.C.shape[1], ip.nx
+    lay = _Layout(ip)
+    m, m_eq, N, nx, mi = ip.m, ip.m_eq, ip.C.shape[1], ip.nx, lay.mi
+    o_y, o_s = lay.o_y, lay.o_s
     z = Z.to(dt)[:, prob.x_free]
     sz = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     scale = prob.scale
-    v = ip.v0.expand(B, N).clone()
     s0 = (ip.d[m_eq:] - ip.v0 @ ip.C[m_eq:].T).clamp_min(1.0)
-    y0 = torch.ones(m - m_eq, dtype=dt, device=dev)
-    nu = torch.cat([torch.zeros(m_eq, dtype=dt, device=dev), y0]).expand(B, m).clone()
-    sl = torch.where(ip.has_lo > 0, v - ip.lo, torch.ones_like(v))
-    su = torch.where(ip.has_up > 0, ip.up - v, torch.ones_like(v))
-    it = _Iterate(
-        v=v,
-        nu=nu,
-        s=s0.expand(B, -1).clone(),
-        sl=sl,
-        su=su,
-        zl=ip.has_lo.expand(B, N).clone(),
-        zu=ip.has_up.expand(B, N).clone(),
-        zs=z / sz,
-        sz=sz,
-    )
-    it.g, it.h = _scaled_derivatives(ip, it)
+    sl = torch.where(ip.has_lo > 0, ip.v0 - ip.lo, torch.ones_like(ip.v0))
+    su = torch.where(ip.has_up > 0, ip.up - ip.v0, torch.ones_like(ip.v0))
+    start = torch.cat([ip.v0, ip.v0.new_zeros(m_eq), torch.ones_like(s0), ip.has_lo, ip.has_up, s0, sl, su])
+    T = start.expand(B, lay.width).clone()
+    zs = z / sz
+    g, h = _scaled_derivatives(ip, lay, T, sz)
     status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
     residual = torch.full((B,), math.inf, dtype=dt, device=dev)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
     nc = ip.pairs
+    eps4 = 4 * torch.finfo(dt).eps
     index = None  # the indices of the active elements, None while all are active
-    cur = it
+    T_all = T
     for _ in range(max_iter + 1):
-        rd, rp, cs, cl, cu = _residuals(ip, cur)
-        p, dd, mu = _measure(ip, cur, rd, rp, cs, cl, cu, scale)
+        # residuals and complementarity
+        S, Y = T[:, o_s:], T[:, o_y:o_s]
+        rd = T[:, N : N + m] @ ip.C
+        rd -= T[:, o_y + mi : o_y + mi + N]
+        rd += T[:, o_y + mi + N : o_s]
+        rd[:, :nx] += g - zs
+        rp = T[:, :N] @ ip.C.T - ip.d
+        if mi:
+            rp[:, m_eq:] += S[:, :mi]
+        SY = S * Y
+        mu = SY.sum(-1) / nc
+        # convergence test: primal, dual (up to the resolution of floats at x) and mean complementarity
+        p = rp.abs().amax(-1) if m else mu.new_zeros(mu.shape)
+        a = rd.abs()
+        ax = a[:, :nx]
+        ax.masked_fill_(ax <= eps4 * h * T[:, :nx].abs().clamp_min(1.0), 0.0)
+        dd = a.amax(-1) if N else mu.new_zeros(mu.shape)
         res = torch.maximum(p / scale, torch.maximum(dd, mu / scale))
         finite = torch.isfinite(res)
         done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (mu <= MU_TOLERANCE * scale)
-        sub_status = torch.where(done, STATUS_CONVERGED, torch.where(finite, STATUS_MAX_ITER, STATUS_NOT_FINITE))
         stop = done | ~finite
-        if index is None:
-            status, residual = sub_status, res
-        else:
-            status[index], residual[index] = sub_status, res
-        if bool(stop.any()):
-            keep = ~stop
-            if index is not None:
-                it.put(index, cur)
-                index = index[keep]
+        last = _ == max_iter
+        if bool(stop.any()) or last:
+            sub_status = torch.where(done, STATUS_CONVERGED, torch.where(finite, STATUS_MAX_ITER, STATUS_NOT_FINITE))
+            if index is None:
+                status, residual = sub_status, res
+                T_all = T
             else:
-                it = cur
-                index = keep.nonzero().squeeze(1)
-            active.zero_()
-            active[index] = True
+                status[index], residual[index] = sub_status, res
+                T_all[index] = T
+            if last:
+                break
+            keep = ~stop
+            index = keep.nonzero().squeeze(1) if index is None else index[keep]
             if index.numel() == 0:
                 break
-            cur = cur.take(keep)
-            rd, rp, cs, cl, cu, mu = rd[keep], rp[keep], cs[keep], cl[keep], cu[keep], mu[keep]
-        if _ == max_iter:
-            break
+            T, g, h, zs, sz = T[keep], g[keep], h[keep], zs[keep], sz[keep]
+            S, Y, rd, rp, SY, mu = T[:, o_s:], T[:, o_y:o_s], rd[keep], rp[keep], SY[keep], mu[keep]
         if index is None:
             iterations += 1
         else:
             iterations[index] += 1
-        phi = _phi(ip, cur, PROXIMAL)
-        phi_inv = 1.0 / phi
-        L = _normal_factor(ip, cur, phi_inv)
+        # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
+        prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
+        phi_inv, ratio = _phi_inverse(lay, T, h, prox)
+        F = _normal_factor(ip, ratio[:, :mi], phi_inv)
         # predictor (affine scaling)
-        aff = _direction(ip, cur, L, phi_inv, rd, rp, -cs, -cl, -cu)
-        a_aff = (_max_step(cur, ip, *aff) * FRACTION).clamp(max=1.0)[:, None]
-        dv, dnu, ds, dzl, dzu = aff
-        y = cur.nu[:, m_eq:]
-        mu_aff = (
-            ((cur.s + a_aff * ds) * (y + a_aff * dnu[:, m_eq:])).sum(-1)
-            + ((cur.sl + a_aff * dv * ip.has_lo) * (cur.zl + a_aff * dzl)).sum(-1)
-            + ((cur.su - a_aff * dv * ip.has_up) * (cur.zu + a_aff * dzu)).sum(-1)
-        ) / nc
+        d_aff = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
+        a_aff = _max_step(lay, T, d_aff)
+        dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
+        mu_aff = (torch.addcmul(S, a_aff, dS) * torch.addcmul(Y, a_aff, dY)).sum(-1) / nc
         sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0.0, 1.0) ** 3
         # never aim below a tenth of the final complementarity: a collapse of mu before the rows are
         # satisfied leaves a singular normal matrix
         target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
         # corrector: centering and the second-order term of the predictor
-        rc_s = target - cs - ds * dnu[:, m_eq:]
-        rc_l = (target - cl - (dv * dzl)) * ip.has_lo
-        rc_u = (target - cu + (dv * dzu)) * ip.has_up
-        dv, dnu, ds, dzl, dzu = _direction(ip, cur, L, phi_inv, rd, rp, rc_s, rc_l, rc_u)
-        alpha = (_max_step(cur, ip, dv, dnu, ds, dzl, dzu) * FRACTION).clamp(max=1.0)[:, None]
-        new = _step(ip, cur, alpha, dv, dnu, ds, dzl, dzu)
-        cur = new
-    if index is not None and index.numel():
-        it.put(index, cur)
-    elif index is None:
-        it = cur
+        rc = (target - SY - dS * dY) * lay.mask
+        dT = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
+        T = torch.addcmul(T, _max_step(lay, T, dT), dT)
+        g, h = _scaled_derivatives(ip, lay, T, sz)
+    T = T_all
+    sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     # the factor of M and Phi at the returned point, for the backward
-    it.g, it.h = _scaled_derivatives(ip, it)
-    phi_inv = 1.0 / _phi(ip, it)
-    L, q = _normal_factor(ip, it, phi_inv) if m else (phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0))
+    g, h = _scaled_derivatives(ip, lay, T, sz_all)
+    phi_inv, ratio = _phi_inverse(lay, T, h)
+    if m:
+        L, q = _normal_factor(ip, ratio[:, :mi], phi_inv)
+    else:
+        L, q = phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0)
     if prob.Cw.shape[1]:
         width = prob.wu - prob.wl
-        near = ((it.sl[:, nx:] <= 1e-6 * width) & prob.w_art_lo) | ((it.su[:, nx:] <= 1e-6 * width) & prob.w_art_hi)
+        sl, su = T[:, o_s + mi + nx : o_s + mi + N], T[:, o_s + mi + N + nx :]
+        near = ((sl <= 1e-6 * width) & prob.w_art_lo) | ((su <= 1e-6 * width) & prob.w_art_hi)
         status = torch.where((status == STATUS_CONVERGED) & near.any(-1), STATUS_AUX_BOX, status)
     x = prob.x_fixed_value.to(dt).expand(B, -1).clone()
-    x[:, prob.x_free] = it.v[:, :nx]
-    return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz)
+    x[:, prob.x_free] = T[:, :nx]
+    return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz_all)
 
 
-def _step(ip, it, alpha, dv, dnu, ds, dzl, dzu):
-    step = alpha * dv
-    v = it.v + step
-    sl = it.sl + step * ip.has_lo  # a slack without a bound stays 1
-    su = it.su - step * ip.has_up
-    new = _Iterate(
-        v=v,
-        nu=it.nu + alpha * dnu,
-        s=it.s + alpha * ds,
-        sl=sl,
-        su=su,
-        zl=it.zl + alpha * dzl,
-        zu=it.zu + alpha * dzu,
-        zs=it.zs,
-        sz=it.sz,
-    )
-    new.g, new.h = _scaled_derivatives(ip, new)
-    return new
-
-
-def _scaled_derivatives(ip, it):
-    g, h = _derivatives(ip, it.v[:, : ip.nx], it.sl, it.su)
-    return g / it.sz, h / it.sz
+def _scaled_derivatives(ip, lay: _Layout, T, sz):
+    Sb = T[:, lay.o_s + lay.mi :]
+    g, h = _derivatives(ip, T[:, : ip.nx], Sb[:, : lay.N], Sb[:, lay.N :])
+    return g / sz, h / sz
 
 
 class _Backward(torch.autograd.Function):
