@@ -201,7 +201,7 @@ def main(argv=None):
         if S is not None:
             Xs, gs = forward_backward(S, U, G, reg, "specialized")
             d_spec, d_vjp = float((X - Xs).abs().max()), float((g - gs).abs().max())
-        status = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg), with_auxiliary=True).solve(U)
+        status = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg)).solve(U)
         fails = int((status.status != 0).sum())
         print(
             f"{P.name:<30} {reg:<15} | {fmt(per['fast'])} | {fmt(per['cvx'])} | "
@@ -226,7 +226,7 @@ def scale_case(args):
         x, [x >= 0, x <= 1, G.numpy() @ x <= 5], name=f"packing({n} vars, {m} rows)", recognize=False
     )
     for reg in ("binary_entropy", "euclidean"):
-        F = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg), with_auxiliary=True)
+        F = fast_relaxation(P, sstcvx.regularizers.get_regularizer(reg))
         U = 2 * torch.randn(B, n, dtype=torch.float64)
         W = torch.randn(B, n, dtype=torch.float64)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -77,7 +77,7 @@ def relaxation_solver(P, regularizer, solver: str = "auto"):
             # exact, and one matmul instead of the generic path's conic problem over the vertex weights
             return (lambda Z, **_: vertex_marginals(P, Z)), "enumeration"
     if solver in ("auto", "generic", "fast"):
-        fast = fast_relaxation(P, reg, with_auxiliary=solver == "fast")
+        fast = fast_relaxation(P, reg)
         if fast is not None:
             return fast, "fast"
         if solver == "fast":

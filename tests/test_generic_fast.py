@@ -11,6 +11,7 @@ import torch
 import sstcvx
 from polytopes import KSubset, Permutation, Simplex
 from sstcvx import generic
+from sstcvx.generic.interior_point import InteriorPointRelaxation
 
 
 def fast(P, U, tau=1.0, reg="entropy"):
@@ -143,9 +144,7 @@ def test_extended_formulation_agrees_with_cvxpylayers():
     P = spanning_trees_by_flows(3)
     assert P.linear_form().n_aux > 0
     U = torch.randn(4, 3, dtype=torch.float64)
-    solution = generic.fast_relaxation(
-        P, sstcvx.regularizers.get_regularizer("binary_entropy"), with_auxiliary=True
-    ).solve(U / 0.7)
+    solution = generic.fast_relaxation(P, sstcvx.regularizers.get_regularizer("binary_entropy")).solve(U / 0.7)
     assert (solution.status == 0).all()
     X = solution.x
     torch.testing.assert_close(X, sstcvx.relax(P, U, 0.7, "binary_entropy", solver="cvxpylayers"), atol=1e-6, rtol=0)
@@ -264,9 +263,11 @@ def test_no_rows_is_a_closed_form():
     assert torch.autograd.gradcheck(lambda u: fast(P, u, 0.7, "binary_entropy"), (U,))
 
 
-def test_auxiliary_variables_stay_on_the_conic_path_unless_forced():
-    """Extended formulations measured slower on the fast solver: auto and generic keep cvxpylayers."""
+def test_auxiliary_variables_take_the_fast_path():
+    """Extended formulations (auxiliary variables) go to the interior-point method under auto and generic too;
+    solver="cvxpylayers" still pins the conic path."""
     P = spanning_trees_by_flows(3)
-    assert sstcvx.relaxation_solver(P, "binary_entropy")[1] == "generic"
-    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="generic")[1] == "generic"
-    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="fast")[1] == "fast"
+    for solver in ("auto", "generic", "fast"):
+        fn, path = sstcvx.relaxation_solver(P, "binary_entropy", solver=solver)
+        assert path == "fast" and isinstance(fn, InteriorPointRelaxation)
+    assert sstcvx.relaxation_solver(P, "binary_entropy", solver="cvxpylayers")[1] == "generic"

@@ -68,27 +68,17 @@ def generic_relaxation(P, regularizer):
     return cache.cached(P, ("relax",) + _regularizer_key(regularizer), build)
 
 
-def fast_relaxation(P, regularizer, with_auxiliary: bool = False):
+def fast_relaxation(P, regularizer):
     """The cached fast torch solver of ``(P, regularizer)`` (:class:`InteriorPointRelaxation` for a
     declaration with inequality rows or auxiliary variables and for ``Regularizer.separable``,
     :class:`FastRelaxation` otherwise), or ``None`` where it does not apply
     (a regularizer other than the built-in entropy, binary_entropy and euclidean and those of
     ``Regularizer.separable``, or a declaration that is not linear).
 
-    A declaration with auxiliary variables (an extended formulation) gets it only with
-    ``with_auxiliary=True`` (``solver="fast"``): there the interior-point method leaves a share
-    of the elements unconverged at small tau (they go to the cvxpylayers fallback; see
-    docs/generic.md), so ``"auto"`` and ``"generic"`` keep the conic path for those.
     """
     separable = isinstance(regularizer, SeparableRegularizer)
     if not separable and (isinstance(regularizer, CvxpyRegularizer) or regularizer.name not in FAST_REGULARIZERS):
         return None
-    if not with_auxiliary:
-        try:
-            if P.linear_form().n_aux > 0:
-                return None
-        except (ValueError, NotImplementedError):  # not a linear declaration: the conic path serves it
-            return None
 
     def build():
         try:
