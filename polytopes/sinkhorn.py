@@ -186,8 +186,8 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
 def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     """Sinkhorn sweeps then Newton steps in the exp domain, for Z (B, n, n) with spread <= _NARROW_SPREAD.
 
-    X = diag(1 / r) K diag(v) with K = softmax(Z) row by row (entries >= exp(-64) / n:
-    no floors, no underflow) and r the row sums of K diag(v); the column scalings v are
+    X = diag(1 / r) K diag(v) with K = exp(Z - row max) (entries >= exp(-64): no
+    floors, no underflow) and r the row sums of K diag(v); the column scalings v are
     the state.  It starts from _LINEAR_SWEEPS plain Sinkhorn sweeps in linear space
     (v = 1 / K^T u, u = 1 / K v: two matrix-vector products and two reciprocals
     each, a quarter of a Newton step's cost).  Each Newton step then solves the
@@ -211,7 +211,7 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     (the caller continues in the log domain from X).
     """
     B, n = Z.shape[0], Z.shape[-1]
-    K = torch.softmax(Z, -1)
+    K = torch.exp(Z - Z.amax(-1, keepdim=True))  # (torch.softmax is slower on the CPU for short rows)
     Kt = K.mT
     v = Kt.sum(-1, keepdim=True).reciprocal_()  # (B, n, 1): the columns of K normalised
     for _ in range(_LINEAR_SWEEPS):
