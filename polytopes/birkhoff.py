@@ -124,15 +124,31 @@ def _birkhoff_stage(Z, beta, tol, budget, slack):
 
 
 def _evaluate(Z, u, v):
-    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0), 1/2 |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm.
+    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0), |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm.
 
     u (B, n, 1), v (B, 1, n); r, c the row and column sums of X, shaped like u and v.
+    (|X|^2 is twice the quadratic part of phi.)
     """
-    Y = Z - (u + v)
+    Y = torch.sub(Z, u).sub_(v)
     X = Y.clamp_min(0.0)
-    flat = X.flatten(-2).unsqueeze(-2)
-    gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)
-    return Y, X, 0.5 * (flat @ flat.mT).flatten(), gu, gv, torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
+    gu, gv = torch.rsub(X.sum(-1, keepdim=True), 1.0), torch.rsub(X.sum(-2, keepdim=True), 1.0)
+    err = torch.maximum(
+        torch.linalg.vector_norm(gu, _INF, dim=(-2, -1)), torch.linalg.vector_norm(gv, _INF, dim=(-2, -1))
+    )
+    return Y, X, (X * X).sum((-2, -1)), gu, gv, err
+
+
+_INF = float("inf")
+_ONES: dict = {}
+
+
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The all-ones (n, n) matrix, cached per (n, dtype, device) (read only: the grounding 1 1^T)."""
+    key = (n, dtype, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(n, n, dtype=dtype, device=device)
+    return ones
 
 
 def _exact_step(Y, du, dv):
@@ -194,7 +210,8 @@ def _birkhoff_newton(Z, tol, max_iter):
         v = sparsemax_threshold((Z - u).mT)[0].mT  # (B, 1, n)
         u = sparsemax_threshold(Z - v)[0]
     Y, X, quad, gu, gv, err = _evaluate(Z, u, v)
-    slack = 64 * n * n * _EPS64 * (quad + 1.0)  # rounding of a change of phi, computed as below
+    slack2 = 128 * n * n * _EPS64 * (0.5 * quad + 1.0)  # twice the rounding of a change of phi, computed as below
+    ones = _ones(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
         pending = err > tol
@@ -210,30 +227,32 @@ def _birkhoff_newton(Z, tol, max_iter):
                     X_out.index_copy_(0, index, X)
                     err_out.index_copy_(0, index, err)
                 keep = pending.nonzero().squeeze(-1)
-                index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending = (
-                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending)
+                index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack2, pending = (
+                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack2, pending)
                 )
             else:
                 moving = pending.to(Z.dtype)[:, None, None]
                 gu, gv = gu * moving, gv * moving
-        S = (Y > 0).to(Z.dtype)
-        counts = S.sum(-1, keepdim=True).clamp_min(1.0)  # r_S, (B, n, 1); a row without support counts one
-        S_rows = S / counts
-        diagonal = S.sum(-2) + (_NEWTON_RIDGE * err + _SUPPORT_RIDGE_FLOOR).unsqueeze(-1)
-        laplacian = torch.baddbmm(torch.diag_embed(diagonal) + 1.0, S_rows.mT, S, alpha=-1.0)
+        S = torch.sign(X)  # the support indicator (X >= 0)
+        counts = S.sum(-1, keepdim=True).clamp_min_(1.0)  # r_S, (B, n, 1); a row without support counts one
+        S_rows_t = (S / counts).mT
+        laplacian = torch.baddbmm(ones, S_rows_t, S, alpha=-1.0)
+        ridge = err.mul(_NEWTON_RIDGE).add_(_SUPPORT_RIDGE_FLOOR).unsqueeze(-1)
+        laplacian.diagonal(dim1=-2, dim2=-1).add_(S.sum(-2).add_(ridge))
         L, _ = torch.linalg.cholesky_ex(laplacian)
-        dv = torch.cholesky_solve(S_rows.mT @ gu - gv.mT, L)  # (B, n, 1)
-        du = torch.baddbmm(gu, S, dv) / -counts  # (B, n, 1)
-        dv = dv.mT
+        dv = torch.cholesky_solve(torch.baddbmm(gv.mT, S_rows_t, gu, beta=-1.0), L)  # (B, n, 1)
+        du = torch.baddbmm(gu, S, dv).div_(counts).neg_()  # (B, n, 1)
         # Armijo on the change of phi, 1/2 |X(t)|^2 - 1/2 |X|^2 + t sum(du + dv) <= 1e-4 t <grad phi, d> + slack
         # (<grad phi, d> < 0), computed as a difference so that its rounding is that of |X|^2, not of |u|;
         # where that is below rounding (err < _MERIT_SWITCH) the largest residual must decrease too
-        slope = 1e-4 * (gu.mT @ du + gv @ dv.mT).flatten()
-        dual_slope = du.sum((-2, -1)) + dv.sum((-2, -1))
+        slope = (gu.mT @ du).add_(gv @ dv).flatten()
+        dual_slope = du.sum((-2, -1)).add_(dv.sum((-2, -1)))
+        dv = dv.mT
+        bound = torch.sub(slope, dual_slope, alpha=1e4).mul_(2e-4).add_(slack2)  # twice the right side
         blind = (err < _MERIT_SWITCH) & pending  # (converged elements keep still: their step is zero)
         trial = (u + du, v + dv)
         trial_eval = _evaluate(Z, *trial)
-        ok = (trial_eval[2] - quad + dual_slope <= slope + slack) & (~blind | (trial_eval[5] < err))
+        ok = (trial_eval[2] - quad <= bound) & (~blind | (trial_eval[5] < err))
         if bool(ok.all()):  # the common case: every element takes its full step
             (u, v), (Y, X, quad, gu, gv, err) = trial, trial_eval
             continue
