@@ -164,7 +164,8 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
         if X is None:  # a step too long for a plain Newton step: the damped log-domain iteration from there
             W, steps, err = _newton(torch.log(steps), tol, max_iter, narrow=True)
             X = torch.exp(W)
-        return X, int((err > tol).sum()), float(err.max())
+        violation = float(err.max())
+        return X, (int((err > tol).sum()) if violation > tol else 0), violation
     spread = Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1))
     s = (spread / _FIRST_SPREAD).clamp_min(1.0)
     W = _normalise_rows(Z / s[:, None, None])
