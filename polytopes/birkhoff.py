@@ -15,6 +15,7 @@ Tuning constants: its own below, and from :mod:`polytopes.sinkhorn` the continua
 ``BIRKHOFF_MAX_ITER``     200    default budget of Newton steps over all stages
 ``_BIRKHOFF_STAGE_TOL``   1e-3   column-sum tolerance of the stages before the last
 ``_BIRKHOFF_HALVINGS``    12     trial steps per Newton step (each a quarter of the last)
+``_EXACT_SEARCH_N``       16     full-dual Newton: exact line search up to this n, else trials
 ``_BIRKHOFF_SWEEPS``      4      exact row/column steps before the Newton steps of a stage
 ``_NEWTON_SPREAD``        32     full-dual Newton when max(Z) - min(Z) <= 32 in every element
 ``_NEWTON_SWEEPS``        2      exact row/column steps before its Newton steps
@@ -57,6 +58,7 @@ _COMPACT_BATCH = 32
 # the Laplacian becomes a step of gradient / ridge, which the line search then has to undo.
 _SUPPORT_RIDGE_FLOOR = 1e-9
 _MERIT_SWITCH = 1e-5  # below this residual its line search also asks the residual to decrease
+_EXACT_SEARCH_N = 16  # up to this n its failed full steps take the exact line search, beyond it backtracking
 _NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
 
 
@@ -192,8 +194,12 @@ def _birkhoff_newton(Z, tol, max_iter):
     r_S, c_S its row and column counts.  Eliminating du leaves the grounded Laplacian system
     of :func:`_birkhoff_stage` for dv (an n x n Cholesky solve); du then follows row by row.
     On the right support phi is quadratic and one step is exact (finite termination).
-    A full step is taken when it passes the Armijo test on phi (the common case), else t
-    is quartered per element (at most _BIRKHOFF_HALVINGS trials).  The start is
+    A full step is taken when it passes the Armijo test on phi (the common case); the
+    elements whose full step fails take, for n <= _EXACT_SEARCH_N, the exact minimiser of
+    phi along the direction (see :func:`_exact_step`: far from the solution the Newton
+    direction on a wrong support can be thousands of times too long, which quartering
+    trials undo only slowly), and for larger n (where sorting the n^2 breakpoints costs
+    more than a few trials) t quartered per element (at most _BIRKHOFF_HALVINGS trials).  The start is
     _NEWTON_SWEEPS exact row/column steps (sparsemax thresholds by sorting), so every row
     has support.  No sorting in the steps: Y, X and phi are elementwise and a reduction
     away.  Converged elements stay put (their rounding-sized gradients may point along
@@ -201,7 +207,8 @@ def _birkhoff_newton(Z, tol, max_iter):
     _COMPACT_BATCH on they are set aside once they are at most half of the batch.
     ``tol`` (B,): per element.  err (B,) is the largest |row or column sum - 1|; elements
     with err > tol after ``max_iter`` steps are left to the caller.  Cost per step: one
-    batched n x n product, Cholesky solve and about 40 elementwise passes over (B, n, n).
+    batched n x n product, Cholesky solve and about 30 elementwise passes over (B, n, n)
+    (about 60 torch calls, the cost at small batches).
     """
     B, n, _ = Z.shape
     u = sparsemax_threshold(Z)[0]  # (B, n, 1)
@@ -248,7 +255,8 @@ def _birkhoff_newton(Z, tol, max_iter):
         slope = (gu.mT @ du).add_(gv @ dv).flatten()
         dual_slope = du.sum((-2, -1)).add_(dv.sum((-2, -1)))
         dv = dv.mT
-        bound = torch.sub(slope, dual_slope, alpha=1e4).mul_(2e-4).add_(slack2)  # twice the right side
+        rate = torch.sub(slope, dual_slope, alpha=1e4).mul_(2e-4)  # twice the right side is t rate + slack2
+        bound = rate + slack2
         blind = (err < _MERIT_SWITCH) & pending  # (converged elements keep still: their step is zero)
         trial = (u + du, v + dv)
         trial_eval = _evaluate(Z, *trial)
@@ -256,17 +264,38 @@ def _birkhoff_newton(Z, tol, max_iter):
         if bool(ok.all()):  # the common case: every element takes its full step
             (u, v), (Y, X, quad, gu, gv, err) = trial, trial_eval
             continue
-        # the elements whose full step failed take the exact minimiser of phi along their direction
-        # (phi is piecewise quadratic in the step length), a smaller batch
+        # the elements whose full step failed backtrack alone, a smaller batch
         state = [u, v, Y, X, quad, gu, gv, err]
         for i, T in enumerate(trial + trial_eval):
             state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
         back = (~ok).nonzero().squeeze(-1)
-        ub, vb, dub, dvb = (T.index_select(0, back) for T in (u, v, du, dv))
-        t = _exact_step(Y.index_select(0, back), dub, dvb)
-        trial = (ub + t * dub, vb + t * dvb)
-        for T, value in zip(state, trial + _evaluate(Z.index_select(0, back), *trial)):
-            T.index_copy_(0, back, value)
+        if n <= _EXACT_SEARCH_N:
+            # the exact minimiser of phi along the direction (phi is piecewise quadratic in the step length)
+            ub, vb, dub, dvb = (T.index_select(0, back) for T in (u, v, du, dv))
+            t = _exact_step(Y.index_select(0, back), dub, dvb)
+            trial = (ub + t * dub, vb + t * dvb)
+            for T, value in zip(state, trial + _evaluate(Z.index_select(0, back), *trial)):
+                T.index_copy_(0, back, value)
+        else:
+            # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
+            Zb, ub, vb, dub, dvb, quadb, errb, rateb, slackb, blindb = (
+                T.index_select(0, back) for T in (Z, u, v, du, dv, quad, err, rate, slack2, blind)
+            )
+            t = 1.0
+            for _ in range(_BIRKHOFF_HALVINGS):
+                t = 0.25 * t
+                trial = (ub + t * dub, vb + t * dvb)
+                trial_eval = _evaluate(Zb, *trial)
+                ok = (trial_eval[2] - quadb <= t * rateb + slackb) & (~blindb | (trial_eval[5] < errb))
+                taken = back[ok]
+                for T, value in zip(state, trial + trial_eval):
+                    T.index_copy_(0, taken, value[ok])
+                if bool(ok.all()):
+                    break
+                keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
+                back, Zb, ub, vb, dub, dvb, quadb, errb, rateb, slackb, blindb = (
+                    T.index_select(0, keep) for T in (back, Zb, ub, vb, dub, dvb, quadb, errb, rateb, slackb, blindb)
+                )
         u, v, Y, X, quad, gu, gv, err = state
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
