@@ -18,6 +18,7 @@ Tuning constants (all float64, dimensionless unless said):
 ``_NEWTON_RIDGE``      1e-3    Newton's Levenberg-Marquardt ridge, times max |c - 1|
 ``_RIDGE_FLOOR``       1e-13   smallest ridge (keeps the Cholesky factorisation defined)
 ``_VJP_RIDGE``         1e-12   the backward's ridge (changes dL/dZ by the neglected coupling)
+``_LEAN_ADJOINT_TOL``  1e-9    column sums within this of 1: the backward takes them as 1
 ``_MAX_STEP``          8       trust region: largest change of a potential per Newton step
 ``_MAX_HALVINGS``      30      Armijo backtracking halvings before a Sinkhorn sweep instead
 ``_SWEEPS``            2       Sinkhorn sweeps before the Newton steps of a stage
@@ -59,6 +60,8 @@ _STAGE_TOL = 1e-2
 _NEWTON_RIDGE = 1e-3  # times max |column sum - 1|
 _RIDGE_FLOOR = 1e-13
 _VJP_RIDGE = 1e-12
+# The lean adjoint (see _sinkhorn_adjoint) takes the column sums as 1: used when they are within this.
+_LEAN_ADJOINT_TOL = 1e-9
 # Newton: largest change of a potential per step, and backtracking halvings before a Sinkhorn sweep.
 _MAX_STEP = 8.0
 _MAX_HALVINGS = 30
@@ -392,8 +395,9 @@ def sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor, unit_rows: bool = False) -> t
 def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """:func:`sinkhorn_vjp` at a Sinkhorn solution X (B, n, n) of the forward, in about 16 torch calls.
 
-    Rows of X sum to 1 to rounding and columns to within the forward's tolerance,
-    so the Laplacian's diagonal diag(c) is taken as the identity: the all-ones
+    Rows of X sum to 1 to rounding and columns to within _LEAN_ADJOINT_TOL (checked by
+    the caller; else it uses :func:`sinkhorn_vjp`), so the Laplacian's diagonal diag(c) is
+    taken as the identity: the all-ones
     grounding plus (1 + ridge) I is one cached constant and the system is
     1 1^T + (1 + ridge) I - X^T X.  That changes dL/dZ by O(max |c - 1| |G|)
     (1e-12 at the default tolerance), and the second derivatives not at all
@@ -431,12 +435,15 @@ class _Sinkhorn(torch.autograd.Function):
     def forward(ctx, Z, tol, max_iter, report):
         X, report["unconverged"], report["violation"] = _sinkhorn_forward(Z, tol, max_iter)
         ctx.save_for_backward(X)
+        ctx.columns_exact = report["violation"] <= _LEAN_ADJOINT_TOL
         return X
 
     @staticmethod
     def backward(ctx, G):
         (X,) = ctx.saved_tensors
-        return _sinkhorn_adjoint(X, G), None, None, None
+        if ctx.columns_exact:
+            return _sinkhorn_adjoint(X, G), None, None, None
+        return sinkhorn_vjp(X, G, unit_rows=True), None, None, None
 
 
 def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHORN_MAX_ITER) -> torch.Tensor:
