@@ -1,6 +1,6 @@
 """One table of the specialized solvers' per-call time against their peer or floor.
 
-    python benchmarks/specialized.py [--quick] [--threads T] [--wall]
+    python benchmarks/specialized.py [--quick] [--threads T] [--wall] [--only vector|permutation]
 
 For every specialized relaxation of Simplex, Hypercube, KSubset and Permutation, the time of
 one call of ``sstcvx.relax(P, U, 1.0, regularizer, solver="specialized")``, forward and
@@ -213,6 +213,14 @@ def _newton_steps(module, forward, U):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = None
+    if "--only" in argv:  # one section: vector (simplex, hypercube, k-subset) or permutation
+        at = argv.index("--only")
+        if at + 1 >= len(argv) or argv[at + 1] not in ("vector", "permutation"):
+            raise SystemExit("--only: expected 'vector' or 'permutation'")
+        only = argv[at + 1]
+        del argv[at : at + 2]
     args = benchmark_arguments(__doc__, "fewer rounds", argv)
     generator = torch.Generator().manual_seed(0)
     rounds = 5 if args.quick else 15
@@ -224,8 +232,10 @@ def main(argv=None):
     print(
         f"{'polytope and regularizer':<44} {'batch':>5} | {'ours':>11} | {'peer or floor':<22} {'':>11} | {'ratio':>8}"
     )
-    vector_section(rounds, generator)
-    permutation_section(rounds, generator)
+    if only in (None, "vector"):
+        vector_section(rounds, generator)
+    if only in (None, "permutation"):
+        permutation_section(rounds, generator)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Tuning constants: its own below, and from :mod:`polytopes.sinkhorn` the continua
 ``BIRKHOFF_MAX_ITER``     200    default budget of Newton steps over all stages
 ``_BIRKHOFF_STAGE_TOL``   1e-3   column-sum tolerance of the stages before the last
 ``_BIRKHOFF_HALVINGS``    12     trial steps per Newton step (each a quarter of the last)
+``_EXACT_SEARCH_N``       16     full-dual Newton: exact line search up to this n, else trials
 ``_BIRKHOFF_SWEEPS``      4      exact row/column steps before the Newton steps of a stage
 ``_NEWTON_SPREAD``        32     full-dual Newton when max(Z) - min(Z) <= 32 in every element
 ``_NEWTON_SWEEPS``        2      exact row/column steps before its Newton steps
@@ -57,6 +58,7 @@ _COMPACT_BATCH = 32
 # the Laplacian becomes a step of gradient / ridge, which the line search then has to undo.
 _SUPPORT_RIDGE_FLOOR = 1e-9
 _MERIT_SWITCH = 1e-5  # below this residual its line search also asks the residual to decrease
+_EXACT_SEARCH_N = 16  # up to this n its failed full steps take the exact line search, beyond it backtracking
 _NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
 
 
@@ -124,15 +126,63 @@ def _birkhoff_stage(Z, beta, tol, budget, slack):
 
 
 def _evaluate(Z, u, v):
-    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0), 1/2 |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm.
+    """Y = Z - u 1^T - 1 v^T, X = max(Y, 0), |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm.
 
     u (B, n, 1), v (B, 1, n); r, c the row and column sums of X, shaped like u and v.
+    (|X|^2 is twice the quadratic part of phi.)
     """
-    Y = Z - (u + v)
+    Y = torch.sub(Z, u).sub_(v)
     X = Y.clamp_min(0.0)
-    flat = X.flatten(-2).unsqueeze(-2)
-    gu, gv = 1.0 - X.sum(-1, keepdim=True), 1.0 - X.sum(-2, keepdim=True)
-    return Y, X, 0.5 * (flat @ flat.mT).flatten(), gu, gv, torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
+    gu, gv = torch.rsub(X.sum(-1, keepdim=True), 1.0), torch.rsub(X.sum(-2, keepdim=True), 1.0)
+    err = torch.maximum(
+        torch.linalg.vector_norm(gu, _INF, dim=(-2, -1)), torch.linalg.vector_norm(gv, _INF, dim=(-2, -1))
+    )
+    return Y, X, (X * X).sum((-2, -1)), gu, gv, err
+
+
+_INF = float("inf")
+_ONES: dict = {}
+
+
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The all-ones (n, n) matrix, cached per (n, dtype, device) (read only: the grounding 1 1^T)."""
+    key = (n, dtype, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(n, n, dtype=dtype, device=device)
+    return ones
+
+
+def _exact_step(Y, du, dv):
+    """The step length t in [0, 1] minimising phi along (du, dv) from Y = Z - u 1^T - 1 v^T; (m, 1, 1).
+
+    phi(t) = 1/2 |max(Y - t D, 0)|^2 + t sum(du + dv) + const, D = du 1^T + 1 dv^T, is convex
+    and piecewise quadratic: phi'(t) = A + B t between the breakpoints t = Y_ij / D_ij > 0,
+    where entries enter (D < 0) or leave (D > 0) the support, with A = sum(du + dv) -
+    sum_active D Y and B = sum_active D^2.  The breakpoints are sorted (n^2 per element),
+    A and B accumulated across them, and the root of phi' taken on the piece where phi'
+    changes sign (phi'(0) < 0 along a descent direction).  No trial evaluations: one sort
+    and a few passes over (m, n^2).
+    """
+    D = (du + dv).flatten(1)
+    Yf = Y.flatten(1)
+    DY, DD = D * Yf, D * D
+    active = (Yf > 0) | ((Yf == 0) & (D < 0))  # the support just after t = 0
+    A0 = du.sum((-2, -1)) + dv.sum((-2, -1)) - (DY * active).sum(-1)
+    B0 = (DD * active).sum(-1)
+    breaks = Yf / D
+    switching = breaks > 0  # (NaN and -inf compare false; +inf only where D underflows: never reached)
+    breaks = torch.where(switching, breaks, torch.inf)
+    breaks, order = breaks.sort(-1)
+    leaving = (D > 0) & switching
+    dA = torch.where(leaving, DY, -DY) * switching
+    dB = torch.where(leaving, -DD, DD) * switching
+    A = torch.cat((A0.unsqueeze(-1), A0.unsqueeze(-1) + dA.gather(-1, order).cumsum(-1)), -1)  # after k breakpoints
+    B = torch.cat((B0.unsqueeze(-1), B0.unsqueeze(-1) + dB.gather(-1, order).cumsum(-1)), -1)
+    slope_at_breaks = torch.where(breaks < torch.inf, A[:, :-1] + B[:, :-1] * breaks, torch.inf)
+    piece = (slope_at_breaks < 0).sum(-1, keepdim=True)  # phi' is nondecreasing: the root lies after these
+    t = -A.gather(-1, piece) / B.gather(-1, piece)
+    return torch.nan_to_num(t, nan=1.0, posinf=1.0).clamp(0.0, 1.0).unsqueeze(-1)  # (m, 1, 1)
 
 
 def _birkhoff_newton(Z, tol, max_iter):
@@ -144,8 +194,12 @@ def _birkhoff_newton(Z, tol, max_iter):
     r_S, c_S its row and column counts.  Eliminating du leaves the grounded Laplacian system
     of :func:`_birkhoff_stage` for dv (an n x n Cholesky solve); du then follows row by row.
     On the right support phi is quadratic and one step is exact (finite termination).
-    A full step is taken when it passes the Armijo test on phi (the common case), else t
-    is quartered per element (at most _BIRKHOFF_HALVINGS trials).  The start is
+    A full step is taken when it passes the Armijo test on phi (the common case); the
+    elements whose full step fails take, for n <= _EXACT_SEARCH_N, the exact minimiser of
+    phi along the direction (see :func:`_exact_step`: far from the solution the Newton
+    direction on a wrong support can be thousands of times too long, which quartering
+    trials undo only slowly), and for larger n (where sorting the n^2 breakpoints costs
+    more than a few trials) t quartered per element (at most _BIRKHOFF_HALVINGS trials).  The start is
     _NEWTON_SWEEPS exact row/column steps (sparsemax thresholds by sorting), so every row
     has support.  No sorting in the steps: Y, X and phi are elementwise and a reduction
     away.  Converged elements stay put (their rounding-sized gradients may point along
@@ -153,15 +207,18 @@ def _birkhoff_newton(Z, tol, max_iter):
     _COMPACT_BATCH on they are set aside once they are at most half of the batch.
     ``tol`` (B,): per element.  err (B,) is the largest |row or column sum - 1|; elements
     with err > tol after ``max_iter`` steps are left to the caller.  Cost per step: one
-    batched n x n product, Cholesky solve and about 40 elementwise passes over (B, n, n).
+    batched n x n product, Cholesky solve and about 30 elementwise passes over (B, n, n)
+    (about 60 torch calls, the cost at small batches).
     """
     B, n, _ = Z.shape
     u = sparsemax_threshold(Z)[0]  # (B, n, 1)
+    v = torch.zeros_like(u.mT)  # (B, 1, n)
     for _ in range(_NEWTON_SWEEPS):
         v = sparsemax_threshold((Z - u).mT)[0].mT  # (B, 1, n)
         u = sparsemax_threshold(Z - v)[0]
     Y, X, quad, gu, gv, err = _evaluate(Z, u, v)
-    slack = 64 * n * n * _EPS64 * (quad + 1.0)  # rounding of a change of phi, computed as below
+    slack2 = 128 * n * n * _EPS64 * (0.5 * quad + 1.0)  # twice the rounding of a change of phi, computed as below
+    ones = _ones(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
         pending = err > tol
@@ -177,57 +234,68 @@ def _birkhoff_newton(Z, tol, max_iter):
                     X_out.index_copy_(0, index, X)
                     err_out.index_copy_(0, index, err)
                 keep = pending.nonzero().squeeze(-1)
-                index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending = (
-                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack, pending)
+                index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack2, pending = (
+                    T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack2, pending)
                 )
             else:
                 moving = pending.to(Z.dtype)[:, None, None]
                 gu, gv = gu * moving, gv * moving
-        S = (Y > 0).to(Z.dtype)
-        counts = S.sum(-1, keepdim=True).clamp_min(1.0)  # r_S, (B, n, 1); a row without support counts one
-        S_rows = S / counts
-        diagonal = S.sum(-2) + (_NEWTON_RIDGE * err + _SUPPORT_RIDGE_FLOOR).unsqueeze(-1)
-        laplacian = torch.baddbmm(torch.diag_embed(diagonal) + 1.0, S_rows.mT, S, alpha=-1.0)
+        S = torch.sign(X)  # the support indicator (X >= 0)
+        counts = S.sum(-1, keepdim=True).clamp_min_(1.0)  # r_S, (B, n, 1); a row without support counts one
+        S_rows_t = (S / counts).mT
+        laplacian = torch.baddbmm(ones, S_rows_t, S, alpha=-1.0)
+        ridge = err.mul(_NEWTON_RIDGE).add_(_SUPPORT_RIDGE_FLOOR).unsqueeze(-1)
+        laplacian.diagonal(dim1=-2, dim2=-1).add_(S.sum(-2).add_(ridge))
         L, _ = torch.linalg.cholesky_ex(laplacian)
-        dv = torch.cholesky_solve(S_rows.mT @ gu - gv.mT, L)  # (B, n, 1)
-        du = torch.baddbmm(gu, S, dv) / -counts  # (B, n, 1)
-        dv = dv.mT
+        dv = torch.cholesky_solve(torch.baddbmm(gv.mT, S_rows_t, gu, beta=-1.0), L)  # (B, n, 1)
+        du = torch.baddbmm(gu, S, dv).div_(counts).neg_()  # (B, n, 1)
         # Armijo on the change of phi, 1/2 |X(t)|^2 - 1/2 |X|^2 + t sum(du + dv) <= 1e-4 t <grad phi, d> + slack
         # (<grad phi, d> < 0), computed as a difference so that its rounding is that of |X|^2, not of |u|;
         # where that is below rounding (err < _MERIT_SWITCH) the largest residual must decrease too
-        slope = 1e-4 * (gu.mT @ du + gv @ dv.mT).flatten()
-        dual_slope = du.sum((-2, -1)) + dv.sum((-2, -1))
+        slope = (gu.mT @ du).add_(gv @ dv).flatten()
+        dual_slope = du.sum((-2, -1)).add_(dv.sum((-2, -1)))
+        dv = dv.mT
+        rate = torch.sub(slope, dual_slope, alpha=1e4).mul_(2e-4)  # twice the right side is t rate + slack2
+        bound = rate + slack2
         blind = (err < _MERIT_SWITCH) & pending  # (converged elements keep still: their step is zero)
         trial = (u + du, v + dv)
         trial_eval = _evaluate(Z, *trial)
-        ok = (trial_eval[2] - quad + dual_slope <= slope + slack) & (~blind | (trial_eval[5] < err))
+        ok = (trial_eval[2] - quad <= bound) & (~blind | (trial_eval[5] < err))
         if bool(ok.all()):  # the common case: every element takes its full step
             (u, v), (Y, X, quad, gu, gv, err) = trial, trial_eval
             continue
-        # the elements whose full step failed backtrack alone (t quartered per trial), a smaller batch
+        # the elements whose full step failed backtrack alone, a smaller batch
         state = [u, v, Y, X, quad, gu, gv, err]
         for i, T in enumerate(trial + trial_eval):
             state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
         back = (~ok).nonzero().squeeze(-1)
-        Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb = (
-            T.index_select(0, back) for T in (Z, u, v, du, dv, quad, err, slope, dual_slope, slack, blind)
-        )
-        t = 1.0
-        for _ in range(_BIRKHOFF_HALVINGS):
-            t = 0.25 * t
+        if n <= _EXACT_SEARCH_N:
+            # the exact minimiser of phi along the direction (phi is piecewise quadratic in the step length)
+            ub, vb, dub, dvb = (T.index_select(0, back) for T in (u, v, du, dv))
+            t = _exact_step(Y.index_select(0, back), dub, dvb)
             trial = (ub + t * dub, vb + t * dvb)
-            trial_eval = _evaluate(Zb, *trial)
-            ok = (trial_eval[2] - quadb + t * dualb <= t * slopeb + slackb) & (~blindb | (trial_eval[5] < errb))
-            taken = back[ok]
-            for T, value in zip(state, trial + trial_eval):
-                T.index_copy_(0, taken, value[ok])
-            if bool(ok.all()):
-                break
-            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
-            back, Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb = (
-                T.index_select(0, keep)
-                for T in (back, Zb, ub, vb, dub, dvb, quadb, errb, slopeb, dualb, slackb, blindb)
+            for T, value in zip(state, trial + _evaluate(Z.index_select(0, back), *trial)):
+                T.index_copy_(0, back, value)
+        else:
+            # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
+            Zb, ub, vb, dub, dvb, quadb, errb, rateb, slackb, blindb = (
+                T.index_select(0, back) for T in (Z, u, v, du, dv, quad, err, rate, slack2, blind)
             )
+            t = 1.0
+            for _ in range(_BIRKHOFF_HALVINGS):
+                t = 0.25 * t
+                trial = (ub + t * dub, vb + t * dvb)
+                trial_eval = _evaluate(Zb, *trial)
+                ok = (trial_eval[2] - quadb <= t * rateb + slackb) & (~blindb | (trial_eval[5] < errb))
+                taken = back[ok]
+                for T, value in zip(state, trial + trial_eval):
+                    T.index_copy_(0, taken, value[ok])
+                if bool(ok.all()):
+                    break
+                keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
+                back, Zb, ub, vb, dub, dvb, quadb, errb, rateb, slackb, blindb = (
+                    T.index_select(0, keep) for T in (back, Zb, ub, vb, dub, dvb, quadb, errb, rateb, slackb, blindb)
+                )
         u, v, Y, X, quad, gu, gv, err = state
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)

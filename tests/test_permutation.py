@@ -207,6 +207,28 @@ def test_projection_newton_path_agrees_with_the_staged_solver(n):
     torch.testing.assert_close(X_left, reference, atol=3e-12, rtol=0)
 
 
+def test_projection_exact_line_search_minimises_along_the_direction():
+    """_exact_step's t against a dense grid of phi(t) = 1/2 |max(Y - t D, 0)|^2 + t sum(du + dv) on [0, 1]."""
+    from polytopes import birkhoff
+
+    generator = torch.Generator().manual_seed(3)
+    Y = torch.randn(6, 5, 5, dtype=torch.float64, generator=generator)
+    du = torch.randn(6, 5, 1, dtype=torch.float64, generator=generator)
+    dv = torch.randn(6, 1, 5, dtype=torch.float64, generator=generator)
+    # directions of descent at t = 0: flip those whose slope is positive
+    slope0 = du.sum((-2, -1)) + dv.sum((-2, -1)) - ((du + dv) * Y.clamp_min(0.0)).sum((-2, -1))
+    sign = torch.where(slope0 < 0, 1.0, -1.0).view(-1, 1, 1).to(torch.float64)
+    du, dv = du * sign, dv * sign
+    t = birkhoff._exact_step(Y, du, dv).flatten()
+    grid = torch.linspace(0.0, 1.0, 20001, dtype=torch.float64)
+    D = (du + dv).unsqueeze(1)  # (6, 1, 5, 5)
+    phi = 0.5 * (Y.unsqueeze(1) - grid.view(1, -1, 1, 1) * D).clamp_min(0.0).square().sum((-2, -1))
+    phi = phi + grid * (du.sum((-2, -1)) + dv.sum((-2, -1))).unsqueeze(-1)
+    best = grid[phi.argmin(-1)]
+    assert (t > 0).all()
+    torch.testing.assert_close(t, best, atol=1e-4, rtol=0)
+
+
 def test_sinkhorn_batch_compaction_and_factorisation_fallback(monkeypatch):
     """Setting converged elements aside (batch >= 32) changes no element; a failed factorisation falls back."""
     from polytopes import sinkhorn as sinkhorn_module
