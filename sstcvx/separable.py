@@ -851,10 +851,12 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
     lo, hi = z_min - info.gc, z_max - info.gc
     if info.barrier_a != info.barrier_b:
         nu = _barrier_start(info, z, total)
-    else:  # between the total-th and the next largest entry, less phi'(c)
+    else:
+        # between the total-th and the next largest entry, less the middle of the end slopes between finite-slope
+        # ends (the middle of the range of nu that gives the vertex there: x^2 / 2 then rarely cycles), else phi'(c)
         k = min(max(round(total), 1), n - 1) if n > 1 else 1
         top = z.topk(min(k + 1, n), dim=-1).values
-        nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - info.gc
+        nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - (info.gc if info.barrier_a else 0.5 * (ga + gb))
     nu = torch.clamp(nu, lo, hi)
     tol_sum = 16.0 * n * eps * max(1.0, abs(total))
     if info.table is not None:
