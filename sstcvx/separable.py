@@ -463,7 +463,7 @@ class _IntervalInfo:
         self.a, self.b = a, b
         self._tables: dict = {}
         self.table_error = math.inf
-        self.table, self.fine = None, None
+        self.table, self.fine, self.double_roots = None, None, False
         if self.usable:
             self._choose_table(reg, shared)
 
@@ -492,9 +492,14 @@ class _IntervalInfo:
         where that table is not exact to rounding, also a fine one (:meth:`refine`)."""
         key = ("table", self.a, self.b)
         if shared is not None and key in shared:
-            self.table, self.table_error, self.fine = shared[key]
+            self.table, self.table_error, self.fine, self.double_roots = shared[key]
             return
-        self.fine = None
+        # phi'' infinite at a finite-slope end (x ~ (v - phi'(a))^2 there, as x^1.5 at 0): the sum can have a
+        # double root, which the root in nu looks for (see _surrogate_root)
+        ends = [e for e, barrier in ((self.inner_a, self.barrier_a), (self.inner_b, self.barrier_b)) if not barrier]
+        if ends:
+            _, h = reg.derivatives(torch.tensor(ends, dtype=torch.float64))
+            self.double_roots = bool((~(h.reciprocal() > 1e-6 * self.dc)).any())
         built = self._build_table(reg, TABLE_SIZE)
         if built is not None:
             self.table, self.table_error = built
@@ -505,7 +510,7 @@ class _IntervalInfo:
                 if fine is not None and fine[1] <= EXACT_TABLE * eps and fine[0][1].shape[0] == FINE_SIZE + 1:
                     self.fine = (fine[0][1], lo, (FINE_SIZE - 1) / (hi - lo))
         if shared is not None:
-            shared[key] = (self.table, self.table_error, self.fine)
+            shared[key] = (self.table, self.table_error, self.fine, self.double_roots)
 
     def _s_range(self):
         w = self.b - self.a
@@ -778,12 +783,12 @@ def _surrogate_root(info, z, total, nu, lo, hi, use_log, tol):
         step = _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
         # a double root (a vertex where a coordinate leaves a finite-slope end as (v - phi'(a))^2) halves
         # Newton's steps: two consecutive steps in that ratio are scaled by the multiplicity (see _joint_sum)
-        if iteration > MULTIPLICITY_AFTER:
-            ratio = step / previous
-            previous = step
-            step = torch.where((ratio > 0.3) & (ratio < 0.8), step / (1.0 - ratio), step)
-        else:
-            previous = step
+        if info.double_roots:
+            if iteration > MULTIPLICITY_AFTER:
+                ratio = step / previous
+                previous, step = step, torch.where((ratio > 0.3) & (ratio < 0.8), step / (1.0 - ratio), step)
+            else:
+                previous = step
         new = nu + step
         nu = torch.where(torch.clamp(new, lo, hi) == new, new, 0.5 * (lo + hi))
     return nu_x, x
