@@ -333,7 +333,7 @@ def box_relaxation(reg, Z: torch.Tensor, lower: float, upper: float, what: str =
 
     Z: (..., n) -> (..., n), same dtype.  Exact backward dX/dZ = diag(D), D = 1 / phi''(x) (0 where
     x is at a bound).  On a bounded box: Newton steps in x from the cached table of the inverse of
-    phi' (:func:`_solve_box`; typically 2-3 evaluations of phi', phi''), else one :func:`mirror_map`.
+    phi' (:func:`_solve_box`; typically 1-2 evaluations of phi', phi''), else one :func:`mirror_map`.
     """
     a, b = _interval(reg, lower, upper, what)
     return _Box.apply(Z, reg, a, b)
@@ -1042,8 +1042,8 @@ def sum_relaxation(reg, Z: torch.Tensor, total: float, lower: float, upper: floa
     for the start, then joint Newton steps); rows it leaves unconverged, and unbounded intervals,
     by the nested :func:`_sum_root`.  Z: (..., n) -> (..., n), same dtype.  Exact backward:
     dZ = D (g - <D, g> / sum D), D = 1 / phi''(x) (0 at the bounds).  Cost: O(n) per evaluation of
-    phi', phi''; typically 3 evaluations per batch and about 7 of the table (the nested solver:
-    100-200).  Precision: float64; |phi'(x_i) - z_i + nu| <= 16 eps max(1, |z - nu|) on free
+    phi', phi''; typically 1 evaluation per batch (2 where the table is not exact and has no fine one)
+    and 4-7 of the table (the nested solver: 100-200).  Precision: float64; |phi'(x_i) - z_i + nu| <= 16 eps max(1, |z - nu|) on free
     coordinates, sum x = total to about 16 n eps.
     """
     n = Z.shape[-1]
