@@ -574,7 +574,7 @@ class _IntervalInfo:
                     s_end = math.log(b - a) if i == -1 else -math.log(b - a)
                     ends.append(g.new_tensor([float(g[i]), s_end, 0.0, 0.0, 0.0]))
         else:
-            # between finite-slope ends, per segment j: x~ = x_j + D_j t + q_j t^2, t = v - v_j, with D_j = 1 / phi''(x_j)
+            # between finite-slope ends, per segment j: x~ = x_j + D_j t + q_j t^2, t = v - v_j, D_j = 1 / phi''(x_j)
             # and q_j putting x~ on x_j+1 at the segment's end (exact where x is quadratic in v, as near a square-root
             # end); linear where that quadratic would not increase.  Beyond the ends: the ends themselves
             D = 1.0 / h
@@ -642,12 +642,23 @@ class _IntervalInfo:
 
     def refine(self, z, total, nu, x, use_log):
         """Towards a barrier, where the table of TABLE_SIZE nodes is not exact to rounding: nu and x from the
-        fine table (FINE_SIZE nodes, exact to rounding, as the mix's), from the coarse table's root (nu, x).
-        Its nodes are uniform in s, so that the segment of each coordinate follows from s(x) by arithmetic (no
-        search): the coarse root is within about 1e-9 of the fine one, well inside a segment, and a coordinate
-        near a node takes either neighbor's cubic, which agree there.  Then one Newton step on nu with the fine
-        x~ (the error squares) and x~ there: about 30 tensor operations and one gather."""
-        rows, lo, inverse_step = self.fine_on(z)
+        fine table (FINE_SIZE nodes, exact to rounding, as the mix's), from the coarse table's root (nu, x):
+        one Newton step on nu with the fine x~ (the error squares) and x~ there (:meth:`fine_map`); about 30
+        tensor operations and one gather."""
+        evaluate = self.fine_map(x)
+        x, slope = evaluate(z - nu)
+        f = x.sum(-1, keepdim=True) - total
+        tiny = torch.finfo(z.dtype).tiny
+        nu = nu + _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
+        return nu, evaluate(z - nu)[0]
+
+    def fine_map(self, x):
+        """v -> (x~(v), dx~/dv) from the fine table on the segments of the coarse estimates x (the coordinates'
+        segments stay those while v moves by less than about 1e-4 of a segment).  Its nodes are uniform in s, so
+        that the segment of each coordinate follows from s(x) by arithmetic (no search): a coarse x within about
+        1e-9 of the fine one lies well inside a segment, and a coordinate near a node takes either neighbor's
+        cubic, which agree there."""
+        rows, lo, inverse_step = self.fine_on(x)
         a, b = self.a, self.b
         if self.barrier_a and self.barrier_b:
             s = torch.log(x - a) - torch.log(b - x)
@@ -657,7 +668,7 @@ class _IntervalInfo:
             s = -torch.log(b - x)
         # node k at lo + k / inverse_step starts row k + 1 (row 0 and the last: beyond the ends, as in the table)
         index = s.sub_(lo).mul_(inverse_step).floor_().add_(1.0).clamp_(0, rows.shape[0] - 1).long()
-        g0, s0, m, c2, c3 = rows.index_select(0, index.reshape(-1)).view(*z.shape, 5).unbind(-1)
+        g0, s0, m, c2, c3 = rows.index_select(0, index.reshape(-1)).view(*x.shape, 5).unbind(-1)
 
         def evaluate(v):
             t = v - g0
@@ -665,11 +676,7 @@ class _IntervalInfo:
             x, dxds = self.x_of_s(s)
             return x, dxds * torch.addcmul(m, torch.addcmul(c2, c3, t, value=1.5), t, value=2.0)
 
-        x, slope = evaluate(z - nu)
-        f = x.sum(-1, keepdim=True) - total
-        tiny = torch.finfo(z.dtype).tiny
-        nu = nu + _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
-        return nu, evaluate(z - nu)[0]
+        return evaluate
 
     def fine_on(self, like):
         key = ("fine", like.device, like.dtype)
@@ -958,8 +965,9 @@ def _solve_box(reg, z, a, b):
     is exact: z <= phi'(a+) gives a, z >= phi'(b-) gives b), then Newton steps x += (z - phi'(x)) D
     on the free coordinates (where a step leaves the interval, the stretched step of :func:`_advance`),
     to the nested solver's precision |phi'(x) - z| <= 16 eps max(1, |z|) (or 4 eps |x| in x); one
-    evaluation of phi', phi'' per step, typically 1-2.  The elements still unconverged after
-    ``JOINT_ITER`` steps, and every element elsewhere, take :func:`mirror_map`.
+    evaluation of phi', phi'' per step, typically 1 (the check) where the table, or its fine one, is
+    exact, 2 elsewhere.  The elements still unconverged after ``JOINT_ITER`` steps, and every element
+    elsewhere, take :func:`mirror_map`.
     """
     info = None
     if math.isfinite(a) and math.isfinite(b):
@@ -970,6 +978,8 @@ def _solve_box(reg, z, a, b):
         return x, D
     eps = torch.finfo(z.dtype).eps
     x, at_a, at_b = info.start(z)
+    if info.fine is not None:  # the fine table's x~ on the coarse table's segments: exact to rounding
+        x = info.fine_map(x)(z)[0].clamp_(info.inner_a, info.inner_b).masked_fill_(at_a, a).masked_fill_(at_b, b)
     clamped = at_a | at_b  # fixed: v = z does not move
     tol = z.abs().clamp_min(1.0).mul_(16.0 * eps)
     done = clamped
@@ -1043,8 +1053,8 @@ def sum_relaxation(reg, Z: torch.Tensor, total: float, lower: float, upper: floa
     by the nested :func:`_sum_root`.  Z: (..., n) -> (..., n), same dtype.  Exact backward:
     dZ = D (g - <D, g> / sum D), D = 1 / phi''(x) (0 at the bounds).  Cost: O(n) per evaluation of
     phi', phi''; typically 1 evaluation per batch (2 where the table is not exact and has no fine one)
-    and 4-7 of the table (the nested solver: 100-200).  Precision: float64; |phi'(x_i) - z_i + nu| <= 16 eps max(1, |z - nu|) on free
-    coordinates, sum x = total to about 16 n eps.
+    and 4-7 of the table (the nested solver: 100-200).  Precision: float64;
+    |phi'(x_i) - z_i + nu| <= 16 eps max(1, |z - nu|) on free coordinates, sum x = total to about 16 n eps.
     """
     n = Z.shape[-1]
     a, b = _interval(reg, lower, upper, what)
