@@ -47,10 +47,15 @@ JOINT_ITER = 12
 #: stretched coordinate towards a barrier (x - a down to e^-REACH times the width).
 TABLE_SIZE = 1024
 TABLE_REACH = 30.0
+#: A table is exact to rounding when its error at the midpoints of its segments is at most EXACT_TABLE eps;
+#: towards a barrier, a table of 1024 nodes that is not gets a fine one of FINE_SIZE nodes for its last step.
+EXACT_TABLE = 64
+FINE_SIZE = 32768
 #: Newton/bisection steps on nu allowed on the tabulated surrogate (a start: the joint steps refine it).
-SURROGATE_ITER = 6
-#: The table's root stops at |sum x~ - total| <= SURROGATE_TOL max(1, total).
-SURROGATE_TOL = 1e-6
+SURROGATE_ITER = 10
+#: The root of the table's sum looks for a multiple root (steps shrinking by a constant ratio) from this
+#: step on: earlier, steps approaching from afar shrink alike.
+MULTIPLICITY_AFTER = 3
 #: After this many joint steps, every other step keeps nu (see :func:`_joint_sum`).
 SLOW_AFTER = 6
 
@@ -328,7 +333,7 @@ def box_relaxation(reg, Z: torch.Tensor, lower: float, upper: float, what: str =
 
     Z: (..., n) -> (..., n), same dtype.  Exact backward dX/dZ = diag(D), D = 1 / phi''(x) (0 where
     x is at a bound).  On a bounded box: Newton steps in x from the cached table of the inverse of
-    phi' (:func:`_solve_box`; typically 2-3 evaluations of phi', phi''), else one :func:`mirror_map`.
+    phi' (:func:`_solve_box`; typically 1-2 evaluations of phi', phi''), else one :func:`mirror_map`.
     """
     a, b = _interval(reg, lower, upper, what)
     return _Box.apply(Z, reg, a, b)
@@ -426,7 +431,7 @@ def _sum_root(reg, z, total, a, b, max_iter=MAX_ITER):
 # the joint Newton iteration on (x, nu) of a sum constraint
 # ----------------------------------------------------------------------------------------------
 
-#: per regularizer, {(a, b, total, n): _IntervalInfo}
+#: per regularizer, {(a, b, total, n): _IntervalInfo, ("table", a, b): (table, its error)}
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -437,10 +442,12 @@ class _IntervalInfo:
     ``ga``, ``gb``: phi'(a+), phi'(b-) (:func:`endpoint_slopes`); ``barrier_a``, ``barrier_b``:
     whether phi' is infinite there (:func:`barrier_ends`); ``c = total / n`` and phi'(c),
     1 / phi''(c); ``table``: the tabulated inverse of phi' (:meth:`surrogate`), None where phi' is
-    not resolved as increasing on its grid.  Its device copies are made on first use.
+    not resolved as increasing on its grid, and ``table_error``: the largest |x~(phi'(x)) - x| at the
+    midpoints of its segments (measured once; the table of an interval is shared by its infos).  Its
+    device copies are made on first use.
     """
 
-    def __init__(self, reg, a: float, b: float, total: float, n: int):
+    def __init__(self, reg, a: float, b: float, total: float, n: int, shared: dict | None = None):
         av, bv = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
         ga, gb = endpoint_slopes(reg, av, bv)
         barrier_a, barrier_b = barrier_ends(reg, av, bv)
@@ -455,7 +462,10 @@ class _IntervalInfo:
         self.usable = all(math.isfinite(t) for t in (self.ga, self.gb, self.gc, self.dc)) and self.dc > 0
         self.a, self.b = a, b
         self._tables: dict = {}
-        self.table = self._build_table(reg) if self.usable else None
+        self.table_error = math.inf
+        self.table, self.fine, self.double_roots = None, None, False
+        if self.usable:
+            self._choose_table(reg, shared)
 
     # the tabulated inverse of phi' (the surrogate that starts the joint iteration)
     def x_of_s(self, s):
@@ -464,10 +474,11 @@ class _IntervalInfo:
         a, b = self.a, self.b
         if self.barrier_a and self.barrier_b:
             p = torch.sigmoid(s)
-            return a + (b - a) * p, (b - a) * p * (1.0 - p)
+            dp = torch.addcmul(p, p, p, value=-1.0)  # p (1 - p)
+            return p.mul(b - a).add_(a), dp.mul_(b - a)
         if self.barrier_a:
             e = torch.exp(s)
-            return a + e, e
+            return (e + a if a != 0.0 else e), e
         if self.barrier_b:
             e = torch.exp(-s)
             return b - e, e
@@ -476,24 +487,53 @@ class _IntervalInfo:
         x, dx = _sine_map(a, b, 0.5 * math.pi * s)
         return x, 0.5 * math.pi * dx
 
-    def _build_table(self, reg):
-        a, b = self.a, self.b
-        w = b - a
+    def _choose_table(self, reg, shared):
+        """The table of TABLE_SIZE nodes and its error, shared by the infos of one interval; towards a barrier,
+        where that table is not exact to rounding, also a fine one (:meth:`refine`)."""
+        key = ("table", self.a, self.b)
+        if shared is not None and key in shared:
+            self.table, self.table_error, self.fine, self.double_roots = shared[key]
+            return
+        # phi'' infinite at a finite-slope end (x ~ (v - phi'(a))^2 there, as x^1.5 at 0): the sum can have a
+        # double root, which the root in nu looks for (see _surrogate_root)
+        ends = [e for e, barrier in ((self.inner_a, self.barrier_a), (self.inner_b, self.barrier_b)) if not barrier]
+        if ends:
+            _, h = reg.derivatives(torch.tensor(ends, dtype=torch.float64))
+            self.double_roots = bool((~(h.reciprocal() > 1e-6 * self.dc)).any())
+        built = self._build_table(reg, TABLE_SIZE)
+        if built is not None:
+            self.table, self.table_error = built
+            eps = torch.finfo(torch.float64).eps
+            if (self.barrier_a or self.barrier_b) and self.table_error > EXACT_TABLE * eps:
+                fine = self._build_table(reg, FINE_SIZE)
+                lo, hi = self._s_range()
+                if fine is not None and fine[1] <= EXACT_TABLE * eps and fine[0][1].shape[0] == FINE_SIZE + 1:
+                    self.fine = (fine[0][1], lo, (FINE_SIZE - 1) / (hi - lo))
+        if shared is not None:
+            shared[key] = (self.table, self.table_error, self.fine, self.double_roots)
+
+    def _s_range(self):
+        w = self.b - self.a
         if self.barrier_a and self.barrier_b:
-            lo, hi = -TABLE_REACH, TABLE_REACH
-        elif self.barrier_a:
-            lo, hi = math.log(w) - TABLE_REACH, math.log(w)
-        elif self.barrier_b:
-            lo, hi = -math.log(w), TABLE_REACH - math.log(w)
-        else:
-            lo, hi = 0.0, 1.0
-        s = torch.linspace(lo, hi, TABLE_SIZE, dtype=torch.float64)
+            return -TABLE_REACH, TABLE_REACH
+        if self.barrier_a:
+            return math.log(w) - TABLE_REACH, math.log(w)
+        if self.barrier_b:
+            return -math.log(w), TABLE_REACH - math.log(w)
+        return 0.0, 1.0
+
+    def _build_table(self, reg, size):
+        """(bounds, rows) of a table of ``size`` nodes and its largest error |x~(phi'(x)) - x| at the midpoints of
+        its segments; None where phi' is not resolved as increasing on the grid."""
+        a, b = self.a, self.b
+        lo, hi = self._s_range()
+        s = torch.linspace(lo, hi, size, dtype=torch.float64)
         x, _ = self.x_of_s(s)
         inside = (x > self.inner_a) & (x < self.inner_b)
         s, x = s[inside], x[inside]
         # a finite-slope end is a node itself (where phi' = ga), so that x~ reaches it continuously
         if not self.barrier_a:
-            s0 = 0.0 if not self.barrier_b else math.log(self.inner_a - a)
+            s0 = 0.0 if not self.barrier_b else -math.log(b - self.inner_a)
             s, x = torch.cat([s.new_tensor([s0]), s]), torch.cat([x.new_tensor([self.inner_a]), x])
         if not self.barrier_b:
             s1 = 1.0 if not self.barrier_a else math.log(self.inner_b - a)
@@ -501,49 +541,150 @@ class _IntervalInfo:
         g, h = reg.derivatives(x)
         if s.numel() < 8 or not bool(torch.isfinite(g).all()) or not bool((g[1:] > g[:-1]).all()):
             return None  # phi' not resolved as increasing on the grid: no table, the start from c serves
-        if self.barrier_a or self.barrier_b:
-            # towards a barrier: per segment j, v_j = phi'(x_j), s_j and ds/dv; s~ is linear in v (exact for
-            # a log barrier, whose phi' is linear in s), and so is its extrapolation beyond the ends
-            k = (s[1:] - s[:-1]) / (g[1:] - g[:-1])
-            return g[1:-1].contiguous(), torch.stack([g[:-1], s[:-1], k], -1)
-        # between finite-slope ends, per segment j (v from v_j = phi'(x_j) to v_j+1): x~ = x_j + D_j t + q_j t^2,
-        # t = v - v_j, with D_j = 1 / phi''(x_j) and q_j putting x~ on x_j+1 at the segment's end (exact where x
-        # is quadratic in v, as near a square-root end); linear where that quadratic would not increase
-        D = 1.0 / h
         width = g[1:] - g[:-1]
-        rise = x[1:] - x[:-1]
-        q = (rise - D[:-1] * width) / (width * width)
-        monotone = (D[:-1] >= 0) & (2.0 * rise / width - D[:-1] >= 0) & torch.isfinite(q)
-        slope = torch.where(monotone, D[:-1], rise / width)
-        q = torch.where(monotone, q, 0.0)
-        return g[1:-1].contiguous(), torch.stack([g[:-1], x[:-1], slope, q], -1)
+        zero = torch.zeros(1, dtype=torch.float64)
+        if self.barrier_a or self.barrier_b:
+            # towards a barrier: per segment j (v from v_j = phi'(x_j) to v_j+1), s~ is the cubic in t = v - v_j with
+            # the nodes' s and ds/dv = 1 / (phi'' dx/ds) at both ends (Hermite; linear where that cubic would not
+            # be monotone); beyond a barrier's last node s~ is linear in v with the node's slope (exact for a log
+            # barrier, whose phi' is linear in s), beyond a finite end constant (x~ = the end)
+            m = 1.0 / (h * self.x_of_s(s)[1])
+            k = (s[1:] - s[:-1]) / width
+            c2 = (3.0 * k - 2.0 * m[:-1] - m[1:]) / width
+            c3 = (m[:-1] + m[1:] - 2.0 * k) / (width * width)
+            alpha, beta = m[:-1] / k, m[1:] / k
+            cubic = (alpha >= 0) & (beta >= 0) & (alpha * alpha + beta * beta <= 9.0)
+            cubic &= torch.isfinite(c2) & torch.isfinite(c3)
+            segments = torch.stack(
+                [
+                    g[:-1],
+                    s[:-1],
+                    torch.where(cubic, m[:-1], k),
+                    torch.where(cubic, c2, 0.0),
+                    torch.where(cubic, c3, 0.0),
+                ],
+                -1,
+            )
+            ends = []
+            for i, barrier in ((0, self.barrier_a), (-1, self.barrier_b)):
+                if barrier:
+                    slope = m[i] if bool(torch.isfinite(m[i]) & (m[i] > 0)) else k[i]
+                    ends.append(torch.stack([g[i], s[i], slope, zero[0], zero[0]]))
+                else:  # the finite end itself: x = b = a + e^s, or x = a = b - e^-s
+                    s_end = math.log(b - a) if i == -1 else -math.log(b - a)
+                    ends.append(g.new_tensor([float(g[i]), s_end, 0.0, 0.0, 0.0]))
+        else:
+            # between finite-slope ends, per segment j: x~ = x_j + D_j t + q_j t^2, t = v - v_j, D_j = 1 / phi''(x_j)
+            # and q_j putting x~ on x_j+1 at the segment's end (exact where x is quadratic in v, as near a square-root
+            # end); linear where that quadratic would not increase.  Beyond the ends: the ends themselves
+            D = 1.0 / h
+            rise = x[1:] - x[:-1]
+            q = (rise - D[:-1] * width) / (width * width)
+            monotone = (D[:-1] >= 0) & (2.0 * rise / width - D[:-1] >= 0) & torch.isfinite(q)
+            segments = torch.stack(
+                [g[:-1], x[:-1], torch.where(monotone, D[:-1], rise / width), torch.where(monotone, q, 0.0)], -1
+            )
+            ends = [g.new_tensor([self.ga, a, 0.0, 0.0]), g.new_tensor([self.gb, b, 0.0, 0.0])]
+        # searchsorted over every node: v <= v_0 gives the row before the first segment, v > v_last the one after
+        table = (g.contiguous(), torch.cat([ends[0][None], segments, ends[1][None]]).contiguous())
+        mid, _ = self.x_of_s(0.5 * (s[1:] + s[:-1]))
+        mid = mid[(mid > self.inner_a) & (mid < self.inner_b)]
+        error = float((self._lookup(table, reg.derivatives(mid)[0])[0] - mid).abs().max())
+        return table, (error if math.isfinite(error) else math.inf)
 
     def table_on(self, like):
         key = (like.device, like.dtype)
-        if key not in self._tables:
-            self._tables[key] = tuple(t.to(device=like.device, dtype=like.dtype) for t in self.table)
-        return self._tables[key]
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = self._tables[key] = tuple(t.to(device=like.device, dtype=like.dtype) for t in self.table)
+        return tables
+
+    def filling(self, like, total, n):
+        """log R_m = log(|total - n e| - m (b - a)) for m = 0 .. n-1 (+inf where not positive) and log(b - a),
+        for :func:`_barrier_start` (e the barrier end), cached on like's device and dtype."""
+        key = ("filling", like.device, like.dtype)
+        cached = self._tables.get(key)
+        if cached is None:
+            rest = abs(total - n * (self.a if self.barrier_a else self.b))
+            values = [rest - m * (self.b - self.a) for m in range(n)]
+            log_rest = like.new_tensor([math.log(r) if r > 0 else math.inf for r in values])
+            cached = self._tables[key] = (log_rest, math.log(self.b - self.a))
+        return cached
 
     def surrogate(self, v):
-        """x~(v) from the table (s piecewise linear in v towards a barrier, x piecewise quadratic in v
-        between finite-slope ends), dx~/dv, and the masks of the coordinates at a and at b (v beyond
-        the end slopes)."""
-        bounds, rows = self.table_on(v)
+        """x~(v) from the table (s cubic in v towards a barrier, x quadratic in v between finite-slope ends)
+        and dx~/dv: one ``searchsorted``, one gather and a few fused operations.  Beyond a finite end's slope
+        x~ is that end (to rounding) with slope 0; elsewhere x~ may round onto an end, and callers that need
+        a free coordinate strictly inside clamp it to [inner_a, inner_b]."""
+        return self._lookup(self.table_on(v), v)
+
+    def _lookup(self, table, v):
+        bounds, rows = table
+        index = torch.searchsorted(bounds, v)
+        cols = rows.index_select(0, index.reshape(-1)).view(*v.shape, rows.shape[-1]).unbind(-1)
         if self.barrier_a or self.barrier_b:
-            g0, s0, k = rows[torch.searchsorted(bounds, v)].unbind(-1)
-            x, dx = self.x_of_s(s0 + (v - g0) * k)
-            k = dx * k
-        else:
-            g0, x0, k, q = rows[torch.searchsorted(bounds, v)].unbind(-1)
+            g0, s0, m, c2, c3 = cols
             t = v - g0
-            x = x0 + t * (k + q * t)
-            k = k + 2.0 * q * t
-        # the active set is that of the exact mirror map (v beyond an end's slope); the other coordinates
-        # stay strictly inside
+            s = torch.addcmul(s0, torch.addcmul(m, torch.addcmul(c2, c3, t), t), t)
+            dsdv = torch.addcmul(m, torch.addcmul(c2, c3, t, value=1.5), t, value=2.0)
+            x, dxds = self.x_of_s(s)
+            return x, dxds * dsdv
+        g0, x0, k, q = cols
+        t = v - g0
+        return torch.addcmul(x0, torch.addcmul(k, q, t), t), torch.addcmul(k, q, t, value=2.0)
+
+    def start(self, v):
+        """x~(v) with the exact active set: a where v <= phi'(a+), b where v >= phi'(b-), strictly inside
+        (a, b) elsewhere; and the two masks."""
         at_a, at_b = v <= self.ga, v >= self.gb
-        clamped = at_a | at_b
-        x = x.clamp(self.inner_a, self.inner_b).masked_fill(at_a, self.a).masked_fill(at_b, self.b)
-        return x, k.masked_fill(clamped, 0.0), at_a, at_b
+        x = self.surrogate(v)[0].clamp_(self.inner_a, self.inner_b)
+        return x.masked_fill_(at_a, self.a).masked_fill_(at_b, self.b), at_a, at_b
+
+    def refine(self, z, total, nu, x, use_log):
+        """Towards a barrier, where the table of TABLE_SIZE nodes is not exact to rounding: nu and x from the
+        fine table (FINE_SIZE nodes, exact to rounding, as the mix's), from the coarse table's root (nu, x):
+        one Newton step on nu with the fine x~ (the error squares) and x~ there (:meth:`fine_map`); about 30
+        tensor operations and one gather."""
+        evaluate = self.fine_map(x)
+        x, slope = evaluate(z - nu)
+        f = x.sum(-1, keepdim=True) - total
+        tiny = torch.finfo(z.dtype).tiny
+        nu = nu + _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
+        return nu, evaluate(z - nu)[0]
+
+    def fine_map(self, x):
+        """v -> (x~(v), dx~/dv) from the fine table on the segments of the coarse estimates x (the coordinates'
+        segments stay those while v moves by less than about 1e-4 of a segment).  Its nodes are uniform in s, so
+        that the segment of each coordinate follows from s(x) by arithmetic (no search): a coarse x within about
+        1e-9 of the fine one lies well inside a segment, and a coordinate near a node takes either neighbor's
+        cubic, which agree there."""
+        rows, lo, inverse_step = self.fine_on(x)
+        a, b = self.a, self.b
+        if self.barrier_a and self.barrier_b:
+            s = torch.log(x - a) - torch.log(b - x)
+        elif self.barrier_a:
+            s = torch.log(x - a)
+        else:
+            s = -torch.log(b - x)
+        # node k at lo + k / inverse_step starts row k + 1 (row 0 and the last: beyond the ends, as in the table)
+        index = s.sub_(lo).mul_(inverse_step).floor_().add_(1.0).clamp_(0, rows.shape[0] - 1).long()
+        g0, s0, m, c2, c3 = rows.index_select(0, index.reshape(-1)).view(*x.shape, 5).unbind(-1)
+
+        def evaluate(v):
+            t = v - g0
+            s = torch.addcmul(s0, torch.addcmul(m, torch.addcmul(c2, c3, t), t), t)
+            x, dxds = self.x_of_s(s)
+            return x, dxds * torch.addcmul(m, torch.addcmul(c2, c3, t, value=1.5), t, value=2.0)
+
+        return evaluate
+
+    def fine_on(self, like):
+        key = ("fine", like.device, like.dtype)
+        cached = self._tables.get(key)
+        if cached is None:
+            rows, *rest = self.fine
+            cached = self._tables[key] = (rows.to(device=like.device, dtype=like.dtype), *rest)
+        return cached
 
     def __getstate__(self):  # the device copies of the table are a cache
         state = dict(self.__dict__)
@@ -559,7 +700,7 @@ def _interval_info(reg, a, b, total, n):
         return _IntervalInfo(reg, a, b, total, n)
     info = table.get(key)
     if info is None:
-        info = table[key] = _IntervalInfo(reg, a, b, total, n)
+        info = table[key] = _IntervalInfo(reg, a, b, total, n, shared=table)
     return info
 
 
@@ -618,128 +759,169 @@ def _advance(info, a, b, x, g, D, v):
     return new.masked_fill(at_a, a).masked_fill(at_b, b), slope.masked_fill(clamped, 0.0), at_a, at_b
 
 
-def _nu_step(x, slope, S, total, use_log):
-    """The numerator of a Newton step on nu for sum x(nu) = total (divide by sum slope): S - total, or where
-    the coordinates are nonnegative, the step on log of the moving part (the coordinates with slope > 0;
-    those at an end do not scale) -- exact for x log x, whose moving part is exponential in nu."""
+def _nu_step(x, slope, f, total, use_log):
+    """The numerator of a Newton step on nu for sum x(nu) = total (divide by sum slope), f = sum x - total:
+    f itself, or where the coordinates are nonnegative, the step on log of the moving part (the coordinates
+    with slope > 0; those at an end do not scale) -- exact for x log x, whose moving part is exponential in
+    nu.  Where the ends alone exceed the total, the log step has f's sign and a bracket bounds it."""
     if not use_log:
-        return S - total
+        return f
     tiny = torch.finfo(x.dtype).tiny
-    moving = x.masked_fill(slope <= 0, 0.0).sum(-1, keepdim=True)
-    target = total - (S - moving)
-    logs = torch.log(moving.clamp_min(tiny) / target.clamp_min(tiny)) * moving
-    return torch.where((moving > 0) & (target > 0), logs, S - total)
+    moving = torch.where(slope > 0, x, 0.0).sum(-1, keepdim=True)
+    logs = torch.log(moving.clamp_min(tiny) / (moving - f).clamp_min(tiny)).mul_(moving)
+    return torch.where(moving > 0, logs, f)
 
 
-def _surrogate_root(info, z, total, nu, lo, hi, use_log):
+def _surrogate_root(info, z, total, nu, lo, hi, use_log, tol):
     """nu with sum_i x~(z_i - nu) = total for the tabulated mirror map x~ (:meth:`_IntervalInfo.surrogate`),
-    to about 1e-10, and x~, its clamped masks there: Newton steps (on log S where the coordinates are
-    nonnegative) inside a bracket, bisection where a step leaves it.  No evaluation of phi."""
+    to ``tol`` (no finer than the table itself: the joint steps take it from there), and x~ there: Newton
+    steps (on log of the moving part where the coordinates are nonnegative) inside a bracket, bisection where
+    a step leaves it.  No evaluation of phi; about 20 tensor operations and one host sync per step."""
     tiny = torch.finfo(z.dtype).tiny
-    tol = SURROGATE_TOL * max(1.0, abs(total))
-    for _ in range(SURROGATE_ITER):
-        x, D, at_a, at_b = info.surrogate(z - nu)
-        S = x.sum(-1, keepdim=True)
-        f = S - total
+    nu_x = nu
+    previous = None
+    for iteration in range(SURROGATE_ITER):
+        x, slope = info.surrogate(z - nu)
+        nu_x = nu
+        f = x.sum(-1, keepdim=True) - total
+        if float(f.abs().max()) <= tol:  # one sync per step: it saves the remaining steps
+            break
         lo, hi = torch.where(f > 0, nu, lo), torch.where(f < 0, nu, hi)
-        done = f.abs() <= tol
-        if bool(done.all()):
-            break
-        new = nu + _nu_step(x, D, S, total, use_log) / D.sum(-1, keepdim=True).clamp_min(tiny)
-        new = torch.where((new > lo) & (new < hi), new, 0.5 * (lo + hi))
-        nu_next = torch.where(done, nu, new)
-        if bool((nu_next == nu).all()):
-            break
-        nu = nu_next
-    else:
-        x, D, at_a, at_b = info.surrogate(z - nu)
-    return nu, x, at_a, at_b
+        step = _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
+        # a double root (a vertex where a coordinate leaves a finite-slope end as (v - phi'(a))^2) halves
+        # Newton's steps: two consecutive steps in that ratio are scaled by the multiplicity (see _joint_sum)
+        if info.double_roots:
+            if iteration > MULTIPLICITY_AFTER:
+                ratio = step / previous
+                previous, step = step, torch.where((ratio > 0.3) & (ratio < 0.8), step / (1.0 - ratio), step)
+            else:
+                previous = step
+        new = nu + step
+        nu = torch.where(torch.clamp(new, lo, hi) == new, new, 0.5 * (lo + hi))
+    return nu_x, x
+
+
+def _barrier_start(info, z, total):
+    """The start in nu towards one barrier end e: the root of sum_i d_i = |total - n e| for the model
+    d_i = d_c exp(+-alpha (z_i - nu - phi'(c))) of the distance d_i = |x_i - e| around c (its value and
+    slope right at c), each d_i capped at the width b - a (the other end).  Water-filling: with the m
+    largest terms capped, the rest sum to R_m = |total - n e| - m (b - a), which fixes nu in closed form
+    (a log-sum-exp of the uncapped terms); m is the smallest count at which the largest uncapped term
+    stays under the cap.  Exact for x log x on [0, inf); one sort and about 12 tensor operations."""
+    n = z.shape[-1]
+    sign = 1.0 if info.barrier_a else -1.0
+    end = info.a if info.barrier_a else info.b
+    d_c = sign * (info.c - end)
+    alpha = info.dc / d_c
+    log_rest, log_width = info.filling(z, total, n)
+    logits = (z - info.gc).mul_(sign * alpha).sort(-1, descending=True).values
+    # log-sum-exp of the terms from m on (sorted: shifted by the largest, a tail that underflows gives -inf, never
+    # chosen); cheaper than logcumsumexp
+    top = logits[..., :1]
+    tail = (logits - top).exp_().flip(-1).cumsum(-1).flip(-1).log_().add_(top)
+    uncapped = logits - tail + log_rest <= log_width
+    m = uncapped.to(torch.uint8).argmax(-1, keepdim=True)  # the first m where it holds (0 if none)
+    return (tail - log_rest).gather(-1, m).add_(math.log(d_c)).mul_(sign / alpha)
 
 
 def _joint_sum(reg, z, total, a, b, max_iter=None):
     """x (B, n) = argmax {<z, x> - sum phi(x_i) : a <= x <= b, sum x = total}, D = dx/dv at it, and
-    the mask of rows that converged: a joint (semismooth) Newton iteration on (x, nu).
+    the mask of rows that converged (None when all did): a joint (semismooth) Newton iteration on (x, nu).
 
     The KKT conditions are phi'(x_i) = z_i - nu for a < x_i < b, x_i = a where z_i - nu <= phi'(a+),
     x_i = b where z_i - nu >= phi'(b-), and sum x = total.  The start is the root in nu of the
-    tabulated mirror map (:func:`_surrogate_root`, no evaluation of phi), accurate to about 1e-5
-    relative; then each step evaluates phi', phi'' once at the current x (one call of
-    ``reg.derivatives``) and solves the linearized system: with the Newton steps
-    dx_i = (v_i - phi'(x_i)) D_i of the free coordinates at v = z - nu and D = 1 / phi'', the step in
-    nu makes the linearized sum right (on log of the moving part where coordinates are nonnegative:
-    exact for x log x), and every x moves to the new nu: a, b for the coordinates the new nu puts
-    beyond an end's slope (the exact active set), x + dx - dnu D for the others, and the table's
-    value where that leaves (a, b) or a coordinate leaves its end.  Without a table (phi' not
-    resolved on its grid) the start is one Newton step from c = total / n in a stretched coordinate
-    (:func:`_advance`).  Stops when every free coordinate has |phi'(x) - v| <= 16 eps max(1, |v|)
-    (in x: |dx| <= 16 eps max(1, |v|) D, or 4 eps |x|, its resolution), every clamped one is on the
-    right side of its end's slope and sum x = total to 16 n eps max(1, total) -- the nested solver's
-    precision; D is then phi'' at the returned x (exact backward).  From step ``SLOW_AFTER`` on, every
-    other step keeps nu (a row cycling between active sets then alternates exact coordinate solves
-    and steps in nu).  Rows still unconverged after ``max_iter`` steps are returned unmarked (the
-    caller solves them by :func:`_sum_root`).  Cost: one evaluation of phi', phi'' and about 30 O(Bn)
-    tensor operations per step; typically 2-4 steps after the table's 3-8.
+    tabulated mirror map (:func:`_surrogate_root`, no evaluation of phi), as accurate as the table (for
+    the usual phi 1e-9 relative or better, exact where x is quadratic in v); then each step evaluates
+    phi', phi'' once at the current x (one call of ``reg.derivatives``) and solves the linearized system:
+    with the Newton steps dx_i = (v_i - phi'(x_i)) D_i of the free coordinates at v = z - nu and
+    D = 1 / phi'', the step in nu makes the linearized sum right (on log of the moving part where
+    coordinates are nonnegative: exact for x log x), and every x moves to the new nu: a, b for the
+    coordinates the new nu puts beyond an end's slope (the exact active set), x + dx - dnu D for the
+    others, and the table's value where that leaves (a, b) or a coordinate leaves its end.  Without a
+    table (phi' not resolved on its grid) the start is one Newton step from c = total / n in a
+    stretched coordinate (:func:`_advance`).  Stops when every free coordinate has
+    |phi'(x) - v| <= 16 eps max(1, |v|) (in x: |dx| <= 16 eps max(1, |v|) D, or 4 eps |x|, its
+    resolution), every clamped one is on the right side of its end's slope and sum x = total to
+    16 n eps max(1, total) -- the nested solver's precision; D is then phi'' at the returned x (exact
+    backward).  From step ``SLOW_AFTER`` on, every other step keeps nu (a row cycling between active
+    sets then alternates exact coordinate solves and steps in nu).  Rows still unconverged after
+    ``max_iter`` steps are returned unmarked (the caller solves them by :func:`_sum_root`).  Cost: one
+    evaluation of phi', phi'' per step, typically 1 (an exact table) or 2 steps after 3-6 of the
+    table, each about 30 O(Bn) tensor operations.
     """
     n = z.shape[-1]
     max_iter = JOINT_ITER if max_iter is None else max_iter
     info = _interval_info(reg, a, b, total, n)
     eps = torch.finfo(z.dtype).eps
     tiny = torch.finfo(z.dtype).tiny
-    use_log = a >= 0 and total > 0
+    # Newton on log of the moving part of the sum towards a barrier at a >= 0 (exact for x log x); on the
+    # sum itself otherwise (x ~ (v - phi'(a))^2 near a finite-slope end, as x^1.5 at 0, is far from exponential)
+    use_log = a >= 0 and total > 0 and info.barrier_a
+    ga, gb = info.ga, info.gb
     # every term is >= c at nu = min z - phi'(c) and <= c at max z - phi'(c): a bracket of the root
-    lo = z.amin(-1, keepdim=True) - info.gc
-    hi = z.amax(-1, keepdim=True) - info.gc
+    z_min, z_max = torch.aminmax(z, dim=-1, keepdim=True)
+    lo, hi = z_min - info.gc, z_max - info.gc
     if info.barrier_a != info.barrier_b:
-        # one barrier: the nu that makes the sum of the model of phi' around c right (exact for x log x)
-        if info.barrier_a:
-            alpha = info.dc / (info.c - a)
-            nu = (torch.logsumexp(alpha * (z - info.gc), -1, keepdim=True) - math.log(n)) / alpha
-        else:
-            alpha = info.dc / (b - info.c)
-            nu = (math.log(n) - torch.logsumexp(-alpha * (z - info.gc), -1, keepdim=True)) / alpha
-    else:  # between the total-th and the next largest entry, less phi'(c)
+        nu = _barrier_start(info, z, total)
+    else:
+        # between the total-th and the next largest entry, less the middle of the end slopes between finite-slope
+        # ends (the middle of the range of nu that gives the vertex there: x^2 / 2 then rarely cycles), else phi'(c)
         k = min(max(round(total), 1), n - 1) if n > 1 else 1
         top = z.topk(min(k + 1, n), dim=-1).values
-        nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - info.gc
-    nu = nu.clamp(lo, hi)
+        nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - (info.gc if info.barrier_a else 0.5 * (ga + gb))
+    nu = torch.clamp(nu, lo, hi)
+    tol_sum = 16.0 * n * eps * max(1.0, abs(total))
     if info.table is not None:
-        nu, x, at_a, at_b = _surrogate_root(info, z, total, nu, lo, hi, use_log)
+        nu, x = _surrogate_root(info, z, total, nu, lo, hi, use_log, max(tol_sum, n * info.table_error))
+        if info.fine is not None:
+            nu, x = info.refine(z, total, nu, x, use_log)
+        v = z - nu
+        at_a, at_b = v <= ga, v >= gb
+        x = x.clamp(info.inner_a, info.inner_b).masked_fill_(at_a, a).masked_fill_(at_b, b)
     else:
         start = torch.full_like(z, info.c)
         x, _, at_a, at_b = _advance(info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu)
-    tol_sum = 16.0 * n * eps * max(1.0, abs(total))
-    previous = torch.full_like(nu, math.inf)
+    previous = None
+    done = None  # no row yet
+    # the start can pass the first check only where the table is exact to rounding (as x^1.5's, x log x's):
+    # elsewhere the first step goes without it (a step from a converged row keeps it where it is)
+    check_first = info.table is not None and (info.table_error <= EXACT_TABLE * eps or info.fine is not None)
     for iteration in range(max_iter):
         clamped = at_a | at_b
         # a clamped coordinate is evaluated at c (phi' may be infinite at its end), its values unused
         xe = x.masked_fill(clamped, info.c)
         g, h = reg.derivatives(xe)
         v = z - nu
-        D_all = 1.0 / h
+        D_all = h.reciprocal()
         D = D_all.masked_fill(clamped, 0.0)
-        dx = (v - g) * D
-        scale = 16.0 * eps * v.abs().amax(-1, keepdim=True).clamp_min(1.0)
-        S = x.sum(-1, keepdim=True)
-        f = S - total
+        dx = (v - g).mul_(D)
+        f = x.sum(-1, keepdim=True) - total
         sum_D = D.sum(-1, keepdim=True)
-        done = (dx.abs() <= 4.0 * eps * x.abs() + scale * D).all(-1, keepdim=True)
-        done = done & (f.abs() <= torch.clamp(2.0 * scale * sum_D, min=tol_sum))
-        if bool(done.all()):
-            return x, D, done.squeeze(-1)
+        scale = v.abs().amax(-1, keepdim=True).clamp_min_(1.0).mul_(16.0 * eps)
+        if iteration > 0 or check_first:
+            # |dx| within 4 eps |x| + scale D everywhere, and the sum within 2 scale sum D (or tol_sum)
+            converged = (dx.abs() <= torch.addcmul(x.abs().mul_(4.0 * eps), scale, D)).all(-1, keepdim=True)
+            converged &= f.abs() <= (2.0 * scale * sum_D).clamp_min_(tol_sum)
+            done = converged if done is None else done | converged
+            if bool(done.all()):
+                return x, D, None
         # the step in nu that makes the linearized sum right
-        dnu = _nu_step(x + dx, D, S + dx.sum(-1, keepdim=True), total, use_log) / sum_D.clamp_min(tiny)
+        dnu = _nu_step(x + dx, D, f + dx.sum(-1, keepdim=True), total, use_log) / sum_D.clamp_min(tiny)
         # every coordinate clamped where nu stands: move nu to the nearest end slope that frees one
         stuck = sum_D <= 0
         if bool(stuck.any()):
-            gap_a = (info.ga - v).masked_fill(~at_a, math.inf).amin(-1, keepdim=True)
-            gap_b = (v - info.gb).masked_fill(~at_b, math.inf).amin(-1, keepdim=True)
+            gap_a = (ga - v).masked_fill(~at_a, math.inf).amin(-1, keepdim=True)
+            gap_b = (v - gb).masked_fill(~at_b, math.inf).amin(-1, keepdim=True)
             dnu = torch.where(stuck, torch.where(f < 0, -gap_a, gap_b), dnu)
         # a root of multiplicity m (a vertex of a phi' like a square root at its end: x ~ (v - ga)^2 makes
         # sum x - total touch zero quadratically) shrinks Newton's steps by (m - 1) / m each: then
         # the step is scaled by m, estimated from two consecutive steps in the same direction
-        ratio = dnu / previous
-        previous = dnu
-        dnu = torch.where((ratio > 0.3) & (ratio < 0.8), dnu / (1.0 - ratio), dnu)
+        if previous is not None:
+            ratio = dnu / previous
+            previous = dnu
+            dnu = torch.where((ratio > 0.3) & (ratio < 0.8), dnu / (1.0 - ratio), dnu)
+        else:
+            previous = dnu
         if iteration >= SLOW_AFTER:
             # the bracket: with every free x on one side of its root, sum x bounds S(nu) = sum_i x_i(z_i - nu),
             # which decreases in nu; a step that leaves it is replaced by its midpoint.  Every other step
@@ -754,20 +936,25 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
             new_nu = torch.where((new_nu > lo) & (new_nu < hi) | (dnu == 0), new_nu, 0.5 * (lo + hi))
         else:
             new_nu = nu + dnu
-        nu = torch.where(done, nu, new_nu)
+        nu = new_nu if done is None else torch.where(done, nu, new_nu)
         v_new = z - nu
-        at_a_new, at_b_new = v_new <= info.ga, v_new >= info.gb
-        x_new = xe + (v_new - g) * D_all
+        at_a_new, at_b_new = v_new <= ga, v_new >= gb
+        x_new = torch.addcmul(xe, v_new - g, D_all)
         # a step that leaves the interval, or a coordinate that leaves its end: the table's value
         lost = ((x_new <= info.inner_a) | (x_new >= info.inner_b) | clamped) & ~(at_a_new | at_b_new)
         if bool(lost.any()):
             if info.table is not None:
-                x_new = torch.where(lost, info.surrogate(v_new)[0], x_new)
+                x_new = torch.where(lost, info.surrogate(v_new)[0].clamp_(info.inner_a, info.inner_b), x_new)
             else:
                 x_new = torch.where(lost, _advance(info, a, b, xe, g, D_all, v_new)[0], x_new)
-        x_new = x_new.masked_fill(at_a_new, a).masked_fill(at_b_new, b)
-        x = torch.where(done, x, x_new)
-        at_a, at_b = at_a_new & ~done | at_a & done, at_b_new & ~done | at_b & done
+        x_new = x_new.masked_fill_(at_a_new, a).masked_fill_(at_b_new, b)
+        if done is None:
+            x, at_a, at_b = x_new, at_a_new, at_b_new
+        else:
+            x = torch.where(done, x, x_new)
+            at_a, at_b = torch.where(done, at_a, at_a_new), torch.where(done, at_b, at_b_new)
+    if done is None:
+        return x, D, torch.zeros(z.shape[:-1], dtype=torch.bool, device=z.device)
     return x, D, done.squeeze(-1)
 
 
@@ -778,8 +965,9 @@ def _solve_box(reg, z, a, b):
     is exact: z <= phi'(a+) gives a, z >= phi'(b-) gives b), then Newton steps x += (z - phi'(x)) D
     on the free coordinates (where a step leaves the interval, the stretched step of :func:`_advance`),
     to the nested solver's precision |phi'(x) - z| <= 16 eps max(1, |z|) (or 4 eps |x| in x); one
-    evaluation of phi', phi'' per step, typically 2-3.  The elements still unconverged after
-    ``JOINT_ITER`` steps, and every element elsewhere, take :func:`mirror_map`.
+    evaluation of phi', phi'' per step, typically 1 (the check) where the table, or its fine one, is
+    exact, 2 elsewhere.  The elements still unconverged after ``JOINT_ITER`` steps, and every element
+    elsewhere, take :func:`mirror_map`.
     """
     info = None
     if math.isfinite(a) and math.isfinite(b):
@@ -789,17 +977,19 @@ def _solve_box(reg, z, a, b):
         x, D, _ = mirror_map(reg, z, z.new_tensor(a), z.new_tensor(b))
         return x, D
     eps = torch.finfo(z.dtype).eps
-    x, _, at_a, at_b = info.surrogate(z)
+    x, at_a, at_b = info.start(z)
+    if info.fine is not None:  # the fine table's x~ on the coarse table's segments: exact to rounding
+        x = info.fine_map(x)(z)[0].clamp_(info.inner_a, info.inner_b).masked_fill_(at_a, a).masked_fill_(at_b, b)
     clamped = at_a | at_b  # fixed: v = z does not move
-    tol = 16.0 * eps * z.abs().clamp_min(1.0)
+    tol = z.abs().clamp_min(1.0).mul_(16.0 * eps)
     done = clamped
     for _ in range(JOINT_ITER):
         xe = x.masked_fill(clamped, info.c)
         g, h = reg.derivatives(xe)
-        D_all = 1.0 / h
+        D_all = h.reciprocal()
         D = D_all.masked_fill(clamped, 0.0)
-        dx = (z - g) * D
-        done = clamped | (dx.abs() <= 4.0 * eps * x.abs() + tol * D)
+        dx = (z - g).mul_(D)
+        done = clamped | (dx.abs() <= torch.addcmul(x.abs().mul_(4.0 * eps), tol, D))
         if bool(done.all()):
             return x, D
         x_new = xe + dx
@@ -817,13 +1007,13 @@ def _solve_box(reg, z, a, b):
 
 def _solve_sum(reg, z, total, a, b):
     """x and D of :func:`sum_relaxation` for a float64 batch z (B, n): the joint iteration, then the
-    nested solver (:func:`_sum_root`) for the rows it left unconverged; the nested solver alone when
-    the user gave the inverse of phi' (then each evaluation of the mirror map is exact and cheap)."""
+    nested solver (:func:`_sum_root`) for the rows it left unconverged; the nested solver alone on an
+    interval with an infinite end."""
     if math.isfinite(a) and math.isfinite(b):
         info = _interval_info(reg, a, b, total, z.shape[-1])
         if info.usable:
             x, D, done = _joint_sum(reg, z, total, a, b)
-            if bool(done.all()):
+            if done is None:
                 return x, D
             rest = ~done
             _, x_rest, D_rest = _sum_root(reg, z[rest], total, a, b)
@@ -862,9 +1052,9 @@ def sum_relaxation(reg, Z: torch.Tensor, total: float, lower: float, upper: floa
     for the start, then joint Newton steps); rows it leaves unconverged, and unbounded intervals,
     by the nested :func:`_sum_root`.  Z: (..., n) -> (..., n), same dtype.  Exact backward:
     dZ = D (g - <D, g> / sum D), D = 1 / phi''(x) (0 at the bounds).  Cost: O(n) per evaluation of
-    phi', phi''; typically 3 evaluations per batch and about 7 of the table (the nested solver:
-    100-200).  Precision: float64; |phi'(x_i) - z_i + nu| <= 16 eps max(1, |z - nu|) on free
-    coordinates, sum x = total to about 16 n eps.
+    phi', phi''; typically 1 evaluation per batch (2 where the table is not exact and has no fine one)
+    and 4-7 of the table (the nested solver: 100-200).  Precision: float64;
+    |phi'(x_i) - z_i + nu| <= 16 eps max(1, |z - nu|) on free coordinates, sum x = total to about 16 n eps.
     """
     n = Z.shape[-1]
     a, b = _interval(reg, lower, upper, what)

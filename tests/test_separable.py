@@ -401,12 +401,16 @@ def test_joint_iteration_with_extreme_utilities():
 
 
 def test_unconverged_rows_go_to_the_nested_solver(monkeypatch):
-    """With one joint step allowed, the rows left unconverged are solved by the nested solver: the same result."""
+    """With one joint step allowed, the rows left unconverged are solved by the nested solver: the same result.
+
+    x^4 + 0.01 x^2, whose table is not exact (the Tsallis entropy's is, and the mix gets a fine one: their rows
+    converge at the first step)."""
     from sstcvx import separable
 
+    reg = JOINT_CASES["x^4"]
     Z = utilities((32, 6), 3.0, seed=12)
     P = polytopes.KSubset(6, 2)
-    reference = sstcvx.relax(P, Z, 1.0, TSALLIS)
+    reference = sstcvx.relax(P, Z, 1.0, reg)
     calls = []
     nested = separable._sum_root
 
@@ -416,7 +420,7 @@ def test_unconverged_rows_go_to_the_nested_solver(monkeypatch):
 
     monkeypatch.setattr(separable, "JOINT_ITER", 1)
     monkeypatch.setattr(separable, "_sum_root", counting)
-    X = sstcvx.relax(P, Z, 1.0, TSALLIS)
+    X = sstcvx.relax(P, Z, 1.0, reg)
     assert calls and 0 < calls[0] <= 32
     torch.testing.assert_close(X, reference, atol=1e-11, rtol=0)
 
@@ -448,7 +452,37 @@ def test_the_joint_iteration_evaluates_phi_a_few_times():
     sstcvx.relax(polytopes.KSubset(10, 3), Z, 1.0, reg)
     counted.clear()
     sstcvx.relax(polytopes.KSubset(10, 3), Z, 1.0, reg)  # the interval's table is cached by now
-    assert len(counted) <= 12, len(counted)
+    # the fine table makes the start exact to rounding: one evaluation (the check), two if a row needs a step
+    assert len(counted) <= 2, len(counted)
+
+
+def test_the_tables_are_exact_where_the_start_should_pass_the_first_check():
+    """x^1.5's table is exact (x is quadratic in v), the mix's coarse one is not (1e-10) but its fine one is."""
+    from sstcvx import separable
+
+    eps = torch.finfo(torch.float64).eps
+    tsallis = separable._interval_info(TSALLIS, 0.0, 1.0, 3.0, 10)
+    assert tsallis.table_error <= separable.EXACT_TABLE * eps and tsallis.fine is None
+    mix = separable._interval_info(MIX, 0.0, 1.0, 3.0, 10)
+    assert 1e-12 < mix.table_error < 1e-8 and mix.fine is not None
+    # the fine table, at the exact root: nu and x unchanged to rounding
+    z = utilities((64, 10), 2.0, seed=16)
+    nu, x_ref, _ = separable._sum_root(MIX, z, 3.0, 0.0, 1.0)
+    nu_fine, x_fine = mix.refine(z, 3.0, nu, x_ref, True)
+    torch.testing.assert_close(x_fine, x_ref, atol=1e-13, rtol=0)  # the nested solver: to its tolerance
+    torch.testing.assert_close(nu_fine, nu, atol=1e-12, rtol=0)
+
+
+def test_the_water_filling_start_is_exact_for_x_log_x():
+    """Towards one barrier the start in nu solves the exponential model with caps; for x log x on [0, 1] that
+    model is the mirror map itself."""
+    from sstcvx import separable
+
+    z = torch.cat([utilities((32, 8), scale, seed=17) for scale in (0.1, 1.0, 10.0)])
+    for total in (1.0, 3.0):
+        info = separable._interval_info(ENTROPY, 0.0, 1.0, total, 8)
+        nu_ref, _, _ = separable._sum_root(ENTROPY, z, total, 0.0, 1.0)
+        torch.testing.assert_close(separable._barrier_start(info, z, total), nu_ref, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(JOINT_CASES))
