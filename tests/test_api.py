@@ -117,8 +117,8 @@ def test_dispatch_specialized_and_generic():
     V = torch.eye(3)
     P = sstcvx.Polytope.from_vertices(V)
     assert sstcvx.relaxation_solver(P, "exp_family_entropy")[1] == "specialized"
-    # x = V^T lambda has auxiliary variables: the conic backend unless the torch one is forced
-    assert sstcvx.relaxation_solver(P, "entropy")[1] == "generic"
+    # x = V^T lambda has auxiliary variables: the torch backend's interior-point method serves it
+    assert sstcvx.relaxation_solver(P, "entropy")[1] == "fast"
     assert sstcvx.relaxation_solver(P, "entropy", solver="fast")[1] == "fast"
     assert sstcvx.relaxation_solver(simplex(3), "entropy")[1] == "fast"  # the generic path's torch backend
     assert sstcvx.relaxation_solver(P, "entropy", solver="cvxpylayers")[1] == "generic"
