@@ -200,6 +200,20 @@ def test_separable_tsallis_agrees_with_cvxpylayers(P):
     torch.testing.assert_close(X, Xc, atol=1e-6, rtol=0)
 
 
+def test_near_degenerate_bounds_are_resolved(monkeypatch):
+    """Coordinates of z close to a bound with a vanishing multiplier (path 30, euclidean, |U| ~ 3): every
+    complementarity product, not their mean, must meet the tolerance (the mean left x 2e-6 off)."""
+    import sstcvx.generic.interior_point as interior_point
+
+    P = independent_sets(30)
+    U = 3 * torch.randn(256, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = ipm(P, "euclidean").solve(U).x
+    monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
+    monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
+    reference = ipm(P, "euclidean").solve(U).x
+    assert float((X - reference).abs().max()) < 1e-7
+
+
 def test_flows_agree_with_the_spanning_tree_vertex_list():
     """Spanning trees of K4 by flows (auxiliary variables) against the same polytope by its 16 trees."""
     P = spanning_trees_by_flows(4)
