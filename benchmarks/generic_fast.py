@@ -162,17 +162,21 @@ def selected(P, reg):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--only" in argv:
-        i = argv.index("--only")
-        if i + 1 >= len(argv):
-            raise SystemExit("--only: expected comma-separated substrings of 'polytope regularizer'")
-        _ONLY[:] = [key for key in argv[i + 1].split(",") if key]
-        del argv[i : i + 2]
-    if "--moreau" in argv:
-        argv = [a for a in argv if a != "--moreau"]
-        return moreau_main(benchmark_arguments(__doc__, "batch 64", argv))
-    args = benchmark_arguments(__doc__, "batch 64 and fewer rounds", argv)
+    def options(parser):
+        parser.add_argument(
+            "--only",
+            metavar="A,B",
+            default="",
+            help="only the cases whose 'polytope regularizer' contains one of these",
+        )
+        parser.add_argument(
+            "--moreau", action="store_true", help="the fast solver against Moreau (needs the moreau extra)"
+        )
+
+    args = benchmark_arguments(__doc__, "batch 64 and fewer rounds", argv, options)
+    _ONLY[:] = [key for key in args.only.split(",") if key]
+    if args.moreau:
+        return moreau_main(args)
     B = 64 if args.quick else 256
     B_conic = 8 if args.quick else 16
     rounds = 3 if args.quick else 5

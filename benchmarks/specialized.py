@@ -213,15 +213,15 @@ def _newton_steps(module, forward, U):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    only = None
-    if "--only" in argv:  # one section: vector (simplex, hypercube, k-subset) or permutation
-        at = argv.index("--only")
-        if at + 1 >= len(argv) or argv[at + 1] not in ("vector", "permutation"):
-            raise SystemExit("--only: expected 'vector' or 'permutation'")
-        only = argv[at + 1]
-        del argv[at : at + 2]
-    args = benchmark_arguments(__doc__, "fewer rounds", argv)
+    def options(parser):
+        parser.add_argument(
+            "--only",
+            choices=("vector", "permutation"),
+            help="one section: vector (simplex, hypercube, k-subset) or permutation",
+        )
+
+    args = benchmark_arguments(__doc__, "fewer rounds", argv, options)
+    only = args.only
     generator = torch.Generator().manual_seed(0)
     rounds = 5 if args.quick else 15
     print(

@@ -78,11 +78,12 @@ def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def benchmark_arguments(doc: str, quick_help: str, argv=None) -> argparse.Namespace:
+def benchmark_arguments(doc: str, quick_help: str, argv=None, add_options=None) -> argparse.Namespace:
     """Parse ``--quick``, ``--threads T`` (>= 1, default 1) and ``--wall``, and apply the last two.
 
     ``doc``: the script's docstring (its first paragraph is the description).  Sets
-    torch's intra-op threads and the clock (:func:`use_wall_clock`).
+    torch's intra-op threads and the clock (:func:`use_wall_clock`).  ``add_options``: an
+    optional function of the parser that adds the script's own options.
     """
     import torch
 
@@ -90,6 +91,8 @@ def benchmark_arguments(doc: str, quick_help: str, argv=None) -> argparse.Namesp
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--wall", action="store_true", help="wall-clock time instead of process CPU time")
+    if add_options is not None:
+        add_options(parser)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads: expected an int >= 1")
