@@ -650,7 +650,7 @@ class _IntervalInfo:
         f = x.sum(-1, keepdim=True) - total
         tiny = torch.finfo(z.dtype).tiny
         nu = nu + _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
-        return nu, evaluate(z - nu)[0]
+        return nu, evaluate(z - nu, slope=False)[0]
 
     def s_speed(self, x, slope):
         """The largest |ds/dv| over the last dim (keepdim) in the fine table's coordinate s (towards a barrier), at
@@ -674,17 +674,19 @@ class _IntervalInfo:
         if self.barrier_a and self.barrier_b:
             s = torch.log(x - a) - torch.log(b - x)
         elif self.barrier_a:
-            s = torch.log(x - a)
+            s = torch.log(x - a if a != 0.0 else x)
         else:
             s = -torch.log(b - x)
         # node k at lo + k / inverse_step starts row k + 1 (row 0 and the last: beyond the ends, as in the table)
         index = s.sub_(lo).mul_(inverse_step).floor_().add_(1.0).clamp_(0, rows.shape[0] - 1).long()
         g0, s0, m, c2, c3 = rows.index_select(0, index.reshape(-1)).view(*x.shape, 5).unbind(-1)
 
-        def evaluate(v):
+        def evaluate(v, slope=True):
             t = v - g0
             s = torch.addcmul(s0, torch.addcmul(m, torch.addcmul(c2, c3, t), t), t)
             x, dxds = self.x_of_s(s)
+            if not slope:  # x~ alone (the slope's three operations saved)
+                return x, None
             return x, dxds * torch.addcmul(m, torch.addcmul(c2, c3, t, value=1.5), t, value=2.0)
 
         return evaluate
