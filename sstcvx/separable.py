@@ -650,7 +650,18 @@ class _IntervalInfo:
         f = x.sum(-1, keepdim=True) - total
         tiny = torch.finfo(z.dtype).tiny
         nu = nu + _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
-        return nu, evaluate(z - nu)[0]
+        return nu, evaluate(z - nu, slope=False)[0]
+
+    def s_speed(self, x, slope):
+        """The largest |ds/dv| over the last dim (keepdim) in the fine table's coordinate s (towards a barrier), at
+        x with dx/dv = slope: slope / (x - a), slope / (b - x), or their sum between two barriers."""
+        if self.barrier_a and self.barrier_b:
+            speed = slope / (x - self.a) + slope / (self.b - x)
+        elif self.barrier_a:
+            speed = slope / (x - self.a)
+        else:
+            speed = slope / (self.b - x)
+        return speed.amax(-1, keepdim=True)
 
     def fine_map(self, x):
         """v -> (x~(v), dx~/dv) from the fine table on the segments of the coarse estimates x (the coordinates'
@@ -663,17 +674,19 @@ class _IntervalInfo:
         if self.barrier_a and self.barrier_b:
             s = torch.log(x - a) - torch.log(b - x)
         elif self.barrier_a:
-            s = torch.log(x - a)
+            s = torch.log(x - a if a != 0.0 else x)
         else:
             s = -torch.log(b - x)
         # node k at lo + k / inverse_step starts row k + 1 (row 0 and the last: beyond the ends, as in the table)
         index = s.sub_(lo).mul_(inverse_step).floor_().add_(1.0).clamp_(0, rows.shape[0] - 1).long()
         g0, s0, m, c2, c3 = rows.index_select(0, index.reshape(-1)).view(*x.shape, 5).unbind(-1)
 
-        def evaluate(v):
+        def evaluate(v, slope=True):
             t = v - g0
             s = torch.addcmul(s0, torch.addcmul(m, torch.addcmul(c2, c3, t), t), t)
             x, dxds = self.x_of_s(s)
+            if not slope:  # x~ alone (the slope's three operations saved)
+                return x, None
             return x, dxds * torch.addcmul(m, torch.addcmul(c2, c3, t, value=1.5), t, value=2.0)
 
         return evaluate
@@ -772,11 +785,18 @@ def _nu_step(x, slope, f, total, use_log):
     return torch.where(moving > 0, logs, f)
 
 
-def _surrogate_root(info, z, total, nu, lo, hi, use_log, tol):
+def _surrogate_root(info, z, total, nu, lo, hi, use_log, tol, hand_off=None):
     """nu with sum_i x~(z_i - nu) = total for the tabulated mirror map x~ (:meth:`_IntervalInfo.surrogate`),
     to ``tol`` (no finer than the table itself: the joint steps take it from there), and x~ there: Newton
     steps (on log of the moving part where the coordinates are nonnegative) inside a bracket, bisection where
-    a step leaves it.  No evaluation of phi; about 20 tensor operations and one host sync per step."""
+    a step leaves it.  No evaluation of phi; about 20 tensor operations and one host sync per step.
+
+    With ``hand_off`` (a move in the table's coordinate s, 1e-3 of a fine segment; for :meth:`_IntervalInfo.refine`,
+    which only needs x~ to pick each coordinate's fine segment): once the sum is within 1e-5 max(1, |total|) of the
+    total and the next Newton step (inside the bracket) moves no s by more than ``hand_off``, that step's nu is
+    returned with x~ before it: it saves the lookup that would only confirm the root (the fine step squares the
+    error anyway, and a coordinate moved by 1e-3 of a segment keeps its segment or takes the neighbor's cubic,
+    equal there to rounding)."""
     tiny = torch.finfo(z.dtype).tiny
     nu_x = nu
     previous = None
@@ -784,10 +804,15 @@ def _surrogate_root(info, z, total, nu, lo, hi, use_log, tol):
         x, slope = info.surrogate(z - nu)
         nu_x = nu
         f = x.sum(-1, keepdim=True) - total
-        if float(f.abs().max()) <= tol:  # one sync per step: it saves the remaining steps
+        f_max = float(f.abs().max())  # one sync per step: it saves the remaining steps
+        if f_max <= tol:
             break
         lo, hi = torch.where(f > 0, nu, lo), torch.where(f < 0, nu, hi)
         step = _nu_step(x, slope, f, total, use_log) / slope.sum(-1, keepdim=True).clamp_min(tiny)
+        if hand_off is not None and f_max <= 1e-5 * max(1.0, abs(total)):
+            new = nu + step
+            if bool(((torch.clamp(new, lo, hi) == new) & (step.abs() * info.s_speed(x, slope) <= hand_off)).all()):
+                return new, x
         # a double root (a vertex where a coordinate leaves a finite-slope end as (v - phi'(a))^2) halves
         # Newton's steps: two consecutive steps in that ratio are scaled by the multiplicity (see _joint_sum)
         if info.double_roots:
@@ -872,7 +897,8 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
     nu = torch.clamp(nu, lo, hi)
     tol_sum = 16.0 * n * eps * max(1.0, abs(total))
     if info.table is not None:
-        nu, x = _surrogate_root(info, z, total, nu, lo, hi, use_log, max(tol_sum, n * info.table_error))
+        hand_off = None if info.fine is None else 1e-3 / info.fine[2]
+        nu, x = _surrogate_root(info, z, total, nu, lo, hi, use_log, max(tol_sum, n * info.table_error), hand_off)
         if info.fine is not None:
             nu, x = info.refine(z, total, nu, x, use_log)
         v = z - nu
