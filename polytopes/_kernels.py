@@ -74,3 +74,16 @@ def check_solver_arguments(Z, tol, max_iter) -> None:
         raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
     if not bool(torch.isfinite(Z).all()):
         raise ValueError("Z: expected finite values")
+
+
+_ONES: dict = {}
+
+
+def ones_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The all-ones (n, n) matrix, cached per (n, dtype, device); read only (the grounding 1 1^T of
+    the permutation solvers' Laplacians)."""
+    key = (n, dtype, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(n, n, dtype=dtype, device=device)
+    return ones

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._kernels import check_solver_arguments, sparsemax_threshold
+from ._kernels import check_solver_arguments, ones_matrix, sparsemax_threshold
 from .sinkhorn import (
     _FIRST_SPREAD,
     _NEWTON_RIDGE,
@@ -141,16 +141,6 @@ def _evaluate(Z, u, v):
 
 
 _INF = float("inf")
-_ONES: dict = {}
-
-
-def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The all-ones (n, n) matrix, cached per (n, dtype, device) (read only: the grounding 1 1^T)."""
-    key = (n, dtype, device)
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = torch.ones(n, n, dtype=dtype, device=device)
-    return ones
 
 
 def _exact_step(Y, du, dv):
@@ -218,7 +208,7 @@ def _birkhoff_newton(Z, tol, max_iter):
         u = sparsemax_threshold(Z - v)[0]
     Y, X, quad, gu, gv, err = _evaluate(Z, u, v)
     slack2 = 128 * n * n * _EPS64 * (0.5 * quad + 1.0)  # twice the rounding of a change of phi, computed as below
-    ones = _ones(n, Z.dtype, Z.device)
+    ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
         pending = err > tol

@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from ._kernels import check_solver_arguments, floored_logsumexp
+from ._kernels import check_solver_arguments, floored_logsumexp, ones_matrix
 
 # Sinkhorn defaults: largest |row or column sum - 1| accepted, and the Newton step budget.
 SINKHORN_TOL = 1e-12
@@ -221,7 +221,7 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     for _ in range(_LINEAR_SWEEPS):  # (torch.bmm: @ costs a few more calls per product at small batches)
         v = torch.bmm(Kt, torch.bmm(K, v).reciprocal_()).reciprocal_()
     v = v.mT  # (B, 1, n)
-    ones = _ones(n, Z.dtype, Z.device)
+    ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     X_last = None
     for step in range(max_iter + 1):
@@ -268,16 +268,6 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
 
 
 _INF = float("inf")
-_ONES: dict = {}
-
-
-def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The all-ones (n, n) matrix, cached per (n, dtype, device) (read only: the grounding 1 1^T)."""
-    key = (n, dtype, device)
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = torch.ones(n, n, dtype=dtype, device=device)
-    return ones
 
 
 def _newton(W, tol, budget, narrow=False):
