@@ -18,7 +18,6 @@ shared machine: read the ratios, not the absolute figures.
 
 from __future__ import annotations
 
-import itertools
 import resource
 import sys
 import warnings
@@ -34,6 +33,7 @@ from _timing import benchmark_arguments, fmt, interleaved
 
 import sstcvx
 from polytopes import KSubset, Permutation
+from polytopes.spanning_tree import spanning_trees_by_flows
 from sstcvx.generic import fast_relaxation
 
 
@@ -69,21 +69,6 @@ def declared_birkhoff(n):
     return sstcvx.Polytope.from_cvxpy(M, cons, name=f"birkhoff({n})", recognize=False), Permutation(n)
 
 
-def spanning_trees_by_flows(n):
-    edges = list(itertools.combinations(range(n), 2))
-    x = cp.Variable(len(edges))
-    arcs = edges + [(j, i) for i, j in edges]
-    cons = [x >= 0, x <= 1, cp.sum(x) == n - 1]
-    for k in range(1, n):
-        f = cp.Variable(len(arcs), nonneg=True)
-        cons += [f[a] <= x[a % len(edges)] for a in range(len(arcs))]
-        for v in range(n):
-            out = [a for a, (i, _) in enumerate(arcs) if i == v]
-            inn = [a for a, (_, j) in enumerate(arcs) if j == v]
-            cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == (1.0 if v == 0 else (-1.0 if v == k else 0.0)))
-    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"spanning-trees(K{n}, flows)", recognize=False)
-
-
 def cases():
     P, S = declared_ksubset(20, 5)
     yield P, "binary_entropy", S
@@ -96,7 +81,7 @@ def cases():
         yield P, "binary_entropy", None
     P, S = declared_birkhoff(5)
     yield P, "entropy", S
-    yield spanning_trees_by_flows(4), "binary_entropy", None
+    yield spanning_trees_by_flows(4, name="spanning-trees(K4, flows)"), "binary_entropy", None
 
 
 def forward_backward(P, U, G, reg, solver):

@@ -180,6 +180,33 @@ class SpanningTree(Polytope):
         return spanning_tree_log_partition(Z, self.edges, self.n)
 
 
+def spanning_trees_by_flows(n: int, name: str | None = None) -> Polytope:
+    """The spanning trees of the complete graph K_n as a declared extended formulation.
+
+    x (E,) over the edges ``itertools.combinations(range(n), 2)`` (the order of ``SpanningTree(n)``):
+    0 <= x <= 1, sum x = n - 1, and for each node k != 0 one unit of flow from node 0 to k on the
+    arcs of both directions, each arc's flow at most its edge's x (a multicommodity flow: auxiliary
+    variables, (n - 1) 2E of them).  Its projection on x is the spanning-tree polytope for every n,
+    with O(n^3) rows, so the generic path can run where the family's own declaration (exponential
+    in n) stops.  Declared with ``recognize=False``: a polytope for the generic path with
+    auxiliary variables, for comparisons against :class:`SpanningTree`'s solvers.
+    """
+    n = check_int(n, "n", minimum=2)
+    edges = list(itertools.combinations(range(n), 2))
+    x = cp.Variable(len(edges))
+    arcs = edges + [(j, i) for i, j in edges]
+    constraints = [x >= 0, x <= 1, cp.sum(x) == n - 1]
+    for k in range(1, n):
+        f = cp.Variable(len(arcs), nonneg=True)
+        constraints += [f[a] <= x[a % len(edges)] for a in range(len(arcs))]
+        for v in range(n):
+            out = [a for a, (i, _) in enumerate(arcs) if i == v]
+            into = [a for a, (_, j) in enumerate(arcs) if j == v]
+            supply = 1.0 if v == 0 else (-1.0 if v == k else 0.0)
+            constraints.append(cp.sum(f[out]) - cp.sum(f[into]) == supply)
+    return Polytope.from_cvxpy(x, constraints, name=name or f"SpanningTreesByFlows(K{n})", recognize=False)
+
+
 @register_argmax(SpanningTree)
 def maximum_spanning_tree_argmax(P: SpanningTree, U: torch.Tensor) -> torch.Tensor:
     """argmax_{x ∈ P} ⟨U, x⟩: the indicator of a maximum-weight spanning tree.

@@ -10,6 +10,7 @@ import torch
 
 import sstcvx
 from polytopes import KSubset, Permutation, Simplex
+from polytopes.spanning_tree import spanning_trees_by_flows
 from sstcvx import generic
 from sstcvx.generic.interior_point import InteriorPointRelaxation
 
@@ -49,25 +50,6 @@ def redundant_ksubset(n, k):
 def groups(n_groups, size):
     x = cp.Variable((n_groups, size))
     return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x, axis=1) == 1], name="OnePerGroup", recognize=False)
-
-
-def spanning_trees_by_flows(n):
-    """Spanning trees of K_n by a multicommodity flow (auxiliary variables): one unit from node 0 to
-    each other node k, on arcs whose capacity is the edge variable."""
-    edges = list(itertools.combinations(range(n), 2))
-    x = cp.Variable(len(edges))
-    arcs = [(i, j) for i, j in edges] + [(j, i) for i, j in edges]
-    cons = [x >= 0, x <= 1, cp.sum(x) == n - 1]
-    for k in range(1, n):
-        f = cp.Variable(len(arcs), nonneg=True)
-        for a, (_i, _j) in enumerate(arcs):
-            cons.append(f[a] <= x[a % len(edges)])
-        for v in range(n):
-            out = [a for a, (i, j) in enumerate(arcs) if i == v]
-            inn = [a for a, (i, j) in enumerate(arcs) if j == v]
-            supply = 1.0 if v == 0 else (-1.0 if v == k else 0.0)
-            cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == supply)
-    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})", recognize=False)
 
 
 def zero_one_points(P):

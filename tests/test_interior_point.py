@@ -10,6 +10,7 @@ import torch
 
 import sstcvx
 from polytopes import KSubset, Simplex
+from polytopes.spanning_tree import spanning_trees_by_flows
 from sstcvx import generic
 from sstcvx.generic.interior_point import InteriorPointRelaxation
 from sstcvx.regularizers import Regularizer, get_regularizer
@@ -40,22 +41,6 @@ def chain(n):
     y = cp.Variable(n)
     cons = [y >= 0, y <= 1, cp.sum(y) >= 1] + [y[i + 1] <= y[i] for i in range(n - 1)]
     return sstcvx.Polytope.from_cvxpy(y, cons, name=f"Chain({n})", recognize=False)
-
-
-def spanning_trees_by_flows(n):
-    """Spanning trees of K_n by a multicommodity flow (auxiliary variables)."""
-    edges = list(itertools.combinations(range(n), 2))
-    x = cp.Variable(len(edges))
-    arcs = edges + [(j, i) for i, j in edges]
-    cons = [x >= 0, x <= 1, cp.sum(x) == n - 1]
-    for k in range(1, n):
-        f = cp.Variable(len(arcs), nonneg=True)
-        cons += [f[a] <= x[a % len(edges)] for a in range(len(arcs))]
-        for v in range(n):
-            out = [a for a, (i, _) in enumerate(arcs) if i == v]
-            inn = [a for a, (_, j) in enumerate(arcs) if j == v]
-            cons.append(cp.sum(f[out]) - cp.sum(f[inn]) == (1.0 if v == 0 else (-1.0 if v == k else 0.0)))
-    return sstcvx.Polytope.from_cvxpy(x, cons, name=f"SpanningTreesByFlows(K{n})", recognize=False)
 
 
 def zero_one_points(P):
