@@ -175,11 +175,7 @@ class ComparisonReport:
 
     def to_json(self, path=None, indent: int = 2) -> str:
         """The report as JSON: ``{"configurations": {key: {field: value}}}``; written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
+        return json_text(self.to_dict(), path, indent)
 
     @classmethod
     def from_dict(cls, data: dict) -> ComparisonReport:
@@ -203,16 +199,32 @@ class ComparisonReport:
 
     def to_csv(self, path=None) -> str:
         """The report as CSV, one row per configuration (``messages`` joined by ' | ')."""
-        names = [f.name for f in dataclasses.fields(Comparison)]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
+        rows = []
         for r in self.rows:
             row = dataclasses.asdict(r)
             row["messages"] = " | ".join(row["messages"])
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-        text = buffer.getvalue()
-        if path is not None:
-            with open(path, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-        return text
+            rows.append(row)
+        return csv_text([f.name for f in dataclasses.fields(Comparison)], rows, path)
+
+
+def json_text(data: dict, path=None, indent: int = 2) -> str:
+    """``data`` as strict JSON (no NaN); also written to ``path`` (with a final newline) if given."""
+    text = json.dumps(data, indent=indent, allow_nan=False)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    return text
+
+
+def csv_text(names: list, rows: list, path=None) -> str:
+    """The dicts ``rows`` as CSV with the columns ``names`` (None as an empty cell); also written to ``path``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    text = buffer.getvalue()
+    if path is not None:
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+    return text

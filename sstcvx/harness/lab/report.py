@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
-from ..report import fixed_width_table
+from ..report import csv_text, fixed_width_table, json_text
 
 
 @dataclass
@@ -176,29 +173,18 @@ class LabReport:
 
     def to_json(self, path=None, indent: int = 2) -> str:
         """The report as JSON (``results``: a list of rows with every :class:`LabRow` field); written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
+        return json_text(self.to_dict(), path, indent)
 
     def to_csv(self, path=None) -> str:
         """The rows as CSV (lists such as ``bias_ci`` as 'low;high')."""
-        names = ["key"] + [f.name for f in dataclasses.fields(LabRow)]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
+        rows = []
         for r in self.rows:
             row = dict(dataclasses.asdict(r), key=r.key)
             for name, value in row.items():
                 if isinstance(value, list):
                     row[name] = ";".join(f"{v:.6g}" for v in value)
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-        text = buffer.getvalue()
-        if path is not None:
-            with open(path, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-        return text
+            rows.append(row)
+        return csv_text(["key"] + [f.name for f in dataclasses.fields(LabRow)], rows, path)
 
     def plot(self, path=None, title: str | None = None, axes=None):
         """Three panels against tau (log axes): |bias| (with its interval), std and MSE of one sample.
