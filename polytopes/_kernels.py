@@ -87,3 +87,18 @@ def ones_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if ones is None:
         ones = _ONES[key] = torch.ones(n, n, dtype=dtype, device=device)
     return ones
+
+
+def set_aside(index, X: torch.Tensor, err: torch.Tensor, X_out, err_out):
+    """Record the current iterates of a shrinking batch before its converged elements are dropped.
+
+    ``index`` (k,): the positions in the full batch of the rows of ``X`` (k, ...) and ``err`` (k,),
+    or None while the batch is whole; ``X_out``, ``err_out``: the full-batch records (None at
+    first).  Returns ``(X_out, err_out, index)`` with the rows of ``X`` and ``err`` written at
+    ``index`` (at the first call, copies of them and ``arange``).
+    """
+    if index is None:
+        return X.clone(), err.clone(), torch.arange(len(X), device=X.device)
+    X_out.index_copy_(0, index, X)
+    err_out.index_copy_(0, index, err)
+    return X_out, err_out, index

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._kernels import check_solver_arguments, ones_matrix, sparsemax_threshold
+from ._kernels import check_solver_arguments, ones_matrix, set_aside, sparsemax_threshold
 from .sinkhorn import (
     _FIRST_SPREAD,
     _NEWTON_RIDGE,
@@ -200,7 +200,7 @@ def _birkhoff_newton(Z, tol, max_iter):
     batched n x n product, Cholesky solve and about 30 elementwise passes over (B, n, n)
     (about 60 torch calls, the cost at small batches).
     """
-    B, n, _ = Z.shape
+    n = Z.shape[-1]
     u = sparsemax_threshold(Z)[0]  # (B, n, 1)
     v = torch.zeros_like(u.mT)  # (B, 1, n)
     for _ in range(_NEWTON_SWEEPS):
@@ -218,11 +218,7 @@ def _birkhoff_newton(Z, tol, max_iter):
         if count < len(u):
             if len(u) >= _COMPACT_BATCH and 2 * count <= len(u):
                 # set converged elements aside once they are the majority: the stragglers' steps are cheaper alone
-                if index is None:
-                    X_out, err_out, index = X.clone(), err.clone(), torch.arange(B, device=Z.device)
-                else:
-                    X_out.index_copy_(0, index, X)
-                    err_out.index_copy_(0, index, err)
+                X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack2, pending = (
                     T.index_select(0, keep) for T in (index, Z, u, v, Y, X, quad, gu, gv, err, tol, slack2, pending)

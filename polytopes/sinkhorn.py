@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from ._kernels import check_solver_arguments, floored_logsumexp, ones_matrix
+from ._kernels import check_solver_arguments, floored_logsumexp, ones_matrix, set_aside
 
 # Sinkhorn defaults: largest |row or column sum - 1| accepted, and the Newton step budget.
 SINKHORN_TOL = 1e-12
@@ -214,7 +214,7 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     Returns (X, steps, err), or (None, X, err) when the factorisation broke down
     (the caller continues in the log domain from X).
     """
-    B, n = Z.shape[0], Z.shape[-1]
+    n = Z.shape[-1]
     K = torch.exp(Z - Z.amax(-1, keepdim=True))  # (torch.softmax is slower on the CPU for short rows)
     Kt = K.mT
     v = Kt.sum(-1, keepdim=True).reciprocal_()  # (B, n, 1): the columns of K normalised
@@ -243,11 +243,7 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
             pending = err > tol
             count = int(pending.sum())
             if 2 * count <= len(v):
-                if index is None:
-                    X_out, err_out, index = X.clone(), err.clone(), torch.arange(B, device=Z.device)
-                else:
-                    X_out.index_copy_(0, index, X)
-                    err_out.index_copy_(0, index, err)
+                X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, K, v, X, c, g = (T.index_select(0, keep) for T in (index, K, v, X, c, g))
                 Kt = K.mT
