@@ -300,6 +300,7 @@ def test_polish_agrees_with_the_plain_iteration(monkeypatch, reg):
     U = 2 * torch.randn(64, 30, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     polished = ipm(P, reg).solve(U)
     monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
+    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
     plain = ipm(P, reg).solve(U)
     monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
     monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
@@ -307,6 +308,22 @@ def test_polish_agrees_with_the_plain_iteration(monkeypatch, reg):
     assert bool((polished.status == 0).all()) and bool((plain.status == 0).all())
     assert float((polished.x - reference.x).abs().max()) < 1e-9
     assert polished.iterations.float().mean() < plain.iterations.float().mean() - 1
+
+
+def test_active_set_start_solves_small_euclidean_problems():
+    """The Euclidean case starts with an active-set method from the box's solution: on a path of 6 it
+    solves every element before the interior point starts, at the cvxpylayers solution."""
+    P = independent_sets(6)
+    U = 2 * torch.randn(64, 6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    sol = ipm(P, "euclidean").solve(U)
+    assert bool((sol.status == 0).all()) and float(sol.iterations.float().mean()) < 0.5
+    Xc = sstcvx.relax(P, U[:6], 1.0, "euclidean", solver="cvxpylayers")
+    torch.testing.assert_close(sol.x[:6], Xc, atol=1e-6, rtol=0)
+    V = zero_one_points(P)  # brute force: the projection onto the hull, by a dense QP over the vertex weights
+    Q = sstcvx.Polytope.from_vertices(V)
+    torch.testing.assert_close(
+        sol.x[:6], sstcvx.relax(Q, U[:6], 1.0, "euclidean", solver="cvxpylayers"), atol=1e-6, rtol=0
+    )
 
 
 def test_gradcheck_with_the_sparse_factorization_and_the_polish():
