@@ -354,6 +354,9 @@ class _Layout:
         at_end = torch.cat([rows, ip.at_lo, pad, ip.at_hi, pad])
         self.may_hold = (self.mask > 0) & ~at_end
         self.exists = self.mask > 0
+        # 1 at the multiplier of an absent pair (0 with a zero direction), 0 elsewhere, over [Y | S]
+        self.pad = torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
+        self.sign2 = self.sign.view(2, N)
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
         self.slack_offset += 1.0 - self.mask
@@ -430,7 +433,7 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     rhs = u @ ip.C.T - rows
     dnu = _factor_solve(ip, F, rhs)
     dv = u - phi_inv * (dnu @ ip.C)
-    dSb = dv.repeat(1, 2) * lay.sign
+    dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
     dYb = rcb - ratio[:, mi:] * dSb
     if mi:
         ds = rcy - ratio[:, :mi] * dnu[:, m_eq:]
@@ -443,10 +446,10 @@ def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION):
     positive, at most 1, (B, 1)."""
     if not lay.pairs:
         return T.new_ones(T.shape[0], 1)
-    pos, dpos = T[:, lay.o_y :], dT[:, lay.o_y :]
-    ratio = pos / dpos
-    ratio.masked_fill_(dpos >= 0, -math.inf)
-    return (ratio.amax(-1, keepdim=True).neg_() * fraction).clamp_(max=1.0)
+    # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
+    # more on these small tensors); an absent pair has pos = dpos = 0 and gets pos = 1 from `pad`
+    worst = (dT[:, lay.o_y :] / (T[:, lay.o_y :] + lay.pad)).amin(-1, keepdim=True).neg_().clamp_min_(1e-300)
+    return (fraction / worst).clamp_(max=1.0)
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, rounds: int = 1):
