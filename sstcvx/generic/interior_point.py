@@ -49,22 +49,23 @@ and auxiliary variables alike, needs only phi' and phi'', and converges superlin
 spanning trees, 11-13 at 1,000 variables.  With equality rows only and a built-in regularizer,
 the dual method is faster (5-7 Newton steps and no slacks) and stays the default there.
 
-Polish (declarations without auxiliary variables): once an element's largest complementarity
-product is below ``POLISH_START`` times the form's scale, its active set is guessed (a slack below
-its multiplier), the active rows and bounds are held at equality and the others dropped, and the
-remaining equality-constrained problem is solved by Newton steps on (x, nu) (one for the Euclidean
-regularizer, whose problem is then linear; ``POLISH_STEPS`` otherwise); pairs that break their sign
-condition change sides and the element is solved again (``POLISH_ROUNDS`` times at most: a
-primal-dual active-set step).  An element whose polished point meets the convergence test below,
-with every held multiplier and dropped slack non-negative and its dual residual below the tolerance
-without the float-resolution allowance, is done, with complementarity exactly 0: an interior point
-can approach a near-degenerate pair only as mu / s, the polish lands on it.  Measured
-(docs/generic.md), it ends most elements 3-4 iterations earlier and removes the tail of slow
-elements.  A bound at an end of f's domain (the entropies' 0 and 1, where phi' is infinite) is never
-held.  No polish for a user's phi (see :func:`kind_steps`).  For the Euclidean regularizer the same active-set solve also runs before the interior point,
-from the active set of the box's solution (x = z clamped; the bounds z leaves and the rows that x
-violates held, except the bounds of a held row's columns), with ``START_ROUNDS`` rounds of sign
-flips: measured, it solves every element of a path of 6 and 90% of a path of 30 there.
+Polish (the Euclidean regularizer on declarations without auxiliary variables, where the problem
+is a strictly convex quadratic program): once an element's largest complementarity product is
+below ``POLISH_START`` times the form's scale, its active set is guessed (a slack below its
+multiplier), the active rows and bounds are held at equality and the others dropped, and the
+remaining equality-constrained problem is solved exactly by one Newton step on (x, nu); pairs
+that break their sign condition change sides and the element is solved again (``POLISH_ROUNDS``
+times at most: a primal-dual active-set step), with ``POLISH_TRIES`` attempts per element (an
+active-set method can cycle on a degenerate element).  An element whose polished point has every
+held multiplier and dropped slack non-negative, its held rows met and its dual residual below
+the tolerances is done, with complementarity exactly 0: an interior point can approach a
+near-degenerate pair only as mu / s, the polish lands on it.  The same active-set solve also runs
+before the interior point, from the active set of the box's solution (x = z clamped; the bounds
+z leaves and the rows that x violates held, except the bounds of a held row's columns), with
+``START_ROUNDS`` rounds when that guess breaks at most ``START_MAX_WRONG`` sign conditions per
+element on average.  Measured (docs/generic.md): it solves every element of a path of 6 before
+the first iteration, and ends most elements of a path of 30 3-4 iterations earlier.  No polish
+for a nonlinear f (see :func:`kind_steps`).
 
 Factorization: M's sparsity pattern is fixed by C.  Where a nested-dissection order gives a shallow
 elimination tree (a path's or a chain's rows), M is factored by the level-scheduled sparse Cholesky
@@ -142,17 +143,19 @@ PROXIMAL = 1e-7
 PROXIMAL_DELAY = 12
 #: Relative jitter on the diagonal of the equilibrated normal matrix.
 JITTER = 1e-15
-#: Active-set polish (:func:`_polish`): tried on an element once its largest complementarity product is
-#: below POLISH_START times the form's scale, with POLISH_STEPS Newton steps for a nonlinear f (one for
-#: the Euclidean regularizer).
+#: Active-set polish (:func:`_polish`, the Euclidean regularizer only): tried on an element once its largest
+#: complementarity product is below POLISH_START times the form's scale, with POLISH_ROUNDS rounds of sign flips.
 POLISH_START = 1e-4
-POLISH_STEPS = 3
 POLISH_ROUNDS = 3
 #: Polish attempts per element (an active-set method can cycle on a degenerate element; the interior
 #: point then finishes it).
 POLISH_TRIES = 2
 #: Rounds of the active-set method that starts the Euclidean case (negative: none).
 START_ROUNDS = 6
+#: ... unless the box's active set breaks more sign conditions than this per element on average (measured:
+#: about 1.4 on a path of 6, where the rounds solve every element; 7.6 on a path of 30 and 13 on 1,000
+#: variables with 100 rows, where they cost more than they save).
+START_MAX_WRONG = 4.0
 #: In a polished solution, the vanishing member of a complementarity pair is 0 (a slack) or TINY (a
 #: multiplier); a row dropped from the polish system gets the diagonal weight HUGE.
 TINY = 1e-200
@@ -452,14 +455,15 @@ def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION):
     return (fraction / worst).clamp_(max=1.0)
 
 
-def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, rounds: int = 1):
+def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, rounds: int = 1, max_wrong=math.inf):
     """Active-set polish of the elements ``T (B, width)``: guess the active pairs (a slack below its
     multiplier), hold them at equality (the bound's value, the row's right-hand side), drop the
     others, and solve the remaining equality-constrained problem by ``steps`` Newton steps on
     (x, nu) from the current point (one solves it exactly for the Euclidean regularizer).  Where the
     solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
     -TOLERANCE), the offending pairs change sides and that element is solved again, up to ``rounds``
-    more times (a primal-dual active-set step).  Returns ``(T', g', h', accepted (B,))``: the
+    more times (a primal-dual active-set step), unless the first solve broke more than ``max_wrong``
+    sign conditions per element on average.  Returns ``(T', g', h', accepted (B,))``: the
     polished state, laid out as T, with the vanishing member of every pair at 0 (a slack) or ``TINY``
     (a multiplier), so that the backward reads the active set from it; its derivatives; and which
     elements are solved: sign conditions met, held rows met and the dual residual on the free
@@ -468,6 +472,10 @@ def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, round
     every free coordinate)."""
     held = (T[:, lay.o_s :] < T[:, lay.o_y : lay.o_s]) & lay.may_hold
     Tn, g, h, wrong, solved = _polish_once(ip, lay, T, zs, sz, steps, held)
+    if rounds and wrong.sum(-1).float().mean() > max_wrong:
+        # far from the final active set: it would change by a fraction per round, and the rounds
+        # would cost more than the interior-point iterations they replace
+        rounds = 0
     for _ in range(rounds):
         # a pair that may not be held (a domain end of f) and breaks its sign condition rules the element out
         again = ((wrong & lay.may_hold).any(-1) & ~(wrong & ~lay.may_hold).any(-1)).nonzero().squeeze(1)
@@ -546,15 +554,14 @@ def _box_guess(ip: InteriorPointProblem, lay: _Layout, z):
 
 
 def kind_steps(ip: InteriorPointProblem) -> int:
-    """Newton steps of a polish: one solves the Euclidean case exactly; POLISH_STEPS for the built-in
-    entropies; 0 (no polish) for a user's phi.  Measured (docs/generic.md), the polish made the
-    Tsallis entropy and an entropy + squared-norm mix 1.4-1.9x slower on declared polytopes: where
-    phi'' is infinite at an end of the domain, Newton steps in x from an iterate whose small
-    coordinates are not yet resolved overshoot past the end, and the active-set rounds rarely
-    recover; the interior point alone is faster there."""
-    if ip.kind == "euclidean":
-        return 1
-    return POLISH_STEPS if isinstance(ip.kind, str) else 0
+    """Newton steps of a polish: one, exact, for the Euclidean regularizer; 0 (no polish) otherwise.
+    Measured (docs/generic.md): with a nonlinear f, Newton steps in x from an iterate whose small
+    coordinates are not yet resolved overshoot past an end of f's domain where phi'' is infinite
+    (the entropies, the Tsallis entropies), and damped steps need more factorizations than the
+    interior-point iterations they save (the binary entropy on 1,000 variables with 100 rows: 1.8
+    s against 0.96 s); the polish gained 12% at most on the paths and cost 1.4-3.8x on a user's
+    phi."""
+    return 1 if ip.kind == "euclidean" else 0
 
 
 def _kkt(ip: InteriorPointProblem, lay: _Layout, T, g, h, zs):
@@ -616,7 +623,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     if polish and ip.kind == "euclidean" and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from the box's solution ends most elements before the
         # interior point starts (those it does not solve start it from the usual point)
-        Tn, gn, hn, ok = _polish(ip, lay, _box_guess(ip, lay, z), zs, sz, 1, START_ROUNDS)
+        Tn, gn, hn, ok = _polish(ip, lay, _box_guess(ip, lay, z), zs, sz, 1, START_ROUNDS, START_MAX_WRONG)
         T[ok], g[ok], h[ok] = Tn[ok], gn[ok], hn[ok]
     for _ in range(max_iter + 1):
         if polish and _:
