@@ -13,7 +13,8 @@ relaxation (and the hard argmax), on one batch of utilities in float64 and float
 
 The fast generic solver is checked the same way on a few polytopes declared with CVXPY: Newton
 on the dual (equality rows) and the interior-point method (inequality rows, a user-defined
-separable regularizer).
+separable regularizer, and a path of 30 whose normal matrix takes the level-scheduled sparse
+factorization).
 The hard argmax must be identical on both.  Exit status 1 if any check fails, so that a
 session lent an accelerator can run it as one command.  An argmax that a family computes on
 the CPU by design is checked for agreement and the output device like the others.
@@ -96,6 +97,10 @@ def declared_cases():
     path = sstcvx.Polytope.from_cvxpy(
         y, [y >= 0, y <= 1, y[:-1] + y[1:] <= 1], name="independent sets(path 6)", recognize=False
     )
+    z = cp.Variable(30)
+    long_path = sstcvx.Polytope.from_cvxpy(
+        z, [z >= 0, z <= 1, z[:-1] + z[1:] <= 1], name="independent sets(path 30)", recognize=False
+    )
     tsallis = sstcvx.Regularizer.separable(_tsallis, domain=(0.0, math.inf), name="tsallis_1.5")
     return [
         (ksub, "binary_entropy"),
@@ -104,6 +109,9 @@ def declared_cases():
         (path, "binary_entropy"),
         (path, "euclidean"),
         (path, tsallis),
+        # 29 rows: the level-scheduled sparse factorization of the normal matrix
+        (long_path, "binary_entropy"),
+        (long_path, "euclidean"),
     ]
 
 
