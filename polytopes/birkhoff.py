@@ -134,13 +134,11 @@ def _evaluate(Y):
     """
     X = Y.clamp_min(0.0)
     gu, gv = torch.rsub(X.sum(-1, keepdim=True), 1.0), torch.rsub(X.sum(-2, keepdim=True), 1.0)
-    err = torch.maximum(
-        torch.linalg.vector_norm(gu, _INF, dim=(-2, -1)), torch.linalg.vector_norm(gv, _INF, dim=(-2, -1))
-    )
+    # (abs().amax() rather than vector_norm(ord=inf): a third of the time at batch 128, one call more)
+    err = torch.maximum(gu.abs().amax((-2, -1)), gv.abs().amax((-2, -1)))
     return X, (X * X).sum((-2, -1)), gu, gv, err
 
 
-_INF = float("inf")
 
 
 def _exact_step(Y, du, dv):
