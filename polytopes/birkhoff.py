@@ -35,6 +35,7 @@ from .sinkhorn import (
     _NEWTON_RIDGE,
     _RIDGE_FLOOR,
     _SCALE_FACTOR,
+    _VJP_RIDGE,
     grounded_laplacian,
     run_batched,
     sinkhorn_vjp,
@@ -360,7 +361,34 @@ class _BirkhoffProjection(torch.autograd.Function):
         # orthogonal projection onto {D supported on S with zero row and column sums}, which is the
         # Sinkhorn adjoint with X replaced by the indicator of S
         (support,) = ctx.saved_tensors
-        return sinkhorn_vjp(support, G), None, None, None
+        return _support_vjp(support, G), None, None, None
+
+
+def _support_vjp(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projection of G (B, n, n) onto {D supported on S, zero row and column sums}.
+
+    S (B, n, n) is the 0/1 support of a projection X (every row and column of X sums to 1, so
+    none is empty).  The projection is S * (G - a 1^T - 1 b^T) with
+    a = (row sums of S * G - S b) / r and b the solution of the grounded Laplacian system
+    (1 1^T + diag(c + ridge) - S^T diag(1 / r) S) b = column sums of S * G - S^T (row sums of
+    S * G / r), r and c the row and column counts of S: :func:`sinkhorn_vjp` with X replaced by
+    S, in fewer calls (no products with X, the right side by one ``baddbmm``, the all-ones
+    grounding cached).  Where the factorisation fails (rounding on a disconnected support made
+    the matrix indefinite) it is :func:`sinkhorn_vjp`, which refactorises with a larger ridge.
+    Differentiable in G (double backward).  Cost: one n x n product and Cholesky solve, O(B n^3).
+    """
+    counts = S.sum(-1, keepdim=True).clamp_min_(1.0)  # r, (B, n, 1)
+    SG = S * G
+    a0 = SG.sum(-1, keepdim=True).div(counts)  # (B, n, 1)
+    S_rows_t = (S / counts).mT
+    rhs = torch.baddbmm(SG.sum(-2, keepdim=True).mT, S.mT, a0, alpha=-1.0)  # (B, n, 1)
+    laplacian = torch.baddbmm(ones_matrix(S.shape[-1], S.dtype, S.device), S_rows_t, S, alpha=-1.0)
+    laplacian.diagonal(dim1=-2, dim2=-1).add_(S.sum(-2).add_(_VJP_RIDGE))
+    L, info = torch.linalg.cholesky_ex(laplacian)
+    if bool(info.any()):
+        return sinkhorn_vjp(S, G)
+    b = torch.cholesky_solve(rhs, L)  # (B, n, 1)
+    return S * (G - torch.baddbmm(a0, S_rows_t.mT, b, alpha=-1.0) - b.mT)
 
 
 def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: int = BIRKHOFF_MAX_ITER) -> torch.Tensor:
