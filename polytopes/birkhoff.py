@@ -59,7 +59,7 @@ _COMPACT_BATCH = 32
 # rounding-sized gradient along a null direction of the Laplacian becomes a step of gradient / ridge,
 # which the line search then has to undo.
 _SUPPORT_RIDGE_FLOOR = 1e-9
-_MERIT_SWITCH = 1e-5  # below this residual its full steps must also not increase the largest residual
+_MERIT_SWITCH = 1e-5  # below this residual its phi test is blind: a full step must not increase the residual
 _EXACT_SEARCH_N = 16  # up to this n its failed full steps take the exact line search, beyond it backtracking
 _NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
 
@@ -128,17 +128,21 @@ def _birkhoff_stage(Z, beta, tol, budget, slack):
 
 
 def _evaluate(Y):
-    """X = max(Y, 0), |X|^2 (B,), the gradient (1 - r, 1 - c) of phi and its max norm, for Y (B, n, n).
+    """X = max(Y, 0), the gradient (1 - r, 1 - c) of phi and its max norm, for Y (B, n, n).
 
-    r, c the row and column sums of X, shaped (B, n, 1) and (B, 1, n); |X|^2 is twice the
-    quadratic part of phi.
+    r, c the row and column sums of X, shaped (B, n, 1) and (B, 1, n).
     """
     X = Y.clamp_min(0.0)
     gu, gv = torch.rsub(X.sum(-1, keepdim=True), 1.0), torch.rsub(X.sum(-2, keepdim=True), 1.0)
     # (one amax over both, side by side: vector_norm(ord=inf) is 3x slower at batch 128, and so are
     # broadcasts of (B, n, 1) against (B, 1, n))
     err = torch.cat((gu.mT, gv), -1).abs().amax((-2, -1))
-    return X, (X * X).sum((-2, -1)), gu, gv, err
+    return X, gu, gv, err
+
+
+def _square_norm(X):
+    """|X|^2 per element, (B,): twice the quadratic part of phi."""
+    return (X * X).sum((-2, -1))
 
 
 
@@ -204,12 +208,14 @@ def _birkhoff_newton(Z, tol, max_iter):
     Y = Z minus its row and column means plus its mean and 1 / n: every row and column
     of Y sums to 1, so every row has support, and no sorting is needed.
 
-    A full step is taken when it decreases phi (up to rounding, computed as a difference of
-    |X|^2 so that its rounding is that of |X|^2, not of |u|; below residual _MERIT_SWITCH,
-    where that test is blind, the largest residual must not grow either).  A full step
-    from anywhere on a piece of phi lands on the minimiser of that piece's quadratic, so
-    decreasing full steps visit each piece at most once: finite termination.  The elements
-    whose full step fails take, for n <= _EXACT_SEARCH_N, the exact minimiser of phi along
+    A full step is taken when its largest residual does not grow (the common case: two calls,
+    no values of phi), else when it decreases phi (up to rounding, computed as a difference of
+    |X|^2 so that its rounding is that of |X|^2, not of |u|), except below residual
+    _MERIT_SWITCH, where that test is blind.  (A full step from anywhere on a piece of phi lands
+    on the minimiser of that piece's quadratic, so full steps that decrease phi visit each piece
+    at most once; steps taken for a smaller residual carry no such guarantee, and the step
+    budget with the staged solver behind it is the backstop.)  The elements whose full step
+    fails both tests take, for n <= _EXACT_SEARCH_N, the exact minimiser of phi along
     the direction (see :func:`_exact_step`: far from the solution the Newton direction on a
     wrong support can be thousands of times too long; below batch _COMPACT_BATCH the
     search runs on the whole batch, t = 1 kept where the full step passed, which costs fewer
@@ -217,19 +223,19 @@ def _birkhoff_newton(Z, tol, max_iter):
     breakpoints costs more than a few trials) t quartered per element (at most
     _BIRKHOFF_HALVINGS trials).  Converged elements stay put (their rounding-sized gradients
     may point along directions where the Laplacian is singular but for the ridge), and from
-    batch _COMPACT_BATCH on they are set aside once they are at least a fifth of the batch (every step
-    from the start takes most elements a few steps, so the bulk converges together).
+    batch _COMPACT_BATCH on they are set aside once they are at least a fifth of the batch (from
+    the start most elements need about as many steps, so the bulk converges together).
     ``tol`` (B,): per element.  err (B,) is the largest |row or column sum - 1|; elements
     with err > tol after ``max_iter`` steps are left to the caller.  Cost per step: one
     batched n x n product, Cholesky solve and about 20 elementwise passes over (B, n, n);
-    about 45 torch calls and one host synchronisation when every full step passes (the
+    about 35 torch calls and two host synchronisations when every full step passes (the
     cost at small batches).
     """
     n = Z.shape[-1]
     row_means = Z.mean(-1, keepdim=True)
     Y = (Z - row_means).sub_(Z.mean(-2, keepdim=True)).add_(row_means.mean(-2, keepdim=True).add_(1.0 / n))
-    X, quad, gu, gv, err = _evaluate(Y)
-    slack2 = 128 * n * n * _EPS64 * (0.5 * quad + 1.0)  # twice the rounding of a change of phi, computed as below
+    X, gu, gv, err = _evaluate(Y)
+    slack2 = 128 * n * n * _EPS64 * (0.5 * _square_norm(X) + 1.0)  # twice the rounding of a change of phi, computed as below
     grounding = _grounding(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
@@ -242,8 +248,8 @@ def _birkhoff_newton(Z, tol, max_iter):
                 # set converged elements aside once they are a fifth: the stragglers' steps are cheaper alone
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
-                index, Y, X, quad, gu, gv, err, tol, slack2 = (
-                    T.index_select(0, keep) for T in (index, Y, X, quad, gu, gv, err, tol, slack2)
+                index, Y, X, gu, gv, err, tol, slack2 = (
+                    T.index_select(0, keep) for T in (index, Y, X, gu, gv, err, tol, slack2)
                 )
             else:
                 moving = pending.to(Z.dtype)[:, None, None]
@@ -263,19 +269,23 @@ def _birkhoff_newton(Z, tol, max_iter):
         trial = Y + E
         trial_eval = _evaluate(trial)
         # twice the change of phi, |X(1)|^2 - |X|^2 + 2 (sum du + sum dv), and sum D = n (sum du + sum dv)
-        change = torch.sub(trial_eval[1], quad).sub_(E.sum((-2, -1)), alpha=2.0 / n)
-        ok = (change <= slack2) & ((trial_eval[4] <= err) | (err >= _MERIT_SWITCH))
+        ok = trial_eval[3] <= err
         if bool(ok.all()):  # the common case: every element takes its full step
-            Y, (X, quad, gu, gv, err) = trial, trial_eval
+            Y, (X, gu, gv, err) = trial, trial_eval
+            continue
+        change = torch.sub(_square_norm(trial_eval[0]), _square_norm(X)).sub_(E.sum((-2, -1)), alpha=2.0 / n)
+        ok = ok | ((change <= slack2) & (err >= _MERIT_SWITCH))
+        if bool(ok.all()):
+            Y, (X, gu, gv, err) = trial, trial_eval
             continue
         du, dv = du.neg_(), dv.mT.neg_()  # the direction itself, (B, n, 1) and (B, 1, n)
         D = E.neg_()
         if n <= _EXACT_SEARCH_N and len(Y) < _COMPACT_BATCH:
             Y = Y - torch.where(ok.view(-1, 1, 1), 1.0, _exact_step(Y, du, dv)) * D
-            X, quad, gu, gv, err = _evaluate(Y)
+            X, gu, gv, err = _evaluate(Y)
             continue
         # the elements whose full step failed search alone, a smaller batch
-        state = [Y, X, quad, gu, gv, err]
+        state = [Y, X, gu, gv, err]
         for i, T in enumerate((trial,) + trial_eval):
             state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
         back = (~ok).nonzero().squeeze(-1)
@@ -287,14 +297,15 @@ def _birkhoff_newton(Z, tol, max_iter):
                 T.index_copy_(0, back, value)
         else:
             # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
-            quadb, errb, slackb = (T.index_select(0, back) for T in (quad, err, slack2))
+            quadb, errb, slackb = (T.index_select(0, back) for T in (_square_norm(X), err, slack2))
             sumb = Db.sum((-2, -1)) * (2.0 / n)
             t = 1.0
             for _ in range(_BIRKHOFF_HALVINGS):
                 t = 0.25 * t
                 trial = Yb - t * Db
                 trial_eval = _evaluate(trial)
-                ok = (trial_eval[1] - quadb + t * sumb <= slackb) & ((trial_eval[4] <= errb) | (errb >= _MERIT_SWITCH))
+                decrease = _square_norm(trial_eval[0]) - quadb + t * sumb <= slackb
+                ok = (trial_eval[3] <= errb) | (decrease & (errb >= _MERIT_SWITCH))
                 taken = back[ok]
                 for T, value in zip(state, (trial,) + trial_eval):
                     T.index_copy_(0, taken, value[ok])
@@ -304,7 +315,7 @@ def _birkhoff_newton(Z, tol, max_iter):
                 back, Yb, Db, quadb, errb, slackb, sumb = (
                     T.index_select(0, keep) for T in (back, Yb, Db, quadb, errb, slackb, sumb)
                 )
-        Y, X, quad, gu, gv, err = state
+        Y, X, gu, gv, err = state
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
     return X, err, step
