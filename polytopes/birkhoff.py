@@ -432,7 +432,7 @@ def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: in
 
     Forward: when max(Z) - min(Z) <= 32 (tau ~ 1), semi-smooth Newton on both dual
     potentials from the projection onto the affine hull (see :func:`_birkhoff_newton`),
-    3-9 steps per element at n = 4-10 and 6-16 at n = 50, each an n x n Cholesky solve and
+    3-9 steps per element at n = 4-10 and 6-25 at n = 50, each an n x n Cholesky solve and
     elementwise passes (no sorting), exact once the support is found;
     otherwise, and for the rare elements it leaves, semi-smooth Newton on the dual in b
     with the row potentials a exact by sorting (see :func:`_birkhoff_stage`), with
