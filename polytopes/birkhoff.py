@@ -145,8 +145,6 @@ def _square_norm(X):
     return (X * X).sum((-2, -1))
 
 
-
-
 def _exact_step(Y, du, dv):
     """The step length t in [0, 1] minimising phi along (du, dv) from Y = Z - u 1^T - 1 v^T; (m, 1, 1).
 
@@ -235,7 +233,8 @@ def _birkhoff_newton(Z, tol, max_iter):
     row_means = Z.mean(-1, keepdim=True)
     Y = (Z - row_means).sub_(Z.mean(-2, keepdim=True)).add_(row_means.mean(-2, keepdim=True).add_(1.0 / n))
     X, gu, gv, err = _evaluate(Y)
-    slack2 = 128 * n * n * _EPS64 * (0.5 * _square_norm(X) + 1.0)  # twice the rounding of a change of phi, computed as below
+    # twice the rounding of a change of phi, computed as below
+    slack2 = 128 * n * n * _EPS64 * (0.5 * _square_norm(X) + 1.0)
     grounding = _grounding(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
@@ -263,7 +262,8 @@ def _birkhoff_newton(Z, tol, max_iter):
         laplacian = torch.baddbmm(grounding, S_rows_t, S, alpha=-1.0)
         e = err.unsqueeze(-1)
         laplacian.diagonal(dim1=-2, dim2=-1).add_(torch.addcmul(S.sum(-2), e, e, value=_NEWTON_RIDGE))
-        dv = torch.cholesky_solve(torch.baddbmm(gv.mT, S_rows_t, gu, alpha=-1.0), torch.linalg.cholesky_ex(laplacian)[0])
+        L = torch.linalg.cholesky_ex(laplacian)[0]
+        dv = torch.cholesky_solve(torch.baddbmm(gv.mT, S_rows_t, gu, alpha=-1.0), L)
         du = torch.baddbmm(gu, S, dv, alpha=-1.0).div_(counts)  # -du and -dv, (B, n, 1) both
         E = du + dv.mT
         trial = Y + E
