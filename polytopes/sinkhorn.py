@@ -24,7 +24,7 @@ Tuning constants (all float64, dimensionless unless said):
 ``_SWEEPS``            2       Sinkhorn sweeps before the Newton steps of a stage
 ``_NARROW_SPREAD``     64      spread of Z up to which one stage without floors is used
 ``_NARROW_SWEEPS``     3       Sinkhorn sweeps before Newton in the log-domain fallback of that narrow path
-``_LINEAR_SWEEPS``     4       linear-space Sinkhorn sweeps before Newton on the narrow path
+``_LINEAR_SWEEPS``     6       linear-space Sinkhorn sweeps before Newton on the narrow path
 ``_NARROW_STEP``       0.8     narrow path: Newton steps longer than 0.8 (max |d|) are cut to 0.8, no line search
 ``_COMPACT_BATCH``     32      narrow path: from this batch size on, converged elements are set aside
 ``_SAFE_STEP``         0.3     Newton steps with max |d| <= 0.3 skip the line search
@@ -72,7 +72,7 @@ _NARROW_SPREAD = 64.0
 _NARROW_SWEEPS = 3
 # The narrow path (see _narrow_newton): linear-space Sinkhorn sweeps before its Newton steps, and the
 # longest step it takes without a line search (max |change of a potential|; see there for the bound).
-_LINEAR_SWEEPS = 4
+_LINEAR_SWEEPS = 6
 _NARROW_STEP = 0.8
 # The narrow path sets converged elements aside (see _narrow_newton) in batches of at least this many.
 _COMPACT_BATCH = 32
@@ -444,7 +444,7 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     beyond float32.  The state is log X with the potentials absorbed, so
     rounding is relative to the O(1) entries that matter, not to |Z|.
 
-    Forward: when max(Z) - min(Z) <= 64 (the usual case at tau ~ 1), four
+    Forward: when max(Z) - min(Z) <= 64 (the usual case at tau ~ 1), six
     linear-space Sinkhorn sweeps, then Newton on the dual in the exp domain
     without a line search (see :func:`_narrow_newton`; an n x n Cholesky
     solve per step, O(n^3); 2-5 steps at n = 4-50).  Larger spreads are

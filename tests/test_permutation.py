@@ -207,6 +207,18 @@ def test_projection_newton_path_agrees_with_the_staged_solver(n):
     torch.testing.assert_close(X_left, reference, atol=3e-12, rtol=0)
 
 
+def test_projection_support_adjoint_is_the_general_adjoint():
+    """The projection's backward (_support_vjp) against sinkhorn_vjp on the support, connected or not."""
+    from polytopes import birkhoff
+    from polytopes.sinkhorn import sinkhorn_vjp
+
+    generator = torch.Generator().manual_seed(4)
+    for scale, n in ((0.3, 5), (2.0, 10), (100.0, 6)):  # dense, sparse, and near-permutation supports
+        S = (birkhoff_projection(scale * torch.randn(16, n, n, dtype=torch.float64, generator=generator)) > 0).double()
+        G = torch.randn(16, n, n, dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(birkhoff._support_vjp(S, G), sinkhorn_vjp(S, G), atol=1e-12, rtol=0)
+
+
 def test_projection_exact_line_search_minimises_along_the_direction():
     """_exact_step's t against a dense grid of phi(t) = 1/2 |max(Y - t D, 0)|^2 + t sum(du + dv) on [0, 1]."""
     from polytopes import birkhoff
