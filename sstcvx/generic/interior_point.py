@@ -564,14 +564,11 @@ def kind_steps(ip: InteriorPointProblem) -> int:
     return 1 if ip.kind == "euclidean" else 0
 
 
-def _kkt(ip: InteriorPointProblem, lay: _Layout, T, g, h, zs):
-    """The residuals of T and the convergence test: ``(rd (B, N), rp (B, m), SY (B, P), mu (B,), done
-    (B,), res (B,))`` -- the dual and primal residuals, the complementarity products and their mean,
-    whether the element meets every tolerance (primal, dual up to the resolution of floats at x,
-    the largest product), and the largest scaled residual."""
+def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
+    """The residuals of T: ``(rd (B, N), rp (B, m), SY (B, P), mu (B,))``, the dual and primal residuals,
+    the complementarity products and their mean."""
     N, m, m_eq, mi, nx = lay.N, lay.m, lay.m_eq, lay.mi, lay.nx
     o_y, o_s = lay.o_y, lay.o_s
-    scale = ip.dual.scale
     S, Y = T[:, o_s:], T[:, o_y:o_s]
     rd = T[:, N : N + m] @ ip.C
     rd -= T[:, o_y + mi : o_y + mi + N]
@@ -581,16 +578,23 @@ def _kkt(ip: InteriorPointProblem, lay: _Layout, T, g, h, zs):
     if mi:
         rp[:, m_eq:] += S[:, :mi]
     SY = S * Y
-    mu = SY.sum(-1) / ip.pairs
-    p = rp.abs().amax(-1) if m else mu.new_zeros(mu.shape)
+    return rd, rp, SY, SY.sum(-1) / ip.pairs
+
+
+def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu):
+    """The convergence test on :func:`_residuals`' output: ``(done (B,), res (B,))``, whether the element
+    meets every tolerance (primal, dual up to the resolution of floats at x, the largest product),
+    and its largest scaled residual."""
+    scale, nx = ip.dual.scale, lay.nx
+    p = rp.abs().amax(-1) if lay.m else mu.new_zeros(mu.shape)
     a = rd.abs()
     ax = a[:, :nx]
     ax.masked_fill_(ax <= 4 * torch.finfo(T.dtype).eps * h * T[:, :nx].abs().clamp_min(1.0), 0.0)
-    dd = a.amax(-1) if N else mu.new_zeros(mu.shape)
+    dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
     res = torch.maximum(p / scale, torch.maximum(dd, mu / scale))
     top = SY.amax(-1) if lay.pairs else mu
     done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (top <= MU_TOLERANCE * scale)
-    return rd, rp, SY, mu, done, res
+    return done, res
 
 
 def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -> InteriorPointSolution:
@@ -636,12 +640,18 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
                 if bool(ok.any()):
                     near = near[ok]
                     T[near], g[near], h[near] = Tn[ok], gn[ok], hn[ok]
-        rd, rp, SY, mu, done, res = _kkt(ip, lay, T, g, h, zs)
+        rd, rp, SY, mu = _residuals(ip, lay, T, g, zs)
         S, Y = T[:, o_s:], T[:, o_y:o_s]
-        finite = torch.isfinite(res)
-        stop = done | ~finite
         last = _ == max_iter
-        if bool(stop.any()) or last:
+        # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
+        # about 20 operations saved in most iterations
+        if lay.pairs and not last and not bool((~(SY.amax(-1) > MU_TOLERANCE * scale)).any()):
+            stop = None
+        else:
+            done, res = _converged(ip, lay, T, h, rd, rp, SY, mu)
+            finite = torch.isfinite(res)
+            stop = done | ~finite
+        if stop is not None and (bool(stop.any()) or last):
             sub_status = torch.where(done, STATUS_CONVERGED, torch.where(finite, STATUS_MAX_ITER, STATUS_NOT_FINITE))
             if index is None:
                 status, residual = sub_status, res
