@@ -145,13 +145,9 @@ def test_tree_dp_is_the_brute_force_to_1e12(n):
         torch.testing.assert_close(tree_marginals(z, k), brute, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("n,k", [(6, 2), (9, 4), (12, 1), (13, 7)])
-def test_tree_dp_backward_is_the_gibbs_covariance_to_1e12(n, k, keep, monkeypatch):
-    # rows 0-1 moderate (linear-space passes), row 2 at a spread of 2e3 (the log-space rows), mixed in one batch;
-    # keep=False: the backward recomputes the prefix tables (as for tables too large to keep) instead of reusing them
-    if not keep:
-        monkeypatch.setattr("polytopes.ksubset._KEEP_ENTRIES", 0)
+def test_tree_dp_backward_is_the_gibbs_covariance_to_1e12(n, k):
+    # rows 0-1 moderate (linear-space passes), row 2 at a spread of 2e3 (the log-space rows), mixed in one batch
     z = torch.randn(3, n, dtype=torch.float64)
     z[2] *= 1e3
     g = torch.randn(3, n, dtype=torch.float64)
