@@ -483,44 +483,35 @@ def _pair_weight(c: int, k: int) -> float:
     return 0.5 if 2 * c == k - 1 else 1.0
 
 
-# (768 KB in float64, within a core's cache); larger ones are recomputed, which costs less than
-# reading them back from memory.
-_KEEP_ENTRIES = 96 * 1024
-
-
 def _linear_forward(w: torch.Tensor, k: int):
     """Gibbs marginals (B, n) from the weights w (B, n) by prefix sums in linear space; also the state for the backward.
 
     The rows of W = [w; mirror(w)] (2B, n) hold w's prefixes on top and its
     suffixes below.  Q_j[:, t] = e_j(first t entries of the row) follows from
     Q_{j-1} by one cumulative sum over the items, Q_j[:, t + 1] = sum_{s <= t} W_s Q_{j-1}[:, s]
-    (Q_0 = 1), two batched operations per degree on flat views (:func:`_shifted_weights`).
-    Item t's leave-one-out coefficient is e_{k-1}(others) = sum_c e_{k-1-c}(before t) e_c(after t);
+    (Q_0 = 1), two batched operations per degree, in one buffer.  Item t's
+    leave-one-out coefficient is e_{k-1}(others) = sum_c e_{k-1-c}(before t) e_c(after t);
     the top half of Q_{k-1-c} * mirror(Q_c) holds term c and its bottom half the
     mirror of term k - 1 - c, so the pairs c <= (k - 1) / 2 suffice (only their
     mirrors are kept).  Marginal w_t e_{k-1}(others) / e_k, with k e_k = sum_t w_t e_{k-1}(others).
-    The tables Q_j are kept for the backward while they hold at most ``_KEEP_ENTRIES``
-    entries; otherwise every degree reuses one buffer.
     """
-    B, n = w.shape
+    B = w.shape[0]
     if k == 1:  # one item: the softmax
         x = w / w.sum(-1, keepdim=True)
-        return x, (None, None, None, None, None, None, x)
+        return x, (None, None, None, None, None, x)
     half = (k - 1) // 2
     W = _shifted_weights(w)
     step = torch.empty_like(W)
     step[0, 0] = 0.0  # column 0 stays 0 (e_j of no entries, j >= 1): the other rows get W's zero last column
     head, left = step.view(-1)[1:], W.view(-1)[:-1]  # views made once: every degree reuses the same buffers
     head.copy_(left)
-    keep = (k - 1) * 2 * B * n <= _KEEP_ENTRIES
-    depth = k - 1 if keep else 1
-    tables = W.new_empty(depth, 2 * B, n)
-    rows, lefts = tables.unbind(0), tables.view(depth, -1)[:, :-1].unbind(0)
+    Q = torch.cumsum(step, -1)
+    Q_left = Q.view(-1)[:-1]
     mirrored, acc = [], None
     for j in range(1, k):
         if j > 1:
-            torch.mul(left, lefts[(j - 2) % depth], out=head)
-        Q = torch.cumsum(step, -1, out=rows[(j - 1) % depth])
+            torch.mul(left, Q_left, out=head)
+            torch.cumsum(step, -1, out=Q)
         if j <= half:
             mirrored.append(_mirror(Q))
         c = k - 1 - j
@@ -537,63 +528,38 @@ def _linear_forward(w: torch.Tensor, k: int):
     m = w * others
     scale = k / m.sum(-1, keepdim=True)  # 1 / e_k
     x = m.mul_(scale)
-    return x, (w, W, tables if keep else None, mirrored, others, scale, x)
-
-
-def _tangent_tables(W: torch.Tensor, dW: torch.Tensor, tables, k: int):
-    """(Q_j, dQ_j) for j = 1..k - 1, each pair valid until the next is produced (buffers are reused).
-
-    dQ_j obeys Q_j's recurrence with the source dW_s Q_{j-1}[:, s] added (the tangent of a
-    cumulative sum is the cumulative sum of the tangents).  With the forward's tables, one
-    product, one fused multiply-add and one cumulative sum per degree; without them, Q_j is
-    recomputed alongside in one buffer X_j = [Q_j; dQ_j] (4B rows).
-    """
-    left, d_left = W.view(-1)[:-1], dW.view(-1)[:-1]
-    if tables is not None:
-        step = torch.empty_like(W)  # the input of dQ_j's cumulative sum
-        step[0, 0] = 0.0  # column 0 stays 0, as in _linear_forward
-        head = step.view(-1)[1:]
-        head.copy_(d_left)
-        dQ = torch.cumsum(step, -1)
-        dQ_left = dQ.view(-1)[:-1]
-        rows, lefts = tables.unbind(0), tables.view(k - 1, -1)[:, :-1].unbind(0)
-        yield rows[0], dQ
-        for j in range(2, k):
-            torch.mul(left, dQ_left, out=head)
-            head.addcmul_(d_left, lefts[j - 2])
-            torch.cumsum(step, -1, out=dQ)
-            yield rows[j - 1], dQ
-        return
-    step = W.new_empty((2,) + W.shape)  # [Q; dQ] inputs of the cumulative sums
-    step[:, 0, 0] = 0.0
-    flat = step.view(2, -1)
-    head, d_head = flat[:, 1:], flat[1, 1:]
-    head[0].copy_(left)
-    d_head.copy_(d_left)
-    X = torch.cumsum(step, -1)
-    X_left, Q_left = X.view(2, -1)[:, :-1], X[0].view(-1)[:-1]
-    yield X[0], X[1]
-    for _ in range(2, k):
-        torch.mul(left, X_left, out=head)  # both halves: W broadcasts over [Q; dQ]
-        d_head.addcmul_(d_left, Q_left)
-        torch.cumsum(step, -1, out=X)
-        yield X[0], X[1]
+    return x, (w, W, mirrored, others, scale, x)
 
 
 def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
     """H g (B, n) for H = d marginals / dz (the Gibbs covariance, symmetric): the tangent of :func:`_linear_forward` along g.
 
-    The tangents dQ_j of the prefix sums come from :func:`_tangent_tables` (dW = W g);
-    the pair products differentiate to dQ_{k-1-c} mirror(Q_c) + Q_{k-1-c} mirror(dQ_c).
+    The prefix sums are recomputed with their tangents in one buffer X_j = [Q_j; dQ_j]
+    (4B rows; recomputing costs fewer fresh pages than keeping them): dQ_j obeys
+    Q_j's recurrence with the source dW_s Q_{j-1}[:, s] added (dW = W g; the tangent
+    of a cumulative sum is the cumulative sum of the tangents).  The pair products
+    differentiate to dQ_{k-1-c} mirror(Q_c) + Q_{k-1-c} mirror(dQ_c).
     """
-    w, W, tables, mirrored, others, scale, x = state
+    w, W, mirrored, others, scale, x = state
     if k == 1:
         return x * (g - (x * g).sum(-1, keepdim=True))
-    B = g.shape[0]
-    half = (k - 1) // 2
+    B, n = g.shape
+    R, half = 2 * B, (k - 1) // 2
     dW = torch.cat([g, _mirror(g)]).mul_(W)  # its last column is 0 with W's
+    step = W.new_empty(2, R, n)  # [Q; dQ] inputs of the cumulative sums
+    step[:, 0, 0] = 0.0  # column 0 stays 0, as in _linear_forward
+    flat = step.view(2, -1)
+    head, d_head, left, d_left = flat[:, 1:], flat[1, 1:], W.view(-1)[:-1], dW.view(-1)[:-1]
+    head[0].copy_(left)
+    d_head.copy_(d_left)
+    X = torch.cumsum(step, -1)
+    Q, dQ, X_left, Q_left = X[0], X[1], X.view(2, -1)[:, :-1], X[0].view(-1)[:-1]
     flips, d_acc = [], None
-    for j, (Q, dQ) in enumerate(_tangent_tables(W, dW, tables, k), start=1):
+    for j in range(1, k):
+        if j > 1:
+            torch.mul(left, X_left, out=head)  # both halves: W broadcasts over [Q; dQ]
+            d_head.addcmul_(d_left, Q_left)
+            torch.cumsum(step, -1, out=X)
         if j <= half:
             flips.append(_mirror(dQ))
         c = k - 1 - j
