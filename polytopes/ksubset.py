@@ -458,20 +458,6 @@ def _linear_weights(z: torch.Tensor, k: int):
     return torch.exp(y.clamp_min(-(span + _FLOOR_MARGIN))), qualifies
 
 
-def _shifted_weights(w: torch.Tensor) -> torch.Tensor:
-    """W = [w; mirror(w)] (2B, n) with its last column set to 0, for the prefix sums on flat views.
-
-    The prefix sums before each item never use a row's last item, so that entry may be 0; then
-    the product of W and Q read as one flat vector, shifted by one entry, writes the product of
-    each row's last entry (0) into column 0 of the next row, which is the 0 that the cumulative
-    sums need there.  Contiguous flat views run as one long vectorised loop instead of one
-    short loop per row.
-    """
-    W = torch.cat([w, _mirror(w)])
-    W[:, -1] = 0.0
-    return W
-
-
 def _mirror(Q: torch.Tensor) -> torch.Tensor:
     """Rows and items reversed.  On a stack [prefix rows; suffix rows] whose suffix rows are the
     prefix rows reversed (rows and items), the two halves trade places, each in the other's order."""
@@ -498,15 +484,14 @@ def _linear_forward(w: torch.Tensor, k: int):
     B = w.shape[0]
     if k == 1:  # one item: the softmax
         x = w / w.sum(-1, keepdim=True)
-        return x, (None, None, None, None, None, x)
+        return x, (None, None, None, None, x)
     half = (k - 1) // 2
-    W = _shifted_weights(w)
-    step = torch.empty_like(W)
-    step[0, 0] = 0.0  # column 0 stays 0 (e_j of no entries, j >= 1): the other rows get W's zero last column
-    head, left = step.view(-1)[1:], W.view(-1)[:-1]  # views made once: every degree reuses the same buffers
+    W = torch.cat([w, _mirror(w)])
+    step = torch.zeros_like(W)  # column 0 stays 0 (e_j of no entries, j >= 1)
+    head, left = step[:, 1:], W[:, :-1]  # views made once: every degree reuses the same buffers
     head.copy_(left)
     Q = torch.cumsum(step, -1)
-    Q_left = Q.view(-1)[:-1]
+    Q_left = Q[:, :-1]
     mirrored, acc = [], None
     for j in range(1, k):
         if j > 1:
@@ -528,7 +513,7 @@ def _linear_forward(w: torch.Tensor, k: int):
     m = w * others
     scale = k / m.sum(-1, keepdim=True)  # 1 / e_k
     x = m.mul_(scale)
-    return x, (w, W, mirrored, others, scale, x)
+    return x, (W, mirrored, others, scale, x)
 
 
 def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
@@ -540,20 +525,18 @@ def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
     of a cumulative sum is the cumulative sum of the tangents).  The pair products
     differentiate to dQ_{k-1-c} mirror(Q_c) + Q_{k-1-c} mirror(dQ_c).
     """
-    w, W, mirrored, others, scale, x = state
+    W, mirrored, others, scale, x = state
     if k == 1:
         return x * (g - (x * g).sum(-1, keepdim=True))
     B, n = g.shape
     R, half = 2 * B, (k - 1) // 2
-    dW = torch.cat([g, _mirror(g)]).mul_(W)  # its last column is 0 with W's
-    step = W.new_empty(2, R, n)  # [Q; dQ] inputs of the cumulative sums
-    step[:, 0, 0] = 0.0  # column 0 stays 0, as in _linear_forward
-    flat = step.view(2, -1)
-    head, d_head, left, d_left = flat[:, 1:], flat[1, 1:], W.view(-1)[:-1], dW.view(-1)[:-1]
+    dW = torch.cat([g, _mirror(g)]).mul_(W)
+    step = W.new_zeros(2, R, n)  # [Q; dQ] inputs of the cumulative sums; column 0 stays 0
+    head, d_head, left, d_left = step[:, :, 1:], step[1, :, 1:], W[:, :-1], dW[:, :-1]
     head[0].copy_(left)
     d_head.copy_(d_left)
     X = torch.cumsum(step, -1)
-    Q, dQ, X_left, Q_left = X[0], X[1], X.view(2, -1)[:, :-1], X[0].view(-1)[:-1]
+    Q, dQ, X_left, Q_left = X[0], X[1], X[:, :, :-1], X[0, :, :-1]
     flips, d_acc = [], None
     for j in range(1, k):
         if j > 1:
@@ -574,7 +557,7 @@ def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
             else:
                 d_acc.addcmul_(dQ, mirrored[c - 1], value=weight).addcmul_(Q, flips[c - 1], value=weight)
     d_others = d_acc[:B] + _mirror(d_acc[B:])
-    dm = w * torch.addcmul(d_others, g, others)  # the tangent of m = w e_{k-1}(others)
+    dm = W[:B] * torch.addcmul(d_others, g, others)  # the tangent of m = w e_{k-1}(others)
     return torch.addcmul(dm, x, dm.sum(-1, keepdim=True), value=-1.0 / k).mul_(scale)
 
 
