@@ -65,7 +65,7 @@ z leaves and the rows that x violates held, except the bounds of a held row's co
 ``START_ROUNDS`` rounds when that guess breaks at most ``START_MAX_WRONG`` sign conditions per
 element on average.  Measured (docs/generic.md): it solves every element of a path of 6 before
 the first iteration, and ends most elements of a path of 30 3-4 iterations earlier.  No polish
-for a nonlinear f (see :func:`kind_steps`).
+for a nonlinear f (see :func:`_polish_steps`).
 
 Factorization: M's sparsity pattern is fixed by C.  Where a nested-dissection order gives a shallow
 elimination tree (a path's or a chain's rows), M is factored by the level-scheduled sparse Cholesky
@@ -553,7 +553,7 @@ def _box_guess(ip: InteriorPointProblem, lay: _Layout, z):
     return torch.cat([x, nu, held, 1.0 - held], 1)
 
 
-def kind_steps(ip: InteriorPointProblem) -> int:
+def _polish_steps(ip: InteriorPointProblem) -> int:
     """Newton steps of a polish: one, exact, for the Euclidean regularizer; 0 (no polish) otherwise.
     Measured (docs/generic.md): with a nonlinear f, Newton steps in x from an iterate whose small
     coordinates are not yet resolved overshoot past an end of f's domain where phi'' is infinite
@@ -623,7 +623,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     nc = ip.pairs
     index = None  # the indices of the active elements, None while all are active
     T_all = T
-    polish = N == nx and kind_steps(ip) > 0
+    polish = N == nx and _polish_steps(ip) > 0
     if polish and ip.kind == "euclidean" and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from the box's solution ends most elements before the
         # interior point starts (those it does not solve start it from the usual point)
@@ -636,7 +636,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             near = near.nonzero().squeeze(1)
             if near.numel():
                 tries[near] += 1
-                Tn, gn, hn, ok = _polish(ip, lay, T[near], zs[near], sz[near], kind_steps(ip), POLISH_ROUNDS)
+                Tn, gn, hn, ok = _polish(ip, lay, T[near], zs[near], sz[near], _polish_steps(ip), POLISH_ROUNDS)
                 if bool(ok.any()):
                     near = near[ok]
                     T[near], g[near], h[near] = Tn[ok], gn[ok], hn[ok]
