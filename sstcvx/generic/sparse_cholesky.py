@@ -215,22 +215,40 @@ class SparseCholesky:
         return F
 
     def solve(self, F: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """``M^{-1} r`` for right-hand sides ``r (m, B)`` (batch last) with the factor ``F`` of
-        :meth:`factor`; ``(m, B)``."""
-        L, inverse_pivot = F[: self.nnz], F[self.nnz :]
-        y = r.index_select(0, self.perm)
-        for step in self.schedule:
-            if step["entries"].numel():
-                down = L.index_select(0, step["entries"]) * y.index_select(0, step["entry_cols"])
-                y.index_add_(0, step["entry_rows"], down, alpha=-1.0)
-        y *= inverse_pivot
-        for step in reversed(self.schedule):
-            if step["entries"].numel():
-                up = L.index_select(0, step["entries"]) * y.index_select(0, step["entry_rows"])
-                y.index_add_(0, step["entry_cols"], up, alpha=-1.0)
+        """``M^{-1} r`` for right-hand sides ``r (m, B)`` or ``(m, B, k)`` (batch last) with the factor ``F``
+        of :meth:`factor`; the shape of r."""
+        y = self.forward(F, r.index_select(0, self.perm))
+        y *= self.inverse_pivot(F, y)
+        y = self.backward(F, y)
         x = torch.empty_like(y)
         x[self.perm] = y
         return x
+
+    def inverse_pivot(self, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``1 / D`` of :meth:`factor`'s ``F``, shaped to multiply ``y (m, B)`` or ``(m, B, k)``."""
+        d = F[self.nnz :]
+        return d.unsqueeze(-1) if y.dim() > d.dim() else d
+
+    def forward(self, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``L^{-1} y`` in place, for ``y (m, B)`` or ``(m, B, k)`` already in the elimination order
+        (``r.index_select(0, perm)``)."""
+        L, wide = F[: self.nnz], y.dim() > F.dim()
+        for step in self.schedule:
+            if step["entries"].numel():
+                Le = L.index_select(0, step["entries"])
+                down = (Le.unsqueeze(-1) if wide else Le) * y.index_select(0, step["entry_cols"])
+                y.index_add_(0, step["entry_rows"], down, alpha=-1.0)
+        return y
+
+    def backward(self, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``L^{-T} y`` in place, for ``y`` as in :meth:`forward` (the result in the elimination order)."""
+        L, wide = F[: self.nnz], y.dim() > F.dim()
+        for step in reversed(self.schedule):
+            if step["entries"].numel():
+                Le = L.index_select(0, step["entries"])
+                up = (Le.unsqueeze(-1) if wide else Le) * y.index_select(0, step["entry_rows"])
+                y.index_add_(0, step["entry_cols"], up, alpha=-1.0)
+        return y
 
 
 def worth_it(chol: SparseCholesky) -> bool:
