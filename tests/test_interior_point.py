@@ -397,7 +397,9 @@ def test_primal_reduction_is_chosen_for_flows_only():
 
 @pytest.mark.parametrize("reg", ["binary_entropy", "euclidean"])
 def test_primal_reduction_agrees_with_the_normal_matrix(reg):
-    """Whole solves and vector-Jacobian products by both reductions on the flows of K4."""
+    """Whole solves by both reductions on the flows of K4, and the primal reduction's refined backward
+    against central differences (on the flows it is the more accurate one: the normal matrix carries
+    Phi^-1 of order 1 / mu on the interior flows and was measured up to 7e-4 off)."""
     import dataclasses
 
     P = spanning_trees_by_flows(4)
@@ -409,9 +411,19 @@ def test_primal_reduction_agrees_with_the_normal_matrix(reg):
     assert bool((a.status == 0).all()) and bool((b.status == 0).all())
     assert int(a.iterations.max()) <= int(b.iterations.max()) + 3
     torch.testing.assert_close(a.x, b.x, atol=1e-8, rtol=0)
-    W = torch.randn(24, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    grads = []
-    for R in (chosen, forced):
-        Z = U.clone().requires_grad_(True)
-        grads.append(torch.autograd.grad((R(Z) * W).sum(), Z)[0])
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=0)
+    U, W = U[:6], torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    Z = U.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((chosen(Z) * W).sum(), Z)
+    eps, fd = 1e-5, torch.zeros_like(U)
+    for j in range(6):
+        E = torch.zeros_like(U)
+        E[:, j] = eps
+        fd[:, j] = ((chosen(U + E) - chosen(U - E)) * W).sum(-1) / (2 * eps)
+    torch.testing.assert_close(g, fd, atol=1e-5, rtol=0)
+
+
+def test_primal_reduction_gradcheck():
+    P = spanning_trees_by_flows(3)
+    assert ipm(P, "binary_entropy").ip.primal is not None
+    Z = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(13)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: sstcvx.relax(P, z, 1.0, "binary_entropy", solver="fast"), (Z,))
