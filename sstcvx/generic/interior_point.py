@@ -473,10 +473,13 @@ class _Primal:
     normal_cost: float
 
 
-#: The primal reduction is considered where the pattern of H has at most this fraction of N^2 entries
-#: and N is at most PRIMAL_MAX_COLUMNS (its symbolic factorization runs on the host, in Python).
+#: The primal reduction is considered where the pattern of H has at most this fraction of N^2 entries,
+#: N is at most PRIMAL_MAX_COLUMNS and one factorization of H takes at most PRIMAL_MAX_UPDATES
+#: multiply-adds (the symbolic factorization and its schedule are built on the host, in Python, with
+#: work proportional to those).
 PRIMAL_DENSITY = 0.25
 PRIMAL_MAX_COLUMNS = 2000
+PRIMAL_MAX_UPDATES = 200_000
 
 
 def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
@@ -493,15 +496,17 @@ def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
     r, c = nz.nonzero(as_tuple=True)
     if r.numel() > PRIMAL_DENSITY * N * N:
         return None
+    _, nnz, updates = sparse_cholesky.symbolic_cost(nz)
+    if updates > PRIMAL_MAX_UPDATES:
+        return None
     chol = sparse_cholesky.SparseCholesky(nz)
     position = torch.full((N * N,), -1, dtype=torch.long, device=C.device)
     position[r * N + c] = torch.arange(r.numel(), device=C.device)
     diag = position[torch.arange(N, device=C.device) * (N + 1)]
     keep, where = chol.lower_positions(r, c)
-    # work per element: the factorization (sum over columns of |struct|^2 / 2, read off the schedule), the
+    # work per element: the factorization (sum over columns of |struct|^2 / 2), H's assembly, the
     # forward substitution of the m_eq columns of A^T, S = W^T D^-1 W and its Cholesky; against the normal
     # matrix's assembly (m^2 N / 2) and dense Cholesky (m^3 / 6)
-    updates = sum(int(step["target"].numel()) for step in chol.schedule)
     cost = updates + r.numel() * mi / N + chol.nnz * m_eq + N * m_eq * m_eq / 2 + m_eq**3 / 6
     normal_cost = m * m * N / 2 + m**3 / 6
     return _Primal(

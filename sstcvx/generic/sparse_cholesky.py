@@ -105,6 +105,38 @@ def nested_dissection(adjacency: list[set]) -> list[int]:
     return order
 
 
+def _symbolic(nz: torch.Tensor):
+    """``(perm, filled, height)``: the nested-dissection order, the pattern of L in that order (lower
+    triangle with the diagonal, a boolean array) and each column's height in the elimination tree."""
+    pattern = nz.cpu().numpy().astype(bool)
+    m = pattern.shape[0]
+    adjacency = [set(np.nonzero(pattern[i])[0].tolist()) - {i} for i in range(m)]
+    perm = np.asarray(nested_dissection(adjacency), dtype=np.int64)
+    A = pattern[np.ix_(perm, perm)]
+    filled = np.tril(A)
+    parent = np.full(m, -1)
+    for j in range(m):
+        below = np.nonzero(filled[j + 1 :, j])[0] + j + 1
+        if below.size:
+            filled[np.ix_(below, below)] = True
+            parent[j] = below[0]
+    filled = np.tril(filled)
+    height = np.zeros(m, dtype=np.int64)
+    for j in range(m):
+        if parent[j] >= 0:
+            height[parent[j]] = max(height[parent[j]], height[j] + 1)
+    return perm, filled, height
+
+
+def symbolic_cost(nz: torch.Tensor) -> tuple[int, int, int]:
+    """``(levels, nnz, updates)`` of :class:`SparseCholesky` on the pattern ``nz`` without building its
+    schedule (which costs Python work proportional to ``updates``): the levels of the elimination tree,
+    the entries of L and the multiply-adds of one factorization."""
+    _, filled, height = _symbolic(nz)
+    below = filled.sum(0) - 1
+    return int(height.max()) + 1 if height.size else 0, int(filled.sum()), int((below * (below + 1) // 2).sum())
+
+
 class SparseCholesky:
     """The symbolic factorization of one pattern ``nz (m, m)`` (a symmetric boolean tensor with a
     true diagonal), with :meth:`factor` and :meth:`solve` for batches of matrices of that pattern.
@@ -113,23 +145,8 @@ class SparseCholesky:
     elimination tree, ``nnz`` the entries of L (lower triangle with the diagonal)."""
 
     def __init__(self, nz: torch.Tensor):
-        pattern = nz.cpu().numpy().astype(bool)
-        m = pattern.shape[0]
-        adjacency = [set(np.nonzero(pattern[i])[0].tolist()) - {i} for i in range(m)]
-        perm = np.asarray(nested_dissection(adjacency), dtype=np.int64)
-        A = pattern[np.ix_(perm, perm)]
-        filled = np.tril(A)
-        parent = np.full(m, -1)
-        for j in range(m):
-            below = np.nonzero(filled[j + 1 :, j])[0] + j + 1
-            if below.size:
-                filled[np.ix_(below, below)] = True
-                parent[j] = below[0]
-        filled = np.tril(filled)
-        height = np.zeros(m, dtype=np.int64)
-        for j in range(m):
-            if parent[j] >= 0:
-                height[parent[j]] = max(height[parent[j]], height[j] + 1)
+        perm, filled, height = _symbolic(nz)
+        m = filled.shape[0]
         rows, cols = np.nonzero(filled.T)  # column-major: the entries of column j together
         rows, cols = cols, rows
         position = -np.ones((m, m), dtype=np.int64)
