@@ -72,6 +72,28 @@ elimination tree (a path's or a chain's rows), M is factored by the level-schedu
 of :mod:`~sstcvx.generic.sparse_cholesky` (a fixed number of batched operations per level, about
 log2 m levels for a path) instead of one dense LAPACK factorization per element.
 
+Primal reduction (the same Newton system, reduced the other way).  Write C = [A; G] (equality rows
+A, m_eq of them; inequality rows G) and D = y / s on G's rows.  The rows' equations
+``G dv - (s / y) dy = rows_in`` give ``dy = D (G dv - rows_in)``, which leaves
+
+    H dv + A^T dlambda = r1 + G^T D rows_in,   A dv = rows_eq,     H = Phi + G^T D G   (N x N),
+
+solved with H factored by levels (equilibrated, as M) and the equality Schur complement
+``S = A H^-1 A^T = W^T D_L^-1 W`` (``W = L^-1 P^T A^T``, one forward substitution of m_eq
+columns; S is m_eq x m_eq, dense batched Cholesky); a direction then costs one forward and one
+backward substitution.  H's pattern is fixed by G: for the capacity rows of a flow formulation
+(each couples one flow with one x) it is block diagonal per x with its flows, an elimination tree
+of 2 levels, where M (m x m) is dense.  Chosen at build time (:func:`_primal_reduction`) where M
+would be factored densely, H's tree has at most ``LEVEL_FRACTION`` N levels (N >= 12), H is
+sparse enough (``PRIMAL_DENSITY``, ``PRIMAL_MAX_UPDATES``), the estimated multiply-adds per element
+(H's factorization and assembly, ``nnz(L) m_eq`` for W, ``N m_eq^2 / 2`` for S, ``m_eq^3 / 6``)
+are below the normal matrix's (``m^2 N / 2 + m^3 / 6``), and the problem is not one the polish
+serves (its states hold slacks at exactly 0: y / s infinite).  Not on a path (M is already
+factored by levels) nor on dense packing rows (H fills in).  Precision: H carries y / s of order
+1 / mu on the active rows and loses about log10(1 / mu) digits of the other terms of those rows
+to cancellation; the iteration's residuals absorb that (same iteration counts as with M), the
+backward refines its solve (below).
+
 Convergence (per element, in the scaled problem): primal residual ``max|C v - d + (0, s)| <=
 TOLERANCE * scale`` (the form's scale), every coordinate of the dual residual either below
 ``TOLERANCE`` or below the resolution of floats at x (phi'' times 4 eps max(1, |x|): a
@@ -91,7 +113,13 @@ differentiating them,
     dX/dz = (Phi^{-1} - Phi^{-1} C^T M^{-1} C Phi^{-1})_xx / max(1, max|z|),
 
 one batched Cholesky solve per backward pass with M and Phi at the returned point (recomputed
-there once after the iteration, without the proximal term).  An inactive inequality row has s / y huge in M and drops out,
+there once after the iteration, without the proximal term).  With the primal reduction, the same
+operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1, max|z|)``, its solve refined by
+``REFINE_STEPS`` steps of iterative refinement on the unreduced system in (dv, dlambda, dy) (see
+:func:`_primal_backward`: an element whose refinement does not contract is solved with M).  On a
+flow formulation this is the more accurate of the two: M carries Phi^-1 of order 1 / mu on the
+interior flows (no proximal term at the returned point), and its vector-Jacobian products were
+measured up to 7e-4 off central differences where the refined primal ones were within 3e-7.  An inactive inequality row has s / y huge in M and drops out,
 an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
 tolerances in float64.
 
@@ -101,7 +129,9 @@ ratio test, the update and the removal of converged elements are one operation e
 synchronization per iteration (the convergence test) besides the Cholesky factorization's check.
 
 Cost per iteration: O(B nnz(M) N + B m^3) (N = columns of x and w; M is assembled on its
-sparsity pattern where that is small, densely otherwise), one evaluation of phi' and phi'';
+sparsity pattern where that is small, densely otherwise), or with the primal reduction O(B (the
+factorization's multiply-adds + nnz(L) m_eq + N m_eq^2 + m_eq^3)) and O(levels) batched operations;
+one evaluation of phi' and phi'';
 float64 throughout on the input's device; no Python loop over the batch.
 """
 
