@@ -680,7 +680,8 @@ def _primal_backward(ip: InteriorPointProblem, factor, phi_inv, g):
             lam = lam + dlam
     bad = ~(du.abs().amax(-1) <= REFINE_TOLERANCE * u.abs().amax(-1).clamp_min(1e-300))
     if bool(bad.any()):
-        # rare: y / s so large that the refinement does not contract; M has no such cancellation
+        # y / s so large that the refinement does not contract (measured, of 256 elements of the K4 flows:
+        # none at |z| about 1, 77 at |z| about 30, 145 with the Euclidean regularizer at |z| about 3)
         b = bad.nonzero().squeeze(1)
         L, q = _normal_factor(ip, ratio[b], phi_inv[b])
         ub = phi_inv[b] * rhs[b]
