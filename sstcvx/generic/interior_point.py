@@ -72,6 +72,28 @@ elimination tree (a path's or a chain's rows), M is factored by the level-schedu
 of :mod:`~sstcvx.generic.sparse_cholesky` (a fixed number of batched operations per level, about
 log2 m levels for a path) instead of one dense LAPACK factorization per element.
 
+Primal reduction (the same Newton system, reduced the other way).  Write C = [A; G] (equality rows
+A, m_eq of them; inequality rows G) and D = y / s on G's rows.  The rows' equations
+``G dv - (s / y) dy = rows_in`` give ``dy = D (G dv - rows_in)``, which leaves
+
+    H dv + A^T dlambda = r1 + G^T D rows_in,   A dv = rows_eq,     H = Phi + G^T D G   (N x N),
+
+solved with H factored by levels (equilibrated, as M) and the equality Schur complement
+``S = A H^-1 A^T = W^T D_L^-1 W`` (``W = L^-1 P^T A^T``, one forward substitution of m_eq
+columns; S is m_eq x m_eq, dense batched Cholesky); a direction then costs one forward and one
+backward substitution.  H's pattern is fixed by G: for the capacity rows of a flow formulation
+(each couples one flow with one x) it is block diagonal per x with its flows, an elimination tree
+of 2 levels, where M (m x m) is dense.  Chosen at build time (:func:`_primal_reduction`) where M
+would be factored densely, H's tree has at most ``LEVEL_FRACTION`` N levels (N >= 12), H is
+sparse enough (``PRIMAL_DENSITY``, ``PRIMAL_MAX_UPDATES``), the estimated multiply-adds per element
+(H's factorization and assembly, ``nnz(L) m_eq`` for W, ``N m_eq^2 / 2`` for S, ``m_eq^3 / 6``)
+are below the normal matrix's (``m^2 N / 2 + m^3 / 6``), and the problem is not one the polish
+serves (its states hold slacks at exactly 0: y / s infinite).  Not on a path (M is already
+factored by levels) nor on dense packing rows (H fills in).  Precision: H carries y / s of order
+1 / mu on the active rows and loses about log10(1 / mu) digits of the other terms of those rows
+to cancellation; the iteration's residuals absorb that (same iteration counts as with M), the
+backward refines its solve (below).
+
 Convergence (per element, in the scaled problem): primal residual ``max|C v - d + (0, s)| <=
 TOLERANCE * scale`` (the form's scale), every coordinate of the dual residual either below
 ``TOLERANCE`` or below the resolution of floats at x (phi'' times 4 eps max(1, |x|): a
@@ -91,7 +113,13 @@ differentiating them,
     dX/dz = (Phi^{-1} - Phi^{-1} C^T M^{-1} C Phi^{-1})_xx / max(1, max|z|),
 
 one batched Cholesky solve per backward pass with M and Phi at the returned point (recomputed
-there once after the iteration, without the proximal term).  An inactive inequality row has s / y huge in M and drops out,
+there once after the iteration, without the proximal term).  With the primal reduction, the same
+operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1, max|z|)``, its solve refined by
+``REFINE_STEPS`` steps of iterative refinement on the unreduced system in (dv, dlambda, dy) (see
+:func:`_primal_backward`: an element whose refinement does not contract is solved with M).  On a
+flow formulation this is the more accurate of the two: M carries Phi^-1 of order 1 / mu on the
+interior flows (no proximal term at the returned point), and its vector-Jacobian products were
+measured up to 7e-4 off central differences where the refined primal ones were within 3e-7.  An inactive inequality row has s / y huge in M and drops out,
 an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
 tolerances in float64.
 
@@ -101,7 +129,9 @@ ratio test, the update and the removal of converged elements are one operation e
 synchronization per iteration (the convergence test) besides the Cholesky factorization's check.
 
 Cost per iteration: O(B nnz(M) N + B m^3) (N = columns of x and w; M is assembled on its
-sparsity pattern where that is small, densely otherwise), one evaluation of phi' and phi'';
+sparsity pattern where that is small, densely otherwise), or with the primal reduction O(B (the
+factorization's multiply-adds + nnz(L) m_eq + N m_eq^2 + m_eq^3)) and O(levels) batched operations;
+one evaluation of phi' and phi'';
 float64 throughout on the input's device; no Python loop over the batch.
 """
 
@@ -111,6 +141,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import sparse_cholesky
@@ -189,6 +220,8 @@ class InteriorPointProblem:
     sparse: tuple | None = None
     #: ``K^T (nnz, N)`` of the pattern, contiguous (M's entries batch last are ``K^T @ p^T``)
     pattern_t: torch.Tensor | None = None
+    #: the primal reduction's tensors where it is chosen (see :func:`_primal_reduction`), else None
+    primal: _Primal | None = None
     #: the columns of x whose lower (upper) bound is the domain's own end, and whether all are
     at_lo: torch.Tensor = field(init=False)
     at_hi: torch.Tensor = field(init=False)
@@ -240,6 +273,7 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
     v0 = torch.where(has_lo & ~has_up, lo0 + unit, v0)
     v0 = torch.where(~has_lo & has_up, up0 - unit, v0)
     pattern, sparse = _sparsity(C)
+    primal = _primal_reduction(C, prob.m_eq, int(prob.Cx.shape[1]), kind, sparse is not None)
     return InteriorPointProblem(
         prob,
         kind,
@@ -256,6 +290,7 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
         pattern,
         sparse,
         None if pattern is None else pattern[0].T.contiguous(),
+        primal,
     )
 
 
@@ -330,6 +365,9 @@ class InteriorPointSolution:
     q: torch.Tensor
     phi_inv: torch.Tensor
     sz: torch.Tensor
+    #: where the problem uses the primal reduction: :func:`_primal_factor`'s tuple and s / y on the rows
+    #: (chol and q are then empty)
+    primal_factor: tuple | None = None
 
 
 class _Layout:
@@ -442,6 +480,234 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
         ds = rcy - ratio[:, :mi] * dnu[:, m_eq:]
         return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
+
+
+@dataclass
+class _Primal:
+    """The primal reduction's fixed tensors (see :func:`primal_structure`): ``chol`` the symbolic
+    factorization of H's pattern, ``Kt (nnz, mi)`` with H's entries batch last as ``Kt @ (y / s)^T``
+    (plus Phi on the diagonal), ``diag (N,)`` where the diagonal lies among them, ``r, c`` their rows and
+    columns, ``keep, where`` which of them land where in L, ``G (mi, N)`` the inequality rows, ``At
+    (N, m_eq)`` the equality rows transposed in the elimination order, the pattern of ``W = L^-1 P^T
+    A^T`` (its entries ``(w_n, w_k)``; ``pair_a, pair_b`` the ordered pairs of entries in one row
+    ``pair_n``, which add to S's flat entry ``pair_target``), and the estimated work of one
+    factorization with both reductions (``cost``, ``normal_cost``, multiply-adds per element)."""
+
+    chol: Any
+    Kt: torch.Tensor
+    diag: torch.Tensor
+    r: torch.Tensor
+    c: torch.Tensor
+    keep: torch.Tensor
+    where: torch.Tensor
+    G: torch.Tensor
+    At: torch.Tensor
+    w_n: torch.Tensor
+    w_k: torch.Tensor
+    pair_a: torch.Tensor
+    pair_b: torch.Tensor
+    pair_n: torch.Tensor
+    pair_target: torch.Tensor
+    cost: float
+    normal_cost: float
+
+
+#: The primal reduction is considered where the pattern of H has at most this fraction of N^2 entries,
+#: N is at most PRIMAL_MAX_COLUMNS and one factorization of H takes at most PRIMAL_MAX_UPDATES
+#: multiply-adds (the symbolic factorization and its schedule are built on the host, in Python, with
+#: work proportional to those).
+PRIMAL_DENSITY = 0.25
+PRIMAL_MAX_COLUMNS = 2000
+PRIMAL_MAX_UPDATES = 200_000
+
+
+def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
+    """The primal reduction's tensors for the rows ``C (m, N)`` (equality rows first), or None where there
+    is no inequality row or H = Phi + G^T diag(y / s) G is too dense to be worth a sparse factorization
+    (see PRIMAL_DENSITY, PRIMAL_MAX_COLUMNS)."""
+    m, N = C.shape
+    mi = m - m_eq
+    if mi == 0 or N < sparse_cholesky.MIN_ROWS or N > PRIMAL_MAX_COLUMNS:
+        return None
+    G = C[m_eq:]
+    touch = (G != 0).to(C.dtype)
+    nz = ((touch.T @ touch) > 0) | torch.eye(N, dtype=torch.bool, device=C.device)
+    r, c = nz.nonzero(as_tuple=True)
+    if r.numel() > PRIMAL_DENSITY * N * N:
+        return None
+    _, nnz, updates = sparse_cholesky.symbolic_cost(nz)
+    if updates > PRIMAL_MAX_UPDATES:
+        return None
+    chol = sparse_cholesky.SparseCholesky(nz)
+    position = torch.full((N * N,), -1, dtype=torch.long, device=C.device)
+    position[r * N + c] = torch.arange(r.numel(), device=C.device)
+    diag = position[torch.arange(N, device=C.device) * (N + 1)]
+    keep, where = chol.lower_positions(r, c)
+    # W's pattern: A^T's, filled by the forward substitution (row i of W gets row j's pattern where L_ij != 0)
+    At = C[:m_eq].T.index_select(0, chol.perm.to(C.device))
+    pattern = (At != 0).cpu().numpy().copy()
+    for step in chol.schedule:
+        for i, j in zip(step["entry_rows"].tolist(), step["entry_cols"].tolist()):
+            pattern[i] |= pattern[j]
+    w_n, w_k = np.nonzero(pattern)
+    rows = [np.nonzero(w_n == n)[0] for n in range(N)]
+    pair_a = np.concatenate([np.repeat(e, e.size) for e in rows]).astype(np.int64)
+    pair_b = np.concatenate([np.tile(e, e.size) for e in rows]).astype(np.int64)
+    # work per element: the factorization (sum over columns of |struct|^2 / 2), H's assembly, the
+    # forward substitution of the m_eq columns of A^T, S = W^T D^-1 W on W's pattern and its Cholesky;
+    # against the normal matrix's assembly (m^2 N / 2) and dense Cholesky (m^3 / 6)
+    cost = updates + r.numel() * mi / N + chol.nnz * m_eq + pair_a.size + m_eq**3 / 6
+    normal_cost = m * m * N / 2 + m**3 / 6
+    index = [w_n, w_k, pair_a, pair_b, w_n[pair_a], w_k[pair_a] * m_eq + w_k[pair_b]]
+    index = [torch.as_tensor(v, dtype=torch.long, device=C.device) for v in index]
+    return _Primal(
+        chol.on(C.device),
+        (G[:, r] * G[:, c]).T.contiguous(),
+        diag,
+        r,
+        c,
+        keep.to(C.device),
+        where.to(C.device),
+        G.contiguous(),
+        At.contiguous(),
+        *index,
+        float(cost),
+        float(normal_cost),
+    )
+
+
+def _primal_reduction(C: torch.Tensor, m_eq: int, nx: int, kind, normal_sparse: bool) -> _Primal | None:
+    """The primal reduction where it is expected to win (the rule of the module's "Factorization"
+    paragraph), else None."""
+    N = C.shape[1]
+    if normal_sparse or (N == nx and kind == "euclidean"):
+        # M already factored by levels; or the polish, whose states hold slacks at exactly 0 (y / s infinite)
+        return None
+    primal = primal_structure(C, m_eq)
+    if primal is None or not sparse_cholesky.worth_it(primal.chol) or primal.cost >= primal.normal_cost:
+        return None
+    return primal
+
+
+def _primal_factor(ip: InteriorPointProblem, ratio_in, phi_inv):
+    """The primal reduction's factors: H = Phi + G^T diag(y / s) G (``ratio_in = s / y``) factored by
+    levels after symmetric diagonal equilibration, ``H ~ diag(q) P L D L^T P^T diag(q)``, then ``W =
+    L^-1 P^T diag(q)^-1 A^T`` and the equality Schur complement ``S = A H^-1 A^T = W^T D^-1 W``, also
+    equilibrated (``S ~ diag(qs) Ls Ls^T diag(qs)``).  Returns ``(F, q (N, B), W (nnz(W), B), Ls, qs)``,
+    the tensors batch last where the level-scheduled factorization reads them, W on its pattern."""
+    pr = ip.primal
+    B, N, m_eq = phi_inv.shape[0], phi_inv.shape[1], ip.m_eq
+    chol = pr.chol
+    V = pr.Kt @ ratio_in.clamp_min(TINY).reciprocal().T
+    V[pr.diag] += phi_inv.reciprocal().T
+    q = V.index_select(0, pr.diag).clamp_min_(1e-300).sqrt_()
+    V /= q.index_select(0, pr.r) * q.index_select(0, pr.c)
+    V[pr.diag] += JITTER
+    F = V.new_zeros(chol.nnz + N, B)
+    F[pr.where] = V.index_select(0, pr.keep)
+    chol.factor(F)
+    if not m_eq:
+        return F, q, None, None, None
+    W = chol.forward(F, pr.At.unsqueeze(1) / q.index_select(0, chol.perm).unsqueeze(-1))[pr.w_n, :, pr.w_k]
+    # S on W's pattern, products of entries of one row (measured on K4: 186 pairs against 4,200 products
+    # for a dense W, and a batched matrix product cost 0.4 ms per factorization at batch 256)
+    d = chol.inverse_pivot(F, q)
+    products = W.index_select(0, pr.pair_a) * W.index_select(0, pr.pair_b) * d.index_select(0, pr.pair_n)
+    S = W.new_zeros(m_eq * m_eq, B).index_add_(0, pr.pair_target, products).T.reshape(B, m_eq, m_eq)
+    qs = S.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+    S = S / (qs[:, :, None] * qs[:, None, :])
+    S.diagonal(dim1=-2, dim2=-1).add_(JITTER)
+    return F, q, W, _cholesky(S), qs
+
+
+def _primal_solve(ip: InteriorPointProblem, factors, r, rows_eq=None):
+    """``(dv, dlambda)`` solving ``H dv + A^T dlambda = r (B, N)``, ``A dv = rows_eq (B, m_eq)`` (0 where
+    None) with :func:`_primal_factor`'s factors: one forward and one backward substitution."""
+    F, q, W, Ls, qs = factors
+    chol = ip.primal.chol
+    perm = chol.perm
+    y = chol.forward(F, (r.T / q).index_select(0, perm))
+    d = chol.inverse_pivot(F, y)
+    dlam = None
+    if W is not None:
+        pr = ip.primal
+        rhs = W.new_zeros(qs.shape[1], y.shape[1]).index_add_(0, pr.w_k, W * (y * d).index_select(0, pr.w_n)).T
+        if rows_eq is not None:
+            rhs = rhs - rows_eq
+        dlam = torch.cholesky_solve((rhs / qs).unsqueeze(-1), Ls).squeeze(-1) / qs
+        y.index_add_(0, pr.w_n, W * dlam.T.index_select(0, pr.w_k), alpha=-1.0)
+    y = chol.backward(F, y * d)
+    x = torch.empty_like(y)
+    x[perm] = y
+    return (x / q).T, dlam
+
+
+#: Steps of iterative refinement of the backward's solve by the primal reduction, and the relative size of
+#: the last correction above which an element's solve is redone with the normal matrix.
+REFINE_STEPS = 4
+REFINE_TOLERANCE = 1e-9
+
+
+def _primal_backward(ip: InteriorPointProblem, factor, phi_inv, g):
+    """The backward's ``(H^-1 - H^-1 A^T S^-1 A H^-1) [g; 0]`` on x (``g (B, nx)``), by the primal reduction
+    with iterative refinement on the unreduced system
+
+        Phi u + A^T lambda + G^T y = [g; 0],   A u = 0,   G u - (s / y) y = 0
+
+    (residuals in (u, lambda, y), corrections by :func:`_primal_solve`).  Without it, H's entries y / s of
+    order 1 / mu on the active rows lose about log10(1 / mu) digits of the other terms to cancellation
+    (measured: a vector-Jacobian product 2e-2 off on a path of 30, where the normal matrix's is within
+    1e-6 of finite differences).  An element whose last correction stays above REFINE_TOLERANCE (relative)
+    is solved again with the normal matrix M."""
+    *F, ratio = factor
+    pr = ip.primal
+    N, nx = phi_inv.shape[1], ip.nx
+    A = ip.C[: ip.m_eq]
+    D = ratio.clamp_min(TINY).reciprocal()
+    rhs = torch.nn.functional.pad(g, (0, N - nx))
+    u, lam = _primal_solve(ip, F, rhs)
+    y = D * (u @ pr.G.T)
+    du = u
+    for _ in range(REFINE_STEPS):
+        r1 = rhs - u / phi_inv - y @ pr.G
+        if lam is not None:
+            r1 -= lam @ A
+        r3 = ratio * y - u @ pr.G.T
+        du, dlam = _primal_solve(ip, F, r1 + (D * r3) @ pr.G, -(u @ A.T) if lam is not None else None)
+        u = u + du
+        y = y + D * (du @ pr.G.T - r3)
+        if lam is not None:
+            lam = lam + dlam
+    bad = ~(du.abs().amax(-1) <= REFINE_TOLERANCE * u.abs().amax(-1).clamp_min(1e-300))
+    if bool(bad.any()):
+        # y / s so large that the refinement does not contract (measured, of 256 elements of the K4 flows:
+        # none at |z| about 1, 77 at |z| about 30, 145 with the Euclidean regularizer at |z| about 3)
+        b = bad.nonzero().squeeze(1)
+        L, q = _normal_factor(ip, ratio[b], phi_inv[b])
+        ub = phi_inv[b] * rhs[b]
+        t = _factor_solve(ip, (L, q), ub @ ip.C.T)
+        u[b] = ub - phi_inv[b] * (t @ ip.C)
+    return u[:, :nx]
+
+
+def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
+    """:func:`_direction` by the primal reduction: with D = y / s on the inequality rows, the rows'
+    equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
+    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`_primal_factor`)."""
+    N, m_eq, mi = lay.N, lay.m_eq, lay.mi
+    rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
+    r1 = rcb[:, :N] - rcb[:, N:] - rd
+    rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
+    rows_in = -rp[:, m_eq:] - rcy
+    D = ratio[:, :mi].reciprocal()
+    r1 = r1 + (D * rows_in) @ ip.primal.G
+    dv, dlam = _primal_solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
+    dy = D * (dv @ ip.primal.G.T - rows_in)
+    dSb = (dv.unsqueeze(1) * lay.sign2).reshape(dv.shape[0], 2 * N)
+    dYb = rcb - ratio[:, mi:] * dSb
+    ds = rcy - ratio[:, :mi] * dy
+    parts = [dv, dlam, dy, dYb, ds, dSb] if m_eq else [dv, dy, dYb, ds, dSb]
+    return torch.cat(parts, dim=1)
 
 
 def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION):
@@ -674,9 +940,12 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
         prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
         phi_inv, ratio = _phi_inverse(lay, T, h, prox)
-        F = _normal_factor(ip, ratio[:, :mi], phi_inv)
+        if ip.primal is not None:
+            F, direction = _primal_factor(ip, ratio[:, :mi], phi_inv), _direction_primal
+        else:
+            F, direction = _normal_factor(ip, ratio[:, :mi], phi_inv), _direction
         # predictor (affine scaling)
-        d_aff = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
+        d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
         a_aff = _max_step(lay, T, d_aff)
         dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
         mu_aff = (torch.addcmul(S, a_aff, dS) * torch.addcmul(Y, a_aff, dY)).sum(-1) / nc
@@ -686,7 +955,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
         # corrector: centering and the second-order term of the predictor
         rc = (target - SY - dS * dY) * lay.mask
-        dT = _direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
+        dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
         # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
         # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
         fraction = (1.0 - mu[:, None]).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
@@ -694,10 +963,14 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
-    # the factor of M and Phi at the returned point, for the backward
+    # the factor of the Newton system and Phi at the returned point, for the backward
     g, h = _scaled_derivatives(ip, lay, T, sz_all)
     phi_inv, ratio = _phi_inverse(lay, T, h)
-    if m:
+    primal_factor = None
+    if ip.primal is not None:
+        primal_factor = _primal_factor(ip, ratio[:, :mi], phi_inv) + (ratio[:, :mi],)
+        L = q = phi_inv.new_zeros(0)
+    elif m:
         L, q = _normal_factor(ip, ratio[:, :mi], phi_inv)
     else:
         L, q = phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0)
@@ -708,7 +981,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         status = torch.where((status == STATUS_CONVERGED) & near.any(-1), STATUS_AUX_BOX, status)
     x = prob.x_fixed_value.to(dt).expand(B, -1).clone()
     x[:, prob.x_free] = T[:, :nx]
-    return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz_all)
+    return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz_all, primal_factor)
 
 
 def _scaled_derivatives(ip, lay: _Layout, T, sz):
@@ -721,26 +994,29 @@ class _Backward(torch.autograd.Function):
     """X = the interior-point solution of Z; the VJP g -> (Phi^-1 g - Phi^-1 C^T M^-1 C Phi^-1 g)_x / sz."""
 
     @staticmethod
-    def forward(ctx, Z, X, ip, chol, q, phi_inv, sz):
-        ctx.save_for_backward(chol, q, phi_inv, sz)
+    def forward(ctx, Z, X, ip, chol, q, phi_inv, sz, *primal_factor):
+        ctx.save_for_backward(chol, q, phi_inv, sz, *primal_factor)
         ctx.ip = ip
         return X.clone()
 
     @staticmethod
     def backward(ctx, G):
         refuse_double_backward("the fast generic path")
-        chol, q, phi_inv, sz = ctx.saved_tensors
+        chol, q, phi_inv, sz, *primal_factor = ctx.saved_tensors
         ip = ctx.ip
         prob = ip.dual
         g = G.to(torch.float64)[:, prob.x_free]
-        u = phi_inv[:, : ip.nx] * g
-        if ip.m:
+        if primal_factor:
+            u = _primal_backward(ip, primal_factor, phi_inv, g)
+        else:
+            u = phi_inv[:, : ip.nx] * g
+        if ip.m and not primal_factor:
             r = u @ ip.C[:, : ip.nx].T
             t = _factor_solve(ip, (chol, q), r)
             u = u - phi_inv[:, : ip.nx] * (t @ ip.C[:, : ip.nx])
         grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         grad[:, prob.x_free] = u / sz
-        return grad.to(G.dtype), None, None, None, None, None, None
+        return (grad.to(G.dtype), None, None, None, None, None, None) + (None,) * len(primal_factor)
 
 
 class InteriorPointRelaxation(FastRelaxation):
@@ -779,7 +1055,9 @@ class InteriorPointRelaxation(FastRelaxation):
         sol = self.solve(Z, max_iter)
         X = sol.x
         if torch.is_grad_enabled() and Z.requires_grad:
-            X = _Backward.apply(Z.reshape(B, -1), X, self.problem_on(Z.device), sol.chol, sol.q, sol.phi_inv, sol.sz)
+            X = _Backward.apply(
+                Z.reshape(B, -1), X, self.problem_on(Z.device), sol.chol, sol.q, sol.phi_inv, sol.sz, *(sol.primal_factor or ())
+            )
         X = X.to(Z.dtype).reshape(Z.shape)
         failed = (sol.status != STATUS_CONVERGED).nonzero().flatten().tolist()
         if failed:

@@ -105,6 +105,38 @@ def nested_dissection(adjacency: list[set]) -> list[int]:
     return order
 
 
+def _symbolic(nz: torch.Tensor):
+    """``(perm, filled, height)``: the nested-dissection order, the pattern of L in that order (lower
+    triangle with the diagonal, a boolean array) and each column's height in the elimination tree."""
+    pattern = nz.cpu().numpy().astype(bool)
+    m = pattern.shape[0]
+    adjacency = [set(np.nonzero(pattern[i])[0].tolist()) - {i} for i in range(m)]
+    perm = np.asarray(nested_dissection(adjacency), dtype=np.int64)
+    A = pattern[np.ix_(perm, perm)]
+    filled = np.tril(A)
+    parent = np.full(m, -1)
+    for j in range(m):
+        below = np.nonzero(filled[j + 1 :, j])[0] + j + 1
+        if below.size:
+            filled[np.ix_(below, below)] = True
+            parent[j] = below[0]
+    filled = np.tril(filled)
+    height = np.zeros(m, dtype=np.int64)
+    for j in range(m):
+        if parent[j] >= 0:
+            height[parent[j]] = max(height[parent[j]], height[j] + 1)
+    return perm, filled, height
+
+
+def symbolic_cost(nz: torch.Tensor) -> tuple[int, int, int]:
+    """``(levels, nnz, updates)`` of :class:`SparseCholesky` on the pattern ``nz`` without building its
+    schedule (which costs Python work proportional to ``updates``): the levels of the elimination tree,
+    the entries of L and the multiply-adds of one factorization."""
+    _, filled, height = _symbolic(nz)
+    below = filled.sum(0) - 1
+    return int(height.max()) + 1 if height.size else 0, int(filled.sum()), int((below * (below + 1) // 2).sum())
+
+
 class SparseCholesky:
     """The symbolic factorization of one pattern ``nz (m, m)`` (a symmetric boolean tensor with a
     true diagonal), with :meth:`factor` and :meth:`solve` for batches of matrices of that pattern.
@@ -113,23 +145,8 @@ class SparseCholesky:
     elimination tree, ``nnz`` the entries of L (lower triangle with the diagonal)."""
 
     def __init__(self, nz: torch.Tensor):
-        pattern = nz.cpu().numpy().astype(bool)
-        m = pattern.shape[0]
-        adjacency = [set(np.nonzero(pattern[i])[0].tolist()) - {i} for i in range(m)]
-        perm = np.asarray(nested_dissection(adjacency), dtype=np.int64)
-        A = pattern[np.ix_(perm, perm)]
-        filled = np.tril(A)
-        parent = np.full(m, -1)
-        for j in range(m):
-            below = np.nonzero(filled[j + 1 :, j])[0] + j + 1
-            if below.size:
-                filled[np.ix_(below, below)] = True
-                parent[j] = below[0]
-        filled = np.tril(filled)
-        height = np.zeros(m, dtype=np.int64)
-        for j in range(m):
-            if parent[j] >= 0:
-                height[parent[j]] = max(height[parent[j]], height[j] + 1)
+        perm, filled, height = _symbolic(nz)
+        m = filled.shape[0]
         rows, cols = np.nonzero(filled.T)  # column-major: the entries of column j together
         rows, cols = cols, rows
         position = -np.ones((m, m), dtype=np.int64)
@@ -215,22 +232,40 @@ class SparseCholesky:
         return F
 
     def solve(self, F: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """``M^{-1} r`` for right-hand sides ``r (m, B)`` (batch last) with the factor ``F`` of
-        :meth:`factor`; ``(m, B)``."""
-        L, inverse_pivot = F[: self.nnz], F[self.nnz :]
-        y = r.index_select(0, self.perm)
-        for step in self.schedule:
-            if step["entries"].numel():
-                down = L.index_select(0, step["entries"]) * y.index_select(0, step["entry_cols"])
-                y.index_add_(0, step["entry_rows"], down, alpha=-1.0)
-        y *= inverse_pivot
-        for step in reversed(self.schedule):
-            if step["entries"].numel():
-                up = L.index_select(0, step["entries"]) * y.index_select(0, step["entry_rows"])
-                y.index_add_(0, step["entry_cols"], up, alpha=-1.0)
+        """``M^{-1} r`` for right-hand sides ``r (m, B)`` or ``(m, B, k)`` (batch last) with the factor ``F``
+        of :meth:`factor`; the shape of r."""
+        y = self.forward(F, r.index_select(0, self.perm))
+        y *= self.inverse_pivot(F, y)
+        y = self.backward(F, y)
         x = torch.empty_like(y)
         x[self.perm] = y
         return x
+
+    def inverse_pivot(self, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``1 / D`` of :meth:`factor`'s ``F``, shaped to multiply ``y (m, B)`` or ``(m, B, k)``."""
+        d = F[self.nnz :]
+        return d.unsqueeze(-1) if y.dim() > d.dim() else d
+
+    def forward(self, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``L^{-1} y`` in place, for ``y (m, B)`` or ``(m, B, k)`` already in the elimination order
+        (``r.index_select(0, perm)``)."""
+        L, wide = F[: self.nnz], y.dim() > F.dim()
+        for step in self.schedule:
+            if step["entries"].numel():
+                Le = L.index_select(0, step["entries"])
+                down = (Le.unsqueeze(-1) if wide else Le) * y.index_select(0, step["entry_cols"])
+                y.index_add_(0, step["entry_rows"], down, alpha=-1.0)
+        return y
+
+    def backward(self, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``L^{-T} y`` in place, for ``y`` as in :meth:`forward` (the result in the elimination order)."""
+        L, wide = F[: self.nnz], y.dim() > F.dim()
+        for step in reversed(self.schedule):
+            if step["entries"].numel():
+                Le = L.index_select(0, step["entries"])
+                up = (Le.unsqueeze(-1) if wide else Le) * y.index_select(0, step["entry_rows"])
+                y.index_add_(0, step["entry_cols"], up, alpha=-1.0)
+        return y
 
 
 def worth_it(chol: SparseCholesky) -> bool:
