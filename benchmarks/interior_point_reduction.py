@@ -86,7 +86,9 @@ def main(argv=None):
     args = benchmark_arguments(__doc__, "no packing case, fewer rounds", argv)
     rounds = 3 if args.quick else 7
     warnings.simplefilter("ignore", RuntimeWarning)
-    print(f"{'case':<45} {'rule':>6} | {'normal':>11} | {'primal':>11} | {'n/p':>5} | {'iter n':>9} | {'iter p':>9} | {'|dX|':>7} | {'|dVJP|':>7}")
+    print(
+        f"{'case':<45} {'rule':>6} | {'normal':>11} | {'primal':>11} | {'n/p':>5} | {'iter n':>9} | {'iter p':>9} | {'|dX|':>7} | {'|dVJP|':>7}"
+    )
     for P, reg, B, scale in cases(args.quick):
         torch.manual_seed(0)
         U = scale * torch.randn(B, *P.event_shape, dtype=torch.float64)
@@ -105,7 +107,9 @@ def main(argv=None):
                 flush=True,
             )
             continue
-        times = interleaved({k: (lambda R=R: forward_backward(R, U, W)) for k, R in forced.items()}, rounds=rounds, warmup=1)
+        times = interleaved(
+            {k: (lambda R=R: forward_backward(R, U, W)) for k, R in forced.items()}, rounds=rounds, warmup=1
+        )
         sols = {k: R.solve(U) for k, R in forced.items()}
         (Xn, gn), (Xp, gp) = forward_backward(forced["normal"], U, W), forward_backward(forced["primal"], U, W)
         rule = "primal" if chosen.problem_on("cpu").primal is not None else "normal"

@@ -535,7 +535,7 @@ def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
     r, c = nz.nonzero(as_tuple=True)
     if r.numel() > PRIMAL_DENSITY * N * N:
         return None
-    _, nnz, updates = sparse_cholesky.symbolic_cost(nz)
+    _, _, updates = sparse_cholesky.symbolic_cost(nz)
     if updates > PRIMAL_MAX_UPDATES:
         return None
     chol = sparse_cholesky.SparseCholesky(nz)
@@ -558,8 +558,10 @@ def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
     # against the normal matrix's assembly (m^2 N / 2) and dense Cholesky (m^3 / 6)
     cost = updates + r.numel() * mi / N + chol.nnz * m_eq + pair_a.size + m_eq**3 / 6
     normal_cost = m * m * N / 2 + m**3 / 6
-    index = [w_n, w_k, pair_a, pair_b, w_n[pair_a], w_k[pair_a] * m_eq + w_k[pair_b]]
-    index = [torch.as_tensor(v, dtype=torch.long, device=C.device) for v in index]
+    index = [
+        torch.as_tensor(v, dtype=torch.long, device=C.device)
+        for v in (w_n, w_k, pair_a, pair_b, w_n[pair_a], w_k[pair_a] * m_eq + w_k[pair_b])
+    ]
     return _Primal(
         chol.on(C.device),
         (G[:, r] * G[:, c]).T.contiguous(),
@@ -570,7 +572,12 @@ def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
         where.to(C.device),
         G.contiguous(),
         At.contiguous(),
-        *index,
+        index[0],
+        index[1],
+        index[2],
+        index[3],
+        index[4],
+        index[5],
         float(cost),
         float(normal_cost),
     )
@@ -596,6 +603,7 @@ def _primal_factor(ip: InteriorPointProblem, ratio_in, phi_inv):
     equilibrated (``S ~ diag(qs) Ls Ls^T diag(qs)``).  Returns ``(F, q (N, B), W (nnz(W), B), Ls, qs)``,
     the tensors batch last where the level-scheduled factorization reads them, W on its pattern."""
     pr = ip.primal
+    assert pr is not None
     B, N, m_eq = phi_inv.shape[0], phi_inv.shape[1], ip.m_eq
     chol = pr.chol
     V = pr.Kt @ ratio_in.clamp_min(TINY).reciprocal().T
@@ -624,13 +632,14 @@ def _primal_solve(ip: InteriorPointProblem, factors, r, rows_eq=None):
     """``(dv, dlambda)`` solving ``H dv + A^T dlambda = r (B, N)``, ``A dv = rows_eq (B, m_eq)`` (0 where
     None) with :func:`_primal_factor`'s factors: one forward and one backward substitution."""
     F, q, W, Ls, qs = factors
-    chol = ip.primal.chol
+    pr = ip.primal
+    assert pr is not None
+    chol = pr.chol
     perm = chol.perm
     y = chol.forward(F, (r.T / q).index_select(0, perm))
     d = chol.inverse_pivot(F, y)
     dlam = None
     if W is not None:
-        pr = ip.primal
         rhs = W.new_zeros(qs.shape[1], y.shape[1]).index_add_(0, pr.w_k, W * (y * d).index_select(0, pr.w_n)).T
         if rows_eq is not None:
             rhs = rhs - rows_eq
@@ -661,6 +670,7 @@ def _primal_backward(ip: InteriorPointProblem, factor, phi_inv, g):
     is solved again with the normal matrix M."""
     *F, ratio = factor
     pr = ip.primal
+    assert pr is not None
     N, nx = phi_inv.shape[1], ip.nx
     A = ip.C[: ip.m_eq]
     D = ratio.clamp_min(TINY).reciprocal()
@@ -1056,7 +1066,14 @@ class InteriorPointRelaxation(FastRelaxation):
         X = sol.x
         if torch.is_grad_enabled() and Z.requires_grad:
             X = _Backward.apply(
-                Z.reshape(B, -1), X, self.problem_on(Z.device), sol.chol, sol.q, sol.phi_inv, sol.sz, *(sol.primal_factor or ())
+                Z.reshape(B, -1),
+                X,
+                self.problem_on(Z.device),
+                sol.chol,
+                sol.q,
+                sol.phi_inv,
+                sol.sz,
+                *(sol.primal_factor or ()),
             )
         X = X.to(Z.dtype).reshape(Z.shape)
         failed = (sol.status != STATUS_CONVERGED).nonzero().flatten().tolist()
