@@ -113,15 +113,18 @@ differentiating them,
     dX/dz = (Phi^{-1} - Phi^{-1} C^T M^{-1} C Phi^{-1})_xx / max(1, max|z|),
 
 one batched Cholesky solve per backward pass with M and Phi at the returned point (recomputed
-there once after the iteration, without the proximal term).  With the primal reduction, the same
-operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1, max|z|)``, its solve refined by
-``REFINE_STEPS`` steps of iterative refinement on the unreduced system in (dv, dlambda, dy) (see
-:func:`_primal_backward`: an element whose refinement does not contract is solved with M).  On a
-flow formulation this is the more accurate of the two: M carries Phi^-1 of order 1 / mu on the
-interior flows (no proximal term at the returned point), and its vector-Jacobian products were
-measured up to 7e-4 off central differences where the refined primal ones were within 3e-7.  An inactive inequality row has s / y huge in M and drops out,
-an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
-tolerances in float64.
+there once after the iteration).  Auxiliary variables keep a proximal weight ``BACKWARD_PROXIMAL``
+(1e-7) in that Phi: the interior auxiliary variables of a vertex list or a flow formulation (not
+unique) have Phi of order mu / w^2 ~ 1e-12 at the returned point, M then has a condition number
+near 1e11 after equilibration, and the products were measured 4e-4 to 3.5e-3 off the same
+polytope declared without auxiliary variables (path 6 by its vertices against its rows; K4's
+trees by vertices against central differences).  The weight biases the derivative by O(weight):
+measured, 1e-5 left 1.4e-4, 1e-7 at most 1.4e-6, 1e-8 1.6e-6 (conditioning again).  With the
+primal reduction, the same operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1, max|z|)``, its
+solve refined by ``REFINE_STEPS`` steps of iterative refinement on the unreduced system in (dv,
+dlambda, dy) (see :func:`_primal_backward`: an element whose refinement does not contract is
+solved with M).  An inactive inequality row has s / y huge in M and drops out, an active bound
+has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default tolerances in float64.
 
 All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
 multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
@@ -187,6 +190,8 @@ START_ROUNDS = 6
 #: about 1.4 on a path of 6, where the rounds solve every element; 7.6 on a path of 30 and 13 on 1,000
 #: variables with 100 rows, where they cost more than they save).
 START_MAX_WRONG = 4.0
+#: The proximal weight on the auxiliary variables in the backward's Phi (see the module's "Backward").
+BACKWARD_PROXIMAL = 1e-7
 #: In a polished solution, the vanishing member of a complementarity pair is 0 (a slack) or TINY (a
 #: multiplier); a row dropped from the polish system gets the diagonal weight HUGE.
 TINY = 1e-200
@@ -975,7 +980,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     # the factor of the Newton system and Phi at the returned point, for the backward
     g, h = _scaled_derivatives(ip, lay, T, sz_all)
-    phi_inv, ratio = _phi_inverse(lay, T, h)
+    phi_inv, ratio = _phi_inverse(lay, T, h, BACKWARD_PROXIMAL)
     primal_factor = None
     if ip.primal is not None:
         primal_factor = _primal_factor(ip, ratio[:, :mi], phi_inv) + (ratio[:, :mi],)
