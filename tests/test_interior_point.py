@@ -464,3 +464,14 @@ def test_backward_of_two_extended_formulations_agree():
         float((batched_jacobians(Pt, "binary_entropy", Z) - batched_jacobians(Pf, "binary_entropy", Z)).abs().max())
         < 5e-6
     )
+
+
+def test_flows_at_large_utilities_converge_without_the_fallback():
+    """At |z| about 1000 an element of the K4 flows stalled under the primal reduction (200 iterations, then
+    the conic fallback); after PRIMAL_ITERATIONS the normal matrix takes over and converges it."""
+    P = spanning_trees_by_flows(4)
+    relaxation = ipm(P, "binary_entropy")
+    assert relaxation.problem_on("cpu").primal is not None
+    Z = 1000.0 * torch.randn(64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sol = relaxation.solve(Z)
+    assert bool((sol.status == 0).all()) and int(sol.iterations.max()) < 60
