@@ -304,6 +304,26 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
 PATTERN_LIMIT = 2**22
 
 
+def _diagonal_positions(r: torch.Tensor, c: torch.Tensor, m: int) -> torch.Tensor:
+    """Where the diagonal entries of an m x m pattern lie among its entries ``(r, c)`` (every diagonal
+    entry must be among them)."""
+    position = torch.full((m * m,), -1, dtype=torch.long, device=r.device)
+    position[r * m + c] = torch.arange(r.numel(), device=r.device)
+    return position[torch.arange(m, device=r.device) * (m + 1)]
+
+
+def _equilibrated_levels(V, diag, r, c, chol, keep, where):
+    """Equilibrate the entries ``V (nnz, B)`` (batch last) of a symmetric pattern to a unit diagonal
+    (plus JITTER) in place and factor them by levels: ``(F, q (n, B))``, F from
+    :meth:`SparseCholesky.factor`, ``matrix ~ diag(q) L D L^T diag(q)`` in the elimination order."""
+    q = V.index_select(0, diag).clamp_min_(1e-300).sqrt_()
+    V /= q.index_select(0, r) * q.index_select(0, c)
+    V[diag] += JITTER
+    F = V.new_zeros(chol.nnz + chol.m, V.shape[1])
+    F[where] = V.index_select(0, keep)
+    return chol.factor(F), q
+
+
 def _sparsity(C: torch.Tensor):
     """``(pattern, sparse)`` for the normal matrix M = C diag(p) C^T.  ``pattern = (K, flat, diag, r, c)``
     assembles M as ``(p @ K)`` on its non-zero entries: ``K (N, nnz)`` holds C[r, j] C[c, j] for the
@@ -322,9 +342,7 @@ def _sparsity(C: torch.Tensor):
         return None, None
     K = (C[r] * C[c]).T.contiguous()
     flat = r * m + c
-    position = torch.full((m * m,), -1, dtype=torch.long, device=C.device)
-    position[flat] = torch.arange(r.numel(), device=C.device)
-    diag = position[torch.arange(m, device=C.device) * (m + 1)]
+    diag = _diagonal_positions(r, c, m)
     sparse = None
     if m >= sparse_cholesky.MIN_ROWS:
         chol = sparse_cholesky.SparseCholesky(nz)
@@ -437,14 +455,12 @@ def _normal_factor(ip, extra, phi_inv):
         _, flat, diag, r, c = ip.pattern
         V = ip.pattern_t @ phi_inv.T
         V[diag[m_eq:]] += extra.T
+        if ip.sparse is not None:
+            F, q = _equilibrated_levels(V, diag, r, c, *ip.sparse)
+            return F, q.T
         q = V.index_select(0, diag).clamp_min_(1e-300).sqrt_()
         V /= q.index_select(0, r) * q.index_select(0, c)
         V[diag] += JITTER
-        if ip.sparse is not None:
-            chol, keep, where = ip.sparse
-            F = V.new_zeros(chol.nnz + m, B)
-            F[where] = V.index_select(0, keep)
-            return chol.factor(F), q.T
         Ms = V.new_zeros(m * m, B)
         Ms[flat] = V
         return _cholesky(Ms.T.reshape(B, m, m)), q.T
@@ -549,9 +565,7 @@ def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
     if updates > PRIMAL_MAX_UPDATES:
         return None
     chol = sparse_cholesky.SparseCholesky(nz)
-    position = torch.full((N * N,), -1, dtype=torch.long, device=C.device)
-    position[r * N + c] = torch.arange(r.numel(), device=C.device)
-    diag = position[torch.arange(N, device=C.device) * (N + 1)]
+    diag = _diagonal_positions(r, c, N)
     keep, where = chol.lower_positions(r, c)
     # W's pattern: A^T's, filled by the forward substitution (row i of W gets row j's pattern where L_ij != 0)
     At = C[:m_eq].T.index_select(0, chol.perm.to(C.device))
@@ -614,16 +628,11 @@ def _primal_factor(ip: InteriorPointProblem, ratio_in, phi_inv):
     the tensors batch last where the level-scheduled factorization reads them, W on its pattern."""
     pr = ip.primal
     assert pr is not None
-    B, N, m_eq = phi_inv.shape[0], phi_inv.shape[1], ip.m_eq
+    B, m_eq = phi_inv.shape[0], ip.m_eq
     chol = pr.chol
     V = pr.Kt @ ratio_in.clamp_min(TINY).reciprocal().T
     V[pr.diag] += phi_inv.reciprocal().T
-    q = V.index_select(0, pr.diag).clamp_min_(1e-300).sqrt_()
-    V /= q.index_select(0, pr.r) * q.index_select(0, pr.c)
-    V[pr.diag] += JITTER
-    F = V.new_zeros(chol.nnz + N, B)
-    F[pr.where] = V.index_select(0, pr.keep)
-    chol.factor(F)
+    F, q = _equilibrated_levels(V, pr.diag, pr.r, pr.c, chol, pr.keep, pr.where)
     if not m_eq:
         return F, q, None, None, None
     W = chol.forward(F, pr.At.unsqueeze(1) / q.index_select(0, chol.perm).unsqueeze(-1))[pr.w_n, :, pr.w_k]
