@@ -65,7 +65,7 @@ z leaves and the rows that x violates held, except the bounds of a held row's co
 ``START_ROUNDS`` rounds when that guess breaks at most ``START_MAX_WRONG`` sign conditions per
 element on average.  Measured (docs/generic.md): it solves every element of a path of 6 before
 the first iteration, and ends most elements of a path of 30 3-4 iterations earlier.  No polish
-for a nonlinear f (see :func:`_polish_steps`).
+for a nonlinear f (see :func:`_polishes`).
 
 Factorization: M's sparsity pattern is fixed by C.  Where a nested-dissection order gives a shallow
 elimination tree (a path's or a chain's rows), M is factored by the level-scheduled sparse Cholesky
@@ -411,12 +411,6 @@ class _Layout:
         # the sign of a bound slack's direction in dv (0 where the bound is absent), and which pairs exist
         self.sign = torch.cat([ip.has_lo, -ip.has_up])
         self.mask = torch.cat([ip.has_lo.new_ones(m - m_eq), ip.has_lo, ip.has_up])
-        # the pairs a polish may hold active: every inequality row and every bound except an end of f's
-        # domain (phi' is infinite at the built-in entropies' 0 and 1)
-        pad = torch.zeros(N - ip.nx, dtype=torch.bool, device=ip.lo.device)
-        rows = torch.zeros(m - m_eq, dtype=torch.bool, device=ip.lo.device)
-        at_end = torch.cat([rows, ip.at_lo, pad, ip.at_hi, pad])
-        self.may_hold = (self.mask > 0) & ~at_end
         self.exists = self.mask > 0
         # 1 at the multiplier of an absent pair (0 with a zero direction), 0 elsewhere, over [Y | S]
         self.pad = torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
@@ -750,11 +744,11 @@ def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION):
     return (fraction / worst).clamp_(max=1.0)
 
 
-def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, rounds: int = 1, max_wrong=math.inf):
-    """Active-set polish of the elements ``T (B, width)``: guess the active pairs (a slack below its
-    multiplier), hold them at equality (the bound's value, the row's right-hand side), drop the
-    others, and solve the remaining equality-constrained problem by ``steps`` Newton steps on
-    (x, nu) from the current point (one solves it exactly for the Euclidean regularizer).  Where the
+def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
+    """Active-set polish of the elements ``T (B, width)`` for the Euclidean regularizer: guess the
+    active pairs (a slack below its multiplier), hold them at equality (the bound's value, the row's
+    right-hand side), drop the others, and solve the remaining equality-constrained quadratic program
+    exactly (one Newton step on (x, nu)).  Where the
     solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
     -TOLERANCE), the offending pairs change sides and that element is solved again, up to ``rounds``
     more times (a primal-dual active-set step), unless the first solve broke more than ``max_wrong``
@@ -765,32 +759,30 @@ def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, round
     coordinates below the tolerances, complementarity exact -- so that the caller's convergence test
     passes on them.  Only for declarations without auxiliary variables (f is then strictly convex on
     every free coordinate)."""
-    held = (T[:, lay.o_s :] < T[:, lay.o_y : lay.o_s]) & lay.may_hold
-    Tn, g, h, wrong, solved = _polish_once(ip, lay, T, zs, sz, steps, held)
+    held = (T[:, lay.o_s :] < T[:, lay.o_y : lay.o_s]) & lay.exists
+    Tn, g, h, wrong, solved = _polish_once(ip, lay, T, zs, sz, held)
     if rounds and wrong.sum(-1).float().mean() > max_wrong:
         # far from the final active set: it would change by a fraction per round, and the rounds
         # would cost more than the interior-point iterations they replace
         rounds = 0
     for _ in range(rounds):
-        # a pair that may not be held (a domain end of f) and breaks its sign condition rules the element out
-        again = ((wrong & lay.may_hold).any(-1) & ~(wrong & ~lay.may_hold).any(-1)).nonzero().squeeze(1)
+        again = wrong.any(-1).nonzero().squeeze(1)
         if not again.numel():
             break
         held[again] ^= wrong[again]
         Tn[again], g[again], h[again], wrong[again], solved[again] = _polish_once(
-            ip, lay, T[again], zs[again], sz[again], steps, held[again]
+            ip, lay, T[again], zs[again], sz[again], held[again]
         )
     return Tn, g, h, ~wrong.any(-1) & solved
 
 
-def _polish_once(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, held):
+def _polish_once(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, held):
     """One solve of :func:`_polish` with the pairs ``held (B, P)`` at equality: ``(T', g', h', wrong
     (B, P), solved (B,))``, wrong marking the pairs whose sign condition fails, solved whether the
     held rows are met to TOLERANCE times the form's scale and the dual residual on the free
-    coordinates is below TOLERANCE (strictly: the convergence test forgives a residual within the
-    float resolution of phi' at x, which a Newton step that ran toward an end of the domain where
-    phi'' is infinite could meet at the wrong point).  Masks are applied as float factors: fewer and
-    cheaper operations than ``torch.where`` on these small tensors."""
+    coordinates is below TOLERANCE (rounding only, for this exact solve).  In the scaled problem
+    f' = x / sz and f'' = 1 / sz.  Masks are applied as float factors: fewer and cheaper operations
+    than ``torch.where`` on these small tensors."""
     N, m, m_eq, mi = lay.N, lay.m, lay.m_eq, lay.mi
     scale = ip.dual.scale
     on = held.to(T.dtype)
@@ -802,20 +794,15 @@ def _polish_once(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, 
     nu[:, m_eq:] *= rows
     # a dropped row leaves the system through a huge diagonal weight (equilibration makes it harmless)
     extra = off[:, :mi] * HUGE
-    free_sz = free * sz
-    g = h = v
-    for _ in range(steps):
-        g, h = _derivatives(ip, v, v - ip.lo, ip.up - v)
-        phi_inv = free_sz / h
-        rd = g / sz - zs + nu @ ip.C
-        rp = v @ ip.C.T - ip.d
-        rp[:, m_eq:] *= rows
-        dnu = _factor_solve(ip, _normal_factor(ip, extra, phi_inv), rp - (phi_inv * rd) @ ip.C.T)
-        dnu[:, m_eq:] *= rows
-        nu += dnu
-        v = v - phi_inv * (rd + dnu @ ip.C)
-    g, h = _derivatives(ip, v, v - ip.lo, ip.up - v)
-    g, h = g / sz, h / sz
+    phi_inv = free * sz
+    rd = v / sz - zs + nu @ ip.C
+    rp = v @ ip.C.T - ip.d
+    rp[:, m_eq:] *= rows
+    dnu = _factor_solve(ip, _normal_factor(ip, extra, phi_inv), rp - (phi_inv * rd) @ ip.C.T)
+    dnu[:, m_eq:] *= rows
+    nu += dnu
+    v = v - phi_inv * (rd + dnu @ ip.C)
+    g, h = v / sz, torch.ones_like(v) / sz
     r = g - zs + nu @ ip.C
     rp = v @ ip.C.T - ip.d
     # every pair's multiplier if held and slack if dropped, laid out as the pairs [rows | lower | upper]
@@ -825,7 +812,7 @@ def _polish_once(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, steps: int, 
     rp[:, m_eq:] *= rows
     solved = (rp.abs().amax(-1) <= TOLERANCE * scale) if m else torch.ones_like(sz[:, 0], dtype=torch.bool)
     if N:
-        solved &= (r.abs() * free_sz).amax(-1) <= TOLERANCE * sz[:, 0]
+        solved &= (r.abs() * free).amax(-1) <= TOLERANCE
     Y = (on * multiplier).clamp_min_(TINY) * lay.mask
     Tn = torch.cat([v, nu[:, :m_eq], Y, (off * slack).clamp_min_(0.0)], 1)
     return Tn, g, h, wrong, solved
@@ -848,15 +835,16 @@ def _box_guess(ip: InteriorPointProblem, lay: _Layout, z):
     return torch.cat([x, nu, held, 1.0 - held], 1)
 
 
-def _polish_steps(ip: InteriorPointProblem) -> int:
-    """Newton steps of a polish: one, exact, for the Euclidean regularizer; 0 (no polish) otherwise.
-    Measured (docs/generic.md): with a nonlinear f, Newton steps in x from an iterate whose small
+def _polishes(ip: InteriorPointProblem) -> bool:
+    """Whether the solver polishes (and starts with the active-set method): the Euclidean regularizer
+    only, whose reduced problem is linear.  Measured (docs/generic.md): with a nonlinear f, Newton
+    steps in x from an iterate whose small
     coordinates are not yet resolved overshoot past an end of f's domain where phi'' is infinite
     (the entropies, the Tsallis entropies), and damped steps need more factorizations than the
     interior-point iterations they save (the binary entropy on 1,000 variables with 100 rows: 1.8
     s against 0.96 s); the polish gained 12% at most on the paths and cost 1.4-3.8x on a user's
     phi."""
-    return 1 if ip.kind == "euclidean" else 0
+    return ip.kind == "euclidean"
 
 
 def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
@@ -918,11 +906,11 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     nc = ip.pairs
     index = None  # the indices of the active elements, None while all are active
     T_all = T
-    polish = N == nx and _polish_steps(ip) > 0
-    if polish and ip.kind == "euclidean" and START_ROUNDS >= 0:
+    polish = N == nx and _polishes(ip)
+    if polish and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from the box's solution ends most elements before the
         # interior point starts (those it does not solve start it from the usual point)
-        Tn, gn, hn, ok = _polish(ip, lay, _box_guess(ip, lay, z), zs, sz, 1, START_ROUNDS, START_MAX_WRONG)
+        Tn, gn, hn, ok = _polish(ip, lay, _box_guess(ip, lay, z), zs, sz, START_ROUNDS, START_MAX_WRONG)
         T[ok], g[ok], h[ok] = Tn[ok], gn[ok], hn[ok]
     for _ in range(max_iter + 1):
         if polish and _:
@@ -931,7 +919,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             near = near.nonzero().squeeze(1)
             if near.numel():
                 tries[near] += 1
-                Tn, gn, hn, ok = _polish(ip, lay, T[near], zs[near], sz[near], _polish_steps(ip), POLISH_ROUNDS)
+                Tn, gn, hn, ok = _polish(ip, lay, T[near], zs[near], sz[near], POLISH_ROUNDS)
                 if bool(ok.any()):
                     near = near[ok]
                     T[near], g[near], h[near] = Tn[ok], gn[ok], hn[ok]
