@@ -334,6 +334,40 @@ def test_gradcheck_with_the_sparse_factorization_and_the_polish():
     assert torch.autograd.gradcheck(lambda z: sstcvx.relax(P, z, 0.7, "binary_entropy", solver="fast"), (Z,))
 
 
+def test_small_batches_take_the_dense_factorization():
+    """Where the level-scheduled factorization exists, a batch with B m^3 below DENSE_WORK is factored
+    densely (the level loop's fixed cost is larger there); both factors solve the same system."""
+    import sstcvx.generic.interior_point as interior_point
+
+    ip = ipm(independent_sets(30), "euclidean").problem_on("cpu")
+    assert ip.sparse is not None
+    gen = torch.Generator().manual_seed(21)
+    for B in (1, 3, 200):
+        phi_inv = torch.rand(B, 30, dtype=torch.float64, generator=gen) + 0.1
+        extra = torch.rand(B, ip.m, dtype=torch.float64, generator=gen)
+        r = torch.randn(B, ip.m, dtype=torch.float64, generator=gen)
+        F = interior_point._normal_factor(ip, extra, phi_inv)
+        assert F[0].dim() == (3 if B * ip.m**3 <= interior_point.DENSE_WORK else 2)
+        M = (ip.C * phi_inv[:, None, :]) @ ip.C.T + torch.diag_embed(extra)
+        x = interior_point._factor_solve(ip, F, r)
+        torch.testing.assert_close(torch.linalg.solve(M, r), x, atol=1e-10, rtol=1e-10)
+
+
+def test_active_set_start_solves_a_path_of_30(monkeypatch):
+    """With U ~ N(0, 1) the box's guess on a path of 30 is about 4 sign conditions off per element; the
+    active-set rounds of the start still solve every element (the interior point does not iterate), at
+    the point the iteration without them reaches."""
+    import sstcvx.generic.interior_point as interior_point
+
+    P = independent_sets(30)
+    U = torch.randn(256, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sol = ipm(P, "euclidean").solve(U)
+    assert bool((sol.status == 0).all()) and int(sol.iterations.max()) == 0
+    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
+    reference = ipm(P, "euclidean").solve(U[:16])
+    torch.testing.assert_close(sol.x[:16], reference.x, atol=1e-8, rtol=0)
+
+
 def coupled_pairs(n):
     """x <= y coordinate by coordinate, both in [0, 1]: auxiliary variables and inequality rows only."""
     x, y = cp.Variable(n), cp.Variable(n)
