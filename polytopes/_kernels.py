@@ -5,7 +5,9 @@
 * :func:`floored_logsumexp`: logsumexp with terms far below the maximum floored, which
   keeps exp out of its slow subnormal range (the k-subset DP, Sinkhorn);
 * :func:`sparsemax_threshold`: the exact threshold of the projection onto the simplex
-  (sparsemax, the Birkhoff projection's row steps);
+  by sorting (the Birkhoff projection's row steps, short rows of sparsemax), and
+  :func:`simplex_threshold`, the same threshold by exact Newton steps where they are cheaper
+  (long rows of sparsemax);
 * :func:`check_square` and :func:`check_solver_arguments`: the argument checks of the
   public solvers on (..., n, n) inputs (Sinkhorn, the Birkhoff projection, assignment).
 """
@@ -53,6 +55,42 @@ def sparsemax_threshold(z: torch.Tensor):
     # exactly for r = 1..size, so counting it gives size
     size = (zs * ranks > cum).sum(-1, keepdim=True)
     return cum.gather(-1, size - 1) / size.to(z.dtype), size, zs
+
+
+#: Rows at least this long get the Newton steps of :func:`simplex_threshold` (measured at batch 128,
+#: U ~ N(0, 1): 1149 against 7672 us for n = 1000, even at n = 100, 95 against 34 us for n = 10).
+NEWTON_FROM = 64
+#: Newton steps before the sorting method takes over (generic input needs 1-6).
+NEWTON_STEPS = 32
+
+
+def simplex_threshold(z: torch.Tensor) -> torch.Tensor:
+    """t (..., 1) with sum max(z - t, 0) = 1 over the last dim: the threshold of the projection onto the
+    simplex, exact.
+
+    f(t) = sum_i max(z_i - t, 0) - 1 is convex, piecewise linear and decreasing, so Newton's steps
+    t' = t + f(t) / |S(t)| = (sum_{S(t)} z_i - 1) / |S(t)| from a point left of the root (S(t) =
+    {z_i > t}) never pass it, and the support shrinks at every step until it is the root's: once the
+    count |S| repeats, t is the sparsemax formula over the final support (as in the sorting method,
+    not to a tolerance).  Start: the larger of two lower bounds of the root, max(z) - 1 (no
+    coordinate of the projection exceeds 1) and (sum z - 1) / n.  Cost O(n) per step, a handful of
+    steps, one host synchronisation per step; rows shorter than NEWTON_FROM, and any batch whose
+    steps have not settled after NEWTON_STEPS (rounding can in principle make a support count
+    alternate), use :func:`sparsemax_threshold` (a sort).
+    """
+    n = z.shape[-1]
+    if n < NEWTON_FROM:
+        return sparsemax_threshold(z)[0]
+    t = torch.maximum(z.amax(-1, keepdim=True) - 1.0, (z.sum(-1, keepdim=True) - 1.0) / n)
+    size = None
+    for _ in range(NEWTON_STEPS):
+        above = z > t
+        count = above.sum(-1, keepdim=True)
+        if size is not None and bool((count == size).all()):
+            return t
+        size = count
+        t = (torch.where(above, z, 0.0).sum(-1, keepdim=True) - 1.0) / size
+    return sparsemax_threshold(z)[0]
 
 
 def check_square(T, name: str) -> None:

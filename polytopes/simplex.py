@@ -6,7 +6,8 @@ Specialized solvers (Z = U / tau, shape (B, n)):
 * ``entropy`` (f = sum x log x) and ``exp_family_entropy`` (on the simplex the
   Gibbs marginals are the same map): softmax(Z), the Gumbel-Softmax relaxation;
 * ``euclidean`` (f = 1/2 ||x||^2): sparsemax(Z), the Euclidean projection of Z
-  onto the simplex (Martins & Astudillo, 2016), exact by sorting.
+  onto the simplex (Martins & Astudillo, 2016), exact (a sort for short rows, Newton steps on
+  the threshold for long ones).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
 from sstcvx.recognition import Match
 
-from ._kernels import rank_one_vjp, sparsemax_threshold
+from ._kernels import rank_one_vjp, simplex_threshold
 from ._validation import check_int
 
 # _enumerate_vertices returns None above this many vertices or this many entries (8 MB in float64).
@@ -66,14 +67,12 @@ register_relaxation(Simplex, "exp_family_entropy")(lambda P, Z: torch.softmax(Z,
 
 
 class _Sparsemax(torch.autograd.Function):
-    """max(Z - t, 0) with sum 1; exact forward by sorting, backward on the support S = {x > 0}."""
+    """max(Z - t, 0) with sum 1; exact forward (Newton steps on t, or a sort), backward on the support S = {x > 0}."""
 
     @staticmethod
     def forward(ctx, Z):
         z = Z.detach().to(torch.float64)
-        threshold, _, _ = sparsemax_threshold(z)
-        # the support is the `size` largest entries, exactly those above the threshold
-        x = (z - threshold).clamp_min(0.0)
+        x = (z - simplex_threshold(z)).clamp_min(0.0)
         support = x > 0
         ctx.save_for_backward(support.to(Z.dtype))
         return x.to(Z.dtype)
@@ -89,9 +88,12 @@ class _Sparsemax(torch.autograd.Function):
 def sparsemax(Z: torch.Tensor) -> torch.Tensor:
     """argmin_{x in simplex} ||x - Z||^2 = max(Z - t, 0), sum = 1: sparsemax.
 
-    Z: (..., n) -> (..., n), same dtype.  Cost O(n log n) (a sort).  The
-    threshold t = (sum_{i in S} Z_i - 1) / |S| over the support S is found
-    exactly from the sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1).
+    Z: (..., n) -> (..., n), same dtype.  The threshold t = (sum_{i in S}
+    Z_i - 1) / |S| over the support S is found exactly: for n < 64 from the
+    sorted cumulative sums (Martins & Astudillo, 2016, Alg. 1; O(n log n)), for
+    longer rows by Newton's steps on t from below, each a recomputation of that
+    formula over the current support {Z > t} (O(n) per step, a handful of
+    steps; see ``simplex_threshold``).
     Backward: the exact Jacobian diag(s) - s s^T / |s| (s the support
     indicator) applied in O(n) (a torch.autograd.Function).
 

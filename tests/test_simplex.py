@@ -49,6 +49,26 @@ def test_sparsemax_satisfies_its_optimality_conditions():
     torch.testing.assert_close(X.sum(-1), torch.ones(2000, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+def test_newton_threshold_is_the_sorted_one_on_long_rows(scale):
+    """Long rows take Newton's steps on the threshold instead of a sort: the same threshold to rounding, on
+    random rows, on rows with ties at the top and on integer-valued rows (roots on a breakpoint)."""
+    from polytopes import _kernels
+
+    gen = torch.Generator().manual_seed(3)
+    Z = scale * torch.randn(64, 300, dtype=torch.float64, generator=gen)
+    Z[:8, :5] = Z[:8].amax(-1, keepdim=True)  # ties at the top
+    Z[8:16] = torch.randint(-3, 4, (8, 300), generator=gen).to(torch.float64)
+    assert Z.shape[-1] >= _kernels.NEWTON_FROM
+    t_sorted = _kernels.sparsemax_threshold(Z)[0]
+    t = _kernels.simplex_threshold(Z)
+    torch.testing.assert_close(t, t_sorted, atol=4e-16 * max(scale, 1.0) * 300, rtol=0)
+    X = relax(Simplex(300), Z, 1.0, "euclidean")
+    # sum x = 1 to the rounding of Z - t (a tie of 5 at |Z| ~ 3e4 already gives 1.5e-11)
+    torch.testing.assert_close(X.sum(-1), torch.ones(64, dtype=torch.float64), atol=1e-12 * max(scale, 1.0), rtol=0)
+    torch.testing.assert_close(X, (Z - t_sorted).clamp_min(0.0), atol=4e-16 * max(scale, 1.0) * 300, rtol=0)
+
+
 def test_exp_family_entropy_is_the_brute_force_gibbs_marginals():
     P = Simplex(7)
     Z = 3 * torch.randn(5, 7, dtype=torch.float64)
