@@ -505,17 +505,21 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
 
 @dataclass
 class _Primal:
-    """The primal reduction's fixed tensors (see :func:`primal_structure`): ``chol`` the symbolic
-    factorization of H's pattern, ``Kt (nnz, mi)`` with H's entries batch last as ``Kt @ (y / s)^T``
-    (plus Phi on the diagonal), ``diag (N,)`` where the diagonal lies among them, ``r, c`` their rows and
-    columns, ``keep, where`` which of them land where in L, ``G (mi, N)`` the inequality rows, ``At
-    (N, m_eq)`` the equality rows transposed in the elimination order, the pattern of ``W = L^-1 P^T
-    A^T`` (its entries ``(w_n, w_k)``; ``pair_a, pair_b`` the pairs of entries (n, k), (n, l) of one row
-    with k >= l, which add to S's flat entry ``pair_target``, in its lower triangle), W's forward substitution on that pattern
-    (``w_start (nnz(W), 1)`` the entries of P^T A^T there, ``w_row`` the row of q that divides each, and
-    per level of the elimination tree ``w_steps``: the W entries updated, the L entries and the W
-    entries that update them), and the estimated work of one factorization with both reductions
-    (``cost``, ``normal_cost``, multiply-adds per element)."""
+    """The primal reduction's fixed tensors (see :func:`primal_structure`):
+
+    * ``chol`` the symbolic factorization of H's pattern; ``Kt (nnz, mi)`` with H's entries batch
+      last as ``Kt @ (y / s)^T`` (plus Phi on the diagonal); ``diag (N,)`` where the diagonal lies
+      among them; ``r, c`` their rows and columns; ``keep, where`` which of them land where in L;
+    * ``G (mi, N)`` the inequality rows;
+    * the pattern of ``W = L^-1 P^T A^T``, its entries ``(w_n, w_k)``, and W's forward substitution
+      on that pattern: ``w_start (nnz(W), 1)`` the entries of P^T A^T there (the equality rows
+      transposed, in the elimination order), ``w_row`` the row of q that divides each, and per level
+      of the elimination tree ``w_steps``, the W entries updated, the L entries and the W entries
+      that update them;
+    * ``pair_a, pair_b``: the pairs of W entries (n, k), (n, l) of one row with k >= l, whose
+      products add to S's flat entry ``pair_target`` in its lower triangle;
+    * the estimated work of one factorization with both reductions (``cost``, ``normal_cost``,
+      multiply-adds per element)."""
 
     chol: Any
     Kt: torch.Tensor
@@ -525,7 +529,6 @@ class _Primal:
     keep: torch.Tensor
     where: torch.Tensor
     G: torch.Tensor
-    At: torch.Tensor
     w_n: torch.Tensor
     w_k: torch.Tensor
     pair_a: torch.Tensor
@@ -603,7 +606,6 @@ def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
         keep.to(C.device),
         where.to(C.device),
         G.contiguous(),
-        At.contiguous(),
         index[0],
         index[1],
         index[2],
