@@ -520,12 +520,80 @@ def _trace_derivatives(reg: SeparableRegularizer, x: torch.Tensor):
 
 
 def _prune(module) -> None:
-    """Drop from a traced graph (run under no_grad) its detaches, the operations whose results go unused
-    (phi's value) and repeated operations."""
+    """Simplify a traced graph of :func:`_trace_derivatives` (run under no_grad) in place.
+
+    Drops the detaches; folds the tensors of one constant value that the backward builds from
+    ``ones_like`` (the seed, and its products with numbers) into the numbers of the operations that
+    use them (``ones * y`` is y, ``(ones / 0.75) * y`` is ``y * 1.333..``); makes the 0-dim tensors the
+    graph creates at every call (``scalar_tensor``) constants of the module; then removes the
+    operations whose results go unused (phi's own value) and repeated ones.  Every step keeps the
+    values (checked by the caller against autograd)."""
+    aten = torch.ops.aten
     graph = module.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+    nodes = list(graph.nodes)
+    full = next(n for n in nodes if n.op == "placeholder").meta.get("val")
+    if full is None:
+        return
+    fills = {}  # node -> the one value of a tensor of x's shape (and dtype)
+
+    def full_shaped(node):
+        v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        return v is not None and v.shape == full.shape and v.dtype == full.dtype
+
+    elementwise = {
+        aten.mul.Tensor: lambda a, b: a * b,
+        aten.div.Tensor: lambda a, b: a / b,
+        aten.add.Tensor: lambda a, b: a + b,
+        aten.sub.Tensor: lambda a, b: a - b,
+    }
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.detach.default:
             node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        if node.kwargs.get("alpha", 1) != 1:
+            continue
+        if node.target in (aten.ones_like.default, aten.zeros_like.default) and full_shaped(node):
+            fills[node] = 1.0 if node.target is aten.ones_like.default else 0.0
+        elif node.target is aten.neg.default and node.args[0] in fills:
+            fills[node] = -fills[node.args[0]]
+        elif node.target in elementwise and full_shaped(node) and len(node.args) == 2:
+            a, b = node.args
+            const_a = fills.get(a, a if isinstance(a, (int, float)) else None)
+            const_b = fills.get(b, b if isinstance(b, (int, float)) else None)
+            if const_a is not None and const_b is not None:
+                fills[node] = float(elementwise[node.target](float(const_a), float(const_b)))
+                continue
+            # one operand a constant tensor of x's shape, the other a tensor of x's shape: a number instead
+            if b in fills and full_shaped(a):
+                y, c, swapped = a, fills[b], False
+            elif a in fills and full_shaped(b):
+                y, c, swapped = b, fills[a], True
+            else:
+                continue
+            op = node.target
+            if (op is aten.mul.Tensor and c == 1.0) or (op in (aten.add.Tensor, aten.sub.Tensor) and c == 0.0 and not swapped) or (
+                op is aten.div.Tensor and c == 1.0 and not swapped
+            ):
+                node.replace_all_uses_with(y)
+                graph.erase_node(node)
+            elif op in (aten.mul.Tensor, aten.add.Tensor) or not swapped:
+                node.args = (y, c)
+            elif op is aten.sub.Tensor:  # c - y
+                with graph.inserting_before(node):
+                    new = graph.call_function(aten.rsub.Scalar, (y, c))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+        elif node.target is aten.scalar_tensor.default:
+            name = f"_constant_{len(fills)}_{node.name}"
+            module.register_buffer(name, node.target(*node.args, **node.kwargs))
+            with graph.inserting_before(node):
+                constant = graph.get_attr(name)
+            constant.meta = dict(node.meta)
+            node.replace_all_uses_with(constant)
             graph.erase_node(node)
     graph.eliminate_dead_code()
     try:  # a private helper of torch (common subexpressions); the graph is correct without it
