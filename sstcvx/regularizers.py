@@ -464,19 +464,19 @@ def _derivative_graph(reg: SeparableRegularizer, x: torch.Tensor):
     the traced graph is checked against autograd on the first x (all of it and half of it) and dropped
     where they differ by more than rounding."""
     per = _DERIVATIVE_GRAPHS.get(reg)
-    if per is None:
-        per = _DERIVATIVE_GRAPHS[reg] = {}
     key = (x.device, x.dtype)
-    graph = per.get(key)
+    graph = None if per is None else per.get(key)
     if graph is None:
+        if not x.numel() or torch.is_inference_mode_enabled():  # nothing to trace on, or no autograd: later
+            return None
+        if per is None:
+            per = _DERIVATIVE_GRAPHS[reg] = {}
         graph = per[key] = _trace_derivatives(reg, x) or False
     return graph or None
 
 
 def _trace_derivatives(reg: SeparableRegularizer, x: torch.Tensor):
     flat = x.detach().reshape(-1)
-    if not flat.numel():
-        return None
 
     def derivatives(x):
         # as SeparableRegularizer._autograd_derivatives, with the backward seeded by ones of x's shape rather

@@ -309,6 +309,9 @@ def test_traced_derivatives_are_autograds(reg):
         g0, h0 = reg._autograd_derivatives(x)
         assert g.shape == h.shape == x.shape
         torch.testing.assert_close((g, h), (g0, h0), atol=0, rtol=1e-14)
+    # an empty first call on a new dtype traces nothing and does not keep autograd for that dtype
+    reg.derivatives(torch.zeros(0, dtype=torch.float32))
+    assert _derivative_graph(reg, torch.full((5,), 0.5, dtype=torch.float32)) is not None
 
 
 def test_derivatives_of_a_phi_with_control_flow_keep_autograd():
