@@ -366,9 +366,8 @@ def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su
     nx = ip.nx
     if not isinstance(kind, str):
         # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x)
-        lo = torch.nextafter(x.new_tensor(ip.dom_lo), x.new_tensor(math.inf))
-        hi = torch.nextafter(x.new_tensor(ip.dom_hi), x.new_tensor(-math.inf))
-        return kind.derivatives(torch.minimum(torch.maximum(x, lo), hi))
+        # (one clamp by Python floats: the operations on 0-dim tensors that it replaced cost 6 per iteration)
+        return kind.derivatives(x.clamp(math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf)))
     if kind == "euclidean":
         return x, torch.ones_like(x)
     a = sl[:, :nx] if ip.all_at_lo else torch.where(ip.at_lo, sl[:, :nx], x - ip.dom_lo)
