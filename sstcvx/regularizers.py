@@ -13,7 +13,6 @@ import copy
 import itertools
 import math
 import pickle
-import weakref
 from collections.abc import Callable
 
 import cvxpy as cp
@@ -303,23 +302,9 @@ class SeparableRegularizer(Regularizer):
 
     # -- derivatives ----------------------------------------------------------------------------
     def derivatives(self, x: torch.Tensor):
-        """(phi'(x), phi''(x)) elementwise, same shape as x: the user's functions, or autograd.
-
-        Autograd runs once per (device, dtype) as written and is traced into a graph of its
-        operations (:func:`_derivative_graph`): later calls run that graph without autograd's
-        recording and its two backward passes (the iterations of the batched solvers call this once
-        per step).  Where tracing fails or the traced graph disagrees with autograd, autograd always."""
+        """(phi'(x), phi''(x)) elementwise, same shape as x: the user's functions, or autograd."""
         if self.dphi is not None and self.d2phi is not None:
             return self.dphi(x), self.d2phi(x)
-        graph = _derivative_graph(self, x)
-        if graph is not None:
-            with torch.no_grad():
-                g, h = graph(x.detach().reshape(-1))
-            return g.view(x.shape), h.view(x.shape)
-        return self._autograd_derivatives(x)
-
-    def _autograd_derivatives(self, x: torch.Tensor):
-        """:meth:`derivatives` by autograd (phi' and phi'' where the user does not give them)."""
         with torch.enable_grad():
             t = x.detach().requires_grad_(True)
             if self.dphi is not None:
@@ -444,165 +429,6 @@ class SeparableRegularizer(Regularizer):
     def __getstate__(self):
         _check_picklable(self.name, {k: self.__dict__[k] for k in self._FUNCTIONS})
         return dict(self.__dict__)
-
-
-#: The traced derivatives of each separable regularizer per (device, dtype): a function, or False where
-#: tracing failed (see :func:`_derivative_graph`).  Weak keys: a regularizer's copies and pickles trace anew.
-_DERIVATIVE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: The length of the probe for tracing (on flattened tensors; a size of 0 or 1 would be specialized).
-_TRACE_SIZE = 7
-
-
-def _derivative_graph(reg: SeparableRegularizer, x: torch.Tensor):
-    """The graph of :meth:`SeparableRegularizer._autograd_derivatives` traced for x's device and dtype
-    (``make_fx`` on a flattened tensor, its length symbolic: it serves every shape), or None.
-
-    Tracing records the operations that autograd runs (phi, its backward, the backward of that) as
-    plain tensor operations: measured, about 0.6-0.7x the time of autograd's two ``grad`` calls, whose
-    fixed cost dominates on the small tensors of an iteration.  A phi whose operations depend on the
-    values (Python control flow on a tensor, ``.item()``) fails the symbolic trace and keeps autograd;
-    the traced graph is checked against autograd on the first x (all of it and half of it) and dropped
-    where they differ by more than rounding."""
-    per = _DERIVATIVE_GRAPHS.get(reg)
-    key = (x.device, x.dtype)
-    graph = None if per is None else per.get(key)
-    if graph is None:
-        if not x.numel() or torch.is_inference_mode_enabled():  # nothing to trace on, or no autograd: later
-            return None
-        if per is None:
-            per = _DERIVATIVE_GRAPHS[reg] = {}
-        graph = per[key] = _trace_derivatives(reg, x) or False
-    return graph or None
-
-
-def _trace_derivatives(reg: SeparableRegularizer, x: torch.Tensor):
-    flat = x.detach().reshape(-1)
-
-    def derivatives(x):
-        # as SeparableRegularizer._autograd_derivatives, with the backward seeded by ones of x's shape rather
-        # than through a sum: phi's own value is then unused, and dropped from the graph below
-        with torch.enable_grad():
-            t = x.detach().requires_grad_(True)
-            ones = torch.ones_like(t)
-            if reg.dphi is not None:
-                g = reg.dphi(t)
-            else:
-                (g,) = torch.autograd.grad(reg.phi(t), t, ones, create_graph=reg.d2phi is None)
-            if reg.d2phi is not None:
-                h = reg.d2phi(x)
-            elif g.requires_grad:
-                (h,) = torch.autograd.grad(g, t, ones)
-            else:
-                h = torch.zeros_like(x)
-        return g.detach(), h.detach()
-
-    probe = flat[torch.arange(_TRACE_SIZE, device=x.device) % flat.numel()]
-    try:
-        import warnings
-
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = make_fx(derivatives, tracing_mode="symbolic")(probe)
-            _prune(module)
-            with torch.no_grad():
-                for t in (flat, flat[: max(1, flat.numel() // 2)]):
-                    g, h = module.forward(t)
-                    g0, h0 = reg._autograd_derivatives(t)
-                    for a, b in ((g, g0), (h, h0)):
-                        close = (a - b).abs() <= 1e-12 * b.abs().clamp_min(1.0)
-                        if a.shape != b.shape or not bool((close | (a.isnan() & b.isnan())).all()):
-                            return None
-    except Exception:  # any failure to trace (data-dependent control flow, an unsupported operation)
-        return None
-    return module.forward
-
-
-def _prune(module) -> None:
-    """Simplify a traced graph of :func:`_trace_derivatives` (run under no_grad) in place.
-
-    Drops the detaches; folds the tensors of one constant value that the backward builds from
-    ``ones_like`` (the seed, and its products with numbers) into the numbers of the operations that
-    use them (``ones * y`` is y, ``(ones / 0.75) * y`` is ``y * 1.333..``); makes the 0-dim tensors the
-    graph creates at every call (``scalar_tensor``) constants of the module; then removes the
-    operations whose results go unused (phi's own value) and repeated ones.  Every step keeps the
-    values (checked by the caller against autograd)."""
-    aten = torch.ops.aten
-    graph = module.graph
-    nodes = list(graph.nodes)
-    full = next(n for n in nodes if n.op == "placeholder").meta.get("val")
-    if full is None:
-        return
-    fills = {}  # node -> the one value of a tensor of x's shape (and dtype)
-
-    def full_shaped(node):
-        v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-        return v is not None and v.shape == full.shape and v.dtype == full.dtype
-
-    elementwise = {
-        aten.mul.Tensor: lambda a, b: a * b,
-        aten.div.Tensor: lambda a, b: a / b,
-        aten.add.Tensor: lambda a, b: a + b,
-        aten.sub.Tensor: lambda a, b: a - b,
-    }
-    for node in nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is aten.detach.default:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            continue
-        if node.kwargs.get("alpha", 1) != 1:
-            continue
-        if node.target in (aten.ones_like.default, aten.zeros_like.default) and full_shaped(node):
-            fills[node] = 1.0 if node.target is aten.ones_like.default else 0.0
-        elif node.target is aten.neg.default and node.args[0] in fills:
-            fills[node] = -fills[node.args[0]]
-        elif node.target in elementwise and full_shaped(node) and len(node.args) == 2:
-            a, b = node.args
-            const_a = fills.get(a, a if isinstance(a, (int, float)) else None)
-            const_b = fills.get(b, b if isinstance(b, (int, float)) else None)
-            if const_a is not None and const_b is not None:
-                fills[node] = float(elementwise[node.target](float(const_a), float(const_b)))
-                continue
-            # one operand a constant tensor of x's shape, the other a tensor of x's shape: a number instead
-            if b in fills and full_shaped(a):
-                y, c, swapped = a, fills[b], False
-            elif a in fills and full_shaped(b):
-                y, c, swapped = b, fills[a], True
-            else:
-                continue
-            op = node.target
-            if (op is aten.mul.Tensor and c == 1.0) or (op in (aten.add.Tensor, aten.sub.Tensor) and c == 0.0 and not swapped) or (
-                op is aten.div.Tensor and c == 1.0 and not swapped
-            ):
-                node.replace_all_uses_with(y)
-                graph.erase_node(node)
-            elif op in (aten.mul.Tensor, aten.add.Tensor) or not swapped:
-                node.args = (y, c)
-            elif op is aten.sub.Tensor:  # c - y
-                with graph.inserting_before(node):
-                    new = graph.call_function(aten.rsub.Scalar, (y, c))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-        elif node.target is aten.scalar_tensor.default:
-            name = f"_constant_{len(fills)}_{node.name}"
-            module.register_buffer(name, node.target(*node.args, **node.kwargs))
-            with graph.inserting_before(node):
-                constant = graph.get_attr(name)
-            constant.meta = dict(node.meta)
-            node.replace_all_uses_with(constant)
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    try:  # a private helper of torch (common subexpressions); the graph is correct without it
-        from torch._functorch.compile_utils import fx_graph_cse
-
-        module.graph = fx_graph_cse(graph)
-    except Exception:
-        pass
-    module.recompile()
 
 
 BUILTIN = {r.name: r for r in (Entropy(), BinaryEntropy(), Euclidean(), ExpFamilyEntropy())}

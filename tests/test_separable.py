@@ -295,43 +295,6 @@ def test_copies_and_pickling():
     )
 
 
-@pytest.mark.parametrize("reg", [ENTROPY, BINARY, TSALLIS, MIX], ids=lambda r: r.name)
-def test_traced_derivatives_are_autograds(reg):
-    # the solvers' autograd derivatives run as a traced graph: the same values on every shape
-    from sstcvx.regularizers import _derivative_graph
-
-    lo, hi = reg.domain
-    for shape in [(3,), (40, 7), (2, 5, 3)]:
-        x = torch.rand(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(len(shape)))
-        x = lo + 1e-6 + x * (min(hi, 3.0) - lo - 2e-6)
-        assert _derivative_graph(reg, x) is not None
-        g, h = reg.derivatives(x)
-        g0, h0 = reg._autograd_derivatives(x)
-        assert g.shape == h.shape == x.shape
-        torch.testing.assert_close((g, h), (g0, h0), atol=0, rtol=1e-14)
-    # an empty first call on a new dtype traces nothing and does not keep autograd for that dtype
-    reg.derivatives(torch.zeros(0, dtype=torch.float32))
-    assert _derivative_graph(reg, torch.full((5,), 0.5, dtype=torch.float32)) is not None
-
-
-def test_derivatives_of_a_phi_with_control_flow_keep_autograd():
-    # a branch on the values cannot be traced (it would be frozen): autograd serves such a phi, exactly
-    from sstcvx.regularizers import _derivative_graph
-
-    def phi(x):
-        if bool((x > 1).all()):
-            return x * x
-        return x * x + x**4
-
-    reg = Regularizer.separable(phi, domain=(0, math.inf), name="branching")
-    x = torch.linspace(0.1, 2.0, 9, dtype=torch.float64)
-    assert _derivative_graph(reg, x) is None
-    _, h = reg.derivatives(x + 1.0)
-    torch.testing.assert_close(h, torch.full_like(x, 2.0), atol=1e-12, rtol=0)
-    _, h = reg.derivatives(x)
-    torch.testing.assert_close(h, 2.0 + 12.0 * x * x, atol=1e-12, rtol=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # declared polytopes: the fast generic solver with the regularizer's mirror map
 # ----------------------------------------------------------------------------------------------
