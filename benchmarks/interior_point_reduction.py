@@ -28,7 +28,7 @@ from _timing import benchmark_arguments, fmt, interleaved
 import sstcvx
 from polytopes.spanning_tree import spanning_trees_by_flows
 from sstcvx.generic import interior_point as ipm
-from sstcvx.generic import sparse_cholesky
+from sstcvx.generic import primal_reduction, sparse_cholesky
 from sstcvx.regularizers import get_regularizer
 
 
@@ -68,7 +68,7 @@ def relaxations(P, reg):
     chosen = ipm.InteriorPointRelaxation(P, get_regularizer(reg))
     ip = chosen.problem_on("cpu")
     forced = {}
-    for name, primal in (("normal", None), ("primal", ipm.primal_structure(ip.C, ip.m_eq))):
+    for name, primal in (("normal", None), ("primal", primal_reduction.structure(ip.C, ip.m_eq))):
         R = ipm.InteriorPointRelaxation(P, get_regularizer(reg))
         R._ip_on_device["cpu"] = dataclasses.replace(ip, primal=primal)
         forced[name] = R

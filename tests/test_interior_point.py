@@ -12,6 +12,7 @@ import sstcvx
 from polytopes import KSubset, Simplex
 from polytopes.spanning_tree import spanning_trees_by_flows
 from sstcvx import generic
+from sstcvx.generic import normal_matrix, primal_reduction
 from sstcvx.generic.interior_point import InteriorPointRelaxation
 from sstcvx.regularizers import Regularizer, get_regularizer
 
@@ -337,8 +338,6 @@ def test_gradcheck_with_the_sparse_factorization_and_the_polish():
 def test_small_batches_take_the_dense_factorization():
     """Where the level-scheduled factorization exists, a batch with B m^3 below DENSE_WORK is factored
     densely (the level loop's fixed cost is larger there); both factors solve the same system."""
-    import sstcvx.generic.interior_point as interior_point
-
     ip = ipm(independent_sets(30), "euclidean").problem_on("cpu")
     assert ip.sparse is not None
     gen = torch.Generator().manual_seed(21)
@@ -346,10 +345,10 @@ def test_small_batches_take_the_dense_factorization():
         phi_inv = torch.rand(B, 30, dtype=torch.float64, generator=gen) + 0.1
         extra = torch.rand(B, ip.m, dtype=torch.float64, generator=gen)
         r = torch.randn(B, ip.m, dtype=torch.float64, generator=gen)
-        F = interior_point._normal_factor(ip, extra, phi_inv)
-        assert F[0].dim() == (3 if B * ip.m**3 <= interior_point.DENSE_WORK else 2)
+        F = normal_matrix.factor(ip, extra, phi_inv)
+        assert F[0].dim() == (3 if B * ip.m**3 <= normal_matrix.DENSE_WORK else 2)
         M = (ip.C * phi_inv[:, None, :]) @ ip.C.T + torch.diag_embed(extra)
-        x = interior_point._factor_solve(ip, F, r)
+        x = normal_matrix.solve(ip, F, r)
         torch.testing.assert_close(torch.linalg.solve(M, r), x, atol=1e-10, rtol=1e-10)
 
 
@@ -400,13 +399,13 @@ def test_primal_reduction_gives_the_normal_matrix_direction(make):
     from sstcvx.generic import interior_point as m
 
     ip = ipm(make(), "binary_entropy").ip
-    ip = dataclasses.replace(ip, primal=m.primal_structure(ip.C, ip.m_eq))
+    ip = dataclasses.replace(ip, primal=primal_reduction.structure(ip.C, ip.m_eq))
     assert ip.primal is not None and ip.primal.chol.levels <= 3
     lay = ip.layout
     T, h, rd, rp, SY = random_state(ip, 16, 3)
     phi_inv, ratio = m._phi_inverse(lay, T, h, 1e-3)
-    Fn = m._normal_factor(ip, ratio[:, : lay.mi], phi_inv)
-    Fp = m._primal_factor(ip, ratio[:, : lay.mi], phi_inv)
+    Fn = normal_matrix.factor(ip, ratio[:, : lay.mi], phi_inv)
+    Fp = primal_reduction.factor(ip, ratio[:, : lay.mi], phi_inv)
     rc = torch.randn(SY.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * lay.mask
     for target in (-SY, rc):
         a = m._direction(ip, lay, T, Fn, phi_inv, ratio, rd, rp, target)

@@ -67,32 +67,16 @@ element on average.  Measured (docs/generic.md): it solves every element of a pa
 the first iteration, and ends most elements of a path of 30 3-4 iterations earlier.  No polish
 for a nonlinear f (see :func:`_polishes`).
 
-Factorization: M's sparsity pattern is fixed by C.  Where a nested-dissection order gives a shallow
-elimination tree (a path's or a chain's rows), M is factored by the level-scheduled sparse Cholesky
-of :mod:`~sstcvx.generic.sparse_cholesky` (a fixed number of batched operations per level, about
-log2 m levels for a path) instead of one dense LAPACK factorization per element.
-
-Primal reduction (the same Newton system, reduced the other way).  Write C = [A; G] (equality rows
-A, m_eq of them; inequality rows G) and D = y / s on G's rows.  The rows' equations
-``G dv - (s / y) dy = rows_in`` give ``dy = D (G dv - rows_in)``, which leaves
-
-    H dv + A^T dlambda = r1 + G^T D rows_in,   A dv = rows_eq,     H = Phi + G^T D G   (N x N),
-
-solved with H factored by levels (equilibrated, as M) and the equality Schur complement
-``S = A H^-1 A^T = W^T D_L^-1 W`` (``W = L^-1 P^T A^T``, one forward substitution of m_eq
-columns; S is m_eq x m_eq, dense batched Cholesky); a direction then costs one forward and one
-backward substitution.  H's pattern is fixed by G: for the capacity rows of a flow formulation
-(each couples one flow with one x) it is block diagonal per x with its flows, an elimination tree
-of 2 levels, where M (m x m) is dense.  Chosen at build time (:func:`_primal_reduction`) where M
-would be factored densely, H's tree has at most ``LEVEL_FRACTION`` N levels (N >= 12), H is
-sparse enough (``PRIMAL_DENSITY``, ``PRIMAL_MAX_UPDATES``), the estimated multiply-adds per element
-(H's factorization and assembly, ``nnz(L) m_eq`` for W, ``N m_eq^2 / 2`` for S, ``m_eq^3 / 6``)
-are below the normal matrix's (``m^2 N / 2 + m^3 / 6``), and the problem is not one the polish
-serves (its states hold slacks at exactly 0: y / s infinite).  Not on a path (M is already
-factored by levels) nor on dense packing rows (H fills in).  Precision: H carries y / s of order
-1 / mu on the active rows and loses about log10(1 / mu) digits of the other terms of those rows
-to cancellation; the iteration's residuals absorb that (same iteration counts as with M), the
-backward refines its solve (below).
+Factorization (:mod:`~sstcvx.generic.normal_matrix`): M is assembled on the sparsity pattern that C
+fixes, equilibrated to a unit diagonal and factored by the level-scheduled sparse Cholesky of
+:mod:`~sstcvx.generic.sparse_cholesky` where its elimination tree is shallow (a path's or a chain's
+rows), by one batched dense Cholesky otherwise.  Where the rows are inequalities that couple few
+columns (the capacity rows of a flow formulation), the same Newton system is reduced the other way
+instead (:mod:`~sstcvx.generic.primal_reduction`): the inequality rows go into the primal block
+``H = Phi + G^T diag(y / s) G``, factored by levels, and only the equality rows are left, through
+their Schur complement; chosen once per problem by its estimated cost, and used for the first
+``PRIMAL_ITERATIONS`` iterations (H cancels digits on the active rows; the few elements still
+running then continue with M).
 
 Convergence (per element, in the scaled problem): primal residual ``max|C v - d + (0, s)| <=
 TOLERANCE * scale`` (the form's scale), every coordinate of the dual residual either below
@@ -121,8 +105,8 @@ polytope declared without auxiliary variables (path 6 by its vertices against it
 trees by vertices against central differences).  The weight biases the derivative by O(weight):
 measured, 1e-5 left 1.4e-4, 1e-7 at most 1.4e-6, 1e-8 1.6e-6 (conditioning again).  With the
 primal reduction, the same operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1, max|z|)``, its
-solve refined by ``REFINE_STEPS`` steps of iterative refinement on the unreduced system in (dv,
-dlambda, dy) (see :func:`_primal_backward`: an element whose refinement does not contract is
+solve refined by steps of iterative refinement on the unreduced system in (dv, dlambda, dy) (see
+:func:`~sstcvx.generic.primal_reduction.backward`: an element whose refinement does not contract is
 solved with M).  An inactive inequality row has s / y huge in M and drops out, an active bound
 has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default tolerances in float64.
 
@@ -144,10 +128,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import sparse_cholesky
+from . import normal_matrix, primal_reduction
 from .dual_newton import (
     STATUS_AUX_BOX,
     STATUS_CONVERGED,
@@ -155,9 +138,9 @@ from .dual_newton import (
     STATUS_NOT_FINITE,
     DualProblem,
     FastRelaxation,
-    _cholesky,
 )
 from .layer import refuse_double_backward
+from .normal_matrix import HUGE, TINY
 
 #: Iterations allowed per element.
 MAX_ITER = 200
@@ -175,8 +158,11 @@ FRACTION_GAP = 1e-8
 #: formulation at |z| about 30 stall; with it from the start, those at |z| about 1 take 50-75 iterations).
 PROXIMAL = 1e-7
 PROXIMAL_DELAY = 12
-#: Relative jitter on the diagonal of the equilibrated normal matrix.
-JITTER = 1e-15
+#: Iterations taken with the primal reduction; the few elements still iterating after them continue with
+#: the normal matrix.  Measured: at |z| of 30 to 1000 a few elements of the K4 and K5 flows stalled with the
+#: primal reduction (200 iterations, then the conic fallback) where the normal matrix converges them in
+#: 16-70 (H cancels digits on the active rows, where y / s is of order 1 / mu).
+PRIMAL_ITERATIONS = 20
 #: Active-set polish (:func:`_polish`, the Euclidean regularizer only): tried on an element once its largest
 #: complementarity product is below POLISH_START times the form's scale, with POLISH_ROUNDS rounds of sign flips.
 POLISH_START = 1e-4
@@ -195,9 +181,8 @@ START_MAX_WRONG = 12.0
 #: The proximal weight on the auxiliary variables in the backward's Phi (see the module's "Backward").
 BACKWARD_PROXIMAL = 1e-7
 #: In a polished solution, the vanishing member of a complementarity pair is 0 (a slack) or TINY (a
-#: multiplier); a row dropped from the polish system gets the diagonal weight HUGE.
-TINY = 1e-200
-HUGE = 1e200
+#: multiplier); a row dropped from the polish system gets the diagonal weight HUGE (both from
+#: :mod:`~sstcvx.generic.normal_matrix`).
 
 _DOMAINS = {"entropy": (0.0, math.inf), "binary_entropy": (0.0, 1.0), "euclidean": (-math.inf, math.inf)}
 
@@ -223,12 +208,12 @@ class InteriorPointProblem:
     dom_lo: float
     dom_hi: float
     pattern: tuple | None = None
-    #: ``(SparseCholesky, keep, where)`` where M is factored by levels (see :func:`_sparsity`), else None
+    #: ``(SparseCholesky, keep, where)`` where M is factored by levels (see :func:`~sstcvx.generic.normal_matrix.sparsity`), else None
     sparse: tuple | None = None
     #: ``K^T (nnz, N)`` of the pattern, contiguous (M's entries batch last are ``K^T @ p^T``)
     pattern_t: torch.Tensor | None = None
-    #: the primal reduction's tensors where it is chosen (see :func:`_primal_reduction`), else None
-    primal: _Primal | None = None
+    #: the primal reduction's tensors where it is chosen (see :func:`~sstcvx.generic.primal_reduction.choose`), else None
+    primal: primal_reduction.PrimalReduction | None = None
     #: the columns of x whose lower (upper) bound is the domain's own end, and whether all are
     at_lo: torch.Tensor = field(init=False)
     at_hi: torch.Tensor = field(init=False)
@@ -279,8 +264,8 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
     v0 = torch.where(has_lo & has_up, 0.5 * (lo0 + up0), torch.zeros_like(lo0))
     v0 = torch.where(has_lo & ~has_up, lo0 + unit, v0)
     v0 = torch.where(~has_lo & has_up, up0 - unit, v0)
-    pattern, sparse = _sparsity(C)
-    primal = _primal_reduction(C, prob.m_eq, int(prob.Cx.shape[1]), kind, sparse is not None)
+    pattern, sparse = normal_matrix.sparsity(C)
+    primal = primal_reduction.choose(C, prob.m_eq, int(prob.Cx.shape[1]), kind, sparse is not None)
     return InteriorPointProblem(
         prob,
         kind,
@@ -299,63 +284,6 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
         None if pattern is None else pattern[0].T.contiguous(),
         primal,
     )
-
-
-#: The normal matrix is assembled from its sparsity pattern when the table of products has at most
-#: this many entries (columns times non-zeros of M); densely otherwise.
-PATTERN_LIMIT = 2**22
-#: Below this many elements times m^3 the dense factorization is used although the level-scheduled one
-#: exists: its fixed cost (about 10 batched operations per level) exceeds a few small LAPACK calls.
-#: Measured on path 30 (m = 29, 5 levels): 90 + 5.2 B us dense against 260 + 1.4 B us by levels.
-DENSE_WORK = 1_000_000
-
-
-def _diagonal_positions(r: torch.Tensor, c: torch.Tensor, m: int) -> torch.Tensor:
-    """Where the diagonal entries of an m x m pattern lie among its entries ``(r, c)`` (every diagonal
-    entry must be among them)."""
-    position = torch.full((m * m,), -1, dtype=torch.long, device=r.device)
-    position[r * m + c] = torch.arange(r.numel(), device=r.device)
-    return position[torch.arange(m, device=r.device) * (m + 1)]
-
-
-def _equilibrated_levels(V, diag, r, c, chol, keep, where):
-    """Equilibrate the entries ``V (nnz, B)`` (batch last) of a symmetric pattern to a unit diagonal
-    (plus JITTER) in place and factor them by levels: ``(F, q (n, B))``, F from
-    :meth:`SparseCholesky.factor`, ``matrix ~ diag(q) L D L^T diag(q)`` in the elimination order."""
-    q = V.index_select(0, diag).clamp_min_(1e-300).sqrt_()
-    V /= q.index_select(0, r) * q.index_select(0, c)
-    V[diag] += JITTER
-    F = V.new_zeros(chol.nnz + chol.m, V.shape[1])
-    F[where] = V.index_select(0, keep)
-    return chol.factor(F), q
-
-
-def _sparsity(C: torch.Tensor):
-    """``(pattern, sparse)`` for the normal matrix M = C diag(p) C^T.  ``pattern = (K, flat, diag, r, c)``
-    assembles M as ``(p @ K)`` on its non-zero entries: ``K (N, nnz)`` holds C[r, j] C[c, j] for the
-    entries (r, c) of M that some column touches (and the diagonal), ``flat`` their positions in the
-    flattened m x m matrix, ``diag (m,)`` where the diagonal entries are among them; None where the
-    table would exceed PATTERN_LIMIT entries or M is more than half full.  ``sparse = (chol, keep,
-    where)`` where the level-scheduled factorization of :mod:`~sstcvx.generic.sparse_cholesky` is worth
-    it: the symbolic factorization, and which entries of the pattern land where in L; else None."""
-    m, N = C.shape
-    if m == 0:
-        return None, None
-    touch = (C != 0).to(C.dtype)
-    nz = ((touch @ touch.T) > 0) | torch.eye(m, dtype=torch.bool, device=C.device)
-    r, c = nz.nonzero(as_tuple=True)
-    if N * r.numel() > PATTERN_LIMIT or r.numel() > 0.5 * m * m:
-        return None, None
-    K = (C[r] * C[c]).T.contiguous()
-    flat = r * m + c
-    diag = _diagonal_positions(r, c, m)
-    sparse = None
-    if m >= sparse_cholesky.MIN_ROWS:
-        chol = sparse_cholesky.SparseCholesky(nz)
-        if sparse_cholesky.worth_it(chol):
-            keep, where = chol.lower_positions(r, c)
-            sparse = (chol.on(C.device), keep.to(C.device), where.to(C.device))
-    return (K, flat, diag, r, c), sparse
 
 
 def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su: torch.Tensor):
@@ -382,7 +310,7 @@ class InteriorPointSolution:
     """What :func:`solve` returns: ``x (B, n)`` (float64), ``status (B,)`` (see
     ``dual_newton.STATUS_NAMES``), ``iterations (B,)``, ``residual (B,)`` (the largest scaled KKT
     residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of the equilibrated M and
-    its scaling ``q (B, m)`` (see :func:`_normal_factor`), ``phi_inv (B, N)``
+    its scaling ``q (B, m)`` (see :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)``
     and the scale ``sz (B, 1)`` at the solution."""
 
     x: torch.Tensor
@@ -393,7 +321,7 @@ class InteriorPointSolution:
     q: torch.Tensor
     phi_inv: torch.Tensor
     sz: torch.Tensor
-    #: where the problem uses the primal reduction: :func:`_primal_factor`'s tuple and s / y on the rows
+    #: where the problem uses the primal reduction: :func:`~sstcvx.generic.primal_reduction.factor`'s tuple and s / y on the rows
     #: (chol and q are then empty)
     primal_factor: tuple | None = None
 
@@ -438,47 +366,6 @@ def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
     return phi.reciprocal_(), ratio
 
 
-def _normal_factor(ip, extra, phi_inv):
-    """The Cholesky factor of M = C Phi^{-1} C^T + diag(0, extra) (extra = s / y) after symmetric diagonal
-    equilibration: ``(L, q)`` with ``M ~ diag(q) L L^T diag(q)``, ``q = sqrt(diag M)``.
-
-    Equilibration matters: near the solution the entries of M range over many decades (1 / mu
-    against mu), and a jitter relative to the largest diagonal entry would swamp the small rows;
-    here each row gets a relative jitter of JITTER (more where the factorization fails: a
-    rank-deficient set of active rows).  M is assembled on its sparsity pattern (a path's rows touch
-    their neighbors only) where :func:`_sparsity` found one, densely otherwise."""
-    B, m, m_eq = phi_inv.shape[0], ip.m, ip.m_eq
-    if ip.pattern is not None:
-        # M's entries batch last, V (nnz, B): every step below gathers whole entries (along dim 0,
-        # several times cheaper than along dim 1 for these sizes)
-        _, flat, diag, r, c = ip.pattern
-        V = ip.pattern_t @ phi_inv.T
-        V[diag[m_eq:]] += extra.T
-        if ip.sparse is not None and B * m**3 > DENSE_WORK:
-            F, q = _equilibrated_levels(V, diag, r, c, *ip.sparse)
-            return F, q.T
-        q = V.index_select(0, diag).clamp_min_(1e-300).sqrt_()
-        V /= q.index_select(0, r) * q.index_select(0, c)
-        V[diag] += JITTER
-        Ms = V.new_zeros(m * m, B)
-        Ms[flat] = V
-        return _cholesky(Ms.T.reshape(B, m, m)), q.T
-    M = (ip.C * phi_inv[:, None, :]) @ ip.C.T
-    M.diagonal(dim1=-2, dim2=-1)[:, m_eq:] += extra
-    q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-    Ms = M / (q[:, :, None] * q[:, None, :])
-    Ms.diagonal(dim1=-2, dim2=-1).add_(JITTER)
-    return _cholesky(Ms), q
-
-
-def _factor_solve(ip: InteriorPointProblem, F, r):
-    """``M^{-1} r`` for ``r (B, m)`` with ``F = (L, q)`` from :func:`_normal_factor`."""
-    L, q = F
-    if L.dim() == 2:  # the level-scheduled factor, batch last
-        return ip.sparse[0].solve(L, (r / q).T).T / q
-    return torch.cholesky_solve((r / q).unsqueeze(-1), L).squeeze(-1) / q
-
-
 def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     """The Newton direction ``dT`` (laid out as T) for the complementarity targets ``rc (B, P)`` (the
     right-hand sides of S dY + Y dS = rc, pair by pair), with the factor F of the normal matrix and
@@ -492,7 +379,7 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
         rows[:, m_eq:] -= rcy
     u = phi_inv * r1
     rhs = u @ ip.C.T - rows
-    dnu = _factor_solve(ip, F, rhs)
+    dnu = normal_matrix.solve(ip, F, rhs)
     dv = u - phi_inv * (dnu @ ip.C)
     dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
     dYb = rcb - ratio[:, mi:] * dSb
@@ -502,267 +389,10 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
 
-@dataclass
-class _Primal:
-    """The primal reduction's fixed tensors (see :func:`primal_structure`):
-
-    * ``chol`` the symbolic factorization of H's pattern; ``Kt (nnz, mi)`` with H's entries batch
-      last as ``Kt @ (y / s)^T`` (plus Phi on the diagonal); ``diag (N,)`` where the diagonal lies
-      among them; ``r, c`` their rows and columns; ``keep, where`` which of them land where in L;
-    * ``G (mi, N)`` the inequality rows;
-    * the pattern of ``W = L^-1 P^T A^T``, its entries ``(w_n, w_k)``, and W's forward substitution
-      on that pattern: ``w_start (nnz(W), 1)`` the entries of P^T A^T there (the equality rows
-      transposed, in the elimination order), ``w_row`` the row of q that divides each, and per level
-      of the elimination tree ``w_steps``, the W entries updated, the L entries and the W entries
-      that update them;
-    * ``pair_a, pair_b``: the pairs of W entries (n, k), (n, l) of one row with k >= l, whose
-      products add to S's flat entry ``pair_target`` in its lower triangle;
-    * the estimated work of one factorization with both reductions (``cost``, ``normal_cost``,
-      multiply-adds per element)."""
-
-    chol: Any
-    Kt: torch.Tensor
-    diag: torch.Tensor
-    r: torch.Tensor
-    c: torch.Tensor
-    keep: torch.Tensor
-    where: torch.Tensor
-    G: torch.Tensor
-    w_n: torch.Tensor
-    w_k: torch.Tensor
-    pair_a: torch.Tensor
-    pair_b: torch.Tensor
-    pair_target: torch.Tensor
-    w_start: torch.Tensor
-    w_row: torch.Tensor
-    w_steps: list
-    cost: float
-    normal_cost: float
-
-
-#: The primal reduction is considered where the pattern of H has at most this fraction of N^2 entries,
-#: N is at most PRIMAL_MAX_COLUMNS and one factorization of H takes at most PRIMAL_MAX_UPDATES
-#: multiply-adds (the symbolic factorization and its schedule are built on the host, in Python, with
-#: work proportional to those).
-PRIMAL_DENSITY = 0.25
-PRIMAL_MAX_COLUMNS = 2000
-PRIMAL_MAX_UPDATES = 200_000
-#: Iterations taken with the primal reduction; the few elements still iterating after them continue with
-#: the normal matrix.  Measured: at |z| of 30 to 1000 a few elements of the K4 and K5 flows stalled with the
-#: primal reduction (200 iterations, then the conic fallback) where the normal matrix converges them in
-#: 16-70 (H cancels digits on the active rows, where y / s is of order 1 / mu).
-PRIMAL_ITERATIONS = 20
-
-
-def primal_structure(C: torch.Tensor, m_eq: int) -> _Primal | None:
-    """The primal reduction's tensors for the rows ``C (m, N)`` (equality rows first), or None where there
-    is no inequality row or H = Phi + G^T diag(y / s) G is too dense to be worth a sparse factorization
-    (see PRIMAL_DENSITY, PRIMAL_MAX_COLUMNS)."""
-    m, N = C.shape
-    mi = m - m_eq
-    if mi == 0 or N < sparse_cholesky.MIN_ROWS or N > PRIMAL_MAX_COLUMNS:
-        return None
-    G = C[m_eq:]
-    touch = (G != 0).to(C.dtype)
-    nz = ((touch.T @ touch) > 0) | torch.eye(N, dtype=torch.bool, device=C.device)
-    r, c = nz.nonzero(as_tuple=True)
-    if r.numel() > PRIMAL_DENSITY * N * N:
-        return None
-    _, _, updates = sparse_cholesky.symbolic_cost(nz)
-    if updates > PRIMAL_MAX_UPDATES:
-        return None
-    chol = sparse_cholesky.SparseCholesky(nz)
-    diag = _diagonal_positions(r, c, N)
-    keep, where = chol.lower_positions(r, c)
-    # W's pattern: A^T's, filled by the forward substitution (row i of W gets row j's pattern where L_ij != 0)
-    At = C[:m_eq].T.index_select(0, chol.perm.to(C.device))
-    pattern = (At != 0).cpu().numpy().copy()
-    for step in chol.schedule:
-        for i, j in zip(step["entry_rows"].tolist(), step["entry_cols"].tolist()):
-            pattern[i] |= pattern[j]
-    w_n, w_k = np.nonzero(pattern)
-    w_steps = _pattern_substitution(chol, w_n, w_k, C.device)
-    rows = [np.nonzero(w_n == n)[0] for n in range(N)]
-    # the pairs of entries (n, k), (n, l) of one row with k >= l: S's lower triangle, all its Cholesky reads
-    lower = [np.tril_indices(e.size) for e in rows]
-    pair_a = np.concatenate([e[i] for e, (i, _) in zip(rows, lower)]).astype(np.int64)
-    pair_b = np.concatenate([e[j] for e, (_, j) in zip(rows, lower)]).astype(np.int64)
-    # work per element: the factorization (sum over columns of |struct|^2 / 2), H's assembly, the
-    # forward substitution of the m_eq columns of A^T, S = W^T D^-1 W on W's pattern and its Cholesky;
-    # against the normal matrix's assembly (m^2 N / 2) and dense Cholesky (m^3 / 6)
-    cost = updates + r.numel() * mi / N + chol.nnz * m_eq + pair_a.size + m_eq**3 / 6
-    normal_cost = m * m * N / 2 + m**3 / 6
-    index = [
-        torch.as_tensor(v, dtype=torch.long, device=C.device)
-        for v in (w_n, w_k, pair_a, pair_b, w_k[pair_a] * m_eq + w_k[pair_b])
-    ]
-    return _Primal(
-        chol.on(C.device),
-        (G[:, r] * G[:, c]).T.contiguous(),
-        diag,
-        r,
-        c,
-        keep.to(C.device),
-        where.to(C.device),
-        G.contiguous(),
-        index[0],
-        index[1],
-        index[2],
-        index[3],
-        index[4],
-        At[index[0], index[1]].unsqueeze(1).contiguous(),
-        chol.perm.to(C.device)[index[0]],
-        w_steps,
-        float(cost),
-        float(normal_cost),
-    )
-
-
-def _pattern_substitution(chol, w_n: np.ndarray, w_k: np.ndarray, device) -> list:
-    """The forward substitution ``W <- L^-1 W`` restricted to W's entries ``(w_n, w_k)`` (a pattern closed
-    under the substitution's fill): per level of ``chol``'s schedule, ``(target, l, source)`` such that
-    ``W[target] -= L[l] * W[source]`` entry by entry, with L entry (i, j) of the level and the W entries
-    (i, k) and (j, k).  Columns of one level do not depend on each other (an L entry (i, j) has i above
-    j in the elimination tree), so one gather-multiply-scatter per level suffices."""
-    entry = {(int(n), int(k)): e for e, (n, k) in enumerate(zip(w_n, w_k))}
-    by_row: dict = {}
-    for n, k in zip(w_n.tolist(), w_k.tolist()):
-        by_row.setdefault(n, []).append(k)
-    steps = []
-    for step in chol.schedule:
-        target, lpos, source = [], [], []
-        for l, i, j in zip(step["entries"].tolist(), step["entry_rows"].tolist(), step["entry_cols"].tolist()):
-            for k in by_row.get(j, ()):
-                target.append(entry[(i, k)])
-                lpos.append(l)
-                source.append(entry[(j, k)])
-        if target:
-            steps.append(tuple(torch.as_tensor(v, dtype=torch.long, device=device) for v in (target, lpos, source)))
-    return steps
-
-
-def _primal_reduction(C: torch.Tensor, m_eq: int, nx: int, kind, normal_sparse: bool) -> _Primal | None:
-    """The primal reduction where it is expected to win (the rule of the module's "Factorization"
-    paragraph), else None."""
-    N = C.shape[1]
-    if normal_sparse or (N == nx and kind == "euclidean"):
-        # M already factored by levels; or the polish, whose states hold slacks at exactly 0 (y / s infinite)
-        return None
-    primal = primal_structure(C, m_eq)
-    if primal is None or not sparse_cholesky.worth_it(primal.chol) or primal.cost >= primal.normal_cost:
-        return None
-    return primal
-
-
-def _primal_factor(ip: InteriorPointProblem, ratio_in, phi_inv):
-    """The primal reduction's factors: H = Phi + G^T diag(y / s) G (``ratio_in = s / y``) factored by
-    levels after symmetric diagonal equilibration, ``H ~ diag(q) P L D L^T P^T diag(q)``, then ``W =
-    L^-1 P^T diag(q)^-1 A^T`` and the equality Schur complement ``S = A H^-1 A^T = W^T D^-1 W``, also
-    equilibrated (``S ~ diag(qs) Ls Ls^T diag(qs)``).  Returns ``(F, q (N, B), W (nnz(W), B), Ls, qs)``,
-    the tensors batch last where the level-scheduled factorization reads them, W on its pattern."""
-    pr = ip.primal
-    assert pr is not None
-    B, m_eq = phi_inv.shape[0], ip.m_eq
-    chol = pr.chol
-    V = pr.Kt @ ratio_in.clamp_min(TINY).reciprocal().T
-    V[pr.diag] += phi_inv.reciprocal().T
-    F, q = _equilibrated_levels(V, pr.diag, pr.r, pr.c, chol, pr.keep, pr.where)
-    if not m_eq:
-        return F, q, None, None, None
-    # W = L^-1 P^T diag(q)^-1 A^T on its pattern (entries batch last): a dense forward substitution of the
-    # m_eq columns gathered (N, B, m_eq) blocks and cost 0.7 of the 1.8 ms of one factorization on K4
-    L = F[: chol.nnz]
-    W = pr.w_start / q.index_select(0, pr.w_row)
-    for target, lpos, source in pr.w_steps:
-        W.index_add_(0, target, L.index_select(0, lpos) * W.index_select(0, source), alpha=-1.0)
-    # S's lower triangle on W's pattern, products of entries of one row scaled by D^-1/2 (measured on K4:
-    # 186 pairs against 4,200 products for a dense W, and a batched matrix product cost 0.4 ms per
-    # factorization at batch 256); the Cholesky factorization reads the lower triangle only
-    Wd = W * chol.inverse_pivot(F, q).sqrt().index_select(0, pr.w_n)
-    products = Wd.index_select(0, pr.pair_a) * Wd.index_select(0, pr.pair_b)
-    S = W.new_zeros(m_eq * m_eq, B).index_add_(0, pr.pair_target, products).T.reshape(B, m_eq, m_eq)
-    qs = S.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-    S = S / (qs[:, :, None] * qs[:, None, :])
-    S.diagonal(dim1=-2, dim2=-1).add_(JITTER)
-    return F, q, W, _cholesky(S), qs
-
-
-def _primal_solve(ip: InteriorPointProblem, factors, r, rows_eq=None):
-    """``(dv, dlambda)`` solving ``H dv + A^T dlambda = r (B, N)``, ``A dv = rows_eq (B, m_eq)`` (0 where
-    None) with :func:`_primal_factor`'s factors: one forward and one backward substitution."""
-    F, q, W, Ls, qs = factors
-    pr = ip.primal
-    assert pr is not None
-    chol = pr.chol
-    perm = chol.perm
-    y = chol.forward(F, (r.T / q).index_select(0, perm))
-    d = chol.inverse_pivot(F, y)
-    dlam = None
-    if W is not None:
-        rhs = W.new_zeros(qs.shape[1], y.shape[1]).index_add_(0, pr.w_k, W * (y * d).index_select(0, pr.w_n)).T
-        if rows_eq is not None:
-            rhs = rhs - rows_eq
-        dlam = torch.cholesky_solve((rhs / qs).unsqueeze(-1), Ls).squeeze(-1) / qs
-        y.index_add_(0, pr.w_n, W * dlam.T.index_select(0, pr.w_k), alpha=-1.0)
-    y = chol.backward(F, y * d)
-    x = torch.empty_like(y)
-    x[perm] = y
-    return (x / q).T, dlam
-
-
-#: Steps of iterative refinement of the backward's solve by the primal reduction, and the relative size of
-#: the last correction above which an element's solve is redone with the normal matrix.
-REFINE_STEPS = 4
-REFINE_TOLERANCE = 1e-9
-
-
-def _primal_backward(ip: InteriorPointProblem, factor, phi_inv, g):
-    """The backward's ``(H^-1 - H^-1 A^T S^-1 A H^-1) [g; 0]`` on x (``g (B, nx)``), by the primal reduction
-    with iterative refinement on the unreduced system
-
-        Phi u + A^T lambda + G^T y = [g; 0],   A u = 0,   G u - (s / y) y = 0
-
-    (residuals in (u, lambda, y), corrections by :func:`_primal_solve`).  Without it, H's entries y / s of
-    order 1 / mu on the active rows lose about log10(1 / mu) digits of the other terms to cancellation
-    (measured: a vector-Jacobian product 2e-2 off on a path of 30, where the normal matrix's is within
-    1e-6 of finite differences).  An element whose last correction stays above REFINE_TOLERANCE (relative)
-    is solved again with the normal matrix M."""
-    *F, ratio = factor
-    pr = ip.primal
-    assert pr is not None
-    N, nx = phi_inv.shape[1], ip.nx
-    A = ip.C[: ip.m_eq]
-    D = ratio.clamp_min(TINY).reciprocal()
-    rhs = torch.nn.functional.pad(g, (0, N - nx))
-    u, lam = _primal_solve(ip, F, rhs)
-    y = D * (u @ pr.G.T)
-    du = u
-    for _ in range(REFINE_STEPS):
-        r1 = rhs - u / phi_inv - y @ pr.G
-        if lam is not None:
-            r1 -= lam @ A
-        r3 = ratio * y - u @ pr.G.T
-        du, dlam = _primal_solve(ip, F, r1 + (D * r3) @ pr.G, -(u @ A.T) if lam is not None else None)
-        u = u + du
-        y = y + D * (du @ pr.G.T - r3)
-        if lam is not None:
-            lam = lam + dlam
-    bad = ~(du.abs().amax(-1) <= REFINE_TOLERANCE * u.abs().amax(-1).clamp_min(1e-300))
-    if bool(bad.any()):
-        # y / s so large that the refinement does not contract (measured, of 256 elements of the K4 flows:
-        # none at |z| about 1, 77 at |z| about 30, 145 with the Euclidean regularizer at |z| about 3)
-        b = bad.nonzero().squeeze(1)
-        L, q = _normal_factor(ip, ratio[b], phi_inv[b])
-        ub = phi_inv[b] * rhs[b]
-        t = _factor_solve(ip, (L, q), ub @ ip.C.T)
-        u[b] = ub - phi_inv[b] * (t @ ip.C)
-    return u[:, :nx]
-
-
 def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     """:func:`_direction` by the primal reduction: with D = y / s on the inequality rows, the rows'
     equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
-    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`_primal_factor`)."""
+    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`)."""
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
     rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
     r1 = rcb[:, :N] - rcb[:, N:] - rd
@@ -770,7 +400,7 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     rows_in = -rp[:, m_eq:] - rcy
     D = ratio[:, :mi].reciprocal()
     r1 = r1 + (D * rows_in) @ ip.primal.G
-    dv, dlam = _primal_solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
+    dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
     dy = D * (dv @ ip.primal.G.T - rows_in)
     dSb = (dv.unsqueeze(1) * lay.sign2).reshape(dv.shape[0], 2 * N)
     dYb = rcb - ratio[:, mi:] * dSb
@@ -844,7 +474,7 @@ def _polish_once(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, held):
     rd = v / sz - zs + nu @ ip.C
     rp = v @ ip.C.T - ip.d
     rp[:, m_eq:] *= rows
-    dnu = _factor_solve(ip, _normal_factor(ip, extra, phi_inv), rp - (phi_inv * rd) @ ip.C.T)
+    dnu = normal_matrix.solve(ip, normal_matrix.factor(ip, extra, phi_inv), rp - (phi_inv * rd) @ ip.C.T)
     dnu[:, m_eq:] *= rows
     nu += dnu
     v = v - phi_inv * (rd + dnu @ ip.C)
@@ -1004,9 +634,9 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
         phi_inv, ratio = _phi_inverse(lay, T, h, prox)
         if ip.primal is not None and _ < PRIMAL_ITERATIONS:
-            F, direction = _primal_factor(ip, ratio[:, :mi], phi_inv), _direction_primal
+            F, direction = primal_reduction.factor(ip, ratio[:, :mi], phi_inv), _direction_primal
         else:
-            F, direction = _normal_factor(ip, ratio[:, :mi], phi_inv), _direction
+            F, direction = normal_matrix.factor(ip, ratio[:, :mi], phi_inv), _direction
         # predictor (affine scaling)
         d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
         a_aff = _max_step(lay, T, d_aff)
@@ -1031,10 +661,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     phi_inv, ratio = _phi_inverse(lay, T, h, BACKWARD_PROXIMAL)
     primal_factor = None
     if ip.primal is not None:
-        primal_factor = _primal_factor(ip, ratio[:, :mi], phi_inv) + (ratio[:, :mi],)
+        primal_factor = primal_reduction.factor(ip, ratio[:, :mi], phi_inv) + (ratio[:, :mi],)
         L = q = phi_inv.new_zeros(0)
     elif m:
-        L, q = _normal_factor(ip, ratio[:, :mi], phi_inv)
+        L, q = normal_matrix.factor(ip, ratio[:, :mi], phi_inv)
     else:
         L, q = phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0)
     if prob.Cw.shape[1]:
@@ -1070,12 +700,12 @@ class _Backward(torch.autograd.Function):
         prob = ip.dual
         g = G.to(torch.float64)[:, prob.x_free]
         if primal_factor:
-            u = _primal_backward(ip, primal_factor, phi_inv, g)
+            u = primal_reduction.backward(ip, primal_factor, phi_inv, g)
         else:
             u = phi_inv[:, : ip.nx] * g
         if ip.m and not primal_factor:
             r = u @ ip.C[:, : ip.nx].T
-            t = _factor_solve(ip, (chol, q), r)
+            t = normal_matrix.solve(ip, (chol, q), r)
             u = u - phi_inv[:, : ip.nx] * (t @ ip.C[:, : ip.nx])
         grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         grad[:, prob.x_free] = u / sz
