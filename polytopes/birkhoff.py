@@ -284,37 +284,39 @@ def _birkhoff_newton(Z, tol, max_iter):
             Y = Y - torch.where(ok.view(-1, 1, 1), 1.0, _exact_step(Y, du, dv)) * D
             X, gu, gv, err = _evaluate(Y)
             continue
-        # the elements whose full step failed search alone, a smaller batch
+        back = (~ok).nonzero().squeeze(-1)  # the elements whose full step failed search alone, a smaller batch
+        if n <= _EXACT_SEARCH_N:
+            # the exact minimiser of phi along the direction (phi is piecewise quadratic in the step length),
+            # scattered into step lengths of 1 for the rest; then one evaluation of the whole batch (fewer
+            # calls than selecting the accepted trials and scattering the searched elements' state)
+            searched = _exact_step(Y.index_select(0, back), du.index_select(0, back), dv.index_select(0, back))
+            t = torch.ones_like(err).view(-1, 1, 1).index_copy_(0, back, searched)
+            Y = Y - t * D
+            X, gu, gv, err = _evaluate(Y)
+            continue
         state = [Y, X, gu, gv, err]
         for i, T in enumerate((trial,) + trial_eval):
             state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
-        back = (~ok).nonzero().squeeze(-1)
         Yb, Db = Y.index_select(0, back), D.index_select(0, back)
-        if n <= _EXACT_SEARCH_N:
-            # the exact minimiser of phi along the direction (phi is piecewise quadratic in the step length)
-            Yb = Yb - _exact_step(Yb, du.index_select(0, back), dv.index_select(0, back)) * Db
-            for T, value in zip(state, (Yb,) + _evaluate(Yb)):
-                T.index_copy_(0, back, value)
-        else:
-            # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
-            quadb, errb, slackb = (T.index_select(0, back) for T in (_square_norm(X), err, slack2))
-            sumb = Db.sum((-2, -1)) * (2.0 / n)
-            t = 1.0
-            for _ in range(_BIRKHOFF_HALVINGS):
-                t = 0.25 * t
-                trial = Yb - t * Db
-                trial_eval = _evaluate(trial)
-                decrease = _square_norm(trial_eval[0]) - quadb + t * sumb <= slackb
-                ok = (trial_eval[3] <= errb) | (decrease & (errb >= _MERIT_SWITCH))
-                taken = back[ok]
-                for T, value in zip(state, (trial,) + trial_eval):
-                    T.index_copy_(0, taken, value[ok])
-                if bool(ok.all()):
-                    break
-                keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
-                back, Yb, Db, quadb, errb, slackb, sumb = (
-                    T.index_select(0, keep) for T in (back, Yb, Db, quadb, errb, slackb, sumb)
-                )
+        # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
+        quadb, errb, slackb = (T.index_select(0, back) for T in (_square_norm(X), err, slack2))
+        sumb = Db.sum((-2, -1)) * (2.0 / n)
+        t = 1.0
+        for _ in range(_BIRKHOFF_HALVINGS):
+            t = 0.25 * t
+            trial = Yb - t * Db
+            trial_eval = _evaluate(trial)
+            decrease = _square_norm(trial_eval[0]) - quadb + t * sumb <= slackb
+            ok = (trial_eval[3] <= errb) | (decrease & (errb >= _MERIT_SWITCH))
+            taken = back[ok]
+            for T, value in zip(state, (trial,) + trial_eval):
+                T.index_copy_(0, taken, value[ok])
+            if bool(ok.all()):
+                break
+            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
+            back, Yb, Db, quadb, errb, slackb, sumb = (
+                T.index_select(0, keep) for T in (back, Yb, Db, quadb, errb, slackb, sumb)
+            )
         Y, X, gu, gv, err = state
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
