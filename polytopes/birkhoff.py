@@ -20,7 +20,8 @@ Tuning constants: its own below, and from :mod:`polytopes.sinkhorn` the continua
 ``_NEWTON_SPREAD``        32     full-dual Newton when max(Z) - min(Z) <= 32 in every element
 ``_NEWTON_SWEEPS``        2      exact row/column steps before its Newton steps
 ``_NEWTON_MAX_ITER``      30     its step budget; what it leaves goes to the staged solver
-``_SUPPORT_RIDGE_FLOOR``  1e-9   its smallest ridge (plus 1e-3 times the squared residual)
+``_SUPPORT_RIDGE``        1e-13  its ridge is this over the residual (at most the cap; see there)
+``_SUPPORT_RIDGE_CAP``    1e-3   (reached at a residual of 1e-10)
 ``_COMPACT_BATCH``        32     from this batch on, its converged elements are set aside (once a fifth)
 ========================  =====  ==============================================================
 """
@@ -54,11 +55,16 @@ _BIRKHOFF_SWEEPS = 4  # alternating row and column projections before the Newton
 # leaves unconverged go to the staged solver.
 _NEWTON_SPREAD = 32.0
 _COMPACT_BATCH = 32
-# Its smallest ridge (to which it adds _NEWTON_RIDGE times the squared residual: the error a ridge leaves
-# in a step, ridge * |step|, then stays far below the tolerance): with a disconnected support a
-# rounding-sized gradient along a null direction of the Laplacian becomes a step of gradient / ridge,
-# which the line search then has to undo.
-_SUPPORT_RIDGE_FLOOR = 1e-9
+# Its ridge, min(_SUPPORT_RIDGE / residual, _SUPPORT_RIDGE_CAP) (1e-13 at a residual of 1), plus
+# _NEWTON_RIDGE times the squared residual where the residual exceeds 1 (Levenberg-Marquardt damping far from
+# the solution: without it elements of tied, integer-valued Z stall there).  Near the solution it is
+# inversely proportional to the residual, so that a full step from a residual of 1e-2 on the right support
+# lands within 1e-13 / (the Laplacian's smallest nonzero eigenvalue) of the solution (a ridge r leaves an
+# error of about r times the step there), while a rounding-sized gradient along a null direction of the
+# Laplacian (a disconnected support) becomes a step of gradient / ridge, at most 1e-16 / 1e-13 times the
+# residual, small beside the step itself.
+_SUPPORT_RIDGE = 1e-13
+_SUPPORT_RIDGE_CAP = 1e-3
 _MERIT_SWITCH = 1e-5  # below this residual its phi test is blind: a full step must not increase the residual
 _EXACT_SEARCH_N = 16  # up to this n its failed full steps take the exact line search, beyond it backtracking
 _NEWTON_MAX_ITER = 30  # its step budget (the staged solver gets max_iter for what is left)
@@ -176,20 +182,6 @@ def _exact_step(Y, du, dv):
     return torch.where(t == t, t, 1.0).clamp_(0.0, 1.0).unsqueeze(-1)  # (m, 1, 1); B = 0: no minimum inside
 
 
-_GROUNDING: dict = {}
-
-
-def _grounding(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """1 1^T + _SUPPORT_RIDGE_FLOOR I, (n, n), cached per (n, dtype, device) (read only)."""
-    key = (n, dtype, device)
-    base = _GROUNDING.get(key)
-    if base is None:
-        base = _GROUNDING[key] = ones_matrix(n, dtype, device) + _SUPPORT_RIDGE_FLOOR * torch.eye(
-            n, dtype=dtype, device=device
-        )
-    return base
-
-
 def _birkhoff_newton(Z, tol, max_iter):
     """Semi-smooth Newton on the full dual of the projection of Z (B, n, n); returns (X, err, steps).
 
@@ -235,7 +227,8 @@ def _birkhoff_newton(Z, tol, max_iter):
     X, gu, gv, err = _evaluate(Y)
     # twice the rounding of a change of phi, computed as below
     slack2 = 128 * n * n * _EPS64 * (0.5 * _square_norm(X) + 1.0)
-    grounding = _grounding(n, Z.dtype, Z.device)
+    ones = ones_matrix(n, Z.dtype, Z.device)
+    one = ones[:1, :1]
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     for step in range(max_iter + 1):
         pending = err > tol
@@ -256,12 +249,14 @@ def _birkhoff_newton(Z, tol, max_iter):
         S = torch.sign(X)  # the support indicator (X >= 0)
         counts = S.sum(-1, keepdim=True).clamp_min_(1.0)  # r_S, (B, n, 1); a row without support counts one
         S_rows_t = S.div(counts).mT
-        # the grounded Laplacian 1 1^T + diag(c_S + ridge) - S^T diag(1 / r_S) S, ridge = floor (in the
-        # cached grounding) + _NEWTON_RIDGE err^2; the system is solved for -dv, and D = du 1^T + 1 dv^T
-        # is formed negated, E = -D, which saves a negation
-        laplacian = torch.baddbmm(grounding, S_rows_t, S, alpha=-1.0)
-        e = err.unsqueeze(-1)
-        laplacian.diagonal(dim1=-2, dim2=-1).add_(torch.addcmul(S.sum(-2), e, e, value=_NEWTON_RIDGE))
+        # the grounded Laplacian 1 1^T + diag(c_S + ridge) - S^T diag(1 / r_S) S, the ridge as described at
+        # _SUPPORT_RIDGE; the system is solved for -dv, and D = du 1^T + 1 dv^T is formed negated, E = -D,
+        # which saves a negation
+        laplacian = torch.baddbmm(ones, S_rows_t, S, alpha=-1.0)
+        e = err.clamp_min(_SUPPORT_RIDGE / _SUPPORT_RIDGE_CAP).unsqueeze(-1)
+        far = e * (e > 1.0)
+        diagonal = S.sum(-2).addcdiv_(one, e, value=_SUPPORT_RIDGE).addcmul_(far, far, value=_NEWTON_RIDGE)
+        laplacian.diagonal(dim1=-2, dim2=-1).add_(diagonal)
         L = torch.linalg.cholesky_ex(laplacian)[0]
         dv = torch.cholesky_solve(torch.baddbmm(gv.mT, S_rows_t, gu, alpha=-1.0), L)
         du = torch.baddbmm(gu, S, dv, alpha=-1.0).div_(counts)  # -du and -dv, (B, n, 1) both
@@ -284,37 +279,39 @@ def _birkhoff_newton(Z, tol, max_iter):
             Y = Y - torch.where(ok.view(-1, 1, 1), 1.0, _exact_step(Y, du, dv)) * D
             X, gu, gv, err = _evaluate(Y)
             continue
-        # the elements whose full step failed search alone, a smaller batch
+        back = (~ok).nonzero().squeeze(-1)  # the elements whose full step failed search alone, a smaller batch
+        if n <= _EXACT_SEARCH_N:
+            # the exact minimiser of phi along the direction (phi is piecewise quadratic in the step length),
+            # scattered into step lengths of 1 for the rest; then one evaluation of the whole batch (fewer
+            # calls than selecting the accepted trials and scattering the searched elements' state)
+            searched = _exact_step(Y.index_select(0, back), du.index_select(0, back), dv.index_select(0, back))
+            t = torch.ones_like(err).view(-1, 1, 1).index_copy_(0, back, searched)
+            Y = Y - t * D
+            X, gu, gv, err = _evaluate(Y)
+            continue
         state = [Y, X, gu, gv, err]
         for i, T in enumerate((trial,) + trial_eval):
             state[i] = torch.where(ok.view((-1,) + (1,) * (T.dim() - 1)), T, state[i])
-        back = (~ok).nonzero().squeeze(-1)
         Yb, Db = Y.index_select(0, back), D.index_select(0, back)
-        if n <= _EXACT_SEARCH_N:
-            # the exact minimiser of phi along the direction (phi is piecewise quadratic in the step length)
-            Yb = Yb - _exact_step(Yb, du.index_select(0, back), dv.index_select(0, back)) * Db
-            for T, value in zip(state, (Yb,) + _evaluate(Yb)):
-                T.index_copy_(0, back, value)
-        else:
-            # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
-            quadb, errb, slackb = (T.index_select(0, back) for T in (_square_norm(X), err, slack2))
-            sumb = Db.sum((-2, -1)) * (2.0 / n)
-            t = 1.0
-            for _ in range(_BIRKHOFF_HALVINGS):
-                t = 0.25 * t
-                trial = Yb - t * Db
-                trial_eval = _evaluate(trial)
-                decrease = _square_norm(trial_eval[0]) - quadb + t * sumb <= slackb
-                ok = (trial_eval[3] <= errb) | (decrease & (errb >= _MERIT_SWITCH))
-                taken = back[ok]
-                for T, value in zip(state, (trial,) + trial_eval):
-                    T.index_copy_(0, taken, value[ok])
-                if bool(ok.all()):
-                    break
-                keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
-                back, Yb, Db, quadb, errb, slackb, sumb = (
-                    T.index_select(0, keep) for T in (back, Yb, Db, quadb, errb, slackb, sumb)
-                )
+        # t quartered per trial (sorting n^2 breakpoints costs more than a few trials at this size)
+        quadb, errb, slackb = (T.index_select(0, back) for T in (_square_norm(X), err, slack2))
+        sumb = Db.sum((-2, -1)) * (2.0 / n)
+        t = 1.0
+        for _ in range(_BIRKHOFF_HALVINGS):
+            t = 0.25 * t
+            trial = Yb - t * Db
+            trial_eval = _evaluate(trial)
+            decrease = _square_norm(trial_eval[0]) - quadb + t * sumb <= slackb
+            ok = (trial_eval[3] <= errb) | (decrease & (errb >= _MERIT_SWITCH))
+            taken = back[ok]
+            for T, value in zip(state, (trial,) + trial_eval):
+                T.index_copy_(0, taken, value[ok])
+            if bool(ok.all()):
+                break
+            keep = (~ok).nonzero().squeeze(-1)  # after the last trial, elements without an accepted step stay put
+            back, Yb, Db, quadb, errb, slackb, sumb = (
+                T.index_select(0, keep) for T in (back, Yb, Db, quadb, errb, slackb, sumb)
+            )
         Y, X, gu, gv, err = state
     if index is not None:
         X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
@@ -432,7 +429,7 @@ def birkhoff_projection(Z: torch.Tensor, tol: float = BIRKHOFF_TOL, max_iter: in
 
     Forward: when max(Z) - min(Z) <= 32 (tau ~ 1), semi-smooth Newton on both dual
     potentials from the projection onto the affine hull (see :func:`_birkhoff_newton`),
-    3-9 steps per element at n = 4-10 and 6-25 at n = 50, each an n x n Cholesky solve and
+    2-9 steps per element at n = 4-10 and 6-25 at n = 50, each an n x n Cholesky solve and
     elementwise passes (no sorting), exact once the support is found;
     otherwise, and for the rare elements it leaves, semi-smooth Newton on the dual in b
     with the row potentials a exact by sorting (see :func:`_birkhoff_stage`), with

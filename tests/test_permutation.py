@@ -207,6 +207,25 @@ def test_projection_newton_path_agrees_with_the_staged_solver(n):
     torch.testing.assert_close(X_left, reference, atol=3e-12, rtol=0)
 
 
+def test_projection_newton_path_finishes_tied_and_integer_inputs():
+    """Heavily tied Z (0/1 and small integers, n = 20): the full-dual Newton path alone reaches the tolerance.
+
+    Its ridge is tiny near the solution (so that the step that finds the support lands on it); far from
+    it (residual above 1) it keeps a Levenberg-Marquardt damping, without which elements here stall.
+    """
+    from polytopes import birkhoff
+
+    generator = torch.Generator().manual_seed(7)
+    n = 20
+    for Z in (
+        3.0 * torch.randint(-3, 4, (48, n, n), generator=generator).double(),
+        10.0 * torch.randint(0, 2, (48, n, n), generator=generator).double(),
+    ):
+        tol = 1e-12 + 16 * n * torch.finfo(torch.float64).eps * Z.abs().amax((-2, -1))
+        X, err, _ = birkhoff._birkhoff_newton(Z, tol, birkhoff._NEWTON_MAX_ITER)
+        assert bool((err <= tol).all()) and marginal_violation(X) < 1e-11
+
+
 def test_projection_support_adjoint_is_the_general_adjoint():
     """The projection's backward (_support_vjp) against sinkhorn_vjp on the support, connected or not."""
     from polytopes import birkhoff
