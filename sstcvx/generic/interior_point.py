@@ -309,8 +309,8 @@ def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su
 class InteriorPointSolution:
     """What :func:`solve` returns: ``x (B, n)`` (float64), ``status (B,)`` (see
     ``dual_newton.STATUS_NAMES``), ``iterations (B,)``, ``residual (B,)`` (the largest scaled KKT
-    residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of the equilibrated M and
-    its scaling ``q (B, m)`` (see :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)``
+    residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of M and the scaling
+    ``q (B, m)`` of its equilibration (see :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)``
     and the scale ``sz (B, 1)`` at the solution."""
 
     x: torch.Tensor
