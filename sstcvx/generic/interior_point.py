@@ -347,6 +347,7 @@ class _Layout:
         self.exists = self.mask > 0
         # 1 at the multiplier of an absent pair (0 with a zero direction), 0 elsewhere, over [Y | S]
         self.pad = torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
+        self.neg_pad = -self.pad
         self.sign2 = self.sign.view(2, N)
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
@@ -360,9 +361,9 @@ def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
     o_y, o_s = lay.o_y, lay.o_s
     ratio = torch.cat([T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :]], dim=1)
     phi = ratio[:, mi : mi + N] + ratio[:, mi + N :]
-    phi[:, :nx] += h
+    phi[:, :nx].add_(h)
     if N > nx:
-        phi[:, nx:] += proximal
+        phi[:, nx:].add_(proximal)
     return phi.reciprocal_(), ratio
 
 
@@ -373,18 +374,18 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
     rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
     r1 = rcb[:, :N] - rcb[:, N:] - rd
-    rows = -rp
+    u = phi_inv * r1
+    # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
+    rhs = torch.addmm(rp, u, ip.C.T)
     if mi:
         rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
-        rows[:, m_eq:] -= rcy
-    u = phi_inv * r1
-    rhs = u @ ip.C.T - rows
+        rhs[:, m_eq:].add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
-    dv = u - phi_inv * (dnu @ ip.C)
+    dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
     dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
-    dYb = rcb - ratio[:, mi:] * dSb
+    dYb = torch.addcmul(rcb, ratio[:, mi:], dSb, value=-1.0)
     if mi:
-        ds = rcy - ratio[:, :mi] * dnu[:, m_eq:]
+        ds = torch.addcmul(rcy, ratio[:, :mi], dnu[:, m_eq:], value=-1.0)
         return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
@@ -399,25 +400,35 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
     rows_in = -rp[:, m_eq:] - rcy
     D = ratio[:, :mi].reciprocal()
-    r1 = r1 + (D * rows_in) @ ip.primal.G
+    r1 = torch.addmm(r1, D * rows_in, ip.primal.G)
     dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
     dy = D * (dv @ ip.primal.G.T - rows_in)
     dSb = (dv.unsqueeze(1) * lay.sign2).reshape(dv.shape[0], 2 * N)
-    dYb = rcb - ratio[:, mi:] * dSb
-    ds = rcy - ratio[:, :mi] * dy
+    dYb = torch.addcmul(rcb, ratio[:, mi:], dSb, value=-1.0)
+    ds = torch.addcmul(rcy, ratio[:, :mi], dy, value=-1.0)
     parts = [dv, dlam, dy, dYb, ds, dSb] if m_eq else [dv, dy, dYb, ds, dSb]
     return torch.cat(parts, dim=1)
 
 
-def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION):
+def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION, neg_pos=None):
     """``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping every slack and multiplier
-    positive, at most 1, (B, 1)."""
+    positive, at most 1, (B, 1).  ``neg_pos`` is :func:`_negated_positive`'s ``-[Y | S]`` of T where the
+    caller has it (shared by the predictor's and the corrector's ratio test)."""
     if not lay.pairs:
         return T.new_ones(T.shape[0], 1)
+    if neg_pos is None:
+        neg_pos = _negated_positive(lay, T)
     # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
-    # more on these small tensors); an absent pair has pos = dpos = 0 and gets pos = 1 from `pad`
-    worst = (dT[:, lay.o_y :] / (T[:, lay.o_y :] + lay.pad)).amin(-1, keepdim=True).neg_().clamp_min_(1e-300)
-    return (fraction / worst).clamp_(max=1.0)
+    # more on these small tensors); min(1, fraction / worst) is fraction / max(worst, fraction), also 1
+    # where no pair blocks (worst <= 0)
+    worst = (dT[:, lay.o_y :] / neg_pos).amax(-1, keepdim=True)
+    worst = worst.clamp_min_(fraction) if isinstance(fraction, float) else torch.maximum(worst, fraction)
+    return fraction / worst
+
+
+def _negated_positive(lay: _Layout, T):
+    """``-[Y | S]`` of T (B, 2P) for the ratio test, -1 at the multiplier of an absent pair (whose direction is 0)."""
+    return lay.neg_pad - T[:, lay.o_y :]
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
@@ -532,10 +543,10 @@ def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
     rd = T[:, N : N + m] @ ip.C
     rd -= T[:, o_y + mi : o_y + mi + N]
     rd += T[:, o_y + mi + N : o_s]
-    rd[:, :nx] += g - zs
+    rd[:, :nx].add_(g - zs)
     rp = T[:, :N] @ ip.C.T - ip.d
     if mi:
-        rp[:, m_eq:] += S[:, :mi]
+        rp[:, m_eq:].add_(S[:, :mi])
     SY = S * Y
     return rd, rp, SY, SY.sum(-1) / ip.pairs
 
@@ -604,7 +615,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         last = _ == max_iter
         # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
         # about 20 operations saved in most iterations
-        if lay.pairs and not last and not bool((~(SY.amax(-1) > MU_TOLERANCE * scale)).any()):
+        if lay.pairs and not last and bool((SY.amax(-1) > MU_TOLERANCE * scale).all()):
             stop = None
         else:
             done, res = _converged(ip, lay, T, h, rd, rp, SY, mu)
@@ -639,9 +650,11 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             F, direction = normal_matrix.factor(ip, ratio[:, :mi], phi_inv), _direction
         # predictor (affine scaling)
         d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
-        a_aff = _max_step(lay, T, d_aff)
+        neg_pos = _negated_positive(lay, T)
+        a_aff = _max_step(lay, T, d_aff, FRACTION, neg_pos)
         dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
-        mu_aff = (torch.addcmul(S, a_aff, dS) * torch.addcmul(Y, a_aff, dY)).sum(-1) / nc
+        pos_aff = torch.addcmul(T[:, o_y:], a_aff, d_aff[:, o_y:])
+        mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]).sum(-1) / nc
         sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0.0, 1.0) ** 3
         # never aim below a tenth of the final complementarity: a collapse of mu before the rows are
         # satisfied leaves a singular normal matrix
@@ -652,7 +665,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
         # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
         fraction = (1.0 - mu[:, None]).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
-        T = torch.addcmul(T, _max_step(lay, T, dT, fraction), dT)
+        T = torch.addcmul(T, _max_step(lay, T, dT, fraction, neg_pos), dT)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
