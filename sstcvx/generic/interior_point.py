@@ -348,6 +348,9 @@ class _Layout:
         # 1 at the multiplier of an absent pair (0 with a zero direction), 0 elsewhere, over [Y | S]
         self.pad = torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
         self.neg_pad = -self.pad
+        self.neg_d = -ip.d
+        #: whether every pair exists (no mask to apply)
+        self.all_pairs = bool(self.exists.all())
         self.sign2 = self.sign.view(2, N)
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
@@ -540,21 +543,20 @@ def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
     N, m, m_eq, mi, nx = lay.N, lay.m, lay.m_eq, lay.mi, lay.nx
     o_y, o_s = lay.o_y, lay.o_s
     S, Y = T[:, o_s:], T[:, o_y:o_s]
-    rd = T[:, N : N + m] @ ip.C
-    rd -= T[:, o_y + mi : o_y + mi + N]
-    rd += T[:, o_y + mi + N : o_s]
+    # (addmm: one operation fewer each than a product and a sum)
+    rd = torch.addmm(T[:, o_y + mi + N : o_s] - T[:, o_y + mi : o_y + mi + N], T[:, N : N + m], ip.C)
     rd[:, :nx].add_(g - zs)
-    rp = T[:, :N] @ ip.C.T - ip.d
+    rp = torch.addmm(lay.neg_d, T[:, :N], ip.C.T)
     if mi:
         rp[:, m_eq:].add_(S[:, :mi])
     SY = S * Y
     return rd, rp, SY, SY.sum(-1) / ip.pairs
 
 
-def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu):
-    """The convergence test on :func:`_residuals`' output: ``(done (B,), res (B,))``, whether the element
-    meets every tolerance (primal, dual up to the resolution of floats at x, the largest product),
-    and its largest scaled residual."""
+def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
+    """The convergence test on :func:`_residuals`' output and the largest product ``top (B,)`` of each
+    element: ``(done (B,), res (B,))``, whether the element meets every tolerance (primal, dual up to the
+    resolution of floats at x, the largest product), and its largest scaled residual."""
     scale, nx = ip.dual.scale, lay.nx
     p = rp.abs().amax(-1) if lay.m else mu.new_zeros(mu.shape)
     a = rd.abs()
@@ -562,7 +564,6 @@ def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu):
     ax.masked_fill_(ax <= 4 * torch.finfo(T.dtype).eps * h * T[:, :nx].abs().clamp_min(1.0), 0.0)
     dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
     res = torch.maximum(p / scale, torch.maximum(dd, mu / scale))
-    top = SY.amax(-1) if lay.pairs else mu
     done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (top <= MU_TOLERANCE * scale)
     return done, res
 
@@ -615,19 +616,23 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         last = _ == max_iter
         # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
         # about 20 operations saved in most iterations
-        if lay.pairs and not last and bool((SY.amax(-1) > MU_TOLERANCE * scale).all()):
+        top = SY.amax(-1) if lay.pairs else mu
+        if lay.pairs and not last and bool((top > MU_TOLERANCE * scale).all()):
             stop = None
         else:
-            done, res = _converged(ip, lay, T, h, rd, rp, SY, mu)
+            done, res = _converged(ip, lay, T, h, rd, rp, top, mu)
             finite = torch.isfinite(res)
             stop = done | ~finite
         if stop is not None and (bool(stop.any()) or last):
             sub_status = torch.where(done, STATUS_CONVERGED, torch.where(finite, STATUS_MAX_ITER, STATUS_NOT_FINITE))
+            # an element's iterations are those taken when it stops (rewritten while it continues): one
+            # operation per stop instead of a count per iteration
             if index is None:
                 status, residual = sub_status, res
+                iterations.fill_(_)
                 T_all = T
             else:
-                status[index], residual[index] = sub_status, res
+                status[index], residual[index], iterations[index] = sub_status, res, _
                 T_all[index] = T
             if last:
                 break
@@ -637,10 +642,6 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
                 break
             T, g, h, zs, sz, tries = T[keep], g[keep], h[keep], zs[keep], sz[keep], tries[keep]
             S, Y, rd, rp, SY, mu = T[:, o_s:], T[:, o_y:o_s], rd[keep], rp[keep], SY[keep], mu[keep]
-        if index is None:
-            iterations += 1
-        else:
-            iterations[index] += 1
         # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
         prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
         phi_inv, ratio = _phi_inverse(lay, T, h, prox)
@@ -660,7 +661,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         # satisfied leaves a singular normal matrix
         target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
         # corrector: centering and the second-order term of the predictor
-        rc = (target - SY - dS * dY) * lay.mask
+        rc = torch.addcmul(target - SY if lay.all_pairs else target * lay.mask - SY, dS, dY, value=-1.0)
         dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
         # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
         # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
