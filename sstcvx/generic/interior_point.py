@@ -214,6 +214,8 @@ class InteriorPointProblem:
     pattern_t: torch.Tensor | None = None
     #: the primal reduction's tensors where it is chosen (see :func:`~sstcvx.generic.primal_reduction.choose`), else None
     primal: primal_reduction.PrimalReduction | None = None
+    #: ``K (N, m^2)`` that assembles a dense M as one product, where small (see :func:`~sstcvx.generic.normal_matrix.dense_table`)
+    dense_table: torch.Tensor | None = None
     #: the columns of x whose lower (upper) bound is the domain's own end, and whether all are
     at_lo: torch.Tensor = field(init=False)
     at_hi: torch.Tensor = field(init=False)
@@ -283,6 +285,7 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
         sparse,
         None if pattern is None else pattern[0].T.contiguous(),
         primal,
+        normal_matrix.dense_table(C) if pattern is None else None,
     )
 
 
