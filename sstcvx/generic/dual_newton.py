@@ -395,7 +395,7 @@ def _cholesky(H):
     """Batched Cholesky factor of SPD matrices, with growing jitter where a factorization fails."""
     L, info = torch.linalg.cholesky_ex(H)
     extra = 1e-12
-    while bool((info != 0).any()) and extra < 1e-2:
+    while bool(info.any()) and extra < 1e-2:
         bad = info != 0
         scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)

@@ -214,6 +214,8 @@ class InteriorPointProblem:
     pattern_t: torch.Tensor | None = None
     #: the primal reduction's tensors where it is chosen (see :func:`~sstcvx.generic.primal_reduction.choose`), else None
     primal: primal_reduction.PrimalReduction | None = None
+    #: ``K (N, m^2)`` that assembles a dense M as one product, where small (see :func:`~sstcvx.generic.normal_matrix.dense_table`)
+    dense_table: torch.Tensor | None = None
     #: the columns of x whose lower (upper) bound is the domain's own end, and whether all are
     at_lo: torch.Tensor = field(init=False)
     at_hi: torch.Tensor = field(init=False)
@@ -283,6 +285,7 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
         sparse,
         None if pattern is None else pattern[0].T.contiguous(),
         primal,
+        normal_matrix.dense_table(C) if pattern is None else None,
     )
 
 
@@ -309,8 +312,8 @@ def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su
 class InteriorPointSolution:
     """What :func:`solve` returns: ``x (B, n)`` (float64), ``status (B,)`` (see
     ``dual_newton.STATUS_NAMES``), ``iterations (B,)``, ``residual (B,)`` (the largest scaled KKT
-    residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of the equilibrated M and
-    its scaling ``q (B, m)`` (see :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)``
+    residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of M and the scaling
+    ``q (B, m)`` of its equilibration (see :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)``
     and the scale ``sz (B, 1)`` at the solution."""
 
     x: torch.Tensor
@@ -347,6 +350,10 @@ class _Layout:
         self.exists = self.mask > 0
         # 1 at the multiplier of an absent pair (0 with a zero direction), 0 elsewhere, over [Y | S]
         self.pad = torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
+        self.neg_pad = -self.pad
+        self.neg_d = -ip.d
+        #: whether every pair exists (no mask to apply)
+        self.all_pairs = bool(self.exists.all())
         self.sign2 = self.sign.view(2, N)
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
@@ -360,9 +367,9 @@ def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
     o_y, o_s = lay.o_y, lay.o_s
     ratio = torch.cat([T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :]], dim=1)
     phi = ratio[:, mi : mi + N] + ratio[:, mi + N :]
-    phi[:, :nx] += h
+    phi[:, :nx].add_(h)
     if N > nx:
-        phi[:, nx:] += proximal
+        phi[:, nx:].add_(proximal)
     return phi.reciprocal_(), ratio
 
 
@@ -373,18 +380,18 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
     rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
     r1 = rcb[:, :N] - rcb[:, N:] - rd
-    rows = -rp
+    u = phi_inv * r1
+    # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
+    rhs = torch.addmm(rp, u, ip.C.T)
     if mi:
         rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
-        rows[:, m_eq:] -= rcy
-    u = phi_inv * r1
-    rhs = u @ ip.C.T - rows
+        rhs[:, m_eq:].add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
-    dv = u - phi_inv * (dnu @ ip.C)
+    dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
     dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
-    dYb = rcb - ratio[:, mi:] * dSb
+    dYb = torch.addcmul(rcb, ratio[:, mi:], dSb, value=-1.0)
     if mi:
-        ds = rcy - ratio[:, :mi] * dnu[:, m_eq:]
+        ds = torch.addcmul(rcy, ratio[:, :mi], dnu[:, m_eq:], value=-1.0)
         return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
@@ -399,25 +406,35 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
     rows_in = -rp[:, m_eq:] - rcy
     D = ratio[:, :mi].reciprocal()
-    r1 = r1 + (D * rows_in) @ ip.primal.G
+    r1 = torch.addmm(r1, D * rows_in, ip.primal.G)
     dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
     dy = D * (dv @ ip.primal.G.T - rows_in)
     dSb = (dv.unsqueeze(1) * lay.sign2).reshape(dv.shape[0], 2 * N)
-    dYb = rcb - ratio[:, mi:] * dSb
-    ds = rcy - ratio[:, :mi] * dy
+    dYb = torch.addcmul(rcb, ratio[:, mi:], dSb, value=-1.0)
+    ds = torch.addcmul(rcy, ratio[:, :mi], dy, value=-1.0)
     parts = [dv, dlam, dy, dYb, ds, dSb] if m_eq else [dv, dy, dYb, ds, dSb]
     return torch.cat(parts, dim=1)
 
 
-def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION):
+def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION, neg_pos=None):
     """``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping every slack and multiplier
-    positive, at most 1, (B, 1)."""
+    positive, at most 1, (B, 1).  ``neg_pos`` is :func:`_negated_positive`'s ``-[Y | S]`` of T where the
+    caller has it (shared by the predictor's and the corrector's ratio test)."""
     if not lay.pairs:
         return T.new_ones(T.shape[0], 1)
+    if neg_pos is None:
+        neg_pos = _negated_positive(lay, T)
     # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
-    # more on these small tensors); an absent pair has pos = dpos = 0 and gets pos = 1 from `pad`
-    worst = (dT[:, lay.o_y :] / (T[:, lay.o_y :] + lay.pad)).amin(-1, keepdim=True).neg_().clamp_min_(1e-300)
-    return (fraction / worst).clamp_(max=1.0)
+    # more on these small tensors); min(1, fraction / worst) is fraction / max(worst, fraction), also 1
+    # where no pair blocks (worst <= 0)
+    worst = (dT[:, lay.o_y :] / neg_pos).amax(-1, keepdim=True)
+    worst = worst.clamp_min_(fraction) if isinstance(fraction, float) else torch.maximum(worst, fraction)
+    return fraction / worst
+
+
+def _negated_positive(lay: _Layout, T):
+    """``-[Y | S]`` of T (B, 2P) for the ratio test, -1 at the multiplier of an absent pair (whose direction is 0)."""
+    return lay.neg_pad - T[:, lay.o_y :]
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
@@ -529,21 +546,20 @@ def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
     N, m, m_eq, mi, nx = lay.N, lay.m, lay.m_eq, lay.mi, lay.nx
     o_y, o_s = lay.o_y, lay.o_s
     S, Y = T[:, o_s:], T[:, o_y:o_s]
-    rd = T[:, N : N + m] @ ip.C
-    rd -= T[:, o_y + mi : o_y + mi + N]
-    rd += T[:, o_y + mi + N : o_s]
-    rd[:, :nx] += g - zs
-    rp = T[:, :N] @ ip.C.T - ip.d
+    # (addmm: one operation fewer each than a product and a sum)
+    rd = torch.addmm(T[:, o_y + mi + N : o_s] - T[:, o_y + mi : o_y + mi + N], T[:, N : N + m], ip.C)
+    rd[:, :nx].add_(g - zs)
+    rp = torch.addmm(lay.neg_d, T[:, :N], ip.C.T)
     if mi:
-        rp[:, m_eq:] += S[:, :mi]
+        rp[:, m_eq:].add_(S[:, :mi])
     SY = S * Y
     return rd, rp, SY, SY.sum(-1) / ip.pairs
 
 
-def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu):
-    """The convergence test on :func:`_residuals`' output: ``(done (B,), res (B,))``, whether the element
-    meets every tolerance (primal, dual up to the resolution of floats at x, the largest product),
-    and its largest scaled residual."""
+def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
+    """The convergence test on :func:`_residuals`' output and the largest product ``top (B,)`` of each
+    element: ``(done (B,), res (B,))``, whether the element meets every tolerance (primal, dual up to the
+    resolution of floats at x, the largest product), and its largest scaled residual."""
     scale, nx = ip.dual.scale, lay.nx
     p = rp.abs().amax(-1) if lay.m else mu.new_zeros(mu.shape)
     a = rd.abs()
@@ -551,7 +567,6 @@ def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu):
     ax.masked_fill_(ax <= 4 * torch.finfo(T.dtype).eps * h * T[:, :nx].abs().clamp_min(1.0), 0.0)
     dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
     res = torch.maximum(p / scale, torch.maximum(dd, mu / scale))
-    top = SY.amax(-1) if lay.pairs else mu
     done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (top <= MU_TOLERANCE * scale)
     return done, res
 
@@ -604,19 +619,23 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         last = _ == max_iter
         # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
         # about 20 operations saved in most iterations
-        if lay.pairs and not last and not bool((~(SY.amax(-1) > MU_TOLERANCE * scale)).any()):
+        top = SY.amax(-1) if lay.pairs else mu
+        if lay.pairs and not last and bool((top > MU_TOLERANCE * scale).all()):
             stop = None
         else:
-            done, res = _converged(ip, lay, T, h, rd, rp, SY, mu)
+            done, res = _converged(ip, lay, T, h, rd, rp, top, mu)
             finite = torch.isfinite(res)
             stop = done | ~finite
         if stop is not None and (bool(stop.any()) or last):
             sub_status = torch.where(done, STATUS_CONVERGED, torch.where(finite, STATUS_MAX_ITER, STATUS_NOT_FINITE))
+            # an element's iterations are those taken when it stops (rewritten while it continues): one
+            # operation per stop instead of a count per iteration
             if index is None:
                 status, residual = sub_status, res
+                iterations.fill_(_)
                 T_all = T
             else:
-                status[index], residual[index] = sub_status, res
+                status[index], residual[index], iterations[index] = sub_status, res, _
                 T_all[index] = T
             if last:
                 break
@@ -626,10 +645,6 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
                 break
             T, g, h, zs, sz, tries = T[keep], g[keep], h[keep], zs[keep], sz[keep], tries[keep]
             S, Y, rd, rp, SY, mu = T[:, o_s:], T[:, o_y:o_s], rd[keep], rp[keep], SY[keep], mu[keep]
-        if index is None:
-            iterations += 1
-        else:
-            iterations[index] += 1
         # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
         prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
         phi_inv, ratio = _phi_inverse(lay, T, h, prox)
@@ -639,20 +654,22 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             F, direction = normal_matrix.factor(ip, ratio[:, :mi], phi_inv), _direction
         # predictor (affine scaling)
         d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
-        a_aff = _max_step(lay, T, d_aff)
+        neg_pos = _negated_positive(lay, T)
+        a_aff = _max_step(lay, T, d_aff, FRACTION, neg_pos)
         dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
-        mu_aff = (torch.addcmul(S, a_aff, dS) * torch.addcmul(Y, a_aff, dY)).sum(-1) / nc
+        pos_aff = torch.addcmul(T[:, o_y:], a_aff, d_aff[:, o_y:])
+        mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]).sum(-1) / nc
         sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0.0, 1.0) ** 3
         # never aim below a tenth of the final complementarity: a collapse of mu before the rows are
         # satisfied leaves a singular normal matrix
         target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
         # corrector: centering and the second-order term of the predictor
-        rc = (target - SY - dS * dY) * lay.mask
+        rc = torch.addcmul(target - SY if lay.all_pairs else target * lay.mask - SY, dS, dY, value=-1.0)
         dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
         # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
         # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
         fraction = (1.0 - mu[:, None]).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
-        T = torch.addcmul(T, _max_step(lay, T, dT, fraction), dT)
+        T = torch.addcmul(T, _max_step(lay, T, dT, fraction, neg_pos), dT)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
