@@ -615,7 +615,6 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
                     near = near[ok]
                     T[near], g[near], h[near] = Tn[ok], gn[ok], hn[ok]
         rd, rp, SY, mu = _residuals(ip, lay, T, g, zs)
-        S, Y = T[:, o_s:], T[:, o_y:o_s]
         last = _ == max_iter
         # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
         # about 20 operations saved in most iterations
@@ -644,7 +643,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             if index.numel() == 0:
                 break
             T, g, h, zs, sz, tries = T[keep], g[keep], h[keep], zs[keep], sz[keep], tries[keep]
-            S, Y, rd, rp, SY, mu = T[:, o_s:], T[:, o_y:o_s], rd[keep], rp[keep], SY[keep], mu[keep]
+            rd, rp, SY, mu = rd[keep], rp[keep], SY[keep], mu[keep]
         # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
         prox = mu[:, None] if _ < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
         phi_inv, ratio = _phi_inverse(lay, T, h, prox)
