@@ -352,18 +352,22 @@ def test_dual_guess_starts_path_30_near_its_active_set(monkeypatch):
     assert float((sol.x - reference.x).abs().max()) < 1e-9
 
 
-def test_dual_guess_leaves_degenerate_elements_to_the_box_guess():
+def test_dual_guess_leaves_degenerate_elements_to_the_box_guess(monkeypatch):
     """At |U| ~ 10 many elements of a path of 6 end at a vertex where a row and the bounds of all its
     columns are active together; the dual guess holds all of them there (its system is then singular),
     flags the element, and the start takes the box's guess for it: every element is solved before the
-    interior point starts, at the cvxpylayers solution."""
+    interior point starts, at the cvxpylayers solution.  Where most of the batch is flagged after the
+    first step, the guess gives up (the box's guess serves all)."""
     import sstcvx.generic.interior_point as interior_point
 
     P = independent_sets(6)
     U = 10 * torch.randn(64, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     relaxation = ipm(P, "euclidean")
     ip = relaxation.problem_on("cpu")
-    _, degenerate = interior_point._dual_guess(ip, ip.layout, U[:, ip.dual.x_free], interior_point.START_DUAL_STEPS)
+    z = U[:, ip.dual.x_free]
+    assert interior_point._dual_guess(ip, ip.layout, z, interior_point.START_DUAL_STEPS) is None
+    monkeypatch.setattr(interior_point, "START_DUAL_GIVE_UP", 2.0)
+    _, degenerate = interior_point._dual_guess(ip, ip.layout, z, interior_point.START_DUAL_STEPS)  # type: ignore[misc]
     assert 0 < int(degenerate.sum()) < U.shape[0]
     sol = relaxation.solve(U)
     assert bool((sol.status == 0).all()) and bool((sol.iterations == 0).all())
