@@ -541,7 +541,10 @@ def _dual_guess(ip: InteriorPointProblem, lay: _Layout, z, steps: int):
     computed once per problem).  Held: the inequality rows with y > 0 and the bounds that z - C^T nu
     leaves.  Returns ``(T (B, width), degenerate (B,))``, degenerate where a held row has every column
     held at a bound (the guess then over-determines the system: the row's multiplier is not fixed by
-    it).  Cost: 2 ``steps`` products with C and 5 ``steps`` elementwise operations on (B, m)."""
+    it), or None where after the first step a fraction ``START_DUAL_GIVE_UP`` of the batch is
+    degenerate.  The steps run in ``START_DUAL_DTYPE`` (an element whose z overflows it gets a useless
+    guess, which the polish's test rejects).  Cost: 2 ``steps`` + 2 products of (B, m) or (B, N) with C,
+    about 6 ``steps`` elementwise operations and one host synchronization."""
     m_eq = lay.m_eq
     if ip.dual_guess is None:
         L = float(torch.linalg.matrix_norm(ip.C, 2)) ** 2 if lay.m else 1.0
@@ -550,8 +553,7 @@ def _dual_guess(ip: InteriorPointProblem, lay: _Layout, z, steps: int):
         up = torch.where(ip.has_up > 0, ip.up, math.inf)
         f = START_DUAL_DTYPE
         ip.dual_guess = tuple(
-            a.to(f).contiguous()
-            for a in ((-ip.C), step * ip.C.T, step * ip.d, lo, up, (ip.C[m_eq:] != 0).T)
+            a.to(f).contiguous() for a in ((-ip.C), step * ip.C.T, step * ip.d, lo, up, (ip.C[m_eq:] != 0).T)
         )
     negC, sCT, sd, lo, up, GT = ip.dual_guess
     dt, z = z.dtype, z.to(START_DUAL_DTYPE)
