@@ -352,6 +352,25 @@ def test_dual_guess_starts_path_30_near_its_active_set(monkeypatch):
     assert float((sol.x - reference.x).abs().max()) < 1e-9
 
 
+def test_single_flips_end_cycling_active_set_rounds(monkeypatch):
+    """Full sign flips can cycle on an element; from round SINGLE_FLIP_AFTER on an element whose count of
+    broken sign conditions is not below its best changes only its most broken pair: on a path of 30 at
+    |U| ~ 2, 1 element of 512 is left to the interior point where full flips left 7, and the start's
+    points are those of the plain iteration at tight tolerances."""
+    import sstcvx.generic.interior_point as interior_point
+
+    P = independent_sets(30)
+    U = 2 * torch.randn(512, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sol = ipm(P, "euclidean").solve(U)
+    assert bool((sol.status == 0).all()) and int((sol.iterations > 0).sum()) <= 2
+    monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
+    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
+    monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
+    monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
+    reference = ipm(P, "euclidean").solve(U)
+    assert float((sol.x - reference.x).abs().max()) < 1e-9
+
+
 def test_dual_guess_leaves_degenerate_elements_to_the_box_guess(monkeypatch):
     """At |U| ~ 10 many elements of a path of 6 end at a vertex where a row and the bounds of all its
     columns are active together; the dual guess holds all of them there (its system is then singular),
