@@ -287,6 +287,18 @@ def test_batch_shapes_and_frozen_elements():
         torch.testing.assert_close(X[i, j], alone, atol=1e-10, rtol=0)
 
 
+def plain_tight_solution(monkeypatch, P, U):
+    """The Euclidean solution by the interior point alone (no active-set start, no polish) at tight
+    tolerances: the reference for the active-set methods."""
+    import sstcvx.generic.interior_point as interior_point
+
+    monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
+    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
+    monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
+    monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
+    return ipm(P, "euclidean").solve(U)
+
+
 @pytest.mark.parametrize("U_scale", [0.5, 1.0, 2.0, 30.0])
 def test_polish_agrees_with_the_plain_iteration(monkeypatch, U_scale):
     """The active-set start and polish (Euclidean regularizer) end most elements iterations earlier,
@@ -344,11 +356,7 @@ def test_dual_guess_starts_path_30_near_its_active_set(monkeypatch):
     sol = ipm(P, "euclidean").solve(U)
     assert bool((sol.status == 0).all()) and bool((sol.iterations == 0).all())
     assert sum(solves) < 2 * U.shape[0] and len(solves) <= 7
-    monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
-    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
-    monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
-    monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
-    reference = ipm(P, "euclidean").solve(U)
+    reference = plain_tight_solution(monkeypatch, P, U)
     assert float((sol.x - reference.x).abs().max()) < 1e-9
 
 
@@ -357,17 +365,12 @@ def test_single_flips_end_cycling_active_set_rounds(monkeypatch):
     broken sign conditions is not below its best changes only its most broken pair: on a path of 30 at
     |U| ~ 2, 1 element of 512 is left to the interior point where full flips left 7, and the start's
     points are those of the plain iteration at tight tolerances."""
-    import sstcvx.generic.interior_point as interior_point
 
     P = independent_sets(30)
     U = 2 * torch.randn(512, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     sol = ipm(P, "euclidean").solve(U)
     assert bool((sol.status == 0).all()) and int((sol.iterations > 0).sum()) <= 2
-    monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
-    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
-    monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
-    monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
-    reference = ipm(P, "euclidean").solve(U)
+    reference = plain_tight_solution(monkeypatch, P, U)
     assert float((sol.x - reference.x).abs().max()) < 1e-9
 
 
