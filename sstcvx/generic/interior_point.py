@@ -55,9 +55,9 @@ below ``POLISH_START`` times the form's scale, its active set is guessed (a slac
 multiplier), the active rows and bounds are held at equality and the others dropped, and the
 remaining equality-constrained problem is solved exactly by one Newton step on (x, nu); pairs
 that break their sign condition change sides and the element is solved again (``POLISH_ROUNDS``
-times at most: a primal-dual active-set step; from round ``SINGLE_FLIP_AFTER`` on, an element whose
-count of broken conditions is not below its best changes only its most broken pair), with ``POLISH_TRIES`` attempts per element (an
-active-set method can cycle on a degenerate element).  An element whose polished point has every
+times at most: a primal-dual active-set step; from round ``SINGLE_FLIP_AFTER`` on, an element
+whose count of broken conditions is not below its best changes only its most broken pair), with
+``POLISH_TRIES`` attempts per element (an active-set method can cycle on a degenerate element).  An element whose polished point has every
 held multiplier and dropped slack non-negative, its held rows met and its dual residual below
 the tolerances is done, with complementarity exactly 0: an interior point can approach a
 near-degenerate pair only as mu / s, the polish lands on it.  The same active-set solve also runs
@@ -176,6 +176,12 @@ POLISH_ROUNDS = 3
 POLISH_TRIES = 2
 #: Rounds of the active-set method that starts the Euclidean case (negative: none).
 START_ROUNDS = 12
+#: ... unless its guess breaks more sign conditions than this per element on average.  Measured with the
+#: box's guess and U ~ N(0, 1): 0.65 on a path of 6 and 3-6 on a path of 30 (by the draw), where 6-10
+#: rounds solve every element; 10 on a path of 30 at |U| ~ 3, where rounds still gain a little; 13.75 at |U| ~ 10 and
+#: 13 on 1,000 variables with 100 rows, where they cost more than the interior-point iterations they
+#: replace (1.6x on the path without the cap).
+START_MAX_WRONG = 12.0
 #: From this round on, an element of :func:`_polish` whose count of broken sign conditions has not fallen below
 #: its best changes only its most broken pair (the full flips can cycle; the polish inside the iteration,
 #: with POLISH_ROUNDS rounds, never gets there).  Measured on a path of 30: 512 elements at |U| ~ 2 left 1
@@ -183,21 +189,12 @@ START_ROUNDS = 12
 #: and the benchmark's draw at |U| ~ 1, which full flips left one element of to the interior point's whole
 #: course, went 1.7x faster.
 SINGLE_FLIP_AFTER = 4
-#: ... unless the box's active set breaks more sign conditions than this per element on average.  Measured
-#: with U ~ N(0, 1): 0.65 on a path of 6 and 3-6 on a path of 30 (by the draw), where 6-10 rounds solve
-#: every element; 10 on a path of 30 at |U| ~ 3, where rounds still gain a little; 13.75 at |U| ~ 10 and
-#: 13 on 1,000 variables with 100 rows, where they cost more than the interior-point iterations they
-#: replace (1.6x on the path without the cap).
-START_MAX_WRONG = 12.0
 #: Accelerated projected gradient steps on the projection's dual that guess the start's active set
 #: (:func:`_dual_guess`; 0: the box's guess everywhere).  Measured with U ~ N(0, 1), wrong pairs after the
 #: first solve: 0.88 on a path of 30 where the box's guess breaks 3.69 (and the rounds solve every element
 #: in 6 solves, not 10), 0.13 against 0.65 on a path of 6, 0.09 against 1.16 on the knapsack; 3 steps
 #: left 1.28 on the path of 30, 7 left 3.29 (the extrapolation overshoots).
 START_DUAL_STEPS = 5
-#: The dtype of those steps (a guess only: the polish's solve and test are in float64); float32 halves the
-#: products' cost on CPU.
-START_DUAL_DTYPE = torch.float32
 #: ... stopped after the first where that flags this fraction of the batch degenerate (the box's guess then
 #: serves every element: the steps cost 0.1-0.3 ms per batch and the few elements left would gain little).
 #: Measured, the fraction falls only a little over the steps (after 1 step and after 5: path of 30, 1.00 and
@@ -205,11 +202,14 @@ START_DUAL_DTYPE = torch.float32
 #: |U| ~ 100, 0.39 and 0.21 at |U| ~ 3), and with 0.95 path 6 at |U| ~ 100 was 6-8% slower than the box's
 #: guess alone, with 0.6 within noise.
 START_DUAL_GIVE_UP = 0.6
+#: The dtype of those steps (a guess only: the polish's solve and test are in float64); float32 halves the
+#: products' cost on CPU.
+START_DUAL_DTYPE = torch.float32
 #: The proximal weight on the auxiliary variables in the backward's Phi (see the module's "Backward").
 BACKWARD_PROXIMAL = 1e-7
-#: In a polished solution, the vanishing member of a complementarity pair is 0 (a slack) or TINY (a
-#: multiplier); a row dropped from the polish system gets the diagonal weight HUGE (both from
-#: :mod:`~sstcvx.generic.normal_matrix`).
+# In a polished solution, the vanishing member of a complementarity pair is 0 (a slack) or TINY (a
+# multiplier); a row dropped from the polish system gets the diagonal weight HUGE (both imported from
+# normal_matrix).
 
 _DOMAINS = {"entropy": (0.0, math.inf), "binary_entropy": (0.0, 1.0), "euclidean": (-math.inf, math.inf)}
 
@@ -446,14 +446,12 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
     return torch.cat(parts, dim=1)
 
 
-def _max_step(lay: _Layout, T, dT, fraction: float | torch.Tensor = FRACTION, neg_pos=None):
+def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION):
     """``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping every slack and multiplier
-    positive, at most 1, (B, 1).  ``neg_pos`` is :func:`_negated_positive`'s ``-[Y | S]`` of T where the
-    caller has it (shared by the predictor's and the corrector's ratio test)."""
+    positive, at most 1, (B, 1), for the direction ``dT`` from the state whose ``-[Y | S]`` is ``neg_pos``
+    (:func:`_negated_positive`, shared by the predictor's and the corrector's ratio test)."""
     if not lay.pairs:
-        return T.new_ones(T.shape[0], 1)
-    if neg_pos is None:
-        neg_pos = _negated_positive(lay, T)
+        return dT.new_ones(dT.shape[0], 1)
     # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
     # more on these small tensors); min(1, fraction / worst) is fraction / max(worst, fraction), also 1
     # where no pair blocks (worst <= 0)
@@ -767,7 +765,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         # predictor (affine scaling)
         d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
         neg_pos = _negated_positive(lay, T)
-        a_aff = _max_step(lay, T, d_aff, FRACTION, neg_pos)
+        a_aff = _max_step(lay, neg_pos, d_aff)
         dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
         pos_aff = torch.addcmul(T[:, o_y:], a_aff, d_aff[:, o_y:])
         mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]).sum(-1) / nc
@@ -781,7 +779,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
         # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
         fraction = (1.0 - mu[:, None]).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
-        T = torch.addcmul(T, _max_step(lay, T, dT, fraction, neg_pos), dT)
+        T = torch.addcmul(T, _max_step(lay, neg_pos, dT, fraction), dT)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)

@@ -75,6 +75,22 @@ def equilibrated_levels(V, diag, r, c, chol, keep, where):
     return chol.factor(F), q
 
 
+def equilibrated_cholesky(M: torch.Tensor):
+    """The Cholesky factor of the symmetric positive definite ``M (B, m, m)`` (only its lower triangle is
+    read), computed after symmetric equilibration to a unit diagonal with a relative jitter of JITTER (more
+    where the factorization fails: a rank-deficient set of active rows): ``(diag(q) L, q (B, m))`` with L
+    the equilibrated matrix's factor and q = sqrt(diag M).  diag(q) L is a Cholesky factor of M itself,
+    so that ``torch.cholesky_solve`` with it solves M x = r without any scaling.
+
+    Equilibration matters: near the solution the entries of the interior point's matrices range over many
+    decades (1 / mu against mu), and a jitter relative to the largest diagonal entry would swamp the
+    small rows."""
+    q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
+    Ms = M / (q[:, :, None] * q[:, None, :])
+    Ms.diagonal(dim1=-2, dim2=-1).add_(JITTER)
+    return _cholesky(Ms).mul_(q[:, :, None]), q
+
+
 def sparsity(C: torch.Tensor):
     """``(pattern, sparse)`` for the normal matrix M = C diag(p) C^T.  ``pattern = (K, flat, diag, r, c)``
     assembles M as ``(p @ K)`` on its non-zero entries: ``K (N, nnz)`` holds C[r, j] C[c, j] for the
@@ -114,41 +130,29 @@ def dense_table(C: torch.Tensor) -> torch.Tensor | None:
 
 def factor(ip, extra, phi_inv):
     """The Cholesky factor of M = C Phi^{-1} C^T + diag(0, extra) (extra = s / y) after symmetric diagonal
-    equilibration: ``(L, q)``, ``q = sqrt(diag M)``; densely ``M ~ L L^T`` with L = diag(q) times the
-    factor of the equilibrated matrix, by levels ``M ~ diag(q) L D L^T diag(q)`` (L batch last).
-
-    Equilibration matters: near the solution the entries of M range over many decades (1 / mu
-    against mu), and a jitter relative to the largest diagonal entry would swamp the small rows;
-    here each row gets a relative jitter of JITTER (more where the factorization fails: a
-    rank-deficient set of active rows).  M is assembled on its sparsity pattern (a path's rows touch
-    their neighbors only) where :func:`sparsity` found one, densely otherwise."""
+    equilibration, ``(L, q)`` with ``q = sqrt(diag M)``: densely ``M ~ L L^T`` (see
+    :func:`equilibrated_cholesky`), by levels ``M ~ diag(q) L D L^T diag(q)`` (L batch last, see
+    :func:`equilibrated_levels`).  M is assembled on its sparsity pattern (a path's rows touch their
+    neighbors only) where :func:`sparsity` found one, densely otherwise."""
     B, m, m_eq = phi_inv.shape[0], ip.m, ip.m_eq
     if ip.pattern is not None:
-        # M's entries batch last, V (nnz, B): every step below gathers whole entries (along dim 0,
-        # several times cheaper than along dim 1 for these sizes)
+        # M's entries batch last, V (nnz, B): every step of the factorization by levels gathers whole
+        # entries (along dim 0, several times cheaper than along dim 1 for these sizes)
         _, flat, diag, r, c = ip.pattern
         V = ip.pattern_t @ phi_inv.T
         V[diag[m_eq:]] += extra.T
         if ip.sparse is not None and B * m**3 > DENSE_WORK:
             F, q = equilibrated_levels(V, diag, r, c, *ip.sparse)
             return F, q.T
-        q = V.index_select(0, diag).clamp_min_(1e-300).sqrt_()
-        V /= q.index_select(0, r) * q.index_select(0, c)
-        V[diag] += JITTER
-        Ms = V.new_zeros(m * m, B)
-        Ms[flat] = V
-        q = q.T
-        return _cholesky(Ms.T.reshape(B, m, m)).mul_(q[:, :, None]), q
+        M = V.new_zeros(m * m, B)
+        M[flat] = V
+        return equilibrated_cholesky(M.T.reshape(B, m, m))
     if ip.dense_table is not None:
         M = (phi_inv @ ip.dense_table).view(B, m, m)
     else:
         M = (ip.C * phi_inv[:, None, :]) @ ip.C.T
     M.diagonal(dim1=-2, dim2=-1)[:, m_eq:].add_(extra)
-    q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-    Ms = M / (q[:, :, None] * q[:, None, :])
-    Ms.diagonal(dim1=-2, dim2=-1).add_(JITTER)
-    # diag(q) L: the Cholesky factor of M itself, so that a solve needs no scaling (two operations fewer)
-    return _cholesky(Ms).mul_(q[:, :, None]), q
+    return equilibrated_cholesky(M)
 
 
 def solve(ip: InteriorPointProblem, F, r):

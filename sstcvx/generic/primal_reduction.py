@@ -44,8 +44,7 @@ import numpy as np
 import torch
 
 from . import normal_matrix, sparse_cholesky
-from .dual_newton import _cholesky
-from .normal_matrix import JITTER, TINY, diagonal_positions, equilibrated_levels
+from .normal_matrix import TINY, diagonal_positions, equilibrated_cholesky, equilibrated_levels
 
 if TYPE_CHECKING:
     from .interior_point import InteriorPointProblem
@@ -202,8 +201,9 @@ def factor(ip: InteriorPointProblem, ratio_in, phi_inv):
     """The primal reduction's factors: H = Phi + G^T diag(y / s) G (``ratio_in = s / y``) factored by
     levels after symmetric diagonal equilibration, ``H ~ diag(q) P L D L^T P^T diag(q)``, then ``W =
     L^-1 P^T diag(q)^-1 A^T`` and the equality Schur complement ``S = A H^-1 A^T = W^T D^-1 W``, also
-    equilibrated (``S ~ diag(qs) Ls Ls^T diag(qs)``).  Returns ``(F, q (N, B), W (nnz(W), B), Ls, qs)``,
-    the tensors batch last where the level-scheduled factorization reads them, W on its pattern."""
+    equilibrated (``S ~ Ls Ls^T``, see :func:`~sstcvx.generic.normal_matrix.equilibrated_cholesky`).
+    Returns ``(F, q (N, B), W (nnz(W), B), Ls)``, the tensors batch last where the level-scheduled
+    factorization reads them, W on its pattern."""
     pr = ip.primal
     assert pr is not None
     B, m_eq = phi_inv.shape[0], ip.m_eq
@@ -212,7 +212,7 @@ def factor(ip: InteriorPointProblem, ratio_in, phi_inv):
     V[pr.diag] += phi_inv.reciprocal().T
     F, q = equilibrated_levels(V, pr.diag, pr.r, pr.c, chol, pr.keep, pr.where)
     if not m_eq:
-        return F, q, None, None, None
+        return F, q, None, None
     # W = L^-1 P^T diag(q)^-1 A^T on its pattern (entries batch last): a dense forward substitution of the
     # m_eq columns gathered (N, B, m_eq) blocks and cost 0.7 of the 1.8 ms of one factorization on K4
     L = F[: chol.nnz]
@@ -225,16 +225,13 @@ def factor(ip: InteriorPointProblem, ratio_in, phi_inv):
     Wd = W * chol.inverse_pivot(F, q).sqrt().index_select(0, pr.w_n)
     products = Wd.index_select(0, pr.pair_a) * Wd.index_select(0, pr.pair_b)
     S = W.new_zeros(m_eq * m_eq, B).index_add_(0, pr.pair_target, products).T.reshape(B, m_eq, m_eq)
-    qs = S.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-    S = S / (qs[:, :, None] * qs[:, None, :])
-    S.diagonal(dim1=-2, dim2=-1).add_(JITTER)
-    return F, q, W, _cholesky(S), qs
+    return F, q, W, equilibrated_cholesky(S)[0]
 
 
 def solve(ip: InteriorPointProblem, factors, r, rows_eq=None):
     """``(dv, dlambda)`` solving ``H dv + A^T dlambda = r (B, N)``, ``A dv = rows_eq (B, m_eq)`` (0 where
     None) with :func:`factor`'s factors: one forward and one backward substitution."""
-    F, q, W, Ls, qs = factors
+    F, q, W, Ls = factors
     pr = ip.primal
     assert pr is not None
     chol = pr.chol
@@ -243,10 +240,10 @@ def solve(ip: InteriorPointProblem, factors, r, rows_eq=None):
     d = chol.inverse_pivot(F, y)
     dlam = None
     if W is not None:
-        rhs = W.new_zeros(qs.shape[1], y.shape[1]).index_add_(0, pr.w_k, W * (y * d).index_select(0, pr.w_n)).T
+        rhs = W.new_zeros(ip.m_eq, y.shape[1]).index_add_(0, pr.w_k, W * (y * d).index_select(0, pr.w_n)).T
         if rows_eq is not None:
             rhs = rhs - rows_eq
-        dlam = torch.cholesky_solve((rhs / qs).unsqueeze(-1), Ls).squeeze(-1) / qs
+        dlam = torch.cholesky_solve(rhs.unsqueeze(-1), Ls).squeeze(-1)
         y.index_add_(0, pr.w_n, W * dlam.T.index_select(0, pr.w_k), alpha=-1.0)
     y = chol.backward(F, y * d)
     x = torch.empty_like(y)
