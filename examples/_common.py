@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -141,3 +142,32 @@ def finish_run(args, out, results: dict) -> dict:
         write_json(args.json, results)
         print(f"results: {args.json}")
     return results
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by the first paragraph of a script's docstring, showing defaults."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (the examples write figures, they never open windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 80, rect=None) -> None:
+    """Lay out ``fig`` (within ``rect`` when given), write it to ``path`` and release it."""
+    import matplotlib.pyplot as plt
+
+    if rect is None:
+        fig.tight_layout()
+    else:
+        fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

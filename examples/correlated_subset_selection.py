@@ -43,7 +43,6 @@ on one thread; the default); ``--tiny`` for a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -159,10 +158,7 @@ def train(method: str, data, args, seed: int):
 
 def plot(path, curves, examples):
     """Learning curves (first seed) and the hard subsets each method picks on a few test instances."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for m, c in curves.items():
@@ -185,15 +181,11 @@ def plot(path, curves, examples):
     axes[3].imshow(torch.stack(rows).numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=2, interpolation="nearest")
     axes[3].set_yticks(range(len(labels)), labels, fontsize=6)
     axes[3].set(xlabel="position", title="hard subsets (dark: inside the block)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _common.argument_parser(__doc__)
     p.add_argument("--features", type=int, default=40, help="d, the sequence length")
     p.add_argument("--k", type=int, default=5, help="the length of the informative block and the subset size")
     p.add_argument(

@@ -109,10 +109,7 @@ def train(P, solver: str, data, args):
 
 
 def plot(path, curves):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, losses in curves.items():
@@ -120,15 +117,11 @@ def plot(path, curves):
     ax.set(xlabel="step", ylabel="||X_tau - best menu||^2 (train batch)")
     ax.set_title("One item per group: generic CVXPY path vs per-group softmax (same seed)", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _common.argument_parser(__doc__)
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--items", type=int, default=4, help="items per group")
     p.add_argument("--features", type=int, default=5, help="context dimension")

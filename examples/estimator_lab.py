@@ -71,10 +71,7 @@ def main(argv=None):
     taus = (0.3, 1.0) if args.tiny else TAUS
     samples, reference_samples = (200, 5000) if args.tiny else (args.samples, args.reference_samples)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, axes = plt.subplots(len(SETTINGS), 3, figsize=(15, 4.4 * len(SETTINGS)), squeeze=False)
     results, rows = {}, []
@@ -128,9 +125,7 @@ def main(argv=None):
         "(dashed: the score function)",
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, out, dpi=100, rect=(0, 0, 1, 0.96))
     print(
         _common.format_table(
             ["polytope", "estimator", "regularizer", "tau", "baseline", "|bias|", "95% CI", "std", "MSE", "N(10%)"],

@@ -41,7 +41,6 @@ sizes (50,000 / 10,000 / 10,000 trajectories), ``--tiny`` for a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -303,10 +302,7 @@ def train(method: str, data, args):
 # ------------------------------------------------------------------------------------------
 def plot(path, curves, example, results, n):
     """Learning curves, and the true tree next to each method's recovered tree on one test trajectory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     x, tree, recovered = example
     methods = list(curves)
@@ -340,16 +336,12 @@ def plot(path, curves, example, results, n):
         title = name if k == 0 else f"{name}: prec {results[name]['edge_precision']:.2f}"
         ax.set(title=title, xticks=[], yticks=[], aspect="equal")
     fig.suptitle("Graph layout: trajectories (grey), edges of a hard sample (green: true, red: false)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _common.argument_parser(__doc__)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the paper's sizes (50k/10k/10k trajectories, 50k steps)")
     size.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")

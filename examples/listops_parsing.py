@@ -76,7 +76,6 @@ steps: hours on a CPU), ``--tiny`` for a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -433,10 +432,7 @@ def flat_parse_precision(split: dict) -> float:
 
 
 def plot(path, curves, title: str, flat: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
     for m, c in curves.items():
@@ -456,16 +452,12 @@ def plot(path, curves, title: str, flat: float):
     axes[1].legend(fontsize=8)
     axes[3].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _common.argument_parser(__doc__)
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--paper", action="store_true", help="paper-scale: 90k/5k/10k expressions of up to 50 tokens, 30k steps"

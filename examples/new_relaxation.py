@@ -33,7 +33,6 @@ Run ``python examples/new_relaxation.py``; ``--tiny`` for a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -131,10 +130,7 @@ def evaluate(P, name: str, model, data, args):
 
 
 def plot(path, curves, tau):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, losses in curves.items():
@@ -142,15 +138,11 @@ def plot(path, curves, tau):
         ax.plot(_common.smooth(losses, 5), "--" if new else "-", label=name + (" (new)" if new else ""))
     ax.set(xlabel="step", ylabel="||X_tau - target||^2 (train, smoothed)", title=f"k-subset relaxations, tau={tau}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _common.argument_parser(__doc__)
     p.add_argument("--items", type=int, default=10, help="n of KSubset(n, k)")
     p.add_argument("--k", type=int, default=3, help="k of KSubset(n, k)")
     p.add_argument("--features", type=int, default=5, help="context dimension")

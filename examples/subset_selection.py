@@ -32,7 +32,6 @@ Run ``python examples/subset_selection.py``; ``--tiny`` for a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -124,10 +123,7 @@ def train(method: str, data, args):
 
 
 def plot(path, curves):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for m, c in curves.items():
@@ -138,15 +134,11 @@ def plot(path, curves):
     axes[1].set(xlabel="step", ylabel="accuracy (test, hard k-subset)", title="accuracy", ylim=(0.4, 1.01))
     axes[2].set(xlabel="step", ylabel="|chosen & informative| / k (test)", title="subset precision", ylim=(0, 1.01))
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _common.argument_parser(__doc__)
     p.add_argument("--features", type=int, default=20, help="d, the number of features (>= 7)")
     p.add_argument("--train", type=int, default=10_000, help="training instances")
     p.add_argument("--test", type=int, default=2_000, help="test instances")
