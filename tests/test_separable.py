@@ -330,6 +330,43 @@ def test_declared_polytope_gradcheck():
     assert sstcvx.relaxation_solver(P, without_cvxpy)[1] == "fast"  # the only path that serves it
 
 
+def test_the_interior_point_evaluates_phi_once_per_iteration():
+    """The cost claim on declared polytopes: one evaluation of (phi', phi'') at the start and one per
+    iteration of the slowest element, none more at the solution (the backward's phi'' is each
+    element's own from the iteration where it stopped)."""
+    from sstcvx.generic.interior_point import InteriorPointRelaxation
+
+    counted = []
+
+    class Counting(type(TSALLIS)):
+        def derivatives(self, x):
+            counted.append(x.shape[0])
+            return super().derivatives(x)
+
+    reg = Counting(tsallis_phi, domain=(0, math.inf), name="counting tsallis")
+    P = declared_polytopes()[0]
+    layer = InteriorPointRelaxation(P, reg)
+    counted.clear()
+    sol = layer.solve(utilities((64, 5), 2.0, seed=10))
+    assert int(sol.status.max()) == 0 and int(sol.iterations.min()) < int(sol.iterations.max())
+    assert len(counted) == int(sol.iterations.max()) + 1, (len(counted), sol.iterations.max())
+    assert counted[0] == 64 and min(counted) < 64  # converged elements leave the batch
+
+
+def test_declared_polytope_gradcheck_with_elements_stopping_apart():
+    """The backward takes phi'' where each element stopped: elements that converge at different
+    iterations (utilities from 0.1 to 10) each get their own, checked by gradcheck in float64."""
+    from sstcvx.generic.interior_point import InteriorPointRelaxation
+
+    P = declared_polytopes()[0]
+    Z = utilities((6, 5), 1.0, seed=11) * torch.tensor([0.1, 0.3, 1.0, 3.0, 6.0, 10.0], dtype=torch.float64)[:, None]
+    iterations = InteriorPointRelaxation(P, MIX).solve(Z).iterations
+    assert len(set(iterations.tolist())) > 2, iterations
+    Z.requires_grad_(True)
+    for reg in (TSALLIS, MIX):
+        assert torch.autograd.gradcheck(lambda z: sstcvx.relax(P, z, 1.0, reg, solver="fast"), (Z,), atol=1e-6)
+
+
 def test_recognized_declaration_uses_the_family_solver():
     x = cp.Variable(6)
     P = sstcvx.Polytope.from_cvxpy(x, [x >= 0, x <= 1, cp.sum(x) == 2])

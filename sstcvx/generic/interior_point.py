@@ -707,7 +707,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     residual = torch.full((B,), math.inf, dtype=dt, device=dev)
     nc = ip.pairs
     index = None  # the indices of the active elements, None while all are active
-    T_all = T
+    T_all, h_all = T, h  # each element's state and phi'' / sz where it stopped
     polish = N == nx and _polishes(ip)
     if polish and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from a guess of the active set ends most elements before
@@ -743,10 +743,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             if index is None:
                 status, residual = sub_status, res
                 iterations.fill_(_)
-                T_all = T
+                T_all, h_all = T, h
             else:
                 status[index], residual[index], iterations[index] = sub_status, res, _
-                T_all[index] = T
+                T_all[index], h_all[index] = T, h
             if last:
                 break
             keep = ~stop
@@ -783,9 +783,9 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
-    # the factor of the Newton system and Phi at the returned point, for the backward
-    g, h = _scaled_derivatives(ip, lay, T, sz_all)
-    phi_inv, ratio = _phi_inverse(lay, T, h, BACKWARD_PROXIMAL)
+    # the factor of the Newton system and Phi at the returned point, for the backward (phi'' there was
+    # kept when each element stopped: no second evaluation of the derivatives on the whole batch)
+    phi_inv, ratio = _phi_inverse(lay, T, h_all, BACKWARD_PROXIMAL)
     primal_factor = None
     if ip.primal is not None:
         primal_factor = primal_reduction.factor(ip, ratio[:, :mi], phi_inv) + (ratio[:, :mi],)
