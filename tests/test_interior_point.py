@@ -512,7 +512,10 @@ def test_primal_reduction_agrees_with_the_normal_matrix(reg):
     a, b = chosen.solve(U), forced.solve(U)
     assert bool((a.status == 0).all()) and bool((b.status == 0).all())
     assert int(a.iterations.max()) <= int(b.iterations.max()) + 3
-    torch.testing.assert_close(a.x, b.x, atol=1e-8, rtol=0)
+    # within the solver's precision on a near-degenerate coordinate (about 2e-8, see the module): element 12
+    # of this draw has one, where the primal reduction's point is 1.5e-8 from the tight-tolerance solution
+    # and the normal matrix's 5e-9
+    torch.testing.assert_close(a.x, b.x, atol=2e-8, rtol=0)
     U, W = U[:6], torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     Z = U.clone().requires_grad_(True)
     (g,) = torch.autograd.grad((chosen(Z) * W).sum(), Z)
