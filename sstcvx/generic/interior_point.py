@@ -41,6 +41,12 @@ phi'' are evaluated once per iteration, at the new point, for the whole batch: a
 separable regularizer costs one autograd call per iteration, not an inner iteration (unlike the
 dual method of :mod:`~sstcvx.generic.dual_newton`, which needs the inverse of phi').
 
+Start: v at the middle of each finite interval (one unit inside a half-line), the rows' slacks max(1, h - G v),
+multipliers min(1, START_MULTIPLIER sz) per element (sz = max(1, max|z|)); for the built-in entropies,
+elements with sz <= START_CENTRAL_SCALE start from the central state instead (:func:`_central_start`: the
+iterate of the problem at z = 0 once its mean complementarity is below START_CENTRAL_MU, computed once per
+problem).
+
 Why this method and not the dual Newton method of :mod:`~sstcvx.generic.dual_newton`: that one
 needs x(nu) in closed form (or by an inner root search for a user phi) and a barrier on the
 auxiliary variables that recenters slowly; the primal-dual method treats inequality rows, bounds
@@ -405,7 +411,9 @@ class _Layout:
         self.neg_pad = -self.pad
         self.neg_d = -ip.d
         # the start's multipliers relative to those of the rows (see START_X_MULTIPLIER)
-        on_x = torch.cat([ip.has_lo.new_zeros(m - m_eq)] + [(torch.arange(N, device=ip.d.device) < ip.nx).to(ip.d.dtype)] * 2)
+        on_x = torch.cat(
+            [ip.has_lo.new_zeros(m - m_eq)] + [(torch.arange(N, device=ip.d.device) < ip.nx).to(ip.d.dtype)] * 2
+        )
         self.start_weight = 1.0 - (1.0 - START_X_MULTIPLIER) * on_x
         #: whether every pair exists (no mask to apply)
         self.all_pairs = bool(self.exists.all())
@@ -714,7 +722,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     B = Z.shape[0]
     dev = Z.device
     lay = ip.layout
-    m, m_eq, N, nx, mi = ip.m, ip.m_eq, ip.C.shape[1], ip.nx, lay.mi
+    m, N, nx, mi = ip.m, ip.C.shape[1], ip.nx, lay.mi
     o_y, o_s = lay.o_y, lay.o_s
     z = Z.to(dt)[:, prob.x_free]
     sz = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
