@@ -282,6 +282,8 @@ class InteriorPointProblem:
     dual_guess: tuple | None = field(init=False, default=None)
     #: :func:`_central_start`'s state (width,), or False where that iteration failed; set on first use
     central: Any = field(init=False, default=None)
+    #: :func:`_central_seed`'s state (width,), set on first use
+    seed: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self):
         nx = self.nx
@@ -816,12 +818,15 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
 
 def _central_seed(ip: InteriorPointProblem):
     """The usual start ``(width,)``: v0 (the middle of each finite interval, one unit inside a half-line),
-    slacks of the inequality rows max(1, h - G v0), multipliers 1 (scaled per element by :func:`solve`)."""
-    m_eq = ip.m_eq
-    s0 = (ip.d[m_eq:] - ip.v0 @ ip.C[m_eq:].T).clamp_min(1.0)
-    sl = torch.where(ip.has_lo > 0, ip.v0 - ip.lo, torch.ones_like(ip.v0))
-    su = torch.where(ip.has_up > 0, ip.up - ip.v0, torch.ones_like(ip.v0))
-    return torch.cat([ip.v0, ip.v0.new_zeros(m_eq), torch.ones_like(s0), ip.has_lo, ip.has_up, s0, sl, su])
+    slacks of the inequality rows max(1, h - G v0), multipliers 1 (scaled per element by :func:`solve`);
+    computed once per problem."""
+    if ip.seed is None:
+        m_eq = ip.m_eq
+        s0 = (ip.d[m_eq:] - ip.v0 @ ip.C[m_eq:].T).clamp_min(1.0)
+        sl = torch.where(ip.has_lo > 0, ip.v0 - ip.lo, torch.ones_like(ip.v0))
+        su = torch.where(ip.has_up > 0, ip.up - ip.v0, torch.ones_like(ip.v0))
+        ip.seed = torch.cat([ip.v0, ip.v0.new_zeros(m_eq), torch.ones_like(s0), ip.has_lo, ip.has_up, s0, sl, su])
+    return ip.seed
 
 
 def _central_start(ip: InteriorPointProblem):
@@ -832,7 +837,7 @@ def _central_start(ip: InteriorPointProblem):
     if ip.central is None:
         ip.central = False
         lay = ip.layout
-        sol_start = _central_seed(ip)
+        sol_start = _central_seed(ip).clone()
         T = sol_start[None]
         zs = T.new_zeros(1, ip.nx)
         sz = T.new_ones(1, 1)
