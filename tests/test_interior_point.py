@@ -497,6 +497,26 @@ def test_primal_reduction_is_chosen_for_flows_only():
     assert ipm(independent_sets(30), "euclidean").ip.primal is None
 
 
+def test_primal_refinement_that_drops_done_elements_matches_the_full_refinement(monkeypatch):
+    """The primal backward's refinement lets an element go once its correction is below REFINE_DONE; its
+    vector-Jacobian products match those of every element refined REFINE_STEPS times (REFINE_DONE = 0), at
+    |U| where a few elements need every step and some fall back to the normal matrix."""
+    P = spanning_trees_by_flows(4)
+    R = ipm(P, "binary_entropy")
+    gen = torch.Generator().manual_seed(7)
+    U = torch.cat([torch.randn(32, 6, generator=gen), 3 * torch.randn(32, 6, generator=gen)]).double()
+    W = torch.randn(64, 6, dtype=torch.float64, generator=gen)
+
+    def vjp():
+        Z = U.clone().requires_grad_(True)
+        return torch.autograd.grad((R(Z) * W).sum(), Z)[0]
+
+    g = vjp()
+    monkeypatch.setattr(primal_reduction, "REFINE_DONE", 0.0)
+    full = vjp()
+    torch.testing.assert_close(g, full, atol=1e-9 * float(full.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("reg", ["binary_entropy", "euclidean"])
 def test_primal_reduction_agrees_with_the_normal_matrix(reg):
     """Whole solves by both reductions on the flows of K4, and the primal reduction's refined backward
@@ -512,7 +532,10 @@ def test_primal_reduction_agrees_with_the_normal_matrix(reg):
     a, b = chosen.solve(U), forced.solve(U)
     assert bool((a.status == 0).all()) and bool((b.status == 0).all())
     assert int(a.iterations.max()) <= int(b.iterations.max()) + 3
-    torch.testing.assert_close(a.x, b.x, atol=1e-8, rtol=0)
+    # within the solver's precision on a near-degenerate coordinate (about 2e-8, see the module): element 12
+    # of this draw has one, where the primal reduction's point is 1.5e-8 from the tight-tolerance solution
+    # and the normal matrix's 5e-9
+    torch.testing.assert_close(a.x, b.x, atol=2e-8, rtol=0)
     U, W = U[:6], torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     Z = U.clone().requires_grad_(True)
     (g,) = torch.autograd.grad((chosen(Z) * W).sum(), Z)
