@@ -282,8 +282,8 @@ class InteriorPointProblem:
     dual_guess: tuple | None = field(init=False, default=None)
     #: :func:`_central_start`'s state (width,), or False where that iteration failed; set on first use
     central: Any = field(init=False, default=None)
-    #: :func:`_central_seed`'s state (width,), set on first use
-    seed: torch.Tensor | None = field(init=False, default=None)
+    #: :func:`_plain_start`'s state (width,), set on first use
+    plain_start: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self):
         nx = self.nx
@@ -729,7 +729,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     z = Z.to(dt)[:, prob.x_free]
     sz = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     scale = prob.scale
-    T = _central_seed(ip).expand(B, lay.width).clone()
+    T = _plain_start(ip).expand(B, lay.width).clone()
     # the start's multipliers scaled per element (see START_MULTIPLIER)
     T[:, o_y:o_s].mul_((START_MULTIPLIER * sz).clamp_(max=1.0) * lay.start_weight)
     if START_CENTRAL_SCALE >= 1.0 and B and ip.kind in ("entropy", "binary_entropy"):
@@ -816,17 +816,19 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz_all, primal_factor)
 
 
-def _central_seed(ip: InteriorPointProblem):
+def _plain_start(ip: InteriorPointProblem):
     """The usual start ``(width,)``: v0 (the middle of each finite interval, one unit inside a half-line),
     slacks of the inequality rows max(1, h - G v0), multipliers 1 (scaled per element by :func:`solve`);
     computed once per problem."""
-    if ip.seed is None:
+    if ip.plain_start is None:
         m_eq = ip.m_eq
         s0 = (ip.d[m_eq:] - ip.v0 @ ip.C[m_eq:].T).clamp_min(1.0)
         sl = torch.where(ip.has_lo > 0, ip.v0 - ip.lo, torch.ones_like(ip.v0))
         su = torch.where(ip.has_up > 0, ip.up - ip.v0, torch.ones_like(ip.v0))
-        ip.seed = torch.cat([ip.v0, ip.v0.new_zeros(m_eq), torch.ones_like(s0), ip.has_lo, ip.has_up, s0, sl, su])
-    return ip.seed
+        ip.plain_start = torch.cat(
+            [ip.v0, ip.v0.new_zeros(m_eq), torch.ones_like(s0), ip.has_lo, ip.has_up, s0, sl, su]
+        )
+    return ip.plain_start
 
 
 def _central_start(ip: InteriorPointProblem):
@@ -837,8 +839,7 @@ def _central_start(ip: InteriorPointProblem):
     if ip.central is None:
         ip.central = False
         lay = ip.layout
-        sol_start = _central_seed(ip).clone()
-        T = sol_start[None]
+        T = _plain_start(ip).clone()[None]
         zs = T.new_zeros(1, ip.nx)
         sz = T.new_ones(1, 1)
         g, h = _scaled_derivatives(ip, lay, T, sz)
