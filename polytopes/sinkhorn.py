@@ -25,6 +25,7 @@ Tuning constants (all float64, dimensionless unless said):
 ``_NARROW_SPREAD``     64      spread of Z up to which one stage without floors is used
 ``_NARROW_SWEEPS``     3       Sinkhorn sweeps before Newton in the log-domain fallback of that narrow path
 ``_LINEAR_SWEEPS``     6       linear-space Sinkhorn sweeps before Newton on the narrow path
+``_ROW_LAYOUT_N``      20      from this n the sweeps and the adjoint take matrix-vector products as rows
 ``_NARROW_STEP``       0.8     narrow path: Newton steps longer than 0.8 (max |d|) are cut to 0.8, no line search
 ``_COMPACT_BATCH``     32      narrow path: from this batch size on, converged elements are set aside
 ``_SAFE_STEP``         0.3     Newton steps with max |d| <= 0.3 skip the line search
@@ -73,6 +74,8 @@ _NARROW_SWEEPS = 3
 # The narrow path (see _narrow_newton): linear-space Sinkhorn sweeps before its Newton steps, and the
 # longest step it takes without a line search (max |change of a potential|; see there for the bound).
 _LINEAR_SWEEPS = 6
+# From this n on the sweeps' matrix-vector products are taken as row vectors times the matrix.
+_ROW_LAYOUT_N = 20
 _NARROW_STEP = 0.8
 # The narrow path sets converged elements aside (see _narrow_newton) in batches of at least this many.
 _COMPACT_BATCH = 32
@@ -216,11 +219,7 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     """
     n = Z.shape[-1]
     K = torch.exp(Z - Z.amax(-1, keepdim=True))  # (torch.softmax is slower on the CPU for short rows)
-    Kt = K.mT
-    v = Kt.sum(-1, keepdim=True).reciprocal_()  # (B, n, 1): the columns of K normalised
-    for _ in range(_LINEAR_SWEEPS):  # (torch.bmm: @ costs a few more calls per product at small batches)
-        v = torch.bmm(Kt, torch.bmm(K, v).reciprocal_()).reciprocal_()
-    v = v.mT  # (B, 1, n)
+    v = _linear_sweeps(K, _LINEAR_SWEEPS)  # (B, 1, n)
     ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     X_last = None
@@ -229,24 +228,30 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
         X = X.div_(X.sum(-1, keepdim=True))
         c = X.sum(-2)  # (B, n)
         g = torch.rsub(c, 1.0)
-        worst = float(torch.linalg.vector_norm(g, _INF))
-        if worst <= tol or step == max_iter or worst != worst:
+        # from the third check on (after one or two steps from the sweeps' start no element has converged
+        # in any batch measured), large batches test whether to set converged elements aside
+        compact = step >= 2 and len(v) >= _COMPACT_BATCH
+        if compact:  # the per-element violations serve both tests
             err = g.abs().amax(-1)
+            worst = float(err.max())
+        else:
+            worst = float(torch.linalg.vector_norm(g, _INF))
+        if worst <= tol or step == max_iter or worst != worst:
+            if not compact:
+                err = g.abs().amax(-1)
             if worst != worst and X_last is not None:  # NaN: the factorisation failed; continue from the last X
                 X = torch.where(torch.isnan(X), X_last, X)
             if index is not None:
                 X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
             return (X, step, err) if worst == worst else (None, X, err)
-        if len(v) >= _COMPACT_BATCH:
+        if compact:
             # set converged elements aside once they are the majority: the stragglers' steps are cheaper alone
-            err = g.abs().amax(-1)
             pending = err > tol
             count = int(pending.sum())
             if 2 * count <= len(v):
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, K, v, X, c, g = (T.index_select(0, keep) for T in (index, K, v, X, c, g))
-                Kt = K.mT
         X_last = X
         # the grounded Laplacian of grounded_laplacian with r = 1, 1 1^T + diag(c + ridge) - X^T X (the rows
         # of X^T X sum to c, so the diagonal is the sum of the off-diagonal weights), with one
@@ -264,6 +269,30 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
 
 
 _INF = float("inf")
+
+
+def _linear_sweeps(K: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Column scalings v (B, 1, n) after ``sweeps`` Sinkhorn sweeps in linear space on K (B, n, n), from 1 / K^T 1.
+
+    A sweep is u = 1 / K v, v = 1 / K^T u: two batched matrix-vector products and two
+    reciprocals.  The products take the layout that batched products on the CPU run
+    fastest in, which depends on n: below _ROW_LAYOUT_N matrix times column vector,
+    with K^T copied to contiguous memory from batch _COMPACT_BATCH on (a transposed
+    operand is slower; below that batch the copy costs what it saves); from there on
+    row vector times matrix, u^T K and v^T K^T, several times faster there than matrix
+    times column vector (docs/benchmarks.md, "Permutation solvers", fifth pass).
+    """
+    if K.shape[-1] >= _ROW_LAYOUT_N:
+        v = K.sum(-2, keepdim=True).reciprocal_()  # (B, 1, n)
+        Kt = K.mT
+        for _ in range(sweeps):
+            v = torch.bmm(torch.bmm(v, Kt).reciprocal_(), K).reciprocal_()
+        return v
+    Kt = K.mT.contiguous() if len(K) >= _COMPACT_BATCH else K.mT
+    v = Kt.sum(-1, keepdim=True).reciprocal_()  # (B, n, 1): the columns of K normalised
+    for _ in range(sweeps):  # (torch.bmm: @ costs a few more calls per product at small batches)
+        v = torch.bmm(Kt, torch.bmm(K, v).reciprocal_()).reciprocal_()
+    return v.mT
 
 
 def _newton(W, tol, budget, narrow=False):
@@ -379,7 +408,7 @@ def sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor, unit_rows: bool = False) -> t
 
 
 def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """:func:`sinkhorn_vjp` at a Sinkhorn solution X (B, n, n) of the forward, in about 16 torch calls.
+    """:func:`sinkhorn_vjp` at a Sinkhorn solution X (B, n, n) of the forward, in about 14 torch calls.
 
     Rows of X sum to 1 to rounding and columns to within _LEAN_ADJOINT_TOL (checked by
     the caller; else it uses :func:`sinkhorn_vjp`), so the Laplacian's diagonal diag(c) is
@@ -389,17 +418,28 @@ def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     (1e-12 at the default tolerance), and the second derivatives not at all
     along the solution manifold (there c stays 1).  With a0 = (G * X) 1 and
     R = G - a0 1^T the adjoint is X * (R + X beta 1^T - 1 beta^T), beta the
-    solution of the system with right side X^T-weighted column sums of R * X.
+    solution of the system with right side X^T-weighted column sums of R * X.  From
+    n = _ROW_LAYOUT_N on it is computed as G * X - X * ((a0 - X beta) 1^T + 1 beta^T),
+    with the right side (G * X)^T 1 - X^T a0, the matrix-vector products taken as row
+    vectors times X (faster there; see :func:`_linear_sweeps`).
     Differentiable ops only (double backward).  Cost: O(B n^3).
     """
     n = X.shape[-1]
-    R = G - (G * X).sum(-1, keepdim=True)
-    rhs = (R * X).sum(-2, keepdim=True).mT  # (B, n, 1)
+    if n < _ROW_LAYOUT_N:
+        R = G - (G * X).sum(-1, keepdim=True)
+        rhs = (R * X).sum(-2, keepdim=True).mT  # (B, n, 1)
+    else:
+        GX = G * X
+        a0 = GX.sum(-1, keepdim=True)  # (B, n, 1)
+        rhs = torch.baddbmm(GX.sum(-2, keepdim=True), a0.mT, X, alpha=-1.0).mT
     L, info = torch.linalg.cholesky_ex(torch.baddbmm(_vjp_base(n, X.dtype, X.device), X.mT, X, alpha=-1.0))
     if bool(info.any()):  # rounding made it indefinite: the general adjoint, with its refactorisation
         return sinkhorn_vjp(X, G, unit_rows=True)
     beta = torch.cholesky_solve(rhs, L)  # (B, n, 1)
-    return X * (R + torch.bmm(X, beta) - beta.mT)
+    if n < _ROW_LAYOUT_N:
+        return X * (R + torch.bmm(X, beta) - beta.mT)
+    shift = torch.baddbmm(a0.mT, beta.mT, X.mT, alpha=-1.0).mT  # a0 - X beta, (B, n, 1)
+    return torch.addcmul(GX, X, shift + beta.mT, value=-1.0)
 
 
 _VJP_BASE: dict = {}

@@ -281,6 +281,23 @@ def test_sinkhorn_batch_compaction_and_factorisation_fallback(monkeypatch):
     torch.testing.assert_close(X_fallback, X, atol=1e-11, rtol=0)
 
 
+def test_sinkhorn_row_layout_products_agree_with_the_column_layout(monkeypatch):
+    """From n = _ROW_LAYOUT_N the sweeps and the adjoint take products as row vectors: same X and dL/dZ."""
+    from polytopes import sinkhorn as sinkhorn_module
+
+    Z = gumbel_utilities(3, 24, seed=5)
+    G = torch.randn(3, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    K = torch.exp(Z - Z.amax(-1, keepdim=True))
+    rows = sinkhorn_module._linear_sweeps(K, 4)
+    X = sinkhorn(Z)
+    adjoint = sinkhorn_module._sinkhorn_adjoint(X, G)
+    monkeypatch.setattr(sinkhorn_module, "_ROW_LAYOUT_N", 10**6)
+    torch.testing.assert_close(rows, sinkhorn_module._linear_sweeps(K, 4), atol=0, rtol=1e-12)
+    torch.testing.assert_close(adjoint, sinkhorn_module._sinkhorn_adjoint(X, G), atol=1e-13, rtol=0)
+    torch.testing.assert_close(adjoint, sinkhorn_module.sinkhorn_vjp(X, G), atol=1e-12, rtol=0)
+    assert adjoint.abs().max() > 1e-2
+
+
 def test_projection_arguments_and_budget():
     with pytest.raises(ValueError, match="tol"):
         birkhoff_projection(torch.zeros(3, 3), tol=0.0)
