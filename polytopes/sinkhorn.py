@@ -25,6 +25,7 @@ Tuning constants (all float64, dimensionless unless said):
 ``_NARROW_SPREAD``     64      spread of Z up to which one stage without floors is used
 ``_NARROW_SWEEPS``     3       Sinkhorn sweeps before Newton in the log-domain fallback of that narrow path
 ``_LINEAR_SWEEPS``     6       linear-space Sinkhorn sweeps before Newton on the narrow path
+``_ROW_LAYOUT_N``      20      from this n the sweeps and the adjoint take matrix-vector products as rows
 ``_NARROW_STEP``       0.8     narrow path: Newton steps longer than 0.8 (max |d|) are cut to 0.8, no line search
 ``_COMPACT_BATCH``     32      narrow path: from this batch size on, converged elements are set aside
 ``_SAFE_STEP``         0.3     Newton steps with max |d| <= 0.3 skip the line search
@@ -73,6 +74,8 @@ _NARROW_SWEEPS = 3
 # The narrow path (see _narrow_newton): linear-space Sinkhorn sweeps before its Newton steps, and the
 # longest step it takes without a line search (max |change of a potential|; see there for the bound).
 _LINEAR_SWEEPS = 6
+# From this n on the sweeps' matrix-vector products are taken as row vectors times the matrix.
+_ROW_LAYOUT_N = 20
 _NARROW_STEP = 0.8
 # The narrow path sets converged elements aside (see _narrow_newton) in batches of at least this many.
 _COMPACT_BATCH = 32
@@ -192,9 +195,10 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
 
     X = diag(1 / r) K diag(v) with K = exp(Z - row max) (entries >= exp(-64): no
     floors, no underflow) and r the row sums of K diag(v); the column scalings v are
-    the state.  It starts from _LINEAR_SWEEPS plain Sinkhorn sweeps in linear space
+    the state.  It starts from _LINEAR_SWEEPS Sinkhorn sweeps in linear space
     (v = 1 / K^T u, u = 1 / K v: two matrix-vector products and two reciprocals
-    each, a quarter of a Newton step's cost).  Each Newton step then solves the
+    each, a quarter of a Newton step's cost; over-relaxed from batch _COMPACT_BATCH
+    on, see :func:`_linear_sweeps`).  Each Newton step then solves the
     grounded Laplacian system of :func:`_newton` for the Newton direction d and
     sets v *= exp(t d), t = min(1, _NARROW_STEP / max |d|) per element: a full
     step when it is short, else the direction cut to max |t d| = _NARROW_STEP.
@@ -204,55 +208,66 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     the Newton decrement: negative for a <= 0.87, so every step decreases psi by
     a fixed fraction of lambda^2 and no line search is needed.  Host
     synchronisations: the largest violation (NaN included) and the largest
-    |d| per step, and from batch _COMPACT_BATCH on the count of unconverged
-    elements: once they are at most half of the batch the converged ones are set
-    aside (their X is final) and the steps continue on the rest, a smaller batch.
+    |d| per step, and from batch _COMPACT_BATCH on, from the third check, the count
+    of unconverged elements: once they are at most half of the batch the converged
+    ones are set aside (their X is final) and the steps continue on the rest, a
+    smaller batch.  The Levenberg-Marquardt ridge is _NEWTON_RIDGE times the
+    violation: below batch _COMPACT_BATCH one for the batch (its largest violation:
+    one call fewer, and the batch runs until its slowest element is done anyway),
+    from there on per element (a ridge set by the batch's worst element would slow
+    the quadratic convergence of the others, which are then set aside later).
     Each step is about 20 torch calls (the cost at small batches, where the
-    arithmetic is negligible): in-place updates, one shared Levenberg-Marquardt
-    ridge, the all-ones matrix of the grounding cached per (n, dtype, device).
+    arithmetic is negligible): in-place updates, the all-ones matrix of the
+    grounding cached per (n, dtype, device).
     Cost per step: one batched n x n product X^T X and Cholesky solve, O(B n^3).
     Returns (X, steps, err), or (None, X, err) when the factorisation broke down
     (the caller continues in the log domain from X).
     """
     n = Z.shape[-1]
     K = torch.exp(Z - Z.amax(-1, keepdim=True))  # (torch.softmax is slower on the CPU for short rows)
-    Kt = K.mT
-    v = Kt.sum(-1, keepdim=True).reciprocal_()  # (B, n, 1): the columns of K normalised
-    for _ in range(_LINEAR_SWEEPS):  # (torch.bmm: @ costs a few more calls per product at small batches)
-        v = torch.bmm(Kt, torch.bmm(K, v).reciprocal_()).reciprocal_()
-    v = v.mT  # (B, 1, n)
+    v = _linear_sweeps(K, _LINEAR_SWEEPS)  # (B, 1, n)
     ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     X_last = None
+    per_element = len(Z) >= _COMPACT_BATCH  # a ridge per element, converged elements set aside
     for step in range(max_iter + 1):
         X = K * v
         X = X.div_(X.sum(-1, keepdim=True))
         c = X.sum(-2)  # (B, n)
         g = torch.rsub(c, 1.0)
-        worst = float(torch.linalg.vector_norm(g, _INF))
-        if worst <= tol or step == max_iter or worst != worst:
+        if per_element:
             err = g.abs().amax(-1)
+            worst = float(err.max())
+        else:
+            worst = float(torch.linalg.vector_norm(g, _INF))
+        if worst <= tol or step == max_iter or worst != worst:
+            if not per_element:
+                err = g.abs().amax(-1)
             if worst != worst and X_last is not None:  # NaN: the factorisation failed; continue from the last X
                 X = torch.where(torch.isnan(X), X_last, X)
             if index is not None:
                 X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
             return (X, step, err) if worst == worst else (None, X, err)
-        if len(v) >= _COMPACT_BATCH:
-            # set converged elements aside once they are the majority: the stragglers' steps are cheaper alone
-            err = g.abs().amax(-1)
+        # from the third check on (after one or two steps from the sweeps' start no element has converged
+        # in any batch measured), set converged elements aside once they are the majority: the stragglers'
+        # steps are cheaper alone
+        if per_element and step >= 2 and len(v) >= _COMPACT_BATCH:
             pending = err > tol
             count = int(pending.sum())
             if 2 * count <= len(v):
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
-                index, K, v, X, c, g = (T.index_select(0, keep) for T in (index, K, v, X, c, g))
-                Kt = K.mT
+                index, K, v, X, c, g, err = (T.index_select(0, keep) for T in (index, K, v, X, c, g, err))
         X_last = X
         # the grounded Laplacian of grounded_laplacian with r = 1, 1 1^T + diag(c + ridge) - X^T X (the rows
-        # of X^T X sum to c, so the diagonal is the sum of the off-diagonal weights), with one
-        # Levenberg-Marquardt ridge for the batch, proportional to the largest violation
+        # of X^T X sum to c, so the diagonal is the sum of the off-diagonal weights), with a
+        # Levenberg-Marquardt ridge proportional to the violation: per element in large batches, else one
+        # for the batch, proportional to the largest violation
         H = torch.baddbmm(ones, X.mT, X, alpha=-1.0)
-        H.diagonal(dim1=-2, dim2=-1).add_(c.add_(_NEWTON_RIDGE * worst + _RIDGE_FLOOR))
+        if per_element:
+            H.diagonal(dim1=-2, dim2=-1).add_(c.add_(err.unsqueeze(-1), alpha=_NEWTON_RIDGE).add_(_RIDGE_FLOOR))
+        else:
+            H.diagonal(dim1=-2, dim2=-1).add_(c.add_(_NEWTON_RIDGE * worst + _RIDGE_FLOOR))
         L, _ = torch.linalg.cholesky_ex(H)
         d = torch.cholesky_solve(g.unsqueeze(-1), L)  # the Newton direction, (B, n, 1)
         if float(torch.linalg.vector_norm(d, _INF)) <= _NARROW_STEP:
@@ -264,6 +279,46 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
 
 
 _INF = float("inf")
+
+
+def _linear_sweeps(K: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Column scalings v (B, 1, n) after ``sweeps`` Sinkhorn sweeps in linear space on K (B, n, n), from 1 / K^T 1.
+
+    A plain sweep is u = 1 / K v, v = 1 / K^T u: two batched matrix-vector products and
+    two reciprocals.  From batch _COMPACT_BATCH on the sweeps are over-relaxed in v: with
+    w = v * K^T u (1 at the fixed point), v <- v w^(-3/2), the log of v moved 3/2 times as
+    far as the plain sweep would move it (a square root, two products and a quotient, no
+    pow); that shrinks the contraction factor of the sweeps near the fixed point (Thibault
+    et al., "Overrelaxed Sinkhorn-Knopp algorithm for regularized optimal transport",
+    Algorithms 2021), and the better start lets most elements finish a Newton step earlier,
+    which pays where a Newton step costs many sweeps and converged elements are set aside.
+    Any positive finite v is a valid start for the Newton steps, so a non-finite result
+    (not seen; the relaxed iteration has no global guarantee) falls back to plain sweeps.
+    The products take the layout that batched products on the CPU run fastest in, which
+    depends on n: below _ROW_LAYOUT_N matrix times column vector, with K^T copied to
+    contiguous memory from batch _COMPACT_BATCH on (a transposed operand is slower; below
+    that batch the copy costs what it saves); from there on row vector times matrix,
+    u^T K and v^T K^T, several times faster there than matrix times column vector
+    (docs/benchmarks.md, "Permutation solvers", fifth pass).
+    """
+    relaxed = len(K) >= _COMPACT_BATCH
+    if K.shape[-1] >= _ROW_LAYOUT_N:
+        Kt = K.mT
+        for relax in (True, False) if relaxed else (False,):
+            v = K.sum(-2, keepdim=True).reciprocal_()  # (B, 1, n): the columns of K normalised
+            for _ in range(sweeps):
+                w = torch.bmm(torch.bmm(v, Kt).reciprocal_(), K)
+                v = v.div_(w.mul_(v).mul_(w.sqrt())) if relax else w.reciprocal_()
+            if not relax or bool(torch.isfinite(v).all()):
+                return v
+    Kt = K.mT.contiguous() if relaxed else K.mT
+    for relax in (True, False) if relaxed else (False,):
+        v = Kt.sum(-1, keepdim=True).reciprocal_()  # (B, n, 1)
+        for _ in range(sweeps):  # (torch.bmm: @ costs a few more calls per product at small batches)
+            w = torch.bmm(Kt, torch.bmm(K, v).reciprocal_())
+            v = v.div_(w.mul_(v).mul_(w.sqrt())) if relax else w.reciprocal_()
+        if not relax or bool(torch.isfinite(v).all()):
+            return v.mT
 
 
 def _newton(W, tol, budget, narrow=False):
@@ -379,7 +434,7 @@ def sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor, unit_rows: bool = False) -> t
 
 
 def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """:func:`sinkhorn_vjp` at a Sinkhorn solution X (B, n, n) of the forward, in about 16 torch calls.
+    """:func:`sinkhorn_vjp` at a Sinkhorn solution X (B, n, n) of the forward, in about 14 torch calls.
 
     Rows of X sum to 1 to rounding and columns to within _LEAN_ADJOINT_TOL (checked by
     the caller; else it uses :func:`sinkhorn_vjp`), so the Laplacian's diagonal diag(c) is
@@ -389,17 +444,28 @@ def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     (1e-12 at the default tolerance), and the second derivatives not at all
     along the solution manifold (there c stays 1).  With a0 = (G * X) 1 and
     R = G - a0 1^T the adjoint is X * (R + X beta 1^T - 1 beta^T), beta the
-    solution of the system with right side X^T-weighted column sums of R * X.
+    solution of the system with right side X^T-weighted column sums of R * X.  From
+    n = _ROW_LAYOUT_N on it is computed as G * X - X * ((a0 - X beta) 1^T + 1 beta^T),
+    with the right side (G * X)^T 1 - X^T a0, the matrix-vector products taken as row
+    vectors times X (faster there; see :func:`_linear_sweeps`).
     Differentiable ops only (double backward).  Cost: O(B n^3).
     """
     n = X.shape[-1]
-    R = G - (G * X).sum(-1, keepdim=True)
-    rhs = (R * X).sum(-2, keepdim=True).mT  # (B, n, 1)
+    if n < _ROW_LAYOUT_N:
+        R = G - (G * X).sum(-1, keepdim=True)
+        rhs = (R * X).sum(-2, keepdim=True).mT  # (B, n, 1)
+    else:
+        GX = G * X
+        a0 = GX.sum(-1, keepdim=True)  # (B, n, 1)
+        rhs = torch.baddbmm(GX.sum(-2, keepdim=True), a0.mT, X, alpha=-1.0).mT
     L, info = torch.linalg.cholesky_ex(torch.baddbmm(_vjp_base(n, X.dtype, X.device), X.mT, X, alpha=-1.0))
     if bool(info.any()):  # rounding made it indefinite: the general adjoint, with its refactorisation
         return sinkhorn_vjp(X, G, unit_rows=True)
     beta = torch.cholesky_solve(rhs, L)  # (B, n, 1)
-    return X * (R + torch.bmm(X, beta) - beta.mT)
+    if n < _ROW_LAYOUT_N:
+        return X * (R + torch.bmm(X, beta) - beta.mT)
+    shift = torch.baddbmm(a0.mT, beta.mT, X.mT, alpha=-1.0).mT  # a0 - X beta, (B, n, 1)
+    return torch.addcmul(GX, X, shift + beta.mT, value=-1.0)
 
 
 _VJP_BASE: dict = {}
