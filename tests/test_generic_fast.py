@@ -209,8 +209,13 @@ def test_non_converging_element_falls_back_then_is_named(monkeypatch, second_fai
     U = torch.randn(3, 3, 3, dtype=torch.float64)
     relaxation = generic.fast_relaxation(P, sstcvx.regularizers.get_regularizer("entropy"))
     monkeypatch.setattr(relaxation, "max_iter", 1)
-    with pytest.warns(RuntimeWarning, match="batch element 0 did not converge"):
+    with pytest.warns(RuntimeWarning, match="did not converge") as caught:
         X = fast(P, U)
+    # one warning per element re-solved, each naming its element
+    named = [
+        str(w.message).split("batch element ")[1].split()[0] for w in caught if "did not converge" in str(w.message)
+    ]
+    assert sorted(named) == ["0", "1", "2"]
     torch.testing.assert_close(X, sstcvx.relax(P, U, 1.0, "entropy", solver="specialized"), atol=1e-6, rtol=0)
     second_failure_is_named(P, U, "entropy")
 

@@ -267,8 +267,13 @@ def test_non_converging_element_falls_back_then_is_named(monkeypatch, second_fai
     relaxation = generic.fast_relaxation(P, get_regularizer("entropy"))
     assert isinstance(relaxation, InteriorPointRelaxation)
     monkeypatch.setattr(relaxation, "max_iter", 1)
-    with pytest.warns(RuntimeWarning, match="batch element 0 did not converge"):
+    with pytest.warns(RuntimeWarning, match="did not converge") as caught:
         X = sstcvx.relax(P, U, 1.0, "entropy", solver="fast")
+    # one warning per element re-solved, each naming its element
+    named = [
+        str(w.message).split("batch element ")[1].split()[0] for w in caught if "did not converge" in str(w.message)
+    ]
+    assert sorted(named) == ["0", "1", "2"]
     monkeypatch.setattr(relaxation, "max_iter", 200)
     torch.testing.assert_close(X, sstcvx.relax(P, U, 1.0, "entropy", solver="fast"), atol=1e-6, rtol=0)
     monkeypatch.setattr(relaxation, "max_iter", 1)
