@@ -152,8 +152,10 @@ def test_solver_failure_names_the_element(monkeypatch):
     P = simplex(4)
     U = torch.randn(3, 4, dtype=torch.float64)
     bad = {"solve_method": "Clarabel", "max_iter": 1}
-    with pytest.warns(RuntimeWarning, match="batch element 0 failed"):
+    with pytest.warns(RuntimeWarning, match="failed with Clarabel") as caught:
         X = sstcvx.relax(P, U, 1.0, "entropy", solver="cvxpylayers", solver_args=bad)
+    named = [str(w.message).split("batch element ")[1].split()[0] for w in caught if "failed with" in str(w.message)]
+    assert sorted(named) == ["0", "1", "2"]  # one warning per element sent to the fallback, each named
     torch.testing.assert_close(X, torch.softmax(U, -1), atol=1e-6, rtol=0)
     monkeypatch.setattr(generic.settings, "FALLBACK_SOLVER_ARGS", {"solve_method": "Clarabel", "max_iter": 1})
     with pytest.raises(sstcvx.SolverError, match=r"batch element 0 failed with solver Clarabel") as info:
