@@ -431,6 +431,8 @@ class _Layout:
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
         self.slack_offset += 1.0 - self.mask
         self.zero = ip.d.new_zeros(())
+        #: the stop's tolerances on the primal residual, the dual residual and the largest product, (3, 1)
+        self.tolerances = ip.d.new_tensor([[TOLERANCE * ip.dual.scale], [TOLERANCE], [MU_TOLERANCE * ip.dual.scale]])
         #: 1 / pairs (the existing ones) at every pair: ``SY @ mean_weight`` is the mean complementarity
         self.mean_weight = ip.d.new_full((self.pairs,), 1.0 / ip.pairs)
         self.fraction = ip.d.new_tensor(FRACTION)
@@ -744,8 +746,10 @@ def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
     ax = a[:, :nx]
     ax.masked_fill_(ax <= torch.addcmul(lay.zero, h, T[:, :nx].abs().clamp_min_(1.0), value=4 * torch.finfo(T.dtype).eps), 0.0)
     dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
-    res = torch.maximum(p / scale, torch.maximum(dd, mu / scale))
-    done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (top <= MU_TOLERANCE * scale)
+    # (the same numbers with fewer operations: max(p, mu) / scale is max(p / scale, mu / scale), the division
+    # being monotone; the three tolerances compared at once)
+    res = torch.maximum(torch.maximum(p, mu).div_(scale), dd)
+    done = (torch.stack([p, dd, top]) <= lay.tolerances).all(0)
     return done, res
 
 
@@ -758,8 +762,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     lay = ip.layout
     m, N, nx, mi = ip.m, ip.C.shape[1], ip.nx, lay.mi
     o_y, o_s = lay.o_y, lay.o_s
-    z = Z.to(dt)[:, prob.x_free]
-    sz = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
+    # (every coordinate of x free, the usual case: no indexing)
+    all_free = nx == Z.shape[1]
+    z = Z.to(dt) if all_free else Z.to(dt)[:, prob.x_free]
+    sz = sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     scale = prob.scale
     T = _plain_start(ip).expand(B, lay.width).clone()
     # the start's multipliers scaled per element (see START_MULTIPLIER)
@@ -770,14 +776,15 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             T = torch.where(sz <= START_CENTRAL_SCALE, central, T)
     zs = z / sz
     g, h = _scaled_derivatives(ip, lay, T, sz)
-    status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
+    # status and residual: set at the first stop test that stops an element (always before the loop ends, with
+    # every element still active: the whole tensors then)
+    status = residual = torch.empty(0)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
-    tries = torch.zeros(B, dtype=torch.long, device=dev)  # polish attempts per active element
-    residual = torch.full((B,), math.inf, dtype=dt, device=dev)
+    polish = N == nx and _polishes(ip)
+    tries = torch.zeros(B, dtype=torch.long, device=dev) if polish else None  # polish attempts per active element
     index = None  # the indices of the active elements, None while all are active
     zsz = None  # [zs | sz] of the active elements, from the first removal on
     T_all, h_all = T, h  # each element's state and phi'' / sz where it stopped
-    polish = N == nx and _polishes(ip)
     if polish and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from a guess of the active set ends most elements before
         # the interior point starts (those it does not solve start it from the usual point)
@@ -836,7 +843,6 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         T = _step(ip, lay, T, h, rd, rp, SY, mu, _)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
-    sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     # the factor of the Newton system and Phi at the returned point, for the backward (phi'' there was
     # kept when each element stopped: no second evaluation of the derivatives on the whole batch)
     phi_inv, ratio = _phi_inverse(lay, T, h_all, BACKWARD_PROXIMAL)
@@ -853,8 +859,11 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         sl, su = T[:, o_s + mi + nx : o_s + mi + N], T[:, o_s + mi + N + nx :]
         near = ((sl <= 1e-6 * width) & prob.w_art_lo) | ((su <= 1e-6 * width) & prob.w_art_hi)
         status = torch.where((status == STATUS_CONVERGED) & near.any(-1), STATUS_AUX_BOX, status)
-    x = prob.x_fixed_value.to(dt).expand(B, -1).clone()
-    x[:, prob.x_free] = T[:, :nx]
+    if all_free:
+        x = T[:, :nx].clone()
+    else:
+        x = prob.x_fixed_value.to(dt).expand(B, -1).clone()
+        x[:, prob.x_free] = T[:, :nx]
     return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz_all, primal_factor)
 
 
@@ -951,7 +960,8 @@ class _Backward(torch.autograd.Function):
         chol, q, phi_inv, sz, *primal_factor = ctx.saved_tensors
         ip = ctx.ip
         prob = ip.dual
-        g = G.to(torch.float64)[:, prob.x_free]
+        all_free = ip.nx == G.shape[1]
+        g = G.to(torch.float64) if all_free else G.to(torch.float64)[:, prob.x_free]
         if primal_factor:
             u = primal_reduction.backward(ip, primal_factor, phi_inv, g)
         else:
@@ -960,8 +970,11 @@ class _Backward(torch.autograd.Function):
             r = u @ ip.C[:, : ip.nx].T
             t = normal_matrix.solve(ip, (chol, q), r)
             u = u - phi_inv[:, : ip.nx] * (t @ ip.C[:, : ip.nx])
-        grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
-        grad[:, prob.x_free] = u / sz
+        if all_free:
+            grad = u / sz
+        else:
+            grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
+            grad[:, prob.x_free] = u / sz
         return (grad.to(G.dtype), None, None, None, None, None, None) + (None,) * len(primal_factor)
 
 
