@@ -349,28 +349,34 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
     )
 
 
-def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su: torch.Tensor, ab=None):
-    """(phi'(x), phi''(x)) on the columns of x.  For the built-in regularizers the distances to the
-    ends of the domain are taken from the slacks where the bound is the domain's own end (exact
-    even where 1 - x rounds to 0); ``ab`` is ``[sl | su]`` as one tensor where those are the slacks of x
-    only (no auxiliary variables), else None."""
+def _derivatives(ip: InteriorPointProblem, lay: _Layout, T: torch.Tensor):
+    """(phi'(x), phi''(x)) on the columns of x of the states ``T``.  For the built-in regularizers the
+    distances to the ends of the domain are taken from the slacks where the bound is the domain's own end
+    (exact even where 1 - x rounds to 0).  (Only the slices needed are taken: each is an operation.)"""
     kind: Any = ip.kind
     nx = ip.nx
+    if kind in ("entropy", "binary_entropy") and lay.N == nx and ip.all_at_lo and ip.all_at_hi:
+        # both distances are the bound slacks [sl | su] (no auxiliary variables), adjacent in the state
+        Sb = T[:, lay.o_s + lay.mi :]
+        if kind == "entropy":
+            a = Sb[:, :nx]
+            return torch.log(a) + 1.0, a.reciprocal()
+        # one logarithm and one reciprocal for both
+        log, inv = Sb.log(), Sb.reciprocal()
+        return log[:, :nx] - log[:, nx:], inv[:, :nx] + inv[:, nx:]
+    x = T[:, :nx]
     if not isinstance(kind, str):
         # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x)
         # (one clamp by Python floats: the operations on 0-dim tensors that it replaced cost 6 per iteration)
         return kind.derivatives(x.clamp(math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf)))
     if kind == "euclidean":
         return x, torch.ones_like(x)
+    Sb = T[:, lay.o_s + lay.mi :]
+    sl, su = Sb[:, : lay.N], Sb[:, lay.N :]
     a = sl[:, :nx] if ip.all_at_lo else torch.where(ip.at_lo, sl[:, :nx], x - ip.dom_lo)
     # (reciprocal(): ``1.0 / a`` is a reciprocal and a multiplication by 1)
     if kind == "entropy":
         return torch.log(a) + 1.0, a.reciprocal()
-    if ab is not None and ip.all_at_lo and ip.all_at_hi:
-        # both distances are the bound slacks [sl | su], adjacent in the state: one logarithm and one
-        # reciprocal for both
-        log, inv = ab.log(), ab.reciprocal()
-        return log[:, :nx] - log[:, nx:], inv[:, :nx] + inv[:, nx:]
     b = su[:, :nx] if ip.all_at_hi else torch.where(ip.at_hi, su[:, :nx], ip.dom_hi - x)
     return torch.log(a) - torch.log(b), a.reciprocal() + b.reciprocal()
 
@@ -431,6 +437,8 @@ class _Layout:
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
         self.slack_offset += 1.0 - self.mask
         self.zero = ip.d.new_zeros(())
+        #: C^T, the view itself kept (a ``.T`` per use is one more operation; the products are the same)
+        self.CT = ip.C.T
         #: the stop's tolerances on the primal residual, the dual residual and the largest product, (3, 1)
         self.tolerances = ip.d.new_tensor([[TOLERANCE * ip.dual.scale], [TOLERANCE], [MU_TOLERANCE * ip.dual.scale]])
         #: 1 / pairs (the existing ones) at every pair: ``SY @ mean_weight`` is the mean complementarity
@@ -451,9 +459,11 @@ def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
     o_y, o_s = lay.o_y, lay.o_s
     ratio = (T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :])
     phi = ratio[1][:, :N] + ratio[1][:, N:]
-    phi[:, :nx].add_(h)
     if N > nx:
+        phi[:, :nx].add_(h)
         phi[:, nx:].add_(proximal)
+    else:
+        phi.add_(h)
     return phi.reciprocal_(), ratio
 
 
@@ -478,15 +488,15 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
     r1 = rcb[:, :N] - rcb[:, N:] - rd
     u = phi_inv * r1
     # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
-    rhs = torch.addmm(rp, u, ip.C.T)
+    rhs = torch.addmm(rp, u, lay.CT)
     if mi:
-        rhs[:, m_eq:].add_(rcy)
+        (rhs[:, m_eq:] if m_eq else rhs).add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
     dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
     dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
     dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
     if mi:
-        ds = torch.addcmul(rcy, ratio[0], dnu[:, m_eq:], value=-1.0)
+        ds = torch.addcmul(rcy, ratio[0], dnu[:, m_eq:] if m_eq else dnu, value=-1.0)
         return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
@@ -510,7 +520,7 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_po
     return torch.cat(parts, dim=1)
 
 
-def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION):
+def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION, dpos=None):
     """``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping every slack and multiplier
     positive, at most 1, (B, 1), for the direction ``dT`` from the state whose ``-[Y | S]`` is ``neg_pos``
     (:func:`_negated_positive`, shared by the predictor's and the corrector's ratio test)."""
@@ -519,7 +529,7 @@ def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTI
     # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
     # more on these small tensors); min(1, fraction / worst) is fraction / max(worst, fraction), also 1
     # where no pair blocks (worst <= 0)
-    worst = (dT[:, lay.o_y :] / neg_pos).amax(-1, keepdim=True)
+    worst = ((dT[:, lay.o_y :] if dpos is None else dpos) / neg_pos).amax(-1, keepdim=True)
     if isinstance(fraction, float):
         # (a tensor numerator: a Python number over a tensor is a reciprocal and a multiplication)
         numerator = lay.fraction if fraction == FRACTION else worst.new_tensor(fraction)
@@ -527,9 +537,10 @@ def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTI
     return fraction / torch.maximum(worst, fraction)
 
 
-def _negated_positive(lay: _Layout, T):
-    """``-[Y | S]`` of T (B, 2P) for the ratio test, -1 at the multiplier of an absent pair (whose direction is 0)."""
-    return lay.neg_pad - T[:, lay.o_y :]
+def _negated_positive(lay: _Layout, pos):
+    """``-[Y | S]`` for the ratio test, from the block ``pos = T[:, o_y:]`` of the states, -1 at the multiplier
+    of an absent pair (whose direction is 0)."""
+    return lay.neg_pad - pos
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
@@ -726,10 +737,11 @@ def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
     S, Y = T[:, o_s:], T[:, o_y:o_s]
     # (addmm: one operation fewer each than a product and a sum)
     rd = torch.addmm(T[:, o_y + mi + N : o_s] - T[:, o_y + mi : o_y + mi + N], T[:, N : N + m], ip.C)
-    rd[:, :nx].add_(g - zs)
-    rp = torch.addmm(lay.neg_d, T[:, :N], ip.C.T)
+    # (a slice [:, :k] that is the whole tensor is still one more operation: skipped where it is)
+    (rd[:, :nx] if nx < N else rd).add_(g - zs)
+    rp = torch.addmm(lay.neg_d, T[:, :N], lay.CT)
     if mi:
-        rp[:, m_eq:].add_(S[:, :mi])
+        (rp[:, m_eq:] if m_eq else rp).add_(S[:, :mi])
     SY = S * Y
     return rd, rp, SY, SY @ lay.mean_weight
 
@@ -911,18 +923,21 @@ def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     :func:`_residuals`' output ``rd, rp, SY, mu``: the next state."""
     mi, o_y, o_s, scale = lay.mi, lay.o_y, lay.o_s, ip.dual.scale
     # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
-    prox = mu[:, None] if k < PROXIMAL_DELAY or lay.N == lay.nx else mu[:, None].clamp(min=PROXIMAL)
+    mu1 = mu[:, None]
+    prox = mu1 if k < PROXIMAL_DELAY or lay.N == lay.nx else mu1.clamp(min=PROXIMAL)
     phi_inv, ratio = _phi_inverse(lay, T, h, prox)
     if ip.primal is not None and k < PRIMAL_ITERATIONS:
         F, direction = primal_reduction.factor(ip, ratio[0], phi_inv), _direction_primal
     else:
         F, direction = normal_matrix.factor(ip, ratio[0], phi_inv), _direction
     # predictor (affine scaling); its targets -S Y divided by S are read off -[Y | S] where every pair exists
-    neg_pos = _negated_positive(lay, T)
+    pos = T[:, o_y:]
+    neg_pos = _negated_positive(lay, pos)
     d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, None if lay.all_pairs else -SY, neg_pos)
-    a_aff = _max_step(lay, neg_pos, d_aff)
-    dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
-    pos_aff = torch.addcmul(T[:, o_y:], a_aff, d_aff[:, o_y:])
+    dpos = d_aff[:, o_y:]
+    a_aff = _max_step(lay, neg_pos, d_aff, dpos=dpos)
+    dY, dS = dpos[:, : lay.pairs], dpos[:, lay.pairs :]
+    pos_aff = torch.addcmul(pos, a_aff, dpos)
     # (the mean by a product with the weights 1 / pairs: one operation for a sum and a division)
     mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]) @ lay.mean_weight
     sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0.0, 1.0) ** 3
@@ -934,14 +949,13 @@ def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
     # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
     # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
-    fraction = (1.0 - mu[:, None]).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
+    fraction = (1.0 - mu1).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
     T = torch.addcmul(T, _max_step(lay, neg_pos, dT, fraction), dT)
     return T
 
 
 def _scaled_derivatives(ip, lay: _Layout, T, sz):
-    Sb = T[:, lay.o_s + lay.mi :]
-    g, h = _derivatives(ip, T[:, : ip.nx], Sb[:, : lay.N], Sb[:, lay.N :], Sb if lay.N == lay.nx else None)
+    g, h = _derivatives(ip, lay, T)
     return g / sz, h / sz
 
 
