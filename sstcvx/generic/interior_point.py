@@ -473,7 +473,7 @@ def _scaled_targets(lay: _Layout, T, rc, neg_pos):
     if rc is None:
         P = lay.pairs
         return neg_pos[:, mi:P], neg_pos[:, P : P + mi]
-    return rc[:, mi:] / T[:, o_s + mi :], (rc[:, :mi] / T[:, o_y : o_y + mi] if mi else None)
+    return rc[:, mi:] / T[:, o_s + mi :], (rc[:, :mi] / T[:, o_y : o_y + mi] if mi else rc[:, :0])
 
 
 def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
@@ -503,7 +503,7 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_po
     """:func:`_direction` by the primal reduction: with D = y / s on the inequality rows, the rows'
     equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
     A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`)."""
-    N, m_eq, mi = lay.N, lay.m_eq, lay.mi
+    N, m_eq = lay.N, lay.m_eq
     rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
     r1 = rcb[:, :N] - rcb[:, N:] - rd
     rows_in = -rp[:, m_eq:] - rcy
@@ -754,7 +754,8 @@ def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
     p = rp.abs().amax(-1) if lay.m else mu.new_zeros(mu.shape)
     a = rd.abs()
     ax = a[:, :nx] if nx < lay.N else a
-    ax.masked_fill_(ax <= torch.addcmul(lay.zero, h, T[:, :nx].abs().clamp_min_(1.0), value=4 * torch.finfo(T.dtype).eps), 0.0)
+    threshold = torch.addcmul(lay.zero, h, T[:, :nx].abs().clamp_min_(1.0), value=4 * torch.finfo(T.dtype).eps)
+    ax.masked_fill_(ax <= threshold, 0.0)
     dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
     # (max(p, mu) / scale is max(p / scale, mu / scale), the division being monotone: one operation fewer;
     # measured, a stack of the three tests costs more than the five operations)
@@ -919,7 +920,7 @@ def _central_start(ip: InteriorPointProblem):
 def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     """One predictor-corrector iteration (the ``k``-th) from the state ``T`` with phi'' = ``h`` and
     :func:`_residuals`' output ``rd, rp, SY, mu``: the next state."""
-    mi, o_y, o_s, scale = lay.mi, lay.o_y, lay.o_s, ip.dual.scale
+    o_y, scale = lay.o_y, ip.dual.scale
     # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
     mu1 = mu[:, None]
     prox = mu1 if k < PROXIMAL_DELAY or lay.N == lay.nx else mu1.clamp(min=PROXIMAL)
