@@ -482,8 +482,8 @@ def test_primal_reduction_gives_the_normal_matrix_direction(make):
     lay = ip.layout
     T, h, rd, rp, SY = random_state(ip, 16, 3)
     phi_inv, ratio = m._phi_inverse(lay, T, h, 1e-3)
-    Fn = normal_matrix.factor(ip, ratio[:, : lay.mi], phi_inv)
-    Fp = primal_reduction.factor(ip, ratio[:, : lay.mi], phi_inv)
+    Fn = normal_matrix.factor(ip, ratio[0], phi_inv)
+    Fp = primal_reduction.factor(ip, ratio[0], phi_inv)
     rc = torch.randn(SY.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * lay.mask
     for target in (-SY, rc):
         a = m._direction(ip, lay, T, Fn, phi_inv, ratio, rd, rp, target)

@@ -349,23 +349,36 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
     )
 
 
-def _derivatives(ip: InteriorPointProblem, x: torch.Tensor, sl: torch.Tensor, su: torch.Tensor):
-    """(phi'(x), phi''(x)) on the columns of x.  For the built-in regularizers the distances to the
-    ends of the domain are taken from the slacks where the bound is the domain's own end (exact
-    even where 1 - x rounds to 0)."""
+def _derivatives(ip: InteriorPointProblem, lay: _Layout, T: torch.Tensor):
+    """(phi'(x), phi''(x)) on the columns of x of the states ``T``.  For the built-in regularizers the
+    distances to the ends of the domain are taken from the slacks where the bound is the domain's own end
+    (exact even where 1 - x rounds to 0).  (Only the slices needed are taken: each is an operation.)"""
     kind: Any = ip.kind
     nx = ip.nx
+    if kind in ("entropy", "binary_entropy") and lay.N == nx and ip.all_at_lo and ip.all_at_hi:
+        # both distances are the bound slacks [sl | su] (no auxiliary variables), adjacent in the state
+        Sb = T[:, lay.o_s + lay.mi :]
+        if kind == "entropy":
+            a = Sb[:, :nx]
+            return torch.log(a) + 1.0, a.reciprocal()
+        # one logarithm and one reciprocal for both
+        log, inv = Sb.log(), Sb.reciprocal()
+        return log[:, :nx] - log[:, nx:], inv[:, :nx] + inv[:, nx:]
+    x = T[:, :nx]
     if not isinstance(kind, str):
         # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x)
         # (one clamp by Python floats: the operations on 0-dim tensors that it replaced cost 6 per iteration)
         return kind.derivatives(x.clamp(math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf)))
     if kind == "euclidean":
         return x, torch.ones_like(x)
+    Sb = T[:, lay.o_s + lay.mi :]
+    sl, su = Sb[:, : lay.N], Sb[:, lay.N :]
     a = sl[:, :nx] if ip.all_at_lo else torch.where(ip.at_lo, sl[:, :nx], x - ip.dom_lo)
+    # (reciprocal(): ``1.0 / a`` is a reciprocal and a multiplication by 1)
     if kind == "entropy":
-        return torch.log(a) + 1.0, 1.0 / a
+        return torch.log(a) + 1.0, a.reciprocal()
     b = su[:, :nx] if ip.all_at_hi else torch.where(ip.at_hi, su[:, :nx], ip.dom_hi - x)
-    return torch.log(a) - torch.log(b), 1.0 / a + 1.0 / b
+    return torch.log(a) - torch.log(b), a.reciprocal() + b.reciprocal()
 
 
 @dataclass
@@ -423,65 +436,89 @@ class _Layout:
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
         self.slack_offset += 1.0 - self.mask
+        self.zero = ip.d.new_zeros(())
+        #: C^T, the view itself kept (a ``.T`` per use is one more operation; the products are the same)
+        self.CT = ip.C.T
+        #: 1 / pairs (the existing ones) at every pair: ``SY @ mean_weight`` is the mean complementarity
+        self.mean_weight = ip.d.new_full((self.pairs,), 1.0 / ip.pairs)
+        self.fraction = ip.d.new_tensor(FRACTION)
+        #: the status codes as tensors (a Python number in ``torch.where`` costs two operations)
+        self.codes = tuple(
+            torch.tensor(c, dtype=torch.long, device=ip.d.device)
+            for c in (STATUS_CONVERGED, STATUS_MAX_ITER, STATUS_NOT_FINITE)
+        )
 
 
 def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
     """``(1 / Phi, ratio)`` with Phi = f''(x) (0 on w, plus ``proximal``) + zl / sl + zu / su and
-    ``ratio = [s / y, zl / sl, zu / su] (B, P)``."""
+    ``ratio = (s / y (B, mi), [zl / sl, zu / su] (B, 2N))`` (two tensors: nothing needs them joined, and a
+    ``cat`` costs several elementwise operations)."""
     N, nx, mi = lay.N, lay.nx, lay.mi
     o_y, o_s = lay.o_y, lay.o_s
-    ratio = torch.cat([T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :]], dim=1)
-    phi = ratio[:, mi : mi + N] + ratio[:, mi + N :]
-    phi[:, :nx].add_(h)
+    ratio = (T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :])
+    phi = ratio[1][:, :N] + ratio[1][:, N:]
     if N > nx:
+        phi[:, :nx].add_(h)
         phi[:, nx:].add_(proximal)
+    else:
+        phi.add_(h)
     return phi.reciprocal_(), ratio
 
 
-def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
+def _scaled_targets(lay: _Layout, T, rc, neg_pos):
+    """``(rc_b / [sl, su], rc_y / y)`` for the complementarity targets ``rc (B, P)``; ``rc`` None stands for
+    the predictor's ``-S Y``, whose quotients are ``-[zl, zu]`` and ``-s`` exactly: views of ``neg_pos``
+    (:func:`_negated_positive`), valid where every pair exists (no padding there), two divisions fewer."""
+    mi, o_y, o_s = lay.mi, lay.o_y, lay.o_s
+    if rc is None:
+        P = lay.pairs
+        return neg_pos[:, mi:P], neg_pos[:, P : P + mi]
+    return rc[:, mi:] / T[:, o_s + mi :], (rc[:, :mi] / T[:, o_y : o_y + mi] if mi else rc[:, :0])
+
+
+def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
     """The Newton direction ``dT`` (laid out as T) for the complementarity targets ``rc (B, P)`` (the
-    right-hand sides of S dY + Y dS = rc, pair by pair), with the factor F of the normal matrix and
-    ``ratio = [s / y, zl / sl, zu / su]`` (the same for predictor and corrector)."""
+    right-hand sides of S dY + Y dS = rc, pair by pair; None: the predictor's -S Y, see
+    :func:`_scaled_targets`), with the factor F of the normal matrix and
+    ``ratio`` from :func:`_phi_inverse` (the same for predictor and corrector)."""
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
-    rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
+    rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
     r1 = rcb[:, :N] - rcb[:, N:] - rd
     u = phi_inv * r1
     # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
-    rhs = torch.addmm(rp, u, ip.C.T)
+    rhs = torch.addmm(rp, u, lay.CT)
     if mi:
-        rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
-        rhs[:, m_eq:].add_(rcy)
+        (rhs[:, m_eq:] if m_eq else rhs).add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
     dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
     dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
-    dYb = torch.addcmul(rcb, ratio[:, mi:], dSb, value=-1.0)
+    dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
     if mi:
-        ds = torch.addcmul(rcy, ratio[:, :mi], dnu[:, m_eq:], value=-1.0)
+        ds = torch.addcmul(rcy, ratio[0], dnu[:, m_eq:] if m_eq else dnu, value=-1.0)
         return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
     return torch.cat([dv, dnu, dYb, dSb], dim=1)
 
 
-def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc):
+def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
     """:func:`_direction` by the primal reduction: with D = y / s on the inequality rows, the rows'
     equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
     A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`)."""
-    N, m_eq, mi = lay.N, lay.m_eq, lay.mi
-    rcb = rc[:, mi:] / T[:, lay.o_s + mi :]
+    N, m_eq = lay.N, lay.m_eq
+    rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
     r1 = rcb[:, :N] - rcb[:, N:] - rd
-    rcy = rc[:, :mi] / T[:, lay.o_y : lay.o_y + mi]
     rows_in = -rp[:, m_eq:] - rcy
-    D = ratio[:, :mi].reciprocal()
+    D = ratio[0].reciprocal()
     r1 = torch.addmm(r1, D * rows_in, ip.primal.G)
     dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
     dy = D * (dv @ ip.primal.G.T - rows_in)
     dSb = (dv.unsqueeze(1) * lay.sign2).reshape(dv.shape[0], 2 * N)
-    dYb = torch.addcmul(rcb, ratio[:, mi:], dSb, value=-1.0)
-    ds = torch.addcmul(rcy, ratio[:, :mi], dy, value=-1.0)
+    dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
+    ds = torch.addcmul(rcy, ratio[0], dy, value=-1.0)
     parts = [dv, dlam, dy, dYb, ds, dSb] if m_eq else [dv, dy, dYb, ds, dSb]
     return torch.cat(parts, dim=1)
 
 
-def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION):
+def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION, dpos=None):
     """``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping every slack and multiplier
     positive, at most 1, (B, 1), for the direction ``dT`` from the state whose ``-[Y | S]`` is ``neg_pos``
     (:func:`_negated_positive`, shared by the predictor's and the corrector's ratio test)."""
@@ -490,14 +527,18 @@ def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTI
     # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
     # more on these small tensors); min(1, fraction / worst) is fraction / max(worst, fraction), also 1
     # where no pair blocks (worst <= 0)
-    worst = (dT[:, lay.o_y :] / neg_pos).amax(-1, keepdim=True)
-    worst = worst.clamp_min_(fraction) if isinstance(fraction, float) else torch.maximum(worst, fraction)
-    return fraction / worst
+    worst = ((dT[:, lay.o_y :] if dpos is None else dpos) / neg_pos).amax(-1, keepdim=True)
+    if isinstance(fraction, float):
+        # (a tensor numerator: a Python number over a tensor is a reciprocal and a multiplication)
+        numerator = lay.fraction if fraction == FRACTION else worst.new_tensor(fraction)
+        return torch.div(numerator, worst.clamp_min_(fraction))
+    return fraction / torch.maximum(worst, fraction)
 
 
-def _negated_positive(lay: _Layout, T):
-    """``-[Y | S]`` of T (B, 2P) for the ratio test, -1 at the multiplier of an absent pair (whose direction is 0)."""
-    return lay.neg_pad - T[:, lay.o_y :]
+def _negated_positive(lay: _Layout, pos):
+    """``-[Y | S]`` for the ratio test, from the block ``pos = T[:, o_y:]`` of the states, -1 at the multiplier
+    of an absent pair (whose direction is 0)."""
+    return lay.neg_pad - pos
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
@@ -694,12 +735,13 @@ def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
     S, Y = T[:, o_s:], T[:, o_y:o_s]
     # (addmm: one operation fewer each than a product and a sum)
     rd = torch.addmm(T[:, o_y + mi + N : o_s] - T[:, o_y + mi : o_y + mi + N], T[:, N : N + m], ip.C)
-    rd[:, :nx].add_(g - zs)
-    rp = torch.addmm(lay.neg_d, T[:, :N], ip.C.T)
+    # (a slice [:, :k] that is the whole tensor is still one more operation: skipped where it is)
+    (rd[:, :nx] if nx < N else rd).add_(g - zs)
+    rp = torch.addmm(lay.neg_d, T[:, :N], lay.CT)
     if mi:
-        rp[:, m_eq:].add_(S[:, :mi])
+        (rp[:, m_eq:] if m_eq else rp).add_(S[:, :mi])
     SY = S * Y
-    return rd, rp, SY, SY.sum(-1) / ip.pairs
+    return rd, rp, SY, SY @ lay.mean_weight
 
 
 def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
@@ -707,12 +749,17 @@ def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
     element: ``(done (B,), res (B,))``, whether the element meets every tolerance (primal, dual up to the
     resolution of floats at x, the largest product), and its largest scaled residual."""
     scale, nx = ip.dual.scale, lay.nx
+    # (the threshold 4 eps h max(1, |x|) by one addcmul, 4 eps a power of 2; measured, linalg.vector_norm
+    # costs more than abs and amax)
     p = rp.abs().amax(-1) if lay.m else mu.new_zeros(mu.shape)
     a = rd.abs()
-    ax = a[:, :nx]
-    ax.masked_fill_(ax <= 4 * torch.finfo(T.dtype).eps * h * T[:, :nx].abs().clamp_min(1.0), 0.0)
+    ax = a[:, :nx] if nx < lay.N else a
+    threshold = torch.addcmul(lay.zero, h, T[:, :nx].abs().clamp_min_(1.0), value=4 * torch.finfo(T.dtype).eps)
+    ax.masked_fill_(ax <= threshold, 0.0)
     dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
-    res = torch.maximum(p / scale, torch.maximum(dd, mu / scale))
+    # (max(p, mu) / scale is max(p / scale, mu / scale), the division being monotone: one operation fewer;
+    # measured, a stack of the three tests costs more than the five operations)
+    res = torch.maximum(torch.maximum(p, mu).div_(scale), dd)
     done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (top <= MU_TOLERANCE * scale)
     return done, res
 
@@ -726,8 +773,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     lay = ip.layout
     m, N, nx, mi = ip.m, ip.C.shape[1], ip.nx, lay.mi
     o_y, o_s = lay.o_y, lay.o_s
-    z = Z.to(dt)[:, prob.x_free]
-    sz = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
+    # (every coordinate of x free, the usual case: no indexing)
+    all_free = nx == Z.shape[1]
+    z = Z.to(dt) if all_free else Z.to(dt)[:, prob.x_free]
+    sz = sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     scale = prob.scale
     T = _plain_start(ip).expand(B, lay.width).clone()
     # the start's multipliers scaled per element (see START_MULTIPLIER)
@@ -738,13 +787,15 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             T = torch.where(sz <= START_CENTRAL_SCALE, central, T)
     zs = z / sz
     g, h = _scaled_derivatives(ip, lay, T, sz)
-    status = torch.full((B,), STATUS_MAX_ITER, dtype=torch.long, device=dev)
+    # status and residual: set at the first stop test that stops an element (always before the loop ends, with
+    # every element still active: the whole tensors then)
+    status = residual = torch.empty(0)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
-    tries = torch.zeros(B, dtype=torch.long, device=dev)  # polish attempts per active element
-    residual = torch.full((B,), math.inf, dtype=dt, device=dev)
-    index = None  # the indices of the active elements, None while all are active
-    T_all, h_all = T, h  # each element's state and phi'' / sz where it stopped
     polish = N == nx and _polishes(ip)
+    tries = torch.zeros(B, dtype=torch.long, device=dev) if polish else None  # polish attempts per active element
+    index = None  # the indices of the active elements, None while all are active
+    zsz = None  # [zs | sz] of the active elements, from the first removal on
+    T_all, h_all = T, h  # each element's state and phi'' / sz where it stopped
     if polish and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from a guess of the active set ends most elements before
         # the interior point starts (those it does not solve start it from the usual point)
@@ -764,16 +815,19 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         rd, rp, SY, mu = _residuals(ip, lay, T, g, zs)
         last = _ == max_iter
         # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
-        # about 20 operations saved in most iterations
-        top = SY.amax(-1) if lay.pairs else mu
-        if lay.pairs and not last and bool((top > MU_TOLERANCE * scale).all()):
+        # about 20 operations saved in most iterations.  The mean mu is a lower bound of the largest (the
+        # margin covers the sum's rounding), so the pre-test reads mu's least: two operations, one host sync
+        if lay.pairs and not last and float(mu.amin()) > MU_TOLERANCE * scale * (1.0 + 1e-9):
             stop = None
         else:
+            top = SY.amax(-1) if lay.pairs else mu
             done, res = _converged(ip, lay, T, h, rd, rp, top, mu)
-            finite = torch.isfinite(res)
+            # res >= 0 or NaN: finite is res < inf (one operation; isfinite is four)
+            finite = res < math.inf
             stop = done | ~finite
         if stop is not None and (bool(stop.any()) or last):
-            sub_status = torch.where(done, STATUS_CONVERGED, torch.where(finite, STATUS_MAX_ITER, STATUS_NOT_FINITE))
+            converged, max_iter_, not_finite = lay.codes
+            sub_status = torch.where(done, converged, torch.where(finite, max_iter_, not_finite))
             # an element's iterations are those taken when it stops (rewritten while it continues): one
             # operation per stop instead of a count per iteration
             if index is None:
@@ -785,25 +839,30 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
                 T_all[index], h_all[index] = T, h
             if last:
                 break
-            keep = ~stop
-            index = keep.nonzero().squeeze(1) if index is None else index[keep]
+            # the elements kept, by their positions: a boolean mask would run a nonzero per tensor indexed
+            keep = (~stop).nonzero().squeeze(1)
+            index = keep if index is None else index[keep]
             if index.numel() == 0:
                 break
-            T, g, h, zs, sz, tries = T[keep], g[keep], h[keep], zs[keep], sz[keep], tries[keep]
-            rd, rp, SY, mu = rd[keep], rp[keep], SY[keep], mu[keep]
+            # (zs and sz side by side: one indexing for both)
+            T, g, h = T.index_select(0, keep), g.index_select(0, keep), h.index_select(0, keep)
+            zsz = (torch.cat([zs, sz], 1) if zsz is None else zsz).index_select(0, keep)
+            zs, sz = zsz[:, :nx], zsz[:, nx:]
+            if polish:
+                tries = tries[keep]
+            rd, rp, SY, mu = rd.index_select(0, keep), rp.index_select(0, keep), SY.index_select(0, keep), mu[keep]
         T = _step(ip, lay, T, h, rd, rp, SY, mu, _)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
-    sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
     # the factor of the Newton system and Phi at the returned point, for the backward (phi'' there was
     # kept when each element stopped: no second evaluation of the derivatives on the whole batch)
     phi_inv, ratio = _phi_inverse(lay, T, h_all, BACKWARD_PROXIMAL)
     primal_factor = None
     if ip.primal is not None:
-        primal_factor = primal_reduction.factor(ip, ratio[:, :mi], phi_inv) + (ratio[:, :mi],)
+        primal_factor = primal_reduction.factor(ip, ratio[0], phi_inv) + (ratio[0],)
         L = q = phi_inv.new_zeros(0)
     elif m:
-        L, q = normal_matrix.factor(ip, ratio[:, :mi], phi_inv)
+        L, q = normal_matrix.factor(ip, ratio[0], phi_inv)
     else:
         L, q = phi_inv.new_zeros(B, 0, 0), phi_inv.new_ones(B, 0)
     if prob.Cw.shape[1]:
@@ -811,8 +870,11 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         sl, su = T[:, o_s + mi + nx : o_s + mi + N], T[:, o_s + mi + N + nx :]
         near = ((sl <= 1e-6 * width) & prob.w_art_lo) | ((su <= 1e-6 * width) & prob.w_art_hi)
         status = torch.where((status == STATUS_CONVERGED) & near.any(-1), STATUS_AUX_BOX, status)
-    x = prob.x_fixed_value.to(dt).expand(B, -1).clone()
-    x[:, prob.x_free] = T[:, :nx]
+    if all_free:
+        x = T[:, :nx].clone()
+    else:
+        x = prob.x_fixed_value.to(dt).expand(B, -1).clone()
+        x[:, prob.x_free] = T[:, :nx]
     return InteriorPointSolution(x, status, iterations, residual, L, q, phi_inv, sz_all, primal_factor)
 
 
@@ -858,21 +920,25 @@ def _central_start(ip: InteriorPointProblem):
 def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     """One predictor-corrector iteration (the ``k``-th) from the state ``T`` with phi'' = ``h`` and
     :func:`_residuals`' output ``rd, rp, SY, mu``: the next state."""
-    mi, o_y, o_s, nc, scale = lay.mi, lay.o_y, lay.o_s, ip.pairs, ip.dual.scale
+    o_y, scale = lay.o_y, ip.dual.scale
     # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
-    prox = mu[:, None] if k < PROXIMAL_DELAY else mu[:, None].clamp(min=PROXIMAL)
+    mu1 = mu[:, None]
+    prox = mu1 if k < PROXIMAL_DELAY or lay.N == lay.nx else mu1.clamp(min=PROXIMAL)
     phi_inv, ratio = _phi_inverse(lay, T, h, prox)
     if ip.primal is not None and k < PRIMAL_ITERATIONS:
-        F, direction = primal_reduction.factor(ip, ratio[:, :mi], phi_inv), _direction_primal
+        F, direction = primal_reduction.factor(ip, ratio[0], phi_inv), _direction_primal
     else:
-        F, direction = normal_matrix.factor(ip, ratio[:, :mi], phi_inv), _direction
-    # predictor (affine scaling)
-    d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, -SY)
-    neg_pos = _negated_positive(lay, T)
-    a_aff = _max_step(lay, neg_pos, d_aff)
-    dY, dS = d_aff[:, o_y:o_s], d_aff[:, o_s:]
-    pos_aff = torch.addcmul(T[:, o_y:], a_aff, d_aff[:, o_y:])
-    mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]).sum(-1) / nc
+        F, direction = normal_matrix.factor(ip, ratio[0], phi_inv), _direction
+    # predictor (affine scaling); its targets -S Y divided by S are read off -[Y | S] where every pair exists
+    pos = T[:, o_y:]
+    neg_pos = _negated_positive(lay, pos)
+    d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, None if lay.all_pairs else -SY, neg_pos)
+    dpos = d_aff[:, o_y:]
+    a_aff = _max_step(lay, neg_pos, d_aff, dpos=dpos)
+    dY, dS = dpos[:, : lay.pairs], dpos[:, lay.pairs :]
+    pos_aff = torch.addcmul(pos, a_aff, dpos)
+    # (the mean by a product with the weights 1 / pairs: one operation for a sum and a division)
+    mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]) @ lay.mean_weight
     sigma = (mu_aff / mu.clamp_min(1e-300)).clamp(0.0, 1.0) ** 3
     # never aim below a tenth of the final complementarity: a collapse of mu before the rows are
     # satisfied leaves a singular normal matrix
@@ -882,14 +948,13 @@ def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
     # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
     # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
-    fraction = (1.0 - mu[:, None]).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
+    fraction = (1.0 - mu1).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
     T = torch.addcmul(T, _max_step(lay, neg_pos, dT, fraction), dT)
     return T
 
 
 def _scaled_derivatives(ip, lay: _Layout, T, sz):
-    Sb = T[:, lay.o_s + lay.mi :]
-    g, h = _derivatives(ip, T[:, : ip.nx], Sb[:, : lay.N], Sb[:, lay.N :])
+    g, h = _derivatives(ip, lay, T)
     return g / sz, h / sz
 
 
@@ -908,7 +973,8 @@ class _Backward(torch.autograd.Function):
         chol, q, phi_inv, sz, *primal_factor = ctx.saved_tensors
         ip = ctx.ip
         prob = ip.dual
-        g = G.to(torch.float64)[:, prob.x_free]
+        all_free = ip.nx == G.shape[1]
+        g = G.to(torch.float64) if all_free else G.to(torch.float64)[:, prob.x_free]
         if primal_factor:
             u = primal_reduction.backward(ip, primal_factor, phi_inv, g)
         else:
@@ -917,8 +983,11 @@ class _Backward(torch.autograd.Function):
             r = u @ ip.C[:, : ip.nx].T
             t = normal_matrix.solve(ip, (chol, q), r)
             u = u - phi_inv[:, : ip.nx] * (t @ ip.C[:, : ip.nx])
-        grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
-        grad[:, prob.x_free] = u / sz
+        if all_free:
+            grad = u / sz
+        else:
+            grad = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
+            grad[:, prob.x_free] = u / sz
         return (grad.to(G.dtype), None, None, None, None, None, None) + (None,) * len(primal_factor)
 
 

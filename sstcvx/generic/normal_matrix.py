@@ -86,9 +86,10 @@ def equilibrated_cholesky(M: torch.Tensor):
     decades (1 / mu against mu), and a jitter relative to the largest diagonal entry would swamp the
     small rows."""
     q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
-    Ms = M / (q[:, :, None] * q[:, None, :])
+    qc = q[:, :, None]
+    Ms = M / (qc * q[:, None, :])
     Ms.diagonal(dim1=-2, dim2=-1).add_(JITTER)
-    return _cholesky(Ms).mul_(q[:, :, None]), q
+    return _cholesky(Ms).mul_(qc), q
 
 
 def sparsity(C: torch.Tensor):
@@ -151,7 +152,8 @@ def factor(ip, extra, phi_inv):
         M = (phi_inv @ ip.dense_table).view(B, m, m)
     else:
         M = (ip.C * phi_inv[:, None, :]) @ ip.C.T
-    M.diagonal(dim1=-2, dim2=-1)[:, m_eq:].add_(extra)
+    diagonal = M.diagonal(dim1=-2, dim2=-1)
+    (diagonal[:, m_eq:] if m_eq else diagonal).add_(extra)
     return equilibrated_cholesky(M)
 
 
