@@ -507,7 +507,8 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
 def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
     """:func:`_direction` by the primal reduction: with D = y / s on the inequality rows, the rows'
     equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
-    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`)."""
+    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`;
+    the other arguments and the result as there)."""
     N, m_eq = lay.N, lay.m_eq
     rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
     r1 = rcb[:, :N] - rcb[:, N:] - rd
@@ -732,8 +733,10 @@ def _polishes(ip: InteriorPointProblem) -> bool:
 
 
 def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
-    """The residuals of T: ``(rd (B, N), rp (B, m), SY (B, P), mu (B,))``, the dual and primal residuals,
-    the complementarity products and their mean."""
+    """The residuals of the states ``T (B, width)`` with phi'(x) / sz = ``g (B, nx)`` and z / sz = ``zs (B, nx)``:
+    ``(rd (B, N), rp (B, m), SY (B, P), mu (B,))``, the dual residual ``[g - zs; 0] + C^T nu - zl + zu``, the
+    primal residual ``C v - d + (0, s)``, the complementarity products (0 at an absent pair: slack 1, multiplier 0) and their
+    mean over the existing pairs."""
     N, m, m_eq, mi, nx = lay.N, lay.m, lay.m_eq, lay.mi, lay.nx
     o_y, o_s = lay.o_y, lay.o_s
     S, Y = T[:, o_s:], T[:, o_y:o_s]
@@ -886,8 +889,9 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
 
 def _plain_start(ip: InteriorPointProblem):
     """The usual start ``(width,)``: v0 (the middle of each finite interval, one unit inside a half-line),
-    slacks of the inequality rows max(1, h - G v0), multipliers 1 (scaled per element by :func:`solve`);
-    computed once per problem."""
+    lambda 0, slacks of the inequality rows max(1, h - G v0), bound slacks v0 - l and u - v0 (1 where the
+    bound is absent), multipliers 1 where the pair exists, 0 at an absent bound (scaled per element by
+    :func:`solve`); computed once per problem and cached."""
     if ip.plain_start is None:
         m_eq = ip.m_eq
         s0 = (ip.d[m_eq:] - ip.v0 @ ip.C[m_eq:].T).clamp_min(1.0)
