@@ -813,6 +813,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         T[ok], g[ok], h[ok] = Tn[ok], gn[ok], hn[ok]
     for k in range(max_iter + 1):  # k: the iterations taken so far
         if polish and k:
+            assert tries is not None
             # elements near their solution: try the active-set polish, keep what passes the test below
             near = ((T[:, o_s:] * T[:, o_y:o_s]).amax(-1) <= POLISH_START * scale) & (tries < POLISH_TRIES)
             near = near.nonzero().squeeze(1)
@@ -857,7 +858,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             T, g, h = T.index_select(0, keep), g.index_select(0, keep), h.index_select(0, keep)
             zs_and_sz = (torch.cat([zs, sz], 1) if zs_and_sz is None else zs_and_sz).index_select(0, keep)
             zs, sz = zs_and_sz[:, :nx], zs_and_sz[:, nx:]
-            if polish:
+            if tries is not None:  # (the polish runs)
                 tries = tries[keep]
             rd, rp, SY, mu = rd.index_select(0, keep), rp.index_select(0, keep), SY.index_select(0, keep), mu[keep]
         T = _step(ip, lay, T, h, rd, rp, SY, mu, k)
