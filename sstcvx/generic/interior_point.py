@@ -418,7 +418,7 @@ class _Layout:
         # -1 at the multiplier of an absent pair (whose direction is 0), 0 elsewhere, over [Y | S]: the ratio
         # test's -[Y | S] is neg_pad - [Y | S] (see _negated_positive)
         self.neg_pad = -torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
-        self.neg_d = -ip.d
+        self.neg_d = -ip.d  # the base of the primal residual C v - d (one addmm)
         # the start's multipliers relative to those of the rows (see START_X_MULTIPLIER)
         on_x = torch.cat(
             [ip.has_lo.new_zeros(m - m_eq)] + [(torch.arange(N, device=ip.d.device) < ip.nx).to(ip.d.dtype)] * 2
@@ -432,7 +432,7 @@ class _Layout:
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
         self.slack_offset += 1.0 - self.mask
-        self.zero = ip.d.new_zeros(())
+        self.zero = ip.d.new_zeros(())  # the base of the stop test's threshold (one addcmul)
         #: C^T, the view itself kept (a ``.T`` per use is one more operation; the products are the same)
         self.CT = ip.C.T
         #: 1 / pairs (the existing ones) at every pair: ``SY @ mean_weight`` is the mean complementarity
@@ -487,7 +487,9 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
     dS leaves M dnu = C Phi^-1 r1 + rp + (0, rc_y / y); then dv = Phi^-1 (r1 - C^T dnu), the slacks'
     directions from dv (bounds) and dnu (rows), the multipliers' from S dY + Y dS = rc."""
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
+    # the bounds' targets over their slacks (B, 2N) and the rows' over their multipliers (B, mi)
     rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
+    # the right-hand side in v once the bound multipliers' directions are eliminated
     r1 = rcb[:, :N] - rcb[:, N:] - rd
     u = phi_inv * r1
     # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
@@ -496,6 +498,7 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
         (rhs[:, m_eq:] if m_eq else rhs).add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
     dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
+    # the bound slacks' directions [dsl | dsu] = [dv | -dv] (0 at an absent bound), then their multipliers'
     dSb = (dv.unsqueeze(1) * lay.bound_sign).view(dv.shape[0], 2 * N)
     dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
     if mi:
@@ -510,9 +513,11 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_po
     A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`;
     the other arguments and the result as there)."""
     N, m_eq = lay.N, lay.m_eq
+    # the bounds' targets over their slacks (B, 2N) and the rows' over their multipliers (B, mi)
     rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
+    # the right-hand side in v once the bound multipliers' directions are eliminated
     r1 = rcb[:, :N] - rcb[:, N:] - rd
-    rows_in = -rp[:, m_eq:] - rcy
+    rows_in = -rp[:, m_eq:] - rcy  # the inequality rows' right-hand side: G dv - (s / y) dy = rows_in
     D = ratio[0].reciprocal()
     r1 = torch.addmm(r1, D * rows_in, ip.primal.G)
     dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
@@ -946,12 +951,12 @@ def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     else:
         F, direction = normal_matrix.factor(ip, ratio[0], phi_inv), _direction
     # predictor (affine scaling); its targets -S Y divided by S are read off -[Y | S] where every pair exists
-    pos = T[:, o_y:]
+    pos = T[:, o_y:]  # the positive variables [Y | S]
     neg_pos = _negated_positive(lay, pos)
     d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, None if lay.all_pairs else -SY, neg_pos)
     dpos = d_aff[:, o_y:]
-    a_aff = _max_step(lay, neg_pos, d_aff, dpos=dpos)
-    dY, dS = dpos[:, : lay.pairs], dpos[:, lay.pairs :]
+    a_aff = _max_step(lay, neg_pos, d_aff, dpos=dpos)  # the predictor's step length (B, 1)
+    dY_aff, dS_aff = dpos[:, : lay.pairs], dpos[:, lay.pairs :]
     pos_aff = torch.addcmul(pos, a_aff, dpos)
     # (the mean by a product with the weights 1 / pairs: one operation for a sum and a division)
     mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]) @ lay.mean_weight
@@ -960,7 +965,7 @@ def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     # satisfied leaves a singular normal matrix
     target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
     # corrector: centering and the second-order term of the predictor
-    rc = torch.addcmul(target - SY if lay.all_pairs else target * lay.mask - SY, dS, dY, value=-1.0)
+    rc = torch.addcmul(target - SY if lay.all_pairs else target * lay.mask - SY, dS_aff, dY_aff, value=-1.0)
     dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
     # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
     # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
