@@ -36,8 +36,9 @@ not unique, without moving the solution) of weight mu, the current mean compleme
 first ``PROXIMAL_DELAY`` iterations, then at least ``PROXIMAL`` (a fixed weight slows the flows
 down at |z| about 1; without the floor a few elements at |z| about 30 stall).  phi' and phi'' are
 evaluated once per iteration, at the new point, for the whole batch (:func:`_derivatives`): a
-user's separable regularizer costs one autograd call per iteration, not an inner iteration (unlike
-the dual method of :mod:`~sstcvx.generic.dual_newton`, which needs the inverse of phi').
+user's separable regularizer costs one evaluation of its derivatives (given, or by autograd) per
+iteration, not an inner iteration (unlike the dual method of :mod:`~sstcvx.generic.dual_newton`,
+which needs the inverse of phi').
 
 Start (:func:`_plain_start`): v at the middle of each finite interval (one unit inside a
 half-line), the rows' slacks max(1, h - G v), the bounds' slacks v - l and u - v, multipliers
@@ -103,8 +104,8 @@ mu / s).  Status per element as in :mod:`~sstcvx.generic.dual_newton`.
 
 Compaction: an element that stops (converged, not finite, or at the last iteration) has its state,
 phi'', status, residual and iteration count written into the whole batch's tensors and leaves the
-working tensors (one ``index_select`` each by the positions kept); the iteration continues on the
-others only.
+working tensors (one indexing each, by the positions kept); the iteration continues on the others
+only.
 
 Backward (exact for the returned point, which solves the KKT conditions with the final mu):
 differentiating them,
@@ -127,8 +128,8 @@ tolerances in float64.
 All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
 multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
 ratio test, the update and the removal of converged elements are one operation each.  Host
-synchronizations: one per iteration (the stop pre-test), one more where the full test runs or
-the polish is tried, besides the factorization's check.  The functions of the iteration are
+synchronizations: one per iteration (the stop pre-test), a few more in iterations where the full
+test runs or the polish is tried, besides the factorization's check.  The functions of the iteration are
 written to a count of tensor operations (each costs a fixed few microseconds on small batches): a
 short parenthesis says why where a form is chosen for that.
 
