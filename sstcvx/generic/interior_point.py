@@ -235,7 +235,8 @@ _DOMAINS = {"entropy": (0.0, math.inf), "binary_entropy": (0.0, 1.0), "euclidean
 class InteriorPointProblem:
     """The solver's tensors (float64, on one device): the rows ``C (m, N)`` on the free columns of x
     then w (equality rows first), ``d (m,)``; bounds ``lo, up (N,)`` (0 where absent) with the masks
-    ``has_lo, has_up`` (float 0/1); ``v0 (N,)`` the starting point; ``nx`` columns of x; the domain
+    ``has_lo, has_up`` (float 0/1); ``v0 (N,)`` the starting point; ``nx`` columns of x; ``kind`` the
+    regularizer (a built-in's name or a :class:`~sstcvx.regularizers.SeparableRegularizer`); the domain
     ends of f on x (``dom_lo, dom_hi``, +-inf where absent); what :class:`DualProblem` says about
     fixed columns and artificial bounds of w."""
 
@@ -556,14 +557,15 @@ def _negated_positive(lay: _Layout, pos):
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
-    """Active-set polish of the elements ``T (B, width)`` for the Euclidean regularizer: guess the
-    active pairs (a slack below its multiplier), hold them at equality (the bound's value, the row's
-    right-hand side), drop the others, and solve the remaining equality-constrained quadratic program
-    exactly (one Newton step on (x, nu)).  Where the
-    solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
+    """Active-set polish of the elements ``T (B, width)`` (with ``zs = z / sz (B, nx)``, ``sz (B, 1)``) for
+    the Euclidean regularizer: guess the active pairs (a slack below its multiplier), hold them at
+    equality (the bound's value, the row's right-hand side), drop the others, and solve the remaining
+    equality-constrained quadratic program exactly (one Newton step on (x, nu), :func:`_polish_once`).
+    Where the solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
     -TOLERANCE), the offending pairs change sides and that element is solved again, up to ``rounds``
-    more times (a primal-dual active-set step), unless the first solve broke more than ``max_wrong``
-    sign conditions per element on average.  Returns ``(T', g', h', accepted (B,))``: the
+    more times (a primal-dual active-set step; from round ``SINGLE_FLIP_AFTER`` on, an element that is
+    not improving changes only its most broken pair), unless the first solve broke more than
+    ``max_wrong`` sign conditions per element on average.  Returns ``(T', g', h', accepted (B,))``: the
     polished state, laid out as T, with the vanishing member of every pair at 0 (a slack) or ``TINY``
     (a multiplier), so that the backward reads the active set from it; its derivatives; and which
     elements are solved: sign conditions met, held rows met and the dual residual on the free
