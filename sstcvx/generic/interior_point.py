@@ -20,116 +20,124 @@ Algorithm: Mehrotra's predictor-corrector on the KKT conditions
     f'(x) - z + C_x^T nu - zl + zu = 0,   C_w^T nu - zl + zu = 0,   A v = b,   G v + s = h,
     s y = mu,   (v - l) zl = mu,   (u - v) zu = mu,        v = [x; w],  nu = (lambda, y),
 
-with the objective divided by ``max(1, max|z|)`` (multipliers of order one for every tau and
-|U|).  With Phi = f''(x) (0 on w) + zl / (v - l) + zu / (u - v), each Newton system reduces to the
-m x m normal matrix ``M = C Phi^{-1} C^T + diag(0, s / y)`` (m = the number of rows), factored once
-per iteration by one batched Cholesky and used for both the predictor (affine) and the corrector
-direction; the centering weight is (mu_aff / mu)^3, its target never below a tenth of the final
-complementarity; one step length for all variables, a fraction max(0.995, 1 - mu) of the largest
-that keeps every slack and multiplier positive (fraction to the boundary: a fixed 0.995 would cap
-the decrease of mu at 200-fold per step in the last iterations), and no line search: measured, a residual
-line search only slowed the entropies down (their dual residual at coordinates bound for 0 does
-not decrease monotonically) and the plain fraction-to-boundary step converged on every case of
-the benchmarks and tests.  The normal matrix is equilibrated (unit diagonal) before its
-Cholesky factorization, with a relative jitter of 1e-15; the auxiliary variables get a
-proximal term (centered at the current iterate: it damps the steps in directions where the flows
-of an extended formulation are not unique, without moving the solution) of weight mu, the
-current mean complementarity, for the first ``PROXIMAL_DELAY`` iterations, then at least
-``PROXIMAL``: measured, a fixed weight cost 50-75 iterations on a flow formulation at |z| about 1
-where this takes 8-14, and no weight floor let a few elements at |z| about 30 stall.  phi' and
-phi'' are evaluated once per iteration, at the new point, for the whole batch: a user's
-separable regularizer costs one autograd call per iteration, not an inner iteration (unlike the
-dual method of :mod:`~sstcvx.generic.dual_newton`, which needs the inverse of phi').
+with the objective divided by ``sz = max(1, max|z|)`` (multipliers of order one for every tau and
+|U|).  One iteration is :func:`_step`: with Phi = f''(x) (0 on w) + zl / (v - l) + zu / (u - v)
+(:func:`_phi_inverse`), each Newton system reduces to the m x m normal matrix
+``M = C Phi^{-1} C^T + diag(0, s / y)`` (m = the number of rows), factored once per iteration and
+used for both the predictor (affine) and the corrector direction (:func:`_direction`); the
+centering weight is (mu_aff / mu)^3, its target never below a tenth of the final complementarity;
+one step length for all variables (:func:`_max_step`), a fraction max(0.995, 1 - mu) of the
+largest that keeps every slack and multiplier positive (fraction to the boundary: a fixed 0.995
+would cap the decrease of mu at 200-fold per step in the last iterations), and no line search (a
+residual line search slows the entropies down: their dual residual at coordinates bound for 0
+does not decrease monotonically).  The auxiliary variables get a proximal term (centered at the
+current iterate: it damps the steps in directions where the flows of an extended formulation are
+not unique, without moving the solution) of weight mu, the current mean complementarity, for the
+first ``PROXIMAL_DELAY`` iterations, then at least ``PROXIMAL`` (a fixed weight slows the flows
+down at |z| about 1; without the floor a few elements at |z| about 30 stall).  phi' and phi'' are
+evaluated once per iteration, at the new point, for the whole batch (:func:`_derivatives`): a
+user's separable regularizer costs one evaluation of its derivatives (given, or by autograd) per
+iteration, not an inner iteration (unlike the dual method of :mod:`~sstcvx.generic.dual_newton`,
+which needs the inverse of phi').
 
-Start: v at the middle of each finite interval (one unit inside a half-line), the rows' slacks max(1, h - G v),
-multipliers min(1, START_MULTIPLIER sz) per element (sz = max(1, max|z|)); for the built-in entropies,
-elements with sz <= START_CENTRAL_SCALE start from the central state instead (:func:`_central_start`: the
-iterate of the problem at z = 0 once its mean complementarity is below START_CENTRAL_MU, computed once per
-problem).
+Start (:func:`_plain_start`): v at the middle of each finite interval (one unit inside a
+half-line), the rows' slacks max(1, h - G v), the bounds' slacks v - l and u - v, multipliers
+min(1, START_MULTIPLIER sz) per element (START_X_MULTIPLIER times that on the bounds of x).  For
+the built-in entropies, elements with sz <= START_CENTRAL_SCALE start from the central state
+instead (:func:`_central_start`: the iterate of the problem at z = 0 once its mean
+complementarity is below START_CENTRAL_MU, computed once per problem).  The Euclidean case starts
+with an active-set method (see Polish).
 
 Why this method and not the dual Newton method of :mod:`~sstcvx.generic.dual_newton`: that one
 needs x(nu) in closed form (or by an inner root search for a user phi) and a barrier on the
 auxiliary variables that recenters slowly; the primal-dual method treats inequality rows, bounds
-and auxiliary variables alike, needs only phi' and phi'', and converges superlinearly: measured
-(docs/generic.md), 8-17 iterations on the benchmark polytopes, 8-14 on a flow formulation of
-spanning trees, 11-13 at 1,000 variables.  With equality rows only and a built-in regularizer,
-the dual method is faster (5-7 Newton steps and no slacks) and stays the default there.
+and auxiliary variables alike, needs only phi' and phi'', and converges superlinearly (iteration
+counts in docs/generic.md).  With equality rows only and a built-in regularizer, the dual method
+is faster (fewer Newton steps and no slacks) and stays the default there.
 
 Polish (the Euclidean regularizer on declarations without auxiliary variables, where the problem
 is a strictly convex quadratic program): once an element's largest complementarity product is
 below ``POLISH_START`` times the form's scale, its active set is guessed (a slack below its
 multiplier), the active rows and bounds are held at equality and the others dropped, and the
-remaining equality-constrained problem is solved exactly by one Newton step on (x, nu); pairs
-that break their sign condition change sides and the element is solved again (``POLISH_ROUNDS``
-times at most: a primal-dual active-set step; from round ``SINGLE_FLIP_AFTER`` on, an element
-whose count of broken conditions is not below its best changes only its most broken pair), with
-``POLISH_TRIES`` attempts per element (an active-set method can cycle on a degenerate element).  An element whose polished point has every
-held multiplier and dropped slack non-negative, its held rows met and its dual residual below
-the tolerances is done, with complementarity exactly 0: an interior point can approach a
+remaining equality-constrained problem is solved exactly by one Newton step on (x, nu)
+(:func:`_polish`); pairs that break their sign condition change sides and the element is solved
+again (``POLISH_ROUNDS`` times at most: a primal-dual active-set step; from round
+``SINGLE_FLIP_AFTER`` on, an element whose count of broken conditions is not below its best
+changes only its most broken pair), with ``POLISH_TRIES`` attempts per element (an active-set
+method can cycle on a degenerate element).  An element whose polished point has every held
+multiplier and dropped slack non-negative, its held rows met and its dual residual below the
+tolerances is done, with complementarity exactly 0: an interior point can approach a
 near-degenerate pair only as mu / s, the polish lands on it.  The same active-set solve also runs
-before the interior point, with ``START_ROUNDS`` rounds when its guess breaks at most
-``START_MAX_WRONG`` sign conditions per element on average.  The guess: the active set of
-``START_DUAL_STEPS`` accelerated projected gradient steps on the dual of the projection (held: the
-rows with a positive multiplier, the bounds that z - C^T nu leaves); where that holds a row together
-with bounds on all its columns (a degenerate vertex: the system is then singular), the active set of
-the box's solution instead (x = z clamped; the bounds z leaves and the rows that x violates held,
-except the bounds of a held row's columns).  Measured (docs/generic.md): it solves every element of
-paths of 6 and 30 at |U| ~ 1 before the first iteration.  No polish
-for a nonlinear f (see :func:`_polishes`).
+before the interior point (:func:`_start`), with ``START_ROUNDS`` rounds when its guess breaks at
+most ``START_MAX_WRONG`` sign conditions per element on average; the elements it solves never
+iterate.  The guess (:func:`_dual_guess`): the active set of ``START_DUAL_STEPS`` accelerated
+projected gradient steps on the dual of the projection (held: the rows with a positive
+multiplier, the bounds that z - C^T nu leaves); where that holds a row together with bounds on
+all its columns (a degenerate vertex: the system is then singular), the active set of the box's
+solution instead (:func:`_box_guess`: x = z clamped; the bounds z leaves and the rows that x
+violates held, except the bounds of a held row's columns).  No polish for a nonlinear f (see
+:func:`_polishes`).
 
 Factorization (:mod:`~sstcvx.generic.normal_matrix`): M is assembled on the sparsity pattern that C
-fixes, equilibrated to a unit diagonal and factored by the level-scheduled sparse Cholesky of
-:mod:`~sstcvx.generic.sparse_cholesky` where its elimination tree is shallow (a path's or a chain's
-rows), by one batched dense Cholesky otherwise.  Where the rows are inequalities that couple few
-columns (the capacity rows of a flow formulation), the same Newton system is reduced the other way
-instead (:mod:`~sstcvx.generic.primal_reduction`): the inequality rows go into the primal block
+fixes, equilibrated to a unit diagonal (with a relative jitter of 1e-15) and factored by the
+level-scheduled sparse Cholesky of :mod:`~sstcvx.generic.sparse_cholesky` where its elimination
+tree is shallow (a path's or a chain's rows), by one batched dense Cholesky otherwise.  Where the
+rows are inequalities that couple few columns (the capacity rows of a flow formulation), the same
+Newton system is reduced the other way instead (:mod:`~sstcvx.generic.primal_reduction`,
+:func:`_direction_primal`): the inequality rows go into the primal block
 ``H = Phi + G^T diag(y / s) G``, factored by levels, and only the equality rows are left, through
 their Schur complement; chosen once per problem by its estimated cost, and used for the first
 ``PRIMAL_ITERATIONS`` iterations (H cancels digits on the active rows; the few elements still
 running then continue with M).
 
-Convergence (per element, in the scaled problem): primal residual ``max|C v - d + (0, s)| <=
-TOLERANCE * scale`` (the form's scale), every coordinate of the dual residual either below
-``TOLERANCE`` or below the resolution of floats at x (phi'' times 4 eps max(1, |x|): a
-coordinate that should underflow, as exp(-1e6) for the entropy at tiny tau), and every
-complementarity product s y below ``MU_TOLERANCE * scale`` (the largest, not the mean: with the
-mean, one nearly active bound whose multiplier vanishes could keep a product as large as the
-number of pairs times the tolerance, and x was measured 2e-6 off there).  The solution is then
-within about 1e-11 of the exact one, and within about 1e-8 on a near-degenerate coordinate (a
-bound or row nearly active with a vanishing multiplier, where an interior point can only
-approach it as mu / s).  Converged elements are frozen (the
-iteration continues on the others only).  Status per element as in
-:mod:`~sstcvx.generic.dual_newton`.
+Stop test (per element, in the scaled problem, :func:`_converged`): primal residual
+``max|C v - d + (0, s)| <= TOLERANCE * scale`` (the form's scale), every coordinate of the dual
+residual either below ``TOLERANCE`` or below the resolution of floats at x (phi'' times 4 eps
+max(1, |x|): a coordinate that should underflow, as exp(-1e6) for the entropy at tiny tau), and
+every complementarity product s y below ``MU_TOLERANCE * scale`` (the largest, not the mean: with
+the mean, one nearly active bound whose multiplier vanishes could keep a product as large as the
+number of pairs times the tolerance).  The full test runs only in iterations where some element's
+mean product (a lower bound of its largest) is below that tolerance, and in the last.  The solution is then within
+about 1e-11 of the exact one, and within about 1e-8 on a near-degenerate coordinate (a bound or
+row nearly active with a vanishing multiplier, where an interior point can only approach it as
+mu / s).  Status per element as in :mod:`~sstcvx.generic.dual_newton`.
+
+Compaction: an element that stops (converged, not finite, or at the last iteration) has its state,
+phi'', status, residual and iteration count written into the whole batch's tensors and leaves the
+working tensors (one indexing each, by the positions kept); the iteration continues on the others
+only.
 
 Backward (exact for the returned point, which solves the KKT conditions with the final mu):
 differentiating them,
 
     dX/dz = (Phi^{-1} - Phi^{-1} C^T M^{-1} C Phi^{-1})_xx / max(1, max|z|),
 
-one batched Cholesky solve per backward pass with M and Phi at the returned point (recomputed
-there once after the iteration).  Auxiliary variables keep a proximal weight ``BACKWARD_PROXIMAL``
-(1e-7) in that Phi: the interior auxiliary variables of a vertex list or a flow formulation (not
-unique) have Phi of order mu / w^2 ~ 1e-12 at the returned point, M then has a condition number
-near 1e11 after equilibration, and the products were measured 4e-4 to 3.5e-3 off the same
-polytope declared without auxiliary variables (path 6 by its vertices against its rows; K4's
-trees by vertices against central differences).  The weight biases the derivative by O(weight):
-measured, 1e-5 left 1.4e-4, 1e-7 at most 1.4e-6, 1e-8 1.6e-6 (conditioning again).  With the
-primal reduction, the same operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1, max|z|)``, its
-solve refined by steps of iterative refinement on the unreduced system in (dv, dlambda, dy) (see
-:func:`~sstcvx.generic.primal_reduction.backward`: an element whose refinement does not contract is
-solved with M).  An inactive inequality row has s / y huge in M and drops out, an active bound
-has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default tolerances in float64.
+one batched Cholesky solve per backward pass with M and Phi at the returned point (factored there
+once after the iteration, from the phi'' kept when each element stopped).  Auxiliary variables
+keep a proximal weight ``BACKWARD_PROXIMAL`` in that Phi: the interior auxiliary variables of a
+vertex list or a flow formulation (not unique) have Phi of order mu / w^2 ~ 1e-12 at the returned
+point, where the equilibrated M would have a condition number near 1e11 and the products would
+lose several digits; the weight biases the derivative by O(weight) (figures in docs/generic.md).
+With the primal reduction, the same operator as ``(H^-1 - H^-1 A^T S^-1 A H^-1)_xx / max(1,
+max|z|)``, its solve refined by steps of iterative refinement on the unreduced system in (dv,
+dlambda, dy) (see :func:`~sstcvx.generic.primal_reduction.backward`: an element whose refinement
+does not contract is solved with M).  An inactive inequality row has s / y huge in M and drops
+out, an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
+tolerances in float64.
 
 All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
 multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
-ratio test, the update and the removal of converged elements are one operation each; one host
-synchronization per iteration (the convergence test) besides the Cholesky factorization's check.
+ratio test, the update and the removal of converged elements are one operation each.  Host
+synchronizations: one per iteration (the stop pre-test), a few more in iterations where the full
+test runs or the polish is tried, besides the factorization's check.  The functions of the iteration are
+written to a count of tensor operations (each costs a fixed few microseconds on small batches): a
+short parenthesis says why where a form is chosen for that.
 
 Cost per iteration: O(B nnz(M) N + B m^3) (N = columns of x and w; M is assembled on its
 sparsity pattern where that is small, densely otherwise), or with the primal reduction O(B (the
 factorization's multiply-adds + nnz(L) m_eq + N m_eq^2 + m_eq^3)) and O(levels) batched operations;
-one evaluation of phi' and phi'';
-float64 throughout on the input's device; no Python loop over the batch.
+one evaluation of phi' and phi''; float64 throughout on the input's device; no Python loop over
+the batch.
 """
 
 from __future__ import annotations
@@ -165,13 +173,13 @@ FRACTION_GAP = 1e-8
 #: the current iterate, so that it changes the steps, not the solution.  The weight is the current mean
 #: complementarity mu for the first PROXIMAL_DELAY iterations (it fades as mu -> 0: most elements
 #: converge in that time), then at least PROXIMAL (without that floor, a few elements of a flow
-#: formulation at |z| about 30 stall; with it from the start, those at |z| about 1 take 50-75 iterations).
+#: formulation at |z| about 30 stall; with the floor from the start, those at |z| about 1 take several
+#: times more iterations).
 PROXIMAL = 1e-7
 PROXIMAL_DELAY = 12
 #: Iterations taken with the primal reduction; the few elements still iterating after them continue with
-#: the normal matrix.  Measured: at |z| of 30 to 1000 a few elements of the K4 and K5 flows stalled with the
-#: primal reduction (200 iterations, then the conic fallback) where the normal matrix converges them in
-#: 16-70 (H cancels digits on the active rows, where y / s is of order 1 / mu).
+#: the normal matrix (with the primal reduction throughout, a few elements of the flows at large |z| stall:
+#: H cancels digits on the active rows, where y / s is of order 1 / mu).
 PRIMAL_ITERATIONS = 20
 #: Active-set polish (:func:`_polish`, the Euclidean regularizer only): tried on an element once its largest
 #: complementarity product is below POLISH_START times the form's scale, with POLISH_ROUNDS rounds of sign flips.
@@ -182,31 +190,20 @@ POLISH_ROUNDS = 3
 POLISH_TRIES = 2
 #: Rounds of the active-set method that starts the Euclidean case (negative: none).
 START_ROUNDS = 12
-#: ... unless its guess breaks more sign conditions than this per element on average.  Measured with the
-#: box's guess and U ~ N(0, 1): 0.65 on a path of 6 and 3-6 on a path of 30 (by the draw), where 6-10
-#: rounds solve every element; 10 on a path of 30 at |U| ~ 3, where rounds still gain a little; 13.75 at |U| ~ 10 and
-#: 13 on 1,000 variables with 100 rows, where they cost more than the interior-point iterations they
-#: replace (1.6x on the path without the cap).
+#: ... unless its guess breaks more sign conditions than this per element on average: the active set then
+#: changes by a fraction per round, and the rounds cost more than the interior-point iterations they replace.
 START_MAX_WRONG = 12.0
 #: From this round on, an element of :func:`_polish` whose count of broken sign conditions has not fallen below
 #: its best changes only its most broken pair (the full flips can cycle; the polish inside the iteration,
-#: with POLISH_ROUNDS rounds, never gets there).  Measured on a path of 30: 512 elements at |U| ~ 2 left 1
-#: to the interior point where full flips left 7 (at |U| ~ 3, 9 where they left 35; from round 5 on, 15),
-#: and the benchmark's draw at |U| ~ 1, which full flips left one element of to the interior point's whole
-#: course, went 1.7x faster.
+#: with POLISH_ROUNDS rounds, never gets there).
 SINGLE_FLIP_AFTER = 4
 #: Accelerated projected gradient steps on the projection's dual that guess the start's active set
-#: (:func:`_dual_guess`; 0: the box's guess everywhere).  Measured with U ~ N(0, 1), wrong pairs after the
-#: first solve: 0.88 on a path of 30 where the box's guess breaks 3.69 (and the rounds solve every element
-#: in 6 solves, not 10), 0.13 against 0.65 on a path of 6, 0.09 against 1.16 on the knapsack; 3 steps
-#: left 1.28 on the path of 30, 7 left 3.29 (the extrapolation overshoots).
+#: (:func:`_dual_guess`; 0: the box's guess everywhere).  Fewer steps leave more wrong pairs; more overshoot
+#: (the extrapolation).
 START_DUAL_STEPS = 5
 #: ... stopped after the first where that flags this fraction of the batch degenerate (the box's guess then
-#: serves every element: the steps cost 0.1-0.3 ms per batch and the few elements left would gain little).
-#: Measured, the fraction falls only a little over the steps (after 1 step and after 5: path of 30, 1.00 and
-#: 0.97 at |U| ~ 10, 0.93 and 0.69 at |U| ~ 3, 0.23 and 0.07 at |U| ~ 1; path of 6, 0.68 and 0.67 at
-#: |U| ~ 100, 0.39 and 0.21 at |U| ~ 3), and with 0.95 path 6 at |U| ~ 100 was 6-8% slower than the box's
-#: guess alone, with 0.6 within noise.
+#: serves every element: the fraction falls only a little over the steps, and the few elements left would
+#: gain less than the steps cost).
 START_DUAL_GIVE_UP = 0.6
 #: The dtype of those steps (a guess only: the polish's solve and test are in float64); float32 halves the
 #: products' cost on CPU.
@@ -214,21 +211,15 @@ START_DUAL_DTYPE = torch.float32
 #: The start's multipliers (of the inequality rows and of the bounds of w; those of the bounds of x get
 #: START_X_MULTIPLIER times that) are min(1, START_MULTIPLIER * sz) per element, sz = max(1, max|z|) the
 #: objective's scale: where the regularizer dominates (sz small) the solution's multipliers are small, and a
-#: start at 1 spent the first iteration reducing mu by a factor of about 4 only.  Measured over paths of 6
-#: and 30, a knapsack, a chain, the K4 and K5 flows, four regularizers and |U| from 0.01 to 1000 (batches of
-#: 64): 5% fewer iterations in total, at |U| ~ 1 10-15% fewer (path of 6 6.97 -> 6.20, K4's flows 6.78 ->
-#: 5.81 with the binary entropy), the largest |U| unchanged (the factor is 1 there).  A fixed factor
-#: (0.01-0.1) helped the flows more at |U| <= 3 but cost up to 30% more iterations at |U| >= 30.
+#: start at 1 spends the first iteration reducing mu by a factor of about 4 only.  The factor is 1 at large
+#: sz, where a smaller one costs iterations.
 START_MULTIPLIER = 0.05
 START_X_MULTIPLIER = 0.4
 #: Elements with sz = max(1, max|z|) at most START_CENTRAL_SCALE start instead from the central state
 #: (:func:`_central_start`): the iterate of the problem at z = 0 once its mean complementarity is below
-#: START_CENTRAL_MU, computed once per problem (a few iterations on one element).  Measured (binary entropy,
-#: batches of 256, mean iterations): K4's flows 5.71 -> 4.65 at |U| ~ 1, 4.98 -> 3.96 at |U| ~ 0.3; K5's 6.34 ->
-#: 5.14; path of 30 8.13 -> 7.64; path of 6 6.36 -> 6.08; for every element it cost iterations where max|z|
-#: was larger (path of 6 at |U| ~ 3: 7.21 -> 8.53, at |U| ~ 30: 13.6 -> 18.0, up to 59 iterations).  The
-#: built-in entropies only: with the Tsallis entropy (a user's phi) and the Euclidean regularizer on the flows
-#: it cost 4-10% more iterations at |U| ~ 1.
+#: START_CENTRAL_MU, computed once per problem (a few iterations on one element).  Near the solution where
+#: the regularizer dominates; farther from it (more iterations) where max|z| is larger.  The built-in
+#: entropies only: with a user's phi and the Euclidean regularizer it costs iterations.
 START_CENTRAL_SCALE = 3.0
 START_CENTRAL_MU = 3e-2
 #: The proximal weight on the auxiliary variables in the backward's Phi (see the module's "Backward").
@@ -244,7 +235,8 @@ _DOMAINS = {"entropy": (0.0, math.inf), "binary_entropy": (0.0, 1.0), "euclidean
 class InteriorPointProblem:
     """The solver's tensors (float64, on one device): the rows ``C (m, N)`` on the free columns of x
     then w (equality rows first), ``d (m,)``; bounds ``lo, up (N,)`` (0 where absent) with the masks
-    ``has_lo, has_up`` (float 0/1); ``v0 (N,)`` the starting point; ``nx`` columns of x; the domain
+    ``has_lo, has_up`` (float 0/1); ``v0 (N,)`` the starting point; ``nx`` columns of x; ``kind`` the
+    regularizer (a built-in's name or a :class:`~sstcvx.regularizers.SeparableRegularizer`); the domain
     ends of f on x (``dom_lo, dom_hi``, +-inf where absent); what :class:`DualProblem` says about
     fixed columns and artificial bounds of w."""
 
@@ -260,6 +252,8 @@ class InteriorPointProblem:
     nx: int
     dom_lo: float
     dom_hi: float
+    #: ``(K, flat, diag, r, c)`` that assembles M on its sparsity pattern (see
+    #: :func:`~sstcvx.generic.normal_matrix.sparsity`), else None
     pattern: tuple | None = None
     #: ``(SparseCholesky, keep, where)`` where M is factored by levels (see :func:`~sstcvx.generic.normal_matrix.sparsity`), else None
     sparse: tuple | None = None
@@ -274,8 +268,9 @@ class InteriorPointProblem:
     at_hi: torch.Tensor = field(init=False)
     all_at_lo: bool = field(init=False)
     all_at_hi: bool = field(init=False)
-    #: the number of complementarity pairs
-    pairs: float = field(init=False)
+    #: the number of complementarity pairs that exist (inequality rows and finite bounds; at least 1), the
+    #: divisor of the mean complementarity (:attr:`_Layout.pairs` counts the pairs' places, absent ones included)
+    existing_pairs: float = field(init=False)
     layout: _Layout = field(init=False)
     #: :func:`_dual_guess`'s tensors (-C, C^T / L, d / L, the bounds with +-inf where absent, the rows' pattern
     #: transposed; L = ||C||_2^2), set on first use
@@ -291,7 +286,7 @@ class InteriorPointProblem:
         self.at_hi = (self.up[:nx] == self.dom_hi) & (self.has_up[:nx] > 0)
         self.all_at_lo = bool(self.at_lo.all())
         self.all_at_hi = bool(self.at_hi.all())
-        self.pairs = max(self.m - self.dual.m_eq + float(self.has_lo.sum() + self.has_up.sum()), 1.0)
+        self.existing_pairs = max(self.m - self.dual.m_eq + float(self.has_lo.sum() + self.has_up.sum()), 1.0)
         self.layout = _Layout(self)
 
     @property
@@ -322,10 +317,9 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
     has_lo, has_up = torch.isfinite(lo), torch.isfinite(up)
     lo0, up0 = torch.where(has_lo, lo, 0.0), torch.where(has_up, up, 0.0)
     # a start strictly inside the bounds: the middle of a finite interval, one unit inside a half-line
-    unit = max(1.0, 0.0) * torch.ones_like(lo0)
     v0 = torch.where(has_lo & has_up, 0.5 * (lo0 + up0), torch.zeros_like(lo0))
-    v0 = torch.where(has_lo & ~has_up, lo0 + unit, v0)
-    v0 = torch.where(~has_lo & has_up, up0 - unit, v0)
+    v0 = torch.where(has_lo & ~has_up, lo0 + 1.0, v0)
+    v0 = torch.where(~has_lo & has_up, up0 - 1.0, v0)
     pattern, sparse = normal_matrix.sparsity(C)
     primal = primal_reduction.choose(C, prob.m_eq, int(prob.Cx.shape[1]), kind, sparse is not None)
     return InteriorPointProblem(
@@ -350,9 +344,11 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
 
 
 def _derivatives(ip: InteriorPointProblem, lay: _Layout, T: torch.Tensor):
-    """(phi'(x), phi''(x)) on the columns of x of the states ``T``.  For the built-in regularizers the
-    distances to the ends of the domain are taken from the slacks where the bound is the domain's own end
-    (exact even where 1 - x rounds to 0).  (Only the slices needed are taken: each is an operation.)"""
+    """``(phi'(x), phi''(x))``, each ``(B, nx)``, on the columns of x of the states ``T (B, width)`` (not
+    divided by sz: see :func:`_scaled_derivatives`).  For the built-in regularizers the distances to the ends
+    of the domain are taken from the slacks where the bound is the domain's own end (exact even where 1 - x
+    rounds to 0); a user's regularizer gets x clamped strictly inside its domain.  (Only the slices needed
+    are taken: each is an operation.)"""
     kind: Any = ip.kind
     nx = ip.nx
     if kind in ("entropy", "binary_entropy") and lay.N == nx and ip.all_at_lo and ip.all_at_hi:
@@ -366,8 +362,8 @@ def _derivatives(ip: InteriorPointProblem, lay: _Layout, T: torch.Tensor):
         return log[:, :nx] - log[:, nx:], inv[:, :nx] + inv[:, nx:]
     x = T[:, :nx]
     if not isinstance(kind, str):
-        # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x)
-        # (one clamp by Python floats: the operations on 0-dim tensors that it replaced cost 6 per iteration)
+        # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x); one clamp
+        # by Python floats (bounds as 0-dim tensors would cost more operations)
         return kind.derivatives(x.clamp(math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf)))
     if kind == "euclidean":
         return x, torch.ones_like(x)
@@ -385,9 +381,10 @@ def _derivatives(ip: InteriorPointProblem, lay: _Layout, T: torch.Tensor):
 class InteriorPointSolution:
     """What :func:`solve` returns: ``x (B, n)`` (float64), ``status (B,)`` (see
     ``dual_newton.STATUS_NAMES``), ``iterations (B,)``, ``residual (B,)`` (the largest scaled KKT
-    residual), and for the backward the Cholesky factor ``chol (B, m, m)`` of M and the scaling
-    ``q (B, m)`` of its equilibration (see :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)``
-    and the scale ``sz (B, 1)`` at the solution."""
+    residual), and for the backward the factor ``chol`` of M (``(B, m, m)`` dense, or the level-scheduled
+    factor batch last) and the scaling ``q`` of its equilibration (see
+    :func:`~sstcvx.generic.normal_matrix.factor`), ``phi_inv (B, N)`` and the scale ``sz (B, 1)`` at the
+    solution."""
 
     x: torch.Tensor
     status: torch.Tensor
@@ -397,8 +394,8 @@ class InteriorPointSolution:
     q: torch.Tensor
     phi_inv: torch.Tensor
     sz: torch.Tensor
-    #: where the problem uses the primal reduction: :func:`~sstcvx.generic.primal_reduction.factor`'s tuple and s / y on the rows
-    #: (chol and q are then empty)
+    #: where the problem uses the primal reduction: :func:`~sstcvx.generic.primal_reduction.factor`'s tuple
+    #: and s / y on the rows (chol and q are then empty)
     primal_factor: tuple | None = None
 
 
@@ -413,18 +410,17 @@ class _Layout:
     def __init__(self, ip: InteriorPointProblem):
         N, m, m_eq = ip.C.shape[1], ip.m, ip.m_eq
         self.N, self.m, self.m_eq, self.mi, self.nx = N, m, m_eq, m - m_eq, ip.nx
-        self.pairs = m - m_eq + 2 * N
+        self.pairs = m - m_eq + 2 * N  # the pairs' places P: inequality rows, then lower and upper bounds of v
         self.o_y = N + m_eq  # Y starts here; the positive part T[:, o_y:] is [Y | S]
         self.o_s = self.o_y + self.pairs
         self.width = self.o_s + self.pairs
-        # the sign of a bound slack's direction in dv (0 where the bound is absent), and which pairs exist
-        self.sign = torch.cat([ip.has_lo, -ip.has_up])
+        # which pairs exist (float 0/1 and boolean), over [s | sl | su] (or [y | zl | zu])
         self.mask = torch.cat([ip.has_lo.new_ones(m - m_eq), ip.has_lo, ip.has_up])
         self.exists = self.mask > 0
-        # 1 at the multiplier of an absent pair (0 with a zero direction), 0 elsewhere, over [Y | S]
-        self.pad = torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
-        self.neg_pad = -self.pad
-        self.neg_d = -ip.d
+        # -1 at the multiplier of an absent pair (whose direction is 0), 0 elsewhere, over [Y | S]: the ratio
+        # test's -[Y | S] is neg_pad - [Y | S] (see _negated_positive)
+        self.neg_pad = -torch.cat([1.0 - self.mask, torch.zeros_like(self.mask)])
+        self.neg_d = -ip.d  # the base of the primal residual C v - d (one addmm)
         # the start's multipliers relative to those of the rows (see START_X_MULTIPLIER)
         on_x = torch.cat(
             [ip.has_lo.new_zeros(m - m_eq)] + [(torch.arange(N, device=ip.d.device) < ip.nx).to(ip.d.dtype)] * 2
@@ -432,27 +428,34 @@ class _Layout:
         self.start_weight = 1.0 - (1.0 - START_X_MULTIPLIER) * on_x
         #: whether every pair exists (no mask to apply)
         self.all_pairs = bool(self.exists.all())
-        self.sign2 = self.sign.view(2, N)
+        #: ``(2, N)``: the sign of the bound slacks' directions in dv, [dsl; dsu] = bound_sign * dv (+1 for
+        #: the lower bound, -1 for the upper, 0 where the bound is absent)
+        self.bound_sign = torch.cat([ip.has_lo, -ip.has_up]).view(2, N)
         # slack = [s, v, -v] * mask + slack_offset: [s, v - lo, up - v] where the pair exists, 1 elsewhere
         self.slack_offset = torch.cat([ip.has_lo.new_zeros(m - m_eq), -ip.lo * ip.has_lo, ip.up * ip.has_up])
         self.slack_offset += 1.0 - self.mask
-        self.zero = ip.d.new_zeros(())
+        self.zero = ip.d.new_zeros(())  # the base of the stop test's threshold (one addcmul)
         #: C^T, the view itself kept (a ``.T`` per use is one more operation; the products are the same)
         self.CT = ip.C.T
         #: 1 / pairs (the existing ones) at every pair: ``SY @ mean_weight`` is the mean complementarity
-        self.mean_weight = ip.d.new_full((self.pairs,), 1.0 / ip.pairs)
+        self.mean_weight = ip.d.new_full((self.pairs,), 1.0 / ip.existing_pairs)
+        #: FRACTION as a tensor, the numerator of :func:`_max_step` (a Python number over a tensor costs two
+        #: operations)
         self.fraction = ip.d.new_tensor(FRACTION)
-        #: the status codes as tensors (a Python number in ``torch.where`` costs two operations)
-        self.codes = tuple(
+        #: the status codes converged, maximum iterations and not finite as tensors (a Python number in
+        #: ``torch.where`` costs two operations)
+        self.status_codes = tuple(
             torch.tensor(c, dtype=torch.long, device=ip.d.device)
             for c in (STATUS_CONVERGED, STATUS_MAX_ITER, STATUS_NOT_FINITE)
         )
 
 
-def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
-    """``(1 / Phi, ratio)`` with Phi = f''(x) (0 on w, plus ``proximal``) + zl / sl + zu / su and
-    ``ratio = (s / y (B, mi), [zl / sl, zu / su] (B, 2N))`` (two tensors: nothing needs them joined, and a
-    ``cat`` costs several elementwise operations)."""
+def _phi_inverse(lay: _Layout, T, h, proximal):
+    """``(phi_inv (B, N), ratio)`` for the states ``T (B, width)`` with phi'' / sz = ``h (B, nx)``:
+    phi_inv = 1 / Phi, Phi = h on x, ``proximal`` (a number or ``(B, 1)``) on w, plus zl / sl + zu / su;
+    ``ratio`` the two ratio tensors ``(s / y (B, mi), [zl / sl | zu / su] (B, 2N))`` (two tensors: nothing
+    needs them joined, and a ``cat`` costs several elementwise operations).  ``ratio[0]`` is the normal
+    matrix's extra diagonal, ``ratio[1]`` gives the bound multipliers' directions."""
     N, nx, mi = lay.N, lay.nx, lay.mi
     o_y, o_s = lay.o_y, lay.o_s
     ratio = (T[:, o_s : o_s + mi] / T[:, o_y : o_y + mi], T[:, o_y + mi : o_s] / T[:, o_s + mi :])
@@ -466,7 +469,8 @@ def _phi_inverse(lay: _Layout, T, h, proximal=0.0):
 
 
 def _scaled_targets(lay: _Layout, T, rc, neg_pos):
-    """``(rc_b / [sl, su], rc_y / y)`` for the complementarity targets ``rc (B, P)``; ``rc`` None stands for
+    """``(rc_b / [sl, su] (B, 2N), rc_y / y (B, mi))`` for the complementarity targets ``rc (B, P)`` laid out
+    as the pairs ``[rows | lower | upper]`` (rc_y the rows' part, rc_b the bounds'); ``rc`` None stands for
     the predictor's ``-S Y``, whose quotients are ``-[zl, zu]`` and ``-s`` exactly: views of ``neg_pos``
     (:func:`_negated_positive`), valid where every pair exists (no padding there), two divisions fewer."""
     mi, o_y, o_s = lay.mi, lay.o_y, lay.o_s
@@ -477,12 +481,17 @@ def _scaled_targets(lay: _Layout, T, rc, neg_pos):
 
 
 def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
-    """The Newton direction ``dT`` (laid out as T) for the complementarity targets ``rc (B, P)`` (the
-    right-hand sides of S dY + Y dS = rc, pair by pair; None: the predictor's -S Y, see
-    :func:`_scaled_targets`), with the factor F of the normal matrix and
-    ``ratio`` from :func:`_phi_inverse` (the same for predictor and corrector)."""
+    """The Newton direction ``dT (B, width)`` (laid out as T) from the states ``T`` with :func:`_residuals`'
+    ``rd, rp``, for the complementarity targets ``rc (B, P)`` (the right-hand sides of S dY + Y dS = rc,
+    pair by pair; None: the predictor's -S Y, read off ``neg_pos``, which it then requires, see
+    :func:`_scaled_targets`), with ``F`` from :func:`~sstcvx.generic.normal_matrix.factor` and
+    ``phi_inv, ratio`` from :func:`_phi_inverse` (the same for predictor and corrector).  Eliminating dY and
+    dS leaves M dnu = C Phi^-1 r1 + rp + (0, rc_y / y); then dv = Phi^-1 (r1 - C^T dnu), the slacks'
+    directions from dv (bounds) and dnu (rows), the multipliers' from S dY + Y dS = rc."""
     N, m_eq, mi = lay.N, lay.m_eq, lay.mi
+    # the bounds' targets over their slacks (B, 2N) and the rows' over their multipliers (B, mi)
     rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
+    # the right-hand side in v once the bound multipliers' directions are eliminated
     r1 = rcb[:, :N] - rcb[:, N:] - rd
     u = phi_inv * r1
     # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
@@ -491,7 +500,8 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
         (rhs[:, m_eq:] if m_eq else rhs).add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
     dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
-    dSb = (dv.unsqueeze(1) * lay.sign2).view(dv.shape[0], 2 * N)
+    # the bound slacks' directions [dsl | dsu] = [dv | -dv] (0 at an absent bound), then their multipliers'
+    dSb = (dv.unsqueeze(1) * lay.bound_sign).view(dv.shape[0], 2 * N)
     dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
     if mi:
         ds = torch.addcmul(rcy, ratio[0], dnu[:, m_eq:] if m_eq else dnu, value=-1.0)
@@ -502,16 +512,19 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
 def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
     """:func:`_direction` by the primal reduction: with D = y / s on the inequality rows, the rows'
     equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
-    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`)."""
+    A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`;
+    the other arguments and the result as there)."""
     N, m_eq = lay.N, lay.m_eq
+    # the bounds' targets over their slacks (B, 2N) and the rows' over their multipliers (B, mi)
     rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
+    # the right-hand side in v once the bound multipliers' directions are eliminated
     r1 = rcb[:, :N] - rcb[:, N:] - rd
-    rows_in = -rp[:, m_eq:] - rcy
+    rows_in = -rp[:, m_eq:] - rcy  # the inequality rows' right-hand side: G dv - (s / y) dy = rows_in
     D = ratio[0].reciprocal()
     r1 = torch.addmm(r1, D * rows_in, ip.primal.G)
     dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
     dy = D * (dv @ ip.primal.G.T - rows_in)
-    dSb = (dv.unsqueeze(1) * lay.sign2).reshape(dv.shape[0], 2 * N)
+    dSb = (dv.unsqueeze(1) * lay.bound_sign).reshape(dv.shape[0], 2 * N)
     dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
     ds = torch.addcmul(rcy, ratio[0], dy, value=-1.0)
     parts = [dv, dlam, dy, dYb, ds, dSb] if m_eq else [dv, dy, dYb, ds, dSb]
@@ -519,9 +532,10 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_po
 
 
 def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION, dpos=None):
-    """``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping every slack and multiplier
-    positive, at most 1, (B, 1), for the direction ``dT`` from the state whose ``-[Y | S]`` is ``neg_pos``
-    (:func:`_negated_positive`, shared by the predictor's and the corrector's ratio test)."""
+    """The step length ``(B, 1)``: ``fraction`` (a number or ``(B, 1)``) times the largest alpha keeping
+    every slack and multiplier positive, at most 1, for the direction ``dT`` from the state whose
+    ``-[Y | S]`` is ``neg_pos`` (:func:`_negated_positive`, shared by the predictor's and the corrector's
+    ratio test).  ``dpos``: the block ``dT[:, o_y:]`` where the caller already has it (None: sliced here)."""
     if not lay.pairs:
         return dT.new_ones(dT.shape[0], 1)
     # alpha = 1 / max(-dpos / pos): arithmetic only (a comparison and a masked fill cost several times
@@ -536,20 +550,22 @@ def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTI
 
 
 def _negated_positive(lay: _Layout, pos):
-    """``-[Y | S]`` for the ratio test, from the block ``pos = T[:, o_y:]`` of the states, -1 at the multiplier
-    of an absent pair (whose direction is 0)."""
+    """``-[Y | S] (B, 2P)`` for the ratio test (:func:`_max_step`) and the predictor's targets
+    (:func:`_scaled_targets`), from the block ``pos = T[:, o_y:]`` of the states; -1 at the multiplier of an
+    absent pair (whose direction is 0, so that it never limits the step)."""
     return lay.neg_pad - pos
 
 
 def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
-    """Active-set polish of the elements ``T (B, width)`` for the Euclidean regularizer: guess the
-    active pairs (a slack below its multiplier), hold them at equality (the bound's value, the row's
-    right-hand side), drop the others, and solve the remaining equality-constrained quadratic program
-    exactly (one Newton step on (x, nu)).  Where the
-    solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
+    """Active-set polish of the elements ``T (B, width)`` (with ``zs = z / sz (B, nx)``, ``sz (B, 1)``) for
+    the Euclidean regularizer: guess the active pairs (a slack below its multiplier), hold them at
+    equality (the bound's value, the row's right-hand side), drop the others, and solve the remaining
+    equality-constrained quadratic program exactly (one Newton step on (x, nu), :func:`_polish_once`).
+    Where the solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
     -TOLERANCE), the offending pairs change sides and that element is solved again, up to ``rounds``
-    more times (a primal-dual active-set step), unless the first solve broke more than ``max_wrong``
-    sign conditions per element on average.  Returns ``(T', g', h', accepted (B,))``: the
+    more times (a primal-dual active-set step; from round ``SINGLE_FLIP_AFTER`` on, an element that is
+    not improving changes only its most broken pair), unless the first solve broke more than
+    ``max_wrong`` sign conditions per element on average.  Returns ``(T', g', h', accepted (B,))``: the
     polished state, laid out as T, with the vanishing member of every pair at 0 (a slack) or ``TINY``
     (a multiplier), so that the backward reads the active set from it; its derivatives; and which
     elements are solved: sign conditions met, held rows met and the dual residual on the free
@@ -717,19 +733,18 @@ def _start(ip: InteriorPointProblem, lay: _Layout, z, zs, sz):
 
 def _polishes(ip: InteriorPointProblem) -> bool:
     """Whether the solver polishes (and starts with the active-set method): the Euclidean regularizer
-    only, whose reduced problem is linear.  Measured (docs/generic.md): with a nonlinear f, Newton
-    steps in x from an iterate whose small
-    coordinates are not yet resolved overshoot past an end of f's domain where phi'' is infinite
+    only, whose reduced problem is linear.  With a nonlinear f, Newton steps in x from an iterate whose
+    small coordinates are not yet resolved overshoot past an end of f's domain where phi'' is infinite
     (the entropies, the Tsallis entropies), and damped steps need more factorizations than the
-    interior-point iterations they save (the binary entropy on 1,000 variables with 100 rows: 1.8
-    s against 0.96 s); the polish gained 12% at most on the paths and cost 1.4-3.8x on a user's
-    phi."""
+    interior-point iterations they save (figures in docs/generic.md)."""
     return ip.kind == "euclidean"
 
 
 def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
-    """The residuals of T: ``(rd (B, N), rp (B, m), SY (B, P), mu (B,))``, the dual and primal residuals,
-    the complementarity products and their mean."""
+    """The residuals of the states ``T (B, width)`` with phi'(x) / sz = ``g (B, nx)`` and z / sz = ``zs (B, nx)``:
+    ``(rd (B, N), rp (B, m), SY (B, P), mu (B,))``, the dual residual ``[g - zs; 0] + C^T nu - zl + zu``, the
+    primal residual ``C v - d + (0, s)``, the complementarity products (0 at an absent pair: slack 1, multiplier 0) and their
+    mean over the existing pairs."""
     N, m, m_eq, mi, nx = lay.N, lay.m, lay.m_eq, lay.mi, lay.nx
     o_y, o_s = lay.o_y, lay.o_s
     S, Y = T[:, o_s:], T[:, o_y:o_s]
@@ -745,12 +760,13 @@ def _residuals(ip: InteriorPointProblem, lay: _Layout, T, g, zs):
 
 
 def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
-    """The convergence test on :func:`_residuals`' output and the largest product ``top (B,)`` of each
-    element: ``(done (B,), res (B,))``, whether the element meets every tolerance (primal, dual up to the
-    resolution of floats at x, the largest product), and its largest scaled residual."""
+    """The stop test of the states ``T`` with phi'' / sz = ``h`` on :func:`_residuals`' ``rd, rp, mu`` and the
+    largest product ``top (B,)`` of each element: ``(done (B,), res (B,))``, whether the element meets every
+    tolerance (primal, dual up to the resolution of floats at x, the largest product), and its largest
+    scaled residual (NaN where the state is not finite)."""
     scale, nx = ip.dual.scale, lay.nx
-    # (the threshold 4 eps h max(1, |x|) by one addcmul, 4 eps a power of 2; measured, linalg.vector_norm
-    # costs more than abs and amax)
+    # (the threshold 4 eps h max(1, |x|) by one addcmul, 4 eps a power of 2: exact; abs and amax cost less
+    # than linalg.vector_norm)
     p = rp.abs().amax(-1) if lay.m else mu.new_zeros(mu.shape)
     a = rd.abs()
     ax = a[:, :nx] if nx < lay.N else a
@@ -758,14 +774,16 @@ def _converged(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, top, mu):
     ax.masked_fill_(ax <= threshold, 0.0)
     dd = a.amax(-1) if lay.N else mu.new_zeros(mu.shape)
     # (max(p, mu) / scale is max(p / scale, mu / scale), the division being monotone: one operation fewer;
-    # measured, a stack of the three tests costs more than the five operations)
+    # a stack of the three tests would cost more than the operations it saves)
     res = torch.maximum(torch.maximum(p, mu).div_(scale), dd)
     done = (p <= TOLERANCE * scale) & (dd <= TOLERANCE) & (top <= MU_TOLERANCE * scale)
     return done, res
 
 
 def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -> InteriorPointSolution:
-    """Solve the relaxed problem for every row of ``Z (B, n)`` (any device); see the module."""
+    """Solve the relaxed problem for every row of ``Z (B, n)`` (any device) in at most ``max_iter``
+    iterations per element; see the module (start, iteration, stop test, compaction, the backward's
+    factor)."""
     prob = ip.dual
     dt = torch.float64
     B = Z.shape[0]
@@ -794,15 +812,16 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     polish = N == nx and _polishes(ip)
     tries = torch.zeros(B, dtype=torch.long, device=dev) if polish else None  # polish attempts per active element
     index = None  # the indices of the active elements, None while all are active
-    zsz = None  # [zs | sz] of the active elements, from the first removal on
+    zs_and_sz = None  # [zs | sz] of the active elements side by side (one indexing for both), from the first removal on
     T_all, h_all = T, h  # each element's state and phi'' / sz where it stopped
     if polish and START_ROUNDS >= 0:
         # the quadratic case: an active-set method from a guess of the active set ends most elements before
         # the interior point starts (those it does not solve start it from the usual point)
         Tn, gn, hn, ok = _start(ip, lay, z, zs, sz)
         T[ok], g[ok], h[ok] = Tn[ok], gn[ok], hn[ok]
-    for _ in range(max_iter + 1):
-        if polish and _:
+    for k in range(max_iter + 1):  # k: the iterations taken so far
+        if polish and k:
+            assert tries is not None
             # elements near their solution: try the active-set polish, keep what passes the test below
             near = ((T[:, o_s:] * T[:, o_y:o_s]).amax(-1) <= POLISH_START * scale) & (tries < POLISH_TRIES)
             near = near.nonzero().squeeze(1)
@@ -813,7 +832,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
                     near = near[ok]
                     T[near], g[near], h[near] = Tn[ok], gn[ok], hn[ok]
         rd, rp, SY, mu = _residuals(ip, lay, T, g, zs)
-        last = _ == max_iter
+        last = k == max_iter
         # the full test only once some element's largest complementarity product (or a NaN) lets it pass:
         # about 20 operations saved in most iterations.  The mean mu is a lower bound of the largest (the
         # margin covers the sum's rounding), so the pre-test reads mu's least: two operations, one host sync
@@ -826,16 +845,16 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             finite = res < math.inf
             stop = done | ~finite
         if stop is not None and (bool(stop.any()) or last):
-            converged, max_iter_, not_finite = lay.codes
-            sub_status = torch.where(done, converged, torch.where(finite, max_iter_, not_finite))
+            code_converged, code_max_iter, code_not_finite = lay.status_codes
+            sub_status = torch.where(done, code_converged, torch.where(finite, code_max_iter, code_not_finite))
             # an element's iterations are those taken when it stops (rewritten while it continues): one
             # operation per stop instead of a count per iteration
             if index is None:
                 status, residual = sub_status, res
-                iterations.fill_(_)
+                iterations.fill_(k)
                 T_all, h_all = T, h
             else:
-                status[index], residual[index], iterations[index] = sub_status, res, _
+                status[index], residual[index], iterations[index] = sub_status, res, k
                 T_all[index], h_all[index] = T, h
             if last:
                 break
@@ -844,14 +863,13 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             index = keep if index is None else index[keep]
             if index.numel() == 0:
                 break
-            # (zs and sz side by side: one indexing for both)
             T, g, h = T.index_select(0, keep), g.index_select(0, keep), h.index_select(0, keep)
-            zsz = (torch.cat([zs, sz], 1) if zsz is None else zsz).index_select(0, keep)
-            zs, sz = zsz[:, :nx], zsz[:, nx:]
-            if polish:
+            zs_and_sz = (torch.cat([zs, sz], 1) if zs_and_sz is None else zs_and_sz).index_select(0, keep)
+            zs, sz = zs_and_sz[:, :nx], zs_and_sz[:, nx:]
+            if tries is not None:  # (the polish runs)
                 tries = tries[keep]
             rd, rp, SY, mu = rd.index_select(0, keep), rp.index_select(0, keep), SY.index_select(0, keep), mu[keep]
-        T = _step(ip, lay, T, h, rd, rp, SY, mu, _)
+        T = _step(ip, lay, T, h, rd, rp, SY, mu, k)
         g, h = _scaled_derivatives(ip, lay, T, sz)
     T = T_all
     # the factor of the Newton system and Phi at the returned point, for the backward (phi'' there was
@@ -880,8 +898,9 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
 
 def _plain_start(ip: InteriorPointProblem):
     """The usual start ``(width,)``: v0 (the middle of each finite interval, one unit inside a half-line),
-    slacks of the inequality rows max(1, h - G v0), multipliers 1 (scaled per element by :func:`solve`);
-    computed once per problem."""
+    lambda 0, slacks of the inequality rows max(1, h - G v0), bound slacks v0 - l and u - v0 (1 where the
+    bound is absent), multipliers 1 where the pair exists, 0 at an absent bound (scaled per element by
+    :func:`solve`); computed once per problem and cached."""
     if ip.plain_start is None:
         m_eq = ip.m_eq
         s0 = (ip.d[m_eq:] - ip.v0 @ ip.C[m_eq:].T).clamp_min(1.0)
@@ -918,24 +937,29 @@ def _central_start(ip: InteriorPointProblem):
 
 
 def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
-    """One predictor-corrector iteration (the ``k``-th) from the state ``T`` with phi'' = ``h`` and
-    :func:`_residuals`' output ``rd, rp, SY, mu``: the next state."""
+    """One predictor-corrector iteration, the ``k``-th (0-based: it sets the proximal weight and the
+    reduction), from the states ``T (B, width)`` with phi'' / sz = ``h (B, nx)`` and :func:`_residuals`'
+    output ``rd, rp, SY, mu``: the next states ``(B, width)``.  The Newton system is factored once
+    (:func:`~sstcvx.generic.normal_matrix.factor`, or :func:`~sstcvx.generic.primal_reduction.factor` for
+    the first ``PRIMAL_ITERATIONS`` iterations where the problem has it) and solved twice: the predictor
+    (targets -S Y), then the corrector (centering target sigma mu with sigma = (mu_aff / mu)^3, plus the
+    predictor's second-order term), each with its own step to the boundary."""
     o_y, scale = lay.o_y, ip.dual.scale
     # proximal weight on w: mu for the first PROXIMAL_DELAY iterations, then at least PROXIMAL
-    mu1 = mu[:, None]
-    prox = mu1 if k < PROXIMAL_DELAY or lay.N == lay.nx else mu1.clamp(min=PROXIMAL)
+    mu_col = mu[:, None]  # (B, 1)
+    prox = mu_col if k < PROXIMAL_DELAY or lay.N == lay.nx else mu_col.clamp(min=PROXIMAL)
     phi_inv, ratio = _phi_inverse(lay, T, h, prox)
     if ip.primal is not None and k < PRIMAL_ITERATIONS:
         F, direction = primal_reduction.factor(ip, ratio[0], phi_inv), _direction_primal
     else:
         F, direction = normal_matrix.factor(ip, ratio[0], phi_inv), _direction
     # predictor (affine scaling); its targets -S Y divided by S are read off -[Y | S] where every pair exists
-    pos = T[:, o_y:]
+    pos = T[:, o_y:]  # the positive variables [Y | S]
     neg_pos = _negated_positive(lay, pos)
     d_aff = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, None if lay.all_pairs else -SY, neg_pos)
     dpos = d_aff[:, o_y:]
-    a_aff = _max_step(lay, neg_pos, d_aff, dpos=dpos)
-    dY, dS = dpos[:, : lay.pairs], dpos[:, lay.pairs :]
+    a_aff = _max_step(lay, neg_pos, d_aff, dpos=dpos)  # the predictor's step length (B, 1)
+    dY_aff, dS_aff = dpos[:, : lay.pairs], dpos[:, lay.pairs :]
     pos_aff = torch.addcmul(pos, a_aff, dpos)
     # (the mean by a product with the weights 1 / pairs: one operation for a sum and a division)
     mu_aff = (pos_aff[:, lay.pairs :] * pos_aff[:, : lay.pairs]) @ lay.mean_weight
@@ -944,16 +968,18 @@ def _step(ip: InteriorPointProblem, lay: _Layout, T, h, rd, rp, SY, mu, k: int):
     # satisfied leaves a singular normal matrix
     target = torch.clamp(sigma * mu, min=0.1 * MU_TOLERANCE * scale)[:, None]
     # corrector: centering and the second-order term of the predictor
-    rc = torch.addcmul(target - SY if lay.all_pairs else target * lay.mask - SY, dS, dY, value=-1.0)
+    rc = torch.addcmul(target - SY if lay.all_pairs else target * lay.mask - SY, dS_aff, dY_aff, value=-1.0)
     dT = direction(ip, lay, T, F, phi_inv, ratio, rd, rp, rc)
     # the fraction to the boundary tends to 1 with mu (FRACTION at least, 1 - FRACTION_GAP at most): a
     # fixed fraction caps the decrease of mu at 1 / (1 - FRACTION) per step in the last iterations
-    fraction = (1.0 - mu1).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
+    fraction = (1.0 - mu_col).clamp_(min=FRACTION, max=1.0 - FRACTION_GAP)
     T = torch.addcmul(T, _max_step(lay, neg_pos, dT, fraction), dT)
     return T
 
 
 def _scaled_derivatives(ip, lay: _Layout, T, sz):
+    """``(phi'(x) / sz, phi''(x) / sz)``, each ``(B, nx)``: the derivatives of the scaled objective at the
+    states ``T`` (``sz (B, 1)``)."""
     g, h = _derivatives(ip, lay, T)
     return g / sz, h / sz
 

@@ -47,11 +47,10 @@ HUGE = 1e200
 PATTERN_LIMIT = 2**22
 #: Where M is assembled densely, it is one product ``Phi^{-1} @ K`` with the full table K (N, m^2) of C's
 #: column products when that table has at most this many entries (one small matrix product instead of a
-#: broadcast product and a batched one: measured 8 against 32 us on path 6 at batch 256).
+#: broadcast product and a batched one).
 DENSE_TABLE_LIMIT = 2**16
 #: Below this many elements times m^3 the dense factorization is used although the level-scheduled one
 #: exists: its fixed cost (about 10 batched operations per level) exceeds a few small LAPACK calls.
-#: Measured on path 30 (m = 29, 5 levels): 90 + 5.2 B us dense against 260 + 1.4 B us by levels.
 DENSE_WORK = 1_000_000
 
 

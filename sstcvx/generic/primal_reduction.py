@@ -214,14 +214,13 @@ def factor(ip: InteriorPointProblem, ratio_in, phi_inv):
     if not m_eq:
         return F, q, None, None
     # W = L^-1 P^T diag(q)^-1 A^T on its pattern (entries batch last): a dense forward substitution of the
-    # m_eq columns gathered (N, B, m_eq) blocks and cost 0.7 of the 1.8 ms of one factorization on K4
+    # m_eq columns would gather (N, B, m_eq) blocks
     L = F[: chol.nnz]
     W = pr.w_start / q.index_select(0, pr.w_row)
     for target, lpos, source in pr.w_steps:
         W.index_add_(0, target, L.index_select(0, lpos) * W.index_select(0, source), alpha=-1.0)
-    # S's lower triangle on W's pattern, products of entries of one row scaled by D^-1/2 (measured on K4:
-    # 186 pairs against 4,200 products for a dense W, and a batched matrix product cost 0.4 ms per
-    # factorization at batch 256); the Cholesky factorization reads the lower triangle only
+    # S's lower triangle on W's pattern, products of entries of one row scaled by D^-1/2 (far fewer products
+    # than a dense W's); the Cholesky factorization reads the lower triangle only
     Wd = W * chol.inverse_pivot(F, q).sqrt().index_select(0, pr.w_n)
     products = Wd.index_select(0, pr.pair_a) * Wd.index_select(0, pr.pair_b)
     S = W.new_zeros(m_eq * m_eq, B).index_add_(0, pr.pair_target, products).T.reshape(B, m_eq, m_eq)
@@ -256,9 +255,7 @@ def solve(ip: InteriorPointProblem, factors, r, rows_eq=None):
 REFINE_STEPS = 4
 REFINE_TOLERANCE = 1e-9
 #: An element whose correction is below this (relative) is done: it leaves the refinement, which continues on
-#: the others only.  Measured on the K4 flows at |U| ~ 1: the median element's first correction is 1e-15 of
-#: u and the largest 6e-4 (then 4e-7, 2e-10, 2e-13), and each step on the whole batch of 256 cost about
-#: 1.3 ms of a 29 ms forward + backward.
+#: the others only (most elements are done after the first step).
 REFINE_DONE = 1e-12
 
 
@@ -276,8 +273,7 @@ def backward(ip: InteriorPointProblem, factors, phi_inv, g):
 
     (residuals in (u, lambda, y), corrections by :func:`solve`).  Without it, H's entries y / s of
     order 1 / mu on the active rows lose about log10(1 / mu) digits of the other terms to cancellation
-    (measured: a vector-Jacobian product 2e-2 off on a path of 30, where the normal matrix's is within
-    1e-6 of finite differences).  Up to REFINE_STEPS steps; an element whose correction falls below
+    (figures in docs/generic.md).  Up to REFINE_STEPS steps; an element whose correction falls below
     REFINE_DONE (relative) leaves the refinement.  An element whose last correction stays above
     REFINE_TOLERANCE (relative) is solved again with the normal matrix M.  ``factors``: :func:`factor`'s
     tuple and s / y on the rows."""
@@ -330,8 +326,8 @@ def backward(ip: InteriorPointProblem, factors, phi_inv, g):
         lam = None if lam is None else lam[sub]
         Fa, ratio_a, Da, rhs_a, phi_a = _take(Fa, sub), ratio_a[sub], Da[sub], rhs_a[sub], phi_a[sub]
     if bool(bad.any()):
-        # y / s so large that the refinement does not contract (measured, of 256 elements of the K4 flows:
-        # none at |z| about 1, 77 at |z| about 30, 145 with the Euclidean regularizer at |z| about 3)
+        # y / s so large that the refinement does not contract (none at |z| about 1 on the flows, many at
+        # large |z| and with the Euclidean regularizer)
         b = bad.nonzero().squeeze(1)
         L, q = normal_matrix.factor(ip, ratio[b], phi_inv[b])
         ub = phi_inv[b] * rhs[b]
