@@ -12,7 +12,7 @@ import sstcvx
 from polytopes import KSubset, Simplex
 from polytopes.spanning_tree import spanning_trees_by_flows
 from sstcvx import generic
-from sstcvx.generic import normal_matrix, primal_reduction
+from sstcvx.generic import active_set, normal_matrix, primal_reduction
 from sstcvx.generic.interior_point import InteriorPointRelaxation
 from sstcvx.regularizers import Regularizer, get_regularizer
 
@@ -298,7 +298,7 @@ def plain_tight_solution(monkeypatch, P, U):
     import sstcvx.generic.interior_point as interior_point
 
     monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
-    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
+    monkeypatch.setattr(active_set, "START_ROUNDS", -1)
     monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
     monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
     return ipm(P, "euclidean").solve(U)
@@ -315,7 +315,7 @@ def test_polish_agrees_with_the_plain_iteration(monkeypatch, U_scale):
     U = U_scale * torch.randn(64, 30, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     polished = ipm(P, reg).solve(U)
     monkeypatch.setattr(interior_point, "POLISH_START", -1.0)
-    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
+    monkeypatch.setattr(active_set, "START_ROUNDS", -1)
     plain = ipm(P, reg).solve(U)
     monkeypatch.setattr(interior_point, "MU_TOLERANCE", 1e-17)
     monkeypatch.setattr(interior_point, "TOLERANCE", 1e-14)
@@ -346,18 +346,17 @@ def test_dual_guess_starts_path_30_near_its_active_set(monkeypatch):
     fewer sign conditions than the box's: on a path of 30 at |U| ~ 1 the active-set rounds solve every
     element before the interior point starts with under 2 solves per element in all (3.8 from the box's
     guess), at the point the plain iteration reaches at tight tolerances."""
-    import sstcvx.generic.interior_point as interior_point
 
     P = independent_sets(30)
     U = torch.randn(128, 30, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     solves = []
-    once = interior_point._polish_once
+    once = active_set.solve_held
 
     def counted(ip, lay, T, *rest):
         solves.append(T.shape[0])
         return once(ip, lay, T, *rest)
 
-    monkeypatch.setattr(interior_point, "_polish_once", counted)
+    monkeypatch.setattr(active_set, "solve_held", counted)
     sol = ipm(P, "euclidean").solve(U)
     assert bool((sol.status == 0).all()) and bool((sol.iterations == 0).all())
     assert sum(solves) < 2 * U.shape[0] and len(solves) <= 7
@@ -385,16 +384,15 @@ def test_dual_guess_leaves_degenerate_elements_to_the_box_guess(monkeypatch):
     flags the element, and the start takes the box's guess for it: every element is solved before the
     interior point starts, at the cvxpylayers solution.  Where most of the batch is flagged after the
     first step, the guess gives up (the box's guess serves all)."""
-    import sstcvx.generic.interior_point as interior_point
 
     P = independent_sets(6)
     U = 10 * torch.randn(64, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     relaxation = ipm(P, "euclidean")
     ip = relaxation.problem_on("cpu")
     z = U[:, ip.dual.x_free]
-    assert interior_point._dual_guess(ip, ip.layout, z, interior_point.START_DUAL_STEPS) is None
-    monkeypatch.setattr(interior_point, "START_DUAL_GIVE_UP", 2.0)
-    _, degenerate = interior_point._dual_guess(ip, ip.layout, z, interior_point.START_DUAL_STEPS)  # type: ignore[misc]
+    assert active_set.dual_guess(ip, ip.layout, z, active_set.START_DUAL_STEPS) is None
+    monkeypatch.setattr(active_set, "START_DUAL_GIVE_UP", 2.0)
+    _, degenerate = active_set.dual_guess(ip, ip.layout, z, active_set.START_DUAL_STEPS)  # type: ignore[misc]
     assert 0 < int(degenerate.sum()) < U.shape[0]
     sol = relaxation.solve(U)
     assert bool((sol.status == 0).all()) and bool((sol.iterations == 0).all())
@@ -434,13 +432,12 @@ def test_active_set_start_solves_a_path_of_30(monkeypatch):
     """With U ~ N(0, 1) the box's guess on a path of 30 is about 4 sign conditions off per element; the
     active-set rounds of the start still solve every element (the interior point does not iterate), at
     the point the iteration without them reaches."""
-    import sstcvx.generic.interior_point as interior_point
 
     P = independent_sets(30)
     U = torch.randn(256, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sol = ipm(P, "euclidean").solve(U)
     assert bool((sol.status == 0).all()) and int(sol.iterations.max()) == 0
-    monkeypatch.setattr(interior_point, "START_ROUNDS", -1)
+    monkeypatch.setattr(active_set, "START_ROUNDS", -1)
     reference = ipm(P, "euclidean").solve(U[:16])
     torch.testing.assert_close(sol.x[:16], reference.x, atol=1e-8, rtol=0)
 

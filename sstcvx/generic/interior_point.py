@@ -55,28 +55,10 @@ and auxiliary variables alike, needs only phi' and phi'', and converges superlin
 counts in docs/generic.md).  With equality rows only and a built-in regularizer, the dual method
 is faster (fewer Newton steps and no slacks) and stays the default there.
 
-Polish (the Euclidean regularizer on declarations without auxiliary variables, where the problem
-is a strictly convex quadratic program): once an element's largest complementarity product is
-below ``POLISH_START`` times the form's scale, its active set is guessed (a slack below its
-multiplier), the active rows and bounds are held at equality and the others dropped, and the
-remaining equality-constrained problem is solved exactly by one Newton step on (x, nu)
-(:func:`_polish`); pairs that break their sign condition change sides and the element is solved
-again (``POLISH_ROUNDS`` times at most: a primal-dual active-set step; from round
-``SINGLE_FLIP_AFTER`` on, an element whose count of broken conditions is not below its best
-changes only its most broken pair), with ``POLISH_TRIES`` attempts per element (an active-set
-method can cycle on a degenerate element).  An element whose polished point has every held
-multiplier and dropped slack non-negative, its held rows met and its dual residual below the
-tolerances is done, with complementarity exactly 0: an interior point can approach a
-near-degenerate pair only as mu / s, the polish lands on it.  The same active-set solve also runs
-before the interior point (:func:`_start`), with ``START_ROUNDS`` rounds when its guess breaks at
-most ``START_MAX_WRONG`` sign conditions per element on average; the elements it solves never
-iterate.  The guess (:func:`_dual_guess`): the active set of ``START_DUAL_STEPS`` accelerated
-projected gradient steps on the dual of the projection (held: the rows with a positive
-multiplier, the bounds that z - C^T nu leaves); where that holds a row together with bounds on
-all its columns (a degenerate vertex: the system is then singular), the active set of the box's
-solution instead (:func:`_box_guess`: x = z clamped; the bounds z leaves and the rows that x
-violates held, except the bounds of a held row's columns).  No polish for a nonlinear f (see
-:func:`_polishes`).
+Polish and the Euclidean start: the active-set method of :mod:`~sstcvx.generic.active_set`, tried on
+elements whose largest complementarity product is below ``POLISH_START`` times the form's scale
+(``POLISH_ROUNDS`` rounds, ``POLISH_TRIES`` attempts per element) and run before the first iteration;
+the Euclidean regularizer only (see :func:`_polishes`).
 
 Factorization (:mod:`~sstcvx.generic.normal_matrix`): M is assembled on the sparsity pattern that C
 fixes, equilibrated to a unit diagonal (with a relative jitter of 1e-15) and factored by the
@@ -148,7 +130,7 @@ from typing import Any
 
 import torch
 
-from . import normal_matrix, primal_reduction
+from . import active_set, normal_matrix, primal_reduction
 from .dual_newton import (
     STATUS_AUX_BOX,
     STATUS_CONVERGED,
@@ -158,7 +140,6 @@ from .dual_newton import (
     FastRelaxation,
 )
 from .layer import refuse_double_backward
-from .normal_matrix import HUGE, TINY
 
 #: Iterations allowed per element.
 MAX_ITER = 200
@@ -181,33 +162,13 @@ PROXIMAL_DELAY = 12
 #: the normal matrix (with the primal reduction throughout, a few elements of the flows at large |z| stall:
 #: H cancels digits on the active rows, where y / s is of order 1 / mu).
 PRIMAL_ITERATIONS = 20
-#: Active-set polish (:func:`_polish`, the Euclidean regularizer only): tried on an element once its largest
+#: Active-set polish (:func:`~sstcvx.generic.active_set.polish`, the Euclidean regularizer only): tried on an element once its largest
 #: complementarity product is below POLISH_START times the form's scale, with POLISH_ROUNDS rounds of sign flips.
 POLISH_START = 1e-4
 POLISH_ROUNDS = 3
 #: Polish attempts per element (an active-set method can cycle on a degenerate element; the interior
 #: point then finishes it).
 POLISH_TRIES = 2
-#: Rounds of the active-set method that starts the Euclidean case (negative: none).
-START_ROUNDS = 12
-#: ... unless its guess breaks more sign conditions than this per element on average: the active set then
-#: changes by a fraction per round, and the rounds cost more than the interior-point iterations they replace.
-START_MAX_WRONG = 12.0
-#: From this round on, an element of :func:`_polish` whose count of broken sign conditions has not fallen below
-#: its best changes only its most broken pair (the full flips can cycle; the polish inside the iteration,
-#: with POLISH_ROUNDS rounds, never gets there).
-SINGLE_FLIP_AFTER = 4
-#: Accelerated projected gradient steps on the projection's dual that guess the start's active set
-#: (:func:`_dual_guess`; 0: the box's guess everywhere).  Fewer steps leave more wrong pairs; more overshoot
-#: (the extrapolation).
-START_DUAL_STEPS = 5
-#: ... stopped after the first where that flags this fraction of the batch degenerate (the box's guess then
-#: serves every element: the fraction falls only a little over the steps, and the few elements left would
-#: gain less than the steps cost).
-START_DUAL_GIVE_UP = 0.6
-#: The dtype of those steps (a guess only: the polish's solve and test are in float64); float32 halves the
-#: products' cost on CPU.
-START_DUAL_DTYPE = torch.float32
 #: The start's multipliers (of the inequality rows and of the bounds of w; those of the bounds of x get
 #: START_X_MULTIPLIER times that) are min(1, START_MULTIPLIER * sz) per element, sz = max(1, max|z|) the
 #: objective's scale: where the regularizer dominates (sz small) the solution's multipliers are small, and a
@@ -224,9 +185,6 @@ START_CENTRAL_SCALE = 3.0
 START_CENTRAL_MU = 3e-2
 #: The proximal weight on the auxiliary variables in the backward's Phi (see the module's "Backward").
 BACKWARD_PROXIMAL = 1e-7
-# In a polished solution, the vanishing member of a complementarity pair is 0 (a slack) or TINY (a
-# multiplier); a row dropped from the polish system gets the diagonal weight HUGE (both imported from
-# normal_matrix).
 
 _DOMAINS = {"entropy": (0.0, math.inf), "binary_entropy": (0.0, 1.0), "euclidean": (-math.inf, math.inf)}
 
@@ -272,7 +230,7 @@ class InteriorPointProblem:
     #: divisor of the mean complementarity (:attr:`_Layout.pairs` counts the pairs' places, absent ones included)
     existing_pairs: float = field(init=False)
     layout: _Layout = field(init=False)
-    #: :func:`_dual_guess`'s tensors (-C, C^T / L, d / L, the bounds with +-inf where absent, the rows' pattern
+    #: :func:`~sstcvx.generic.active_set.dual_guess`'s tensors (-C, C^T / L, d / L, the bounds with +-inf where absent, the rows' pattern
     #: transposed; L = ||C||_2^2), set on first use
     dual_guess: tuple | None = field(init=False, default=None)
     #: :func:`_central_start`'s state (width,), or False where that iteration failed; set on first use
@@ -556,181 +514,6 @@ def _negated_positive(lay: _Layout, pos):
     return lay.neg_pad - pos
 
 
-def _polish(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, rounds: int = 1, max_wrong=math.inf):
-    """Active-set polish of the elements ``T (B, width)`` (with ``zs = z / sz (B, nx)``, ``sz (B, 1)``) for
-    the Euclidean regularizer: guess the active pairs (a slack below its multiplier), hold them at
-    equality (the bound's value, the row's right-hand side), drop the others, and solve the remaining
-    equality-constrained quadratic program exactly (one Newton step on (x, nu), :func:`_polish_once`).
-    Where the solution breaks a sign condition (a held pair's multiplier or a dropped pair's slack below
-    -TOLERANCE), the offending pairs change sides and that element is solved again, up to ``rounds``
-    more times (a primal-dual active-set step; from round ``SINGLE_FLIP_AFTER`` on, an element that is
-    not improving changes only its most broken pair), unless the first solve broke more than
-    ``max_wrong`` sign conditions per element on average.  Returns ``(T', g', h', accepted (B,))``: the
-    polished state, laid out as T, with the vanishing member of every pair at 0 (a slack) or ``TINY``
-    (a multiplier), so that the backward reads the active set from it; its derivatives; and which
-    elements are solved: sign conditions met, held rows met and the dual residual on the free
-    coordinates below the tolerances, complementarity exact -- so that the caller's convergence test
-    passes on them.  Only for declarations without auxiliary variables (f is then strictly convex on
-    every free coordinate)."""
-    held = (T[:, lay.o_s :] < T[:, lay.o_y : lay.o_s]) & lay.exists
-    Tn, g, h, margin, solved = _polish_once(ip, lay, T, zs, sz, held)
-    wrong = margin < -TOLERANCE
-    if rounds and wrong.sum(-1).float().mean() > max_wrong:
-        # far from the final active set: it would change by a fraction per round, and the rounds
-        # would cost more than the interior-point iterations they replace
-        rounds = 0
-    best = wrong.sum(-1)
-    for r in range(rounds):
-        again = wrong.any(-1).nonzero().squeeze(1)
-        if not again.numel():
-            break
-        flip = wrong[again]
-        if r >= SINGLE_FLIP_AFTER:
-            # an element whose count of broken conditions is no lower than its best so far may be cycling:
-            # it changes only its most broken pair
-            count = flip.sum(-1)
-            stuck = count >= best[again]
-            best[again] = torch.minimum(best[again], count)
-            if bool(stuck.any()):
-                worst = margin[again].argmin(-1, keepdim=True)
-                single = torch.zeros_like(flip).scatter_(1, worst, True)
-                flip = torch.where(stuck[:, None], single, flip)
-        held[again] ^= flip
-        Tn[again], g[again], h[again], margin[again], solved[again] = _polish_once(
-            ip, lay, T[again], zs[again], sz[again], held[again]
-        )
-        wrong[again] = margin[again] < -TOLERANCE
-    return Tn, g, h, ~wrong.any(-1) & solved
-
-
-def _polish_once(ip: InteriorPointProblem, lay: _Layout, T, zs, sz, held):
-    """One solve of :func:`_polish` with the pairs ``held (B, P)`` at equality: ``(T', g', h', margin
-    (B, P), solved (B,))``, margin each pair's sign condition (its multiplier if held, its slack over the
-    form's scale if dropped, +inf for an absent pair; below -TOLERANCE: broken), solved whether the
-    held rows are met to TOLERANCE times the form's scale and the dual residual on the free
-    coordinates is below TOLERANCE (rounding only, for this exact solve).  In the scaled problem
-    f' = x / sz and f'' = 1 / sz.  Masks are applied as float factors: fewer and cheaper operations
-    than ``torch.where`` on these small tensors."""
-    N, m, m_eq, mi = lay.N, lay.m, lay.m_eq, lay.mi
-    scale = ip.dual.scale
-    on = held.to(T.dtype)
-    off = 1.0 - on
-    rows, at_lo, at_up = on[:, :mi], on[:, mi : mi + N], on[:, mi + N :]
-    free = 1.0 - at_lo - at_up
-    v = T[:, :N] * free + at_lo * ip.lo + at_up * ip.up
-    nu = T[:, N : N + m].clone()
-    nu[:, m_eq:] *= rows
-    # a dropped row leaves the system through a huge diagonal weight (equilibration makes it harmless)
-    extra = off[:, :mi] * HUGE
-    phi_inv = free * sz
-    rd = v / sz - zs + nu @ ip.C
-    rp = v @ ip.C.T - ip.d
-    rp[:, m_eq:] *= rows
-    dnu = normal_matrix.solve(ip, normal_matrix.factor(ip, extra, phi_inv), rp - (phi_inv * rd) @ ip.C.T)
-    dnu[:, m_eq:] *= rows
-    nu += dnu
-    v = v - phi_inv * (rd + dnu @ ip.C)
-    g, h = v / sz, torch.ones_like(v) / sz
-    r = g - zs + nu @ ip.C
-    rp = v @ ip.C.T - ip.d
-    # every pair's multiplier if held and slack if dropped, laid out as the pairs [rows | lower | upper]
-    multiplier = torch.cat([nu[:, m_eq:], r, -r], 1)
-    slack = torch.cat([-rp[:, m_eq:], v, -v], 1) * lay.mask + lay.slack_offset
-    margin = torch.where(lay.exists, on * multiplier + off * slack / scale, math.inf)
-    rp[:, m_eq:] *= rows
-    solved = (rp.abs().amax(-1) <= TOLERANCE * scale) if m else torch.ones_like(sz[:, 0], dtype=torch.bool)
-    if N:
-        solved &= (r.abs() * free).amax(-1) <= TOLERANCE
-    Y = (on * multiplier).clamp_min_(TINY) * lay.mask
-    Tn = torch.cat([v, nu[:, :m_eq], Y, (off * slack).clamp_min_(0.0)], 1)
-    return Tn, g, h, margin, solved
-
-
-def _box_guess(ip: InteriorPointProblem, lay: _Layout, z):
-    """A state whose active set (for :func:`_polish`) is that of the box alone: x = z clamped to its
-    bounds (the Euclidean solution without the rows), the bounds z leaves and the rows that x
-    violates held."""
-    x = torch.where(ip.has_lo > 0, torch.maximum(z, ip.lo), z)
-    x = torch.where(ip.has_up > 0, torch.minimum(x, ip.up), x)
-    G = ip.C[lay.m_eq :]
-    rows = (x @ G.T > ip.d[lay.m_eq :]).to(z.dtype)
-    # a column of a held row is left free (holding its bound too would over-determine the row)
-    touched = (rows @ (G != 0).to(z.dtype)) > 0
-    slack = torch.cat([z, -z], 1) * lay.mask[lay.mi :] + lay.slack_offset[lay.mi :]
-    bounds = ((slack < 0) & ~touched.repeat(1, 2)).to(z.dtype)
-    held = torch.cat([rows, bounds], 1)
-    nu = z.new_zeros(z.shape[0], lay.m_eq)
-    return torch.cat([x, nu, held, 1.0 - held], 1)
-
-
-def _dual_guess(ip: InteriorPointProblem, lay: _Layout, z, steps: int):
-    """A state whose active set (for :func:`_polish`) is that of ``steps`` accelerated projected
-    gradient steps (FISTA) on the dual of the Euclidean projection of ``z (B, N)`` onto P, from nu = 0:
-    for multipliers nu of the rows (y >= 0 on the inequality rows), x(nu) = z - C^T nu clamped to the
-    bounds, the dual's gradient is C x(nu) - d, Lipschitz with constant ||C||_2^2 (the step's inverse,
-    computed once per problem).  Held: the inequality rows with y > 0 and the bounds that z - C^T nu
-    leaves.  Returns ``(T (B, width), degenerate (B,))``, degenerate where a held row has every column
-    held at a bound (the guess then over-determines the system: the row's multiplier is not fixed by
-    it), or None where after the first step a fraction ``START_DUAL_GIVE_UP`` of the batch is
-    degenerate.  The steps run in ``START_DUAL_DTYPE`` (an element whose z overflows it gets a useless
-    guess, which the polish's test rejects).  Cost: 2 ``steps`` + 2 products of (B, m) or (B, N) with C,
-    about 6 ``steps`` elementwise operations and one host synchronization."""
-    m_eq = lay.m_eq
-    if ip.dual_guess is None:
-        L = float(torch.linalg.matrix_norm(ip.C, 2)) ** 2 if lay.m else 1.0
-        step = 1.0 / max(L, 1e-300)
-        lo = torch.where(ip.has_lo > 0, ip.lo, -math.inf)
-        up = torch.where(ip.has_up > 0, ip.up, math.inf)
-        f = START_DUAL_DTYPE
-        ip.dual_guess = tuple(
-            a.to(f).contiguous() for a in ((-ip.C), step * ip.C.T, step * ip.d, lo, up, (ip.C[m_eq:] != 0).T)
-        )
-    negC, sCT, sd, lo, up, GT = ip.dual_guess
-    dt, z = z.dtype, z.to(START_DUAL_DTYPE)
-
-    def active(nu):
-        # the active set of nu and whether it is degenerate
-        u = torch.addmm(z, nu, negC)
-        rows = nu[:, m_eq:] > 0
-        below, above = u < lo, u > up
-        return u, rows, below, above, (rows & ((~(below | above)).to(z.dtype) @ GT == 0)).any(1)
-
-    nu = w = z.new_zeros(z.shape[0], lay.m)
-    x, t = z.clamp(lo, up), 1.0
-    for k in range(steps):
-        if k:
-            x = torch.addmm(z, w, negC).clamp_(lo, up)
-        # a projected gradient step from the extrapolated point w, then the next extrapolation
-        nxt = torch.addmm(w.sub(sd), x, sCT)
-        (nxt[:, m_eq:] if m_eq else nxt).clamp_min_(0.0)
-        if k == 0 and steps > 1 and float(active(nxt)[4].to(z.dtype).mean()) >= START_DUAL_GIVE_UP:
-            return None  # the batch is at degenerate vertices (the flag persists over the steps)
-        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-        w = torch.lerp(nu, nxt, 1.0 + (t - 1.0) / t_next)
-        nu, t = nxt, t_next
-    u, rows, below, above, degenerate = active(nu)
-    held = torch.cat([rows, below, above], 1).to(dt)
-    return torch.cat([u.clamp_(lo, up).to(dt), nu[:, :m_eq].to(dt), held, 1.0 - held], 1), degenerate
-
-
-def _start(ip: InteriorPointProblem, lay: _Layout, z, zs, sz):
-    """The active-set method that starts the Euclidean case: :func:`_polish` with ``START_ROUNDS``
-    rounds from :func:`_dual_guess` with ``START_DUAL_STEPS`` steps, or from :func:`_box_guess` on the
-    elements where that guess is degenerate (or everywhere with no steps).  Returns :func:`_polish`'s
-    tuple."""
-    if START_DUAL_STEPS <= 0:
-        T = _box_guess(ip, lay, z)
-    else:
-        guess = _dual_guess(ip, lay, z, START_DUAL_STEPS)
-        if guess is None:
-            T = _box_guess(ip, lay, z)
-        else:
-            T, degenerate = guess
-            if bool(degenerate.any()):
-                T = torch.where(degenerate[:, None], _box_guess(ip, lay, z), T)
-    return _polish(ip, lay, T, zs, sz, START_ROUNDS, START_MAX_WRONG)
-
-
 def _polishes(ip: InteriorPointProblem) -> bool:
     """Whether the solver polishes (and starts with the active-set method): the Euclidean regularizer
     only, whose reduced problem is linear.  With a nonlinear f, Newton steps in x from an iterate whose
@@ -814,10 +597,10 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     index = None  # the indices of the active elements, None while all are active
     zs_and_sz = None  # [zs | sz] of the active elements side by side (one indexing for both), from the first removal on
     T_all, h_all = T, h  # each element's state and phi'' / sz where it stopped
-    if polish and START_ROUNDS >= 0:
+    if polish and active_set.START_ROUNDS >= 0:
         # the quadratic case: an active-set method from a guess of the active set ends most elements before
         # the interior point starts (those it does not solve start it from the usual point)
-        Tn, gn, hn, ok = _start(ip, lay, z, zs, sz)
+        Tn, gn, hn, ok = active_set.euclidean_start(ip, lay, z, zs, sz, TOLERANCE)
         T[ok], g[ok], h[ok] = Tn[ok], gn[ok], hn[ok]
     for k in range(max_iter + 1):  # k: the iterations taken so far
         if polish and k:
@@ -827,7 +610,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             near = near.nonzero().squeeze(1)
             if near.numel():
                 tries[near] += 1
-                Tn, gn, hn, ok = _polish(ip, lay, T[near], zs[near], sz[near], POLISH_ROUNDS)
+                Tn, gn, hn, ok = active_set.polish(ip, lay, T[near], zs[near], sz[near], TOLERANCE, POLISH_ROUNDS)
                 if bool(ok.any()):
                     near = near[ok]
                     T[near], g[near], h[near] = Tn[ok], gn[ok], hn[ok]
