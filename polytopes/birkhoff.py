@@ -328,8 +328,7 @@ def _birkhoff_newton(Z, tol, max_iter):
     return X, err, step
 
 
-@torch.no_grad()
-def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
+def _birkhoff_solve(Z: torch.Tensor, tol: float, max_iter: int):
     """The projection of Z float64 (B, n, n) onto the Birkhoff polytope; returns (X, unconverged, violation).
 
     Batches whose spread max(Z) - min(Z) is at most _NEWTON_SPREAD in every element (tau ~ 1)
@@ -342,7 +341,10 @@ def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
     if float(high) - float(low) > _NEWTON_SPREAD and bool((Z.amax((-2, -1)) - Z.amin((-2, -1)) > _NEWTON_SPREAD).any()):
         return _birkhoff_staged(Z, tol, max_iter)
     element_tol = tol + 16 * n * _EPS64 * Z.abs().amax((-2, -1))
-    X, err, _ = _birkhoff_newton(Z, element_tol, min(max_iter, _NEWTON_MAX_ITER))
+    budget = min(max_iter, _NEWTON_MAX_ITER)
+    X, err, steps = _birkhoff_newton(Z, element_tol, budget)
+    if steps < budget:  # it stopped because every element had converged
+        return X, 0, float(err.max())
     left = err > element_tol
     if not bool(left.any()):
         return X, 0, float(err.max())
@@ -352,6 +354,11 @@ def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
     X[keep] = X_left
     err[keep] = 0.0
     return X, unconverged, max(violation, float(err.max()))
+
+
+# The forward for callers outside autograd; the autograd function calls _birkhoff_solve, whose forward
+# already runs without grad (a no_grad context costs a few microseconds per call).
+_birkhoff_forward = torch.no_grad()(_birkhoff_solve)
 
 
 def _birkhoff_staged(Z: torch.Tensor, tol: float, max_iter: int):
@@ -389,8 +396,8 @@ def _birkhoff_staged(Z: torch.Tensor, tol: float, max_iter: int):
 class _BirkhoffProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z, tol, max_iter, report):
-        X, report["unconverged"], report["violation"] = _birkhoff_forward(Z, tol, max_iter)
-        ctx.save_for_backward((X > 0).to(Z.dtype))
+        X, report["unconverged"], report["violation"] = _birkhoff_solve(Z, tol, max_iter)
+        ctx.save_for_backward(torch.gt(X, 0.0, out=torch.empty_like(X)))  # the support, 0/1 (cheaper than .to)
         return X
 
     @staticmethod
