@@ -165,12 +165,14 @@ def _sinkhorn_solve(Z: torch.Tensor, tol: float, max_iter: int):
     if float(high) - float(low) <= _NARROW_SPREAD or bool(
         (Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1)) <= _NARROW_SPREAD).all()
     ):  # the common case (tau ~ 1): one stage, no floors
-        X, steps, err = _narrow_newton(Z, tol, max_iter)
+        X, steps, err, violation = _narrow_newton(Z, tol, max_iter)
         if X is None:  # a step too long for a plain Newton step: the damped log-domain iteration from there
             W, steps, err = _newton(torch.log(steps), tol, max_iter, narrow=True)
             X = torch.exp(W)
-        violation = float(err.max())
-        return X, (int((err > tol).sum()) if violation > tol else 0), violation
+            violation = float(err.max())
+        if violation <= tol:  # (then err is None below batch _COMPACT_BATCH: not computed)
+            return X, 0, violation
+        return X, int((err > tol).sum()), violation
     spread = Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1))
     s = (spread / _FIRST_SPREAD).clamp_min(1.0)
     W = _normalise_rows(Z / s[:, None, None])
@@ -224,15 +226,17 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     arithmetic is negligible): in-place updates, the all-ones matrix of the
     grounding cached per (n, dtype, device).
     Cost per step: one batched n x n product X^T X and Cholesky solve, O(B n^3).
-    Returns (X, steps, err), or (None, X, err) when the factorisation broke down
-    (the caller continues in the log domain from X).
+    Returns (X, steps, err, worst), worst = max(err) as a float, err (B,) the largest
+    column violation per element (None below batch _COMPACT_BATCH when worst <= tol: not
+    needed then), or (None, X, err, worst) when the factorisation broke down (the caller
+    continues in the log domain from X).
     """
     n = Z.shape[-1]
     K = torch.exp(Z - Z.amax(-1, keepdim=True))  # (torch.softmax is slower on the CPU for short rows)
     v = _linear_sweeps(K, _LINEAR_SWEEPS)  # (B, 1, n)
     ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
-    X_last = None
+    X_last = err = None
     per_element = len(Z) >= _COMPACT_BATCH  # a ridge per element, converged elements set aside
     for step in range(max_iter + 1):
         X = K * v
@@ -245,13 +249,15 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
         else:
             worst = float(torch.linalg.vector_norm(g, _INF))
         if worst <= tol or step == max_iter or worst != worst:
-            if not per_element:
+            if not per_element and not worst <= tol:  # (NaN included)
                 err = g.abs().amax(-1)
             if worst != worst and X_last is not None:  # NaN: the factorisation failed; continue from the last X
                 X = torch.where(torch.isnan(X), X_last, X)
             if index is not None:
                 X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
-            return (X, step, err) if worst == worst else (None, X, err)
+                if worst == worst:  # the set-aside elements' violations count too
+                    worst = float(err.max())
+            return (X, step, err, worst) if worst == worst else (None, X, err, worst)
         # from the third check on (after one or two steps from the sweeps' start no element has converged
         # in any batch measured), set converged elements aside once they are the majority: the stragglers'
         # steps are cheaper alone
