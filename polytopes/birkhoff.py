@@ -244,14 +244,16 @@ def _birkhoff_newton(Z, tol, max_iter):
         count = int(pending.sum())
         if count == 0 or step == max_iter:
             break
-        if count < len(Y):
-            if len(Y) >= _COMPACT_BATCH and 5 * count <= 4 * len(Y):
+        batch = Y.shape[0]  # (len() of a tensor is a Python-level call)
+        if count < batch:
+            if batch >= _COMPACT_BATCH and 5 * count <= 4 * batch:
                 # set converged elements aside once they are a fifth: the stragglers' steps are cheaper alone
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, Y, X, gu, gv, err, tol, slack2 = (
                     T.index_select(0, keep) for T in (index, Y, X, gu, gv, err, tol, slack2)
                 )
+                batch = count
             else:
                 moving = pending.to(Z.dtype)[:, None, None]
                 gu, gv = gu * moving, gv * moving
@@ -285,7 +287,7 @@ def _birkhoff_newton(Z, tol, max_iter):
             continue
         du, dv = du.neg_(), dv.mT.neg_()  # the direction itself, (B, n, 1) and (B, 1, n)
         D = E.neg_()
-        if n <= _EXACT_SEARCH_N and len(Y) < _COMPACT_BATCH:
+        if n <= _EXACT_SEARCH_N and batch < _COMPACT_BATCH:
             Y = Y - torch.where(ok.view(-1, 1, 1), 1.0, _exact_step(Y, du, dv)) * D
             X, gu, gv, err = _evaluate(Y)
             continue

@@ -237,7 +237,7 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
     X_last = err = None
-    per_element = len(Z) >= _COMPACT_BATCH  # a ridge per element, converged elements set aside
+    per_element = Z.shape[0] >= _COMPACT_BATCH  # a ridge per element, converged elements set aside
     for step in range(max_iter + 1):
         X = K * v
         X = X.div_(X.sum(-1, keepdim=True))
@@ -261,10 +261,10 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
         # from the third check on (after one or two steps from the sweeps' start no element has converged
         # in any batch measured), set converged elements aside once they are the majority: the stragglers'
         # steps are cheaper alone
-        if per_element and step >= 2 and len(v) >= _COMPACT_BATCH:
+        if per_element and step >= 2 and v.shape[0] >= _COMPACT_BATCH:
             pending = err > tol
             count = int(pending.sum())
-            if 2 * count <= len(v):
+            if 2 * count <= v.shape[0]:
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, K, v, X, c, g, err = (T.index_select(0, keep) for T in (index, K, v, X, c, g, err))
