@@ -180,9 +180,9 @@ def _newton_steps(module, forward, U):
         originals = {"_narrow_newton": module._narrow_newton, "_newton": module._newton}
 
         def narrow(*args, **kwargs):
-            X, steps, err = originals["_narrow_newton"](*args, **kwargs)
-            counted.append(steps if X is not None else 0)
-            return X, steps, err
+            result = originals["_narrow_newton"](*args, **kwargs)
+            counted.append(result[1] if result[0] is not None else 0)
+            return result
 
         def damped(*args, **kwargs):
             W, steps, err = originals["_newton"](*args, **kwargs)

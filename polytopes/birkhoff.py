@@ -244,14 +244,16 @@ def _birkhoff_newton(Z, tol, max_iter):
         count = int(pending.sum())
         if count == 0 or step == max_iter:
             break
-        if count < len(Y):
-            if len(Y) >= _COMPACT_BATCH and 5 * count <= 4 * len(Y):
+        batch = Y.shape[0]  # (len() of a tensor is a Python-level call)
+        if count < batch:
+            if batch >= _COMPACT_BATCH and 5 * count <= 4 * batch:
                 # set converged elements aside once they are a fifth: the stragglers' steps are cheaper alone
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, Y, X, gu, gv, err, tol, slack2 = (
                     T.index_select(0, keep) for T in (index, Y, X, gu, gv, err, tol, slack2)
                 )
+                batch = count
             else:
                 moving = pending.to(Z.dtype)[:, None, None]
                 gu, gv = gu * moving, gv * moving
@@ -285,7 +287,7 @@ def _birkhoff_newton(Z, tol, max_iter):
             continue
         du, dv = du.neg_(), dv.mT.neg_()  # the direction itself, (B, n, 1) and (B, 1, n)
         D = E.neg_()
-        if n <= _EXACT_SEARCH_N and len(Y) < _COMPACT_BATCH:
+        if n <= _EXACT_SEARCH_N and batch < _COMPACT_BATCH:
             Y = Y - torch.where(ok.view(-1, 1, 1), 1.0, _exact_step(Y, du, dv)) * D
             X, gu, gv, err = _evaluate(Y)
             continue
@@ -328,8 +330,7 @@ def _birkhoff_newton(Z, tol, max_iter):
     return X, err, step
 
 
-@torch.no_grad()
-def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
+def _birkhoff_solve(Z: torch.Tensor, tol: float, max_iter: int):
     """The projection of Z float64 (B, n, n) onto the Birkhoff polytope; returns (X, unconverged, violation).
 
     Batches whose spread max(Z) - min(Z) is at most _NEWTON_SPREAD in every element (tau ~ 1)
@@ -342,7 +343,10 @@ def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
     if float(high) - float(low) > _NEWTON_SPREAD and bool((Z.amax((-2, -1)) - Z.amin((-2, -1)) > _NEWTON_SPREAD).any()):
         return _birkhoff_staged(Z, tol, max_iter)
     element_tol = tol + 16 * n * _EPS64 * Z.abs().amax((-2, -1))
-    X, err, _ = _birkhoff_newton(Z, element_tol, min(max_iter, _NEWTON_MAX_ITER))
+    budget = min(max_iter, _NEWTON_MAX_ITER)
+    X, err, steps = _birkhoff_newton(Z, element_tol, budget)
+    if steps < budget:  # it stopped because every element had converged
+        return X, 0, float(err.max())
     left = err > element_tol
     if not bool(left.any()):
         return X, 0, float(err.max())
@@ -352,6 +356,11 @@ def _birkhoff_forward(Z: torch.Tensor, tol: float, max_iter: int):
     X[keep] = X_left
     err[keep] = 0.0
     return X, unconverged, max(violation, float(err.max()))
+
+
+# The forward for callers outside autograd; the autograd function calls _birkhoff_solve, whose forward
+# already runs without grad (a no_grad context costs a few microseconds per call).
+_birkhoff_forward = torch.no_grad()(_birkhoff_solve)
 
 
 def _birkhoff_staged(Z: torch.Tensor, tol: float, max_iter: int):
@@ -389,8 +398,8 @@ def _birkhoff_staged(Z: torch.Tensor, tol: float, max_iter: int):
 class _BirkhoffProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z, tol, max_iter, report):
-        X, report["unconverged"], report["violation"] = _birkhoff_forward(Z, tol, max_iter)
-        ctx.save_for_backward((X > 0).to(Z.dtype))
+        X, report["unconverged"], report["violation"] = _birkhoff_solve(Z, tol, max_iter)
+        ctx.save_for_backward(torch.gt(X, 0.0, out=torch.empty_like(X)))  # the support, 0/1 (cheaper than .to)
         return X
 
     @staticmethod

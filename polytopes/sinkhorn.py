@@ -146,8 +146,7 @@ def _exp_floored(W: torch.Tensor) -> torch.Tensor:
     return torch.exp(W.clamp_min(_LOG_FLOOR))
 
 
-@torch.no_grad()
-def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
+def _sinkhorn_solve(Z: torch.Tensor, tol: float, max_iter: int):
     """X = exp(Z + a 1^T + 1 b^T) doubly stochastic, Z float64 (B, n, n).
 
     Returns (X, number of elements short of ``tol``, largest column violation).
@@ -166,12 +165,14 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
     if float(high) - float(low) <= _NARROW_SPREAD or bool(
         (Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1)) <= _NARROW_SPREAD).all()
     ):  # the common case (tau ~ 1): one stage, no floors
-        X, steps, err = _narrow_newton(Z, tol, max_iter)
+        X, steps, err, violation = _narrow_newton(Z, tol, max_iter)
         if X is None:  # a step too long for a plain Newton step: the damped log-domain iteration from there
             W, steps, err = _newton(torch.log(steps), tol, max_iter, narrow=True)
             X = torch.exp(W)
-        violation = float(err.max())
-        return X, (int((err > tol).sum()) if violation > tol else 0), violation
+            violation = float(err.max())
+        if violation <= tol:  # (then err is None below batch _COMPACT_BATCH: not computed)
+            return X, 0, violation
+        return X, int((err > tol).sum()), violation
     spread = Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1))
     s = (spread / _FIRST_SPREAD).clamp_min(1.0)
     W = _normalise_rows(Z / s[:, None, None])
@@ -188,6 +189,11 @@ def _sinkhorn_forward(Z: torch.Tensor, tol: float, max_iter: int):
         s = s_next
     unconverged = (err > tol) | ~final
     return _exp(W), int(unconverged.sum()), float(err.max())
+
+
+# The forward for callers outside autograd; the autograd function calls _sinkhorn_solve, whose forward
+# already runs without grad (a no_grad context costs a few microseconds per call).
+_sinkhorn_forward = torch.no_grad()(_sinkhorn_solve)
 
 
 def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
@@ -220,16 +226,18 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
     arithmetic is negligible): in-place updates, the all-ones matrix of the
     grounding cached per (n, dtype, device).
     Cost per step: one batched n x n product X^T X and Cholesky solve, O(B n^3).
-    Returns (X, steps, err), or (None, X, err) when the factorisation broke down
-    (the caller continues in the log domain from X).
+    Returns (X, steps, err, worst), worst = max(err) as a float, err (B,) the largest
+    column violation per element (None below batch _COMPACT_BATCH when worst <= tol: not
+    needed then), or (None, X, err, worst) when the factorisation broke down (the caller
+    continues in the log domain from X).
     """
     n = Z.shape[-1]
     K = torch.exp(Z - Z.amax(-1, keepdim=True))  # (torch.softmax is slower on the CPU for short rows)
     v = _linear_sweeps(K, _LINEAR_SWEEPS)  # (B, 1, n)
     ones = ones_matrix(n, Z.dtype, Z.device)
     X_out, err_out, index = None, None, None  # the whole batch, once a part has been set aside
-    X_last = None
-    per_element = len(Z) >= _COMPACT_BATCH  # a ridge per element, converged elements set aside
+    X_last = err = None
+    per_element = Z.shape[0] >= _COMPACT_BATCH  # a ridge per element, converged elements set aside
     for step in range(max_iter + 1):
         X = K * v
         X = X.div_(X.sum(-1, keepdim=True))
@@ -241,20 +249,22 @@ def _narrow_newton(Z: torch.Tensor, tol: float, max_iter: int):
         else:
             worst = float(torch.linalg.vector_norm(g, _INF))
         if worst <= tol or step == max_iter or worst != worst:
-            if not per_element:
+            if not per_element and not worst <= tol:  # (NaN included)
                 err = g.abs().amax(-1)
             if worst != worst and X_last is not None:  # NaN: the factorisation failed; continue from the last X
                 X = torch.where(torch.isnan(X), X_last, X)
             if index is not None:
                 X, err = X_out.index_copy_(0, index, X), err_out.index_copy_(0, index, err)
-            return (X, step, err) if worst == worst else (None, X, err)
+                if worst == worst:  # the set-aside elements' violations count too
+                    worst = float(err.max())
+            return (X, step, err, worst) if worst == worst else (None, X, err, worst)
         # from the third check on (after one or two steps from the sweeps' start no element has converged
         # in any batch measured), set converged elements aside once they are the majority: the stragglers'
         # steps are cheaper alone
-        if per_element and step >= 2 and len(v) >= _COMPACT_BATCH:
+        if per_element and step >= 2 and v.shape[0] >= _COMPACT_BATCH:
             pending = err > tol
             count = int(pending.sum())
-            if 2 * count <= len(v):
+            if 2 * count <= v.shape[0]:
                 X_out, err_out, index = set_aside(index, X, err, X_out, err_out)
                 keep = pending.nonzero().squeeze(-1)
                 index, K, v, X, c, g, err = (T.index_select(0, keep) for T in (index, K, v, X, c, g, err))
@@ -452,8 +462,8 @@ def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """
     n = X.shape[-1]
     if n < _ROW_LAYOUT_N:
-        R = G - (G * X).sum(-1, keepdim=True)
-        rhs = (R * X).sum(-2, keepdim=True).mT  # (B, n, 1)
+        RX = (G - (G * X).sum(-1, keepdim=True)) * X  # R * X
+        rhs = RX.sum(-2, keepdim=True).mT  # (B, n, 1)
     else:
         GX = G * X
         a0 = GX.sum(-1, keepdim=True)  # (B, n, 1)
@@ -463,7 +473,7 @@ def _sinkhorn_adjoint(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         return sinkhorn_vjp(X, G, unit_rows=True)
     beta = torch.cholesky_solve(rhs, L)  # (B, n, 1)
     if n < _ROW_LAYOUT_N:
-        return X * (R + torch.bmm(X, beta) - beta.mT)
+        return torch.addcmul(RX, X, torch.bmm(X, beta) - beta.mT)  # X * (R + X beta 1^T - 1 beta^T), one pass fewer
     shift = torch.baddbmm(a0.mT, beta.mT, X.mT, alpha=-1.0).mT  # a0 - X beta, (B, n, 1)
     return torch.addcmul(GX, X, shift + beta.mT, value=-1.0)
 
@@ -485,7 +495,7 @@ def _vjp_base(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z, tol, max_iter, report):
-        X, report["unconverged"], report["violation"] = _sinkhorn_forward(Z, tol, max_iter)
+        X, report["unconverged"], report["violation"] = _sinkhorn_solve(Z, tol, max_iter)
         ctx.save_for_backward(X)
         ctx.columns_exact = report["violation"] <= _LEAN_ADJOINT_TOL
         return X
