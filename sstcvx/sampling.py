@@ -9,7 +9,8 @@ lists its vertices: exact enumeration, one matmul); ``"generic"`` and
 registered).  The generic path has two backends: the fast batched torch solver
 (:mod:`sstcvx.generic.dual_newton`) for the built-in ``entropy``,
 ``binary_entropy`` and ``euclidean`` on a linear declaration, and cvxpylayers for
-everything else; ``"fast"`` and ``"cvxpylayers"`` force one of them.  The hard
+everything else; ``"fast"`` and ``"cvxpylayers"`` force one of them, and ``"moreau"``
+selects cvxpylayers with Moreau instead of diffcp (opt-in, the ``moreau`` extra).  The hard
 sample (``argmax``) on the generic path is always the LP.
 """
 
@@ -20,8 +21,8 @@ import torch
 from . import registry
 from .enumeration import vertex_marginals
 from .errors import SolverError
-from .generic import fast_relaxation, generic_argmax, generic_relaxation
-from .generic.settings import check_solver_args
+from .generic import fast_relaxation, generic_argmax, generic_relaxation, moreau_relaxation
+from .generic.settings import check_moreau_args, check_solver_args
 from .noise import get_noise
 from .regularizers import get_regularizer
 from .validation import (
@@ -60,10 +61,13 @@ def _check_finite_output(X, P, what):
 def relaxation_solver(P, regularizer, solver: str = "auto"):
     """The function ``fn(Z) -> X`` (flattened batch) that ``relax`` would use, and its path name:
     ``"specialized"``, ``"fast"`` (the batched torch solver of the generic path), ``"generic"``
-    (the cvxpylayers path), or ``"enumeration"`` (``exp_family_entropy`` with ``solver="auto"`` on a
-    polytope that lists its vertices and has no specialized solver)."""
+    (the cvxpylayers path), ``"moreau"`` (the cvxpylayers path on Moreau), or ``"enumeration"``
+    (``exp_family_entropy`` with ``solver="auto"`` on a polytope that lists its vertices and has no
+    specialized solver)."""
     reg = get_regularizer(regularizer)
     solver = check_solver(solver)
+    if solver == "moreau":
+        return moreau_relaxation(P, reg), "moreau"
     if solver in ("auto", "specialized"):
         fn = registry.find_relaxation(P, reg)
         if fn is not None:
@@ -103,7 +107,7 @@ def _relaxed(P, U, tau, fn, path, solver_args, validate: bool, utility_name: str
     Zf = _flatten(P, Z)
     if Zf.shape[0] == 0:
         return Z * 0
-    X = fn(Zf, solver_args=solver_args) if path in ("generic", "fast") else fn(Zf)
+    X = fn(Zf, solver_args=solver_args) if path in ("generic", "fast", "moreau") else fn(Zf)
     if validate:
         _check_finite_output(X, P, f"{path} relaxation")
     return X if X.shape == U.shape else X.reshape(U.shape)
@@ -143,11 +147,13 @@ def relax(
             (differentiable).
         regularizer: ``"entropy"``, ``"binary_entropy"``, ``"euclidean"``,
             ``"exp_family_entropy"`` or a :class:`sstcvx.Regularizer`.
-        solver: ``"auto"``, ``"generic"``, ``"specialized"``, ``"fast"`` or ``"cvxpylayers"`` (see the
-            module docstring).
+        solver: ``"auto"``, ``"generic"``, ``"specialized"``, ``"fast"``, ``"cvxpylayers"`` or
+            ``"moreau"`` (see the module docstring).
         solver_args: conic solver settings for the cvxpylayers path (default
             :func:`sstcvx.generic.default_solver_args`: SCS for "euclidean", Clarabel otherwise); the
-            fast solver uses them only for an element it re-solves on that path.
+            fast solver uses them only for an element it re-solves on that path.  With
+            ``solver="moreau"``, Moreau's settings (fields of ``moreau.Settings``; default
+            ``{"solver": "ipm"}``).
         validate_args: check the arguments and the output (``None``: the global default, see
             :func:`sstcvx.set_validate_args`).
 
@@ -164,9 +170,17 @@ def relax(
     else:
         tau = shape_tau(tau, U, P.event_dim)
     # checked even without validation: a misspelt setting would silently fall back to another solver
-    solver_args = check_solver_args(solver_args)
+    solver_args = _checked_solver_args(solver, solver_args)
     fn, path = relaxation_solver(P, regularizer, solver)
     return _relaxed(P, U, tau, fn, path, solver_args, validate)
+
+
+def _checked_solver_args(solver: str, solver_args):
+    """``solver_args`` checked against the settings of the backend that ``solver`` names: Moreau's for
+    ``"moreau"``, diffcp's otherwise."""
+    if check_solver(solver) == "moreau":
+        return None if solver_args is None else check_moreau_args(solver_args)
+    return check_solver_args(solver_args)
 
 
 def argmax(P, U, solver: str = "auto", validate_args: bool | None = None) -> torch.Tensor:
@@ -229,7 +243,7 @@ def sample(
     elif mode != "hard":
         tau = shape_tau(tau, theta, P.event_dim)
     if mode != "hard":
-        solver_args = check_solver_args(solver_args)
+        solver_args = _checked_solver_args(solver, solver_args)
     U = perturb(theta, noise, generator)
     if mode == "hard":
         return _hard(P, U.detach(), solver, validate)

@@ -38,8 +38,9 @@ def validation_enabled(validate_args: bool | None = None) -> bool:
 
 
 #: "generic" is the fast torch solver where it applies (built-in entropy, binary_entropy or euclidean on a
-#: linear declaration) and the cvxpylayers path otherwise; "fast" and "cvxpylayers" force one backend.
-SOLVERS = ("auto", "generic", "specialized", "fast", "cvxpylayers")
+#: linear declaration) and the cvxpylayers path otherwise; "fast" and "cvxpylayers" force one backend, and
+#: "moreau" the opt-in one (cvxpylayers with Moreau, the ``moreau`` extra).
+SOLVERS = ("auto", "generic", "specialized", "fast", "cvxpylayers", "moreau")
 #: Other spellings accepted for ``solver=`` values, mapped to the canonical (American) one.
 SOLVER_ALIASES = {"specialised": "specialized"}
 MODES = ("relaxed", "hard", "straight_through")

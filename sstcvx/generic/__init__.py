@@ -29,13 +29,16 @@ from .settings import (
     CLARABEL_ARGS,
     DEFAULT_SOLVER_ARGS,
     FALLBACK_SOLVER_ARGS,
+    MOREAU_BACKEND,
     SCS_ARGS,
     default_solver_args,
     fallback_solver_args,
+    moreau_available,
 )
 
 __all__ = [
     "generic_relaxation",
+    "moreau_relaxation",
     "fast_relaxation",
     "FastRelaxation",
     "InteriorPointRelaxation",
@@ -66,6 +69,20 @@ def generic_relaxation(P, regularizer):
     else:
         build = lambda: VertexWeightsRelaxation(P, regularizer)
     return cache.cached(P, ("relax",) + _regularizer_key(regularizer), build)
+
+
+def moreau_relaxation(P, regularizer):
+    """The cached generic layer of ``(P, regularizer)`` on cvxpylayers' Moreau backend (opt-in: the
+    ``moreau`` extra), with the checks and the diffcp fallback of :class:`GenericRelaxation`."""
+    if not moreau_available():
+        raise ImportError("solver='moreau' needs the moreau package: pip install 'sstcvx[moreau]'")
+    if not regularizer.has_cvxpy_form:
+        raise ValueError(
+            f"solver='moreau': regularizer {regularizer.name!r} has no CVXPY form (Moreau solves the "
+            "declared problem); use solver='generic', or give the regularizer a cvxpy form"
+        )
+    build = lambda: GenericRelaxation(P, regularizer, backend=MOREAU_BACKEND)
+    return cache.cached(P, ("moreau",) + _regularizer_key(regularizer), build)
 
 
 def fast_relaxation(P, regularizer):

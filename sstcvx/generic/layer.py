@@ -12,8 +12,10 @@ plausibility; a defective element is re-solved with the fallback settings
 (:mod:`sstcvx.generic.settings`), and a :class:`~sstcvx.SolverError` names it if that
 fails too.
 
-The layer is built with cvxpylayers' ``DIFFCP`` backend named (``settings.BACKEND``), never
-cvxpylayers' default, since every setting here is diffcp's.  It is differentiable once:
+The layer is built with its cvxpylayers backend named, never cvxpylayers' default: ``DIFFCP``
+(``settings.BACKEND``), whose settings are diffcp's, or, opt-in (``solver="moreau"``, the
+``moreau`` extra), ``MOREAU`` with Moreau's settings (``settings.MOREAU_ARGS``); an element that
+Moreau gets wrong is re-solved through diffcp with its default settings.  It is differentiable once:
 a double backward (``create_graph=True``) raises :class:`SecondDerivativeError` instead of
 returning a first derivative without a graph.
 
@@ -34,6 +36,9 @@ from .settings import (
     BACKEND,
     FEASIBILITY_TOLERANCE,
     GRADIENT_SLACK,
+    MOREAU_ARGS,
+    MOREAU_BACKEND,
+    check_moreau_args,
     check_solver_args,
     default_solver_args,
     fallback_solver_args,
@@ -45,10 +50,12 @@ class GenericRelaxation:
 
     ``build_time`` is the one-off cost of building the layer (seconds).  The regularizer
     must have a CVXPY form (``regularizer.has_cvxpy_form``); ``exp_family_entropy`` is
-    solved over the vertex weights instead (:mod:`sstcvx.generic.lifted`).
+    solved over the vertex weights instead (:mod:`sstcvx.generic.lifted`).  ``backend``:
+    cvxpylayers' ``"DIFFCP"`` (``settings.BACKEND``) or ``"MOREAU"`` (``settings.MOREAU_BACKEND``,
+    which needs the ``moreau`` package).
     """
 
-    def __init__(self, P, regularizer):
+    def __init__(self, P, regularizer, backend: str = BACKEND):
         self.polytope = P
         self.regularizer = regularizer
         start = time.perf_counter()
@@ -65,7 +72,13 @@ class GenericRelaxation:
                 f"regularizer {regularizer.name!r} on {P.name}: the relaxed problem is not DPP "
                 "(the regularizer or the constraints must not multiply parameters)"
             )
-        self.layer = CvxpyLayer(problem, parameters=[self.u], variables=[x], solver=BACKEND)
+        self.backend = backend
+        # Moreau's method is fixed when its solver is first built, from the layer's construction settings
+        options = dict(MOREAU_ARGS) if backend == MOREAU_BACKEND else None
+        self.layer = CvxpyLayer(problem, parameters=[self.u], variables=[x], solver=backend, solver_args=options)
+        # the diffcp layer that re-solves defective elements: the layer itself, or built on first need
+        self._diffcp_layer = self.layer if backend == BACKEND else None
+        self._problem, self._x = problem, x
         self.feasibility = AffineFeasibility(x, constraints)
         self.build_time = time.perf_counter() - start
 
@@ -77,9 +90,12 @@ class GenericRelaxation:
         is not finite) is re-solved with the fallback solver, and a
         :class:`SolverError` names it if that fails too.
         """
-        if solver_args is not None:
-            check_solver_args(solver_args)
-        args = dict(default_solver_args(self.regularizer) if solver_args is None else solver_args)
+        if self.backend == MOREAU_BACKEND:
+            args = dict(MOREAU_ARGS if solver_args is None else check_moreau_args(solver_args))
+        else:
+            if solver_args is not None:
+                check_solver_args(solver_args)
+            args = dict(default_solver_args(self.regularizer) if solver_args is None else solver_args)
         Z64 = Z.to(device="cpu", dtype=torch.float64)
         if torch.is_grad_enabled() and Z64.requires_grad:
             X = _CheckedBackward.apply(Z64, self, args)
@@ -135,26 +151,43 @@ class GenericRelaxation:
             problem = error
         return row if problem is None else self._fallback(Z64[i : i + 1], i, args, problem)
 
+    def solver_name(self, args: dict) -> str:
+        """The conic solver that ``args`` select on this layer, for messages."""
+        if self.backend == MOREAU_BACKEND:
+            return f"Moreau ({args.get('solver', 'auto')})"
+        return str(args.get("solve_method"))
+
+    def fallback_plan(self, args: dict):
+        """``(layer, settings)`` that re-solve an element that ``args`` got wrong: diffcp with the other
+        solver of its pair, or, after Moreau, diffcp with its default settings for this regularizer."""
+        if self.backend == MOREAU_BACKEND:
+            if self._diffcp_layer is None:
+                from cvxpylayers.torch import CvxpyLayer
+
+                self._diffcp_layer = CvxpyLayer(self._problem, parameters=[self.u], variables=[self._x], solver=BACKEND)
+            return self._diffcp_layer, dict(default_solver_args(self.regularizer))
+        return self.layer, fallback_solver_args(args)
+
     def _fallback(self, z, i, args, problem):
-        fallback_args = fallback_solver_args(args)
+        layer, fallback_args = self.fallback_plan(args)
         fallback = fallback_args["solve_method"]
         try:
-            (row,) = self.layer(z, solver_args=dict(fallback_args))
+            (row,) = layer(z, solver_args=dict(fallback_args))
             second = self._defects(row).get(0)
         except Exception as error:
             second = error
         if second is not None:
             raise SolverError(
                 f"generic path on {self.polytope.name} with regularizer {self.regularizer.name!r}: "
-                f"batch element {i} failed with solver {args.get('solve_method')} ({problem}) and "
+                f"batch element {i} failed with solver {self.solver_name(args)} ({problem}) and "
                 f"with the fallback {fallback} ({second})",
                 element=i,
-                solver=args.get("solve_method"),
+                solver=self.solver_name(args),
                 status=str(problem),
             )
         warnings.warn(
             f"generic path on {self.polytope.name}: batch element {i} failed with "
-            f"{args.get('solve_method')} ({problem}); solved with the fallback {fallback}",
+            f"{self.solver_name(args)} ({problem}); solved with the fallback {fallback}",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -193,22 +226,25 @@ class _CheckedBackward(torch.autograd.Function):
         with torch.enable_grad():
             z = Z64.detach().requires_grad_(True)
             X = relaxation.solve(z, args)
-        ctx.inner = (z, X, relaxation, fallback_solver_args(args))
+        ctx.inner = (z, X, relaxation, args)
         return X.detach()
 
     @staticmethod
     def backward(ctx, G):
-        z, X, relaxation, fallback_args = ctx.inner
+        z, X, relaxation, args = ctx.inner
         refuse_double_backward(
             f"the generic path (cvxpylayers) on {relaxation.polytope.name} with regularizer "
             f"{relaxation.regularizer.name!r}"
         )
         (grad,) = torch.autograd.grad(X, z, G, retain_graph=True)  # backward may run again (jacobian)
         bad = relaxation.implausible_gradients(X, G, grad)
-        for i in bad.nonzero().flatten().tolist():  # normally none: one re-solve per bad row
+        rows = bad.nonzero().flatten().tolist()
+        if rows:  # normally none: one re-solve per bad row
+            fallback_layer, fallback_args = relaxation.fallback_plan(args)
+        for i in rows:
             with torch.enable_grad():
                 zi = z[i : i + 1].detach().requires_grad_(True)
-                (xi,) = relaxation.layer(zi, solver_args=dict(fallback_args))
+                (xi,) = fallback_layer(zi, solver_args=dict(fallback_args))
                 (gi,) = torch.autograd.grad(xi, zi, G[i : i + 1])
             if relaxation.implausible_gradients(xi, G[i : i + 1], gi).any():
                 raise SolverError(

@@ -46,6 +46,34 @@ GRADIENT_SLACK = 1e-3
 #: (``solve_method``, tolerances, fallback) are diffcp's.
 BACKEND = "DIFFCP"
 
+#: The opt-in backend (``solver="moreau"``, ``pip install sstcvx[moreau]``): Moreau through cvxpylayers.
+MOREAU_BACKEND = "MOREAU"
+#: Moreau's settings on the generic path: its interior-point method named, since Moreau's "auto"
+#: picks an active-set method on small problems, whose derivatives are not smooth in the utilities.
+MOREAU_ARGS = {"solver": "ipm"}
+
+
+def moreau_available() -> bool:
+    """Whether the ``moreau`` package (the ``moreau`` extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("moreau") is not None
+
+
+def check_moreau_args(solver_args) -> dict:
+    """Validate Moreau's ``solver_args``: a dict whose keys are fields of ``moreau.Settings`` (Moreau
+    ignores unknown keys silently, so a misspelt setting would not take effect); returns it."""
+    if not isinstance(solver_args, dict):
+        raise TypeError(f"solver_args: expected a dict of Moreau settings, got {type(solver_args).__name__}")
+    import moreau
+
+    fields = set(moreau.Settings.model_fields)
+    unknown = sorted(set(solver_args) - fields)
+    if unknown:
+        raise ValueError(f"solver_args: {unknown} are not Moreau settings; expected keys among {sorted(fields)}")
+    return solver_args
+
+
 #: Keys that diffcp's batch solver itself takes (the rest go to the conic solver).
 DIFFCP_KEYS = frozenset({"solve_method", "mode", "n_jobs_forward", "n_jobs_backward", "derivative_kwargs"})
 #: SCS settings keys handled by diffcp before SCS sees them.

@@ -174,6 +174,13 @@ def build_parser(family_names: tuple | None = None) -> argparse.ArgumentParser:
         "brute force over the vertices, else a second conic solver)",
     )
     compare.add_argument(
+        "--backend",
+        choices=("generic", "fast", "cvxpylayers", "moreau"),
+        default="generic",
+        help="the compared path's solver= (default generic: the fast torch solver where it applies, "
+        "cvxpylayers otherwise; moreau needs the moreau extra)",
+    )
+    compare.add_argument(
         "--max-generic-batch",
         type=_positive_int,
         default=64,
@@ -363,8 +370,9 @@ def _compare(args) -> int:
             repeats=args.repeats,
             reference=args.reference,
             max_generic_batch=args.max_generic_batch,
+            generic_backend=args.backend,
         )
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ImportError) as error:
         raise UsageError(str(error)) from None
     import torch
 

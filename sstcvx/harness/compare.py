@@ -27,7 +27,7 @@ import torch
 from .. import registry
 from ..enumeration import best_vertex, vertex_marginals
 from ..generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
-from ..generic.settings import check_solver_args
+from ..generic.settings import check_moreau_args, check_solver_args
 from ..noise import get_noise
 from ..polytope import VertexPolytope
 from ..regularizers import get_regularizer
@@ -37,6 +37,8 @@ from .report import Comparison, ComparisonReport
 from .timing import adaptive_median
 
 REFERENCES = ("auto", "specialized", "brute_force", "second_solver")
+#: The ``solver=`` values the compared path can take.
+GENERIC_BACKENDS = ("generic", "fast", "cvxpylayers", "moreau")
 #: Above this many vertices, brute force is not attempted.
 MAX_BRUTE_FORCE_VERTICES = 5000
 #: Above this many vertices, the vertex formulation of a CVXPY regularizer is not attempted
@@ -237,7 +239,8 @@ def compare(
             generic path cannot reach).
         dtype: floating dtype of U.
         generic_backend: the ``solver=`` of the compared path: ``"generic"`` (the fast torch solver
-            where it applies, cvxpylayers otherwise), ``"fast"`` or ``"cvxpylayers"``; with
+            where it applies, cvxpylayers otherwise), ``"fast"``, ``"cvxpylayers"`` or ``"moreau"``
+            (cvxpylayers on Moreau, the ``moreau`` extra; ``solver_args`` are then Moreau's); with
             ``reference="second_solver"`` (cvxpylayers) or ``"specialized"`` this puts any two
             backends on the same utilities.
 
@@ -254,8 +257,8 @@ def compare(
     for t in taus:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"tau: expected finite temperatures > 0, got {t!r}")
-    if generic_backend not in ("generic", "fast", "cvxpylayers"):
-        raise ValueError(f"generic_backend: expected 'generic', 'fast' or 'cvxpylayers', got {generic_backend!r}")
+    if generic_backend not in GENERIC_BACKENDS:
+        raise ValueError(f"generic_backend: expected one of {GENERIC_BACKENDS}, got {generic_backend!r}")
     reference = {"specialised": "specialized"}.get(reference, reference) if isinstance(reference, str) else reference
     if reference not in REFERENCES:
         raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
@@ -263,7 +266,11 @@ def compare(
         raise ValueError(f"repeats: expected an int >= 0, got {repeats!r}")
     if max_generic_batch is not None and (not isinstance(max_generic_batch, int) or max_generic_batch < 1):
         raise ValueError(f"max_generic_batch: expected an int >= 1 or None, got {max_generic_batch!r}")
-    check_solver_args(solver_args)
+    if generic_backend == "moreau":
+        if solver_args is not None:
+            check_moreau_args(solver_args)
+    else:
+        check_solver_args(solver_args)
     try:
         check_solver_args(reference_solver_args)
     except ValueError as error:
