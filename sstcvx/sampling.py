@@ -177,8 +177,9 @@ def relax(
 
 def _checked_solver_args(solver: str, solver_args):
     """``solver_args`` checked against the settings of the backend that ``solver`` names: Moreau's for
-    ``"moreau"``, diffcp's otherwise."""
-    if check_solver(solver) == "moreau":
+    ``"moreau"`` (a name without aliases: compared as given, the name itself is checked by the solver's
+    lookup), diffcp's otherwise."""
+    if solver == "moreau":
         return None if solver_args is None else check_moreau_args(solver_args)
     return check_solver_args(solver_args)
 
