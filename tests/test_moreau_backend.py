@@ -35,9 +35,11 @@ def test_regularizer_without_cvxpy_form_is_refused(monkeypatch):
         sstcvx.relaxation_solver(declared_simplex(3), "exp_family_entropy", solver="moreau")
 
 
-moreau = pytest.importorskip("moreau")
+#: the tests below run Moreau itself
+needs_moreau = pytest.mark.skipif(not settings.moreau_available(), reason="the moreau extra is not installed")
 
 
+@needs_moreau
 def test_layer_uses_moreau_and_its_interior_point_method():
     relaxation, path = sstcvx.relaxation_solver(declared_simplex(4), "entropy", solver="moreau")
     assert path == "moreau" and relaxation.backend == settings.MOREAU_BACKEND
@@ -49,6 +51,7 @@ def test_layer_uses_moreau_and_its_interior_point_method():
     assert sstcvx.relaxation_solver(declared_simplex(4), "entropy", solver="cvxpylayers")[1] == "generic"
 
 
+@needs_moreau
 def test_entropy_matches_the_softmax_and_its_gradient():
     P = declared_simplex(5)
     U = utilities((6, 5), seed=1).requires_grad_(True)
@@ -64,6 +67,7 @@ def test_entropy_matches_the_softmax_and_its_gradient():
     torch.testing.assert_close(g, g_ref, atol=1e-3, rtol=0)
 
 
+@needs_moreau
 def test_infeasible_answers_are_re_solved_through_diffcp():
     """Moreau 0.4.1 through cvxpylayers returns points outside the polytope for the Euclidean
     regularizer (its bounds ignored); the layer's feasibility check catches each element, names it
@@ -79,6 +83,7 @@ def test_infeasible_answers_are_re_solved_through_diffcp():
     assert float(X.min()) >= -1e-7
 
 
+@needs_moreau
 def test_settings_are_checked_against_moreau():
     P = declared_simplex(3)
     with pytest.raises(ValueError, match="not Moreau settings"):
@@ -87,6 +92,7 @@ def test_settings_are_checked_against_moreau():
     torch.testing.assert_close(X, torch.softmax(utilities((2, 3)), -1), atol=1e-4, rtol=0)
 
 
+@needs_moreau
 def test_compare_puts_moreau_beside_the_specialized_solver():
     from polytopes import Simplex
 
@@ -97,6 +103,7 @@ def test_compare_puts_moreau_beside_the_specialized_solver():
         sstcvx.compare(Simplex(4), "entropy", batch=4, repeats=0, generic_backend="diffcp")
 
 
+@needs_moreau
 def test_user_regularizer_from_cvxpy_runs_on_moreau():
     P = declared_simplex(4)
     reg = sstcvx.Regularizer.from_cvxpy(lambda x: cp.sum_squares(x) - cp.sum(cp.entr(x)), name="mix")
@@ -107,6 +114,7 @@ def test_user_regularizer_from_cvxpy_runs_on_moreau():
     assert get_regularizer(reg) is reg
 
 
+@needs_moreau
 def test_command_line_compare_takes_the_backend(capsys):
     from sstcvx.harness.cli import main
 
