@@ -153,15 +153,13 @@ class GenericRelaxation:
 
     def solver_name(self, args: dict) -> str:
         """The conic solver that ``args`` select on this layer, for messages."""
-        if self.backend == MOREAU_BACKEND:
-            return f"Moreau ({args.get('solver', 'auto')})"
-        return str(args.get("solve_method"))
+        return "Moreau" if self.backend == MOREAU_BACKEND else str(args.get("solve_method"))
 
     def fallback_plan(self, args: dict):
         """``(layer, settings)`` that re-solve an element that ``args`` got wrong: diffcp with the other
         solver of its pair, or, after Moreau, diffcp with its default settings for this regularizer."""
         if self.backend == MOREAU_BACKEND:
-            if self._diffcp_layer is None:
+            if self._diffcp_layer is None:  # (two threads may both build it: either layer serves)
                 from cvxpylayers.torch import CvxpyLayer
 
                 self._diffcp_layer = CvxpyLayer(self._problem, parameters=[self.u], variables=[self._x], solver=BACKEND)
