@@ -308,30 +308,31 @@ def _derivatives(ip: InteriorPointProblem, lay: _Layout, T: torch.Tensor):
     rounds to 0); a user's regularizer gets x clamped strictly inside its domain.  (Only the slices needed
     are taken: each is an operation.)"""
     kind: Any = ip.kind
-    nx = ip.nx
-    if kind in ("entropy", "binary_entropy") and lay.N == nx and ip.all_at_lo and ip.all_at_hi:
-        # both distances are the bound slacks [sl | su] (no auxiliary variables), adjacent in the state
-        Sb = T[:, lay.o_s + lay.mi :]
-        if kind == "entropy":
-            a = Sb[:, :nx]
-            return torch.log(a) + 1.0, a.reciprocal()
-        # one logarithm and one reciprocal for both
-        log, inv = Sb.log(), Sb.reciprocal()
-        return log[:, :nx] - log[:, nx:], inv[:, :nx] + inv[:, nx:]
-    x = T[:, :nx]
+    nx, N = ip.nx, lay.N
     if not isinstance(kind, str):
         # keep x strictly inside phi's domain (a slack may be below the spacing of floats at x); one clamp
         # by Python floats (bounds as 0-dim tensors would cost more operations)
-        return kind.derivatives(x.clamp(math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf)))
+        inside = (math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf))
+        return kind.derivatives(T[:, :nx].clamp(*inside))
     if kind == "euclidean":
-        return x, torch.ones_like(x)
-    Sb = T[:, lay.o_s + lay.mi :]
-    sl, su = Sb[:, : lay.N], Sb[:, lay.N :]
-    a = sl[:, :nx] if ip.all_at_lo else torch.where(ip.at_lo, sl[:, :nx], x - ip.dom_lo)
+        v = T[:, :nx]
+        return v, torch.ones_like(v)
+    o = lay.o_s + lay.mi  # where the bound slacks [sl | su] start
+    if kind == "binary_entropy" and N == nx and ip.all_at_lo and ip.all_at_hi:
+        # both distances are the bound slacks, adjacent in the state: one logarithm and one reciprocal for both
+        Sb = T[:, o:]
+        log, inv = Sb.log(), Sb.reciprocal()
+        return log[:, :nx] - log[:, nx:], inv[:, :nx] + inv[:, nx:]
+    # x itself only where a bound is not the domain's end (each slice is an operation)
+    a = T[:, o : o + nx] if ip.all_at_lo else torch.where(ip.at_lo, T[:, o : o + nx], T[:, :nx] - ip.dom_lo)
     # (reciprocal(): ``1.0 / a`` is a reciprocal and a multiplication by 1)
     if kind == "entropy":
         return torch.log(a) + 1.0, a.reciprocal()
-    b = su[:, :nx] if ip.all_at_hi else torch.where(ip.at_hi, su[:, :nx], ip.dom_hi - x)
+    b = (
+        T[:, o + N : o + N + nx]
+        if ip.all_at_hi
+        else torch.where(ip.at_hi, T[:, o + N : o + N + nx], ip.dom_hi - T[:, :nx])
+    )
     return torch.log(a) - torch.log(b), a.reciprocal() + b.reciprocal()
 
 
@@ -446,11 +447,8 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
     ``phi_inv, ratio`` from :func:`_phi_inverse` (the same for predictor and corrector).  Eliminating dY and
     dS leaves M dnu = C Phi^-1 r1 + rp + (0, rc_y / y); then dv = Phi^-1 (r1 - C^T dnu), the slacks'
     directions from dv (bounds) and dnu (rows), the multipliers' from S dY + Y dS = rc."""
-    N, m_eq, mi = lay.N, lay.m_eq, lay.mi
-    # the bounds' targets over their slacks (B, 2N) and the rows' over their multipliers (B, mi)
-    rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
-    # the right-hand side in v once the bound multipliers' directions are eliminated
-    r1 = rcb[:, :N] - rcb[:, N:] - rd
+    m_eq, mi = lay.m_eq, lay.mi
+    rcb, rcy, r1 = _targets_in_v(lay, T, rc, neg_pos, rd)
     u = phi_inv * r1
     # the right-hand side C u + rp + (0, rc_y / y), by fused operations (addmm, add_ on a view: no copies)
     rhs = torch.addmm(rp, u, lay.CT)
@@ -458,13 +456,28 @@ def _direction(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None)
         (rhs[:, m_eq:] if m_eq else rhs).add_(rcy)
     dnu = normal_matrix.solve(ip, F, rhs)
     dv = torch.addcmul(u, phi_inv, dnu @ ip.C, value=-1.0)
-    # the bound slacks' directions [dsl | dsu] = [dv | -dv] (0 at an absent bound), then their multipliers'
-    dSb = (dv.unsqueeze(1) * lay.bound_sign).view(dv.shape[0], 2 * N)
+    return _completed_direction(lay, dv, [dnu], (dnu[:, m_eq:] if m_eq else dnu) if mi else None, rcb, rcy, ratio)
+
+
+def _targets_in_v(lay: _Layout, T, rc, neg_pos, rd):
+    """``(rc_b / [sl, su], rc_y / y, r1)``: :func:`_scaled_targets`, and the right-hand side in v once the bound
+    multipliers' directions are eliminated, ``r1 = rc_l / sl - rc_u / su - rd (B, N)``."""
+    N = lay.N
+    rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
+    return rcb, rcy, rcb[:, :N] - rcb[:, N:] - rd
+
+
+def _completed_direction(lay: _Layout, dv, dnu_parts, dy, rcb, rcy, ratio):
+    """The direction ``dT`` laid out as T from dv and the rows' multipliers' directions (``dnu_parts``, in the
+    order of T: [dlambda, dy] or [dnu]; ``dy (B, mi)`` the inequality rows' part, None without such rows): the
+    bound slacks' directions [dsl | dsu] = [dv | -dv] (0 at an absent bound), and the multipliers' from
+    S dY + Y dS = rc."""
+    # (reshape: dv from the primal reduction may be a strided view, and the product follows its layout)
+    dSb = (dv.unsqueeze(1) * lay.bound_sign).reshape(dv.shape[0], 2 * lay.N)
     dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
-    if mi:
-        ds = torch.addcmul(rcy, ratio[0], dnu[:, m_eq:] if m_eq else dnu, value=-1.0)
-        return torch.cat([dv, dnu, dYb, ds, dSb], dim=1)
-    return torch.cat([dv, dnu, dYb, dSb], dim=1)
+    if lay.mi:
+        return torch.cat([dv, *dnu_parts, dYb, torch.addcmul(rcy, ratio[0], dy, value=-1.0), dSb], dim=1)
+    return torch.cat([dv, *dnu_parts, dYb, dSb], dim=1)
 
 
 def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_pos=None):
@@ -472,21 +485,14 @@ def _direction_primal(ip, lay: _Layout, T, F, phi_inv, ratio, rd, rp, rc, neg_po
     equations G dv - (s / y) dy = rows_in give dy = D (G dv - rows_in), so that (Phi + G^T D G) dv +
     A^T dlambda = r1 + G^T D rows_in and A dv = rows_eq (``F`` from :func:`~sstcvx.generic.primal_reduction.factor`;
     the other arguments and the result as there)."""
-    N, m_eq = lay.N, lay.m_eq
-    # the bounds' targets over their slacks (B, 2N) and the rows' over their multipliers (B, mi)
-    rcb, rcy = _scaled_targets(lay, T, rc, neg_pos)
-    # the right-hand side in v once the bound multipliers' directions are eliminated
-    r1 = rcb[:, :N] - rcb[:, N:] - rd
+    m_eq = lay.m_eq
+    rcb, rcy, r1 = _targets_in_v(lay, T, rc, neg_pos, rd)
     rows_in = -rp[:, m_eq:] - rcy  # the inequality rows' right-hand side: G dv - (s / y) dy = rows_in
     D = ratio[0].reciprocal()
     r1 = torch.addmm(r1, D * rows_in, ip.primal.G)
     dv, dlam = primal_reduction.solve(ip, F, r1, -rp[:, :m_eq] if m_eq else None)
     dy = D * (dv @ ip.primal.G.T - rows_in)
-    dSb = (dv.unsqueeze(1) * lay.bound_sign).reshape(dv.shape[0], 2 * N)
-    dYb = torch.addcmul(rcb, ratio[1], dSb, value=-1.0)
-    ds = torch.addcmul(rcy, ratio[0], dy, value=-1.0)
-    parts = [dv, dlam, dy, dYb, ds, dSb] if m_eq else [dv, dy, dYb, ds, dSb]
-    return torch.cat(parts, dim=1)
+    return _completed_direction(lay, dv, [dlam, dy] if m_eq else [dy], dy, rcb, rcy, ratio)
 
 
 def _max_step(lay: _Layout, neg_pos, dT, fraction: float | torch.Tensor = FRACTION, dpos=None):
