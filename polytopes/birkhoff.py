@@ -68,8 +68,8 @@ _SUPPORT_RIDGE = 1e-13
 _SUPPORT_RIDGE_CAP = 1e-3
 # The Newton system's support: the entries of Y above -_SUPPORT_SLACK.  Where the solution has entries of Y
 # at 0 (to rounding) that join two otherwise disconnected blocks of the support, those entries, at +-1e-14,
-# left and joined the support at alternate steps, and the residual fell only about 8x per step (16 steps
-# instead of 3-8 for 0.4% of the elements at n = 10, more at n = 20-50); counted in, the support stays put.
+# would leave and join the support at alternate steps, and the residual then falls only linearly; counted in,
+# the support stays put (step counts in docs/benchmarks.md, "Permutation solvers", fifth pass).
 _SUPPORT_SLACK = 1e-13
 _MERIT_SWITCH = 1e-5  # below this residual its phi test is blind: a full step must not increase the residual
 _EXACT_SEARCH_N = 16  # up to this n its failed full steps take the exact line search, beyond it backtracking
