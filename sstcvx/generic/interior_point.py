@@ -215,8 +215,6 @@ class InteriorPointProblem:
     pattern: tuple | None = None
     #: ``(SparseCholesky, keep, where)`` where M is factored by levels (see :func:`~sstcvx.generic.normal_matrix.sparsity`), else None
     sparse: tuple | None = None
-    #: ``K^T (nnz, N)`` of the pattern, contiguous (M's entries batch last are ``K^T @ p^T``)
-    pattern_t: torch.Tensor | None = None
     #: the primal reduction's tensors where it is chosen (see :func:`~sstcvx.generic.primal_reduction.choose`), else None
     primal: primal_reduction.PrimalReduction | None = None
     #: ``K (N, m^2)`` that assembles a dense M as one product, where small (see :func:`~sstcvx.generic.normal_matrix.dense_table`)
@@ -295,7 +293,6 @@ def build_interior_point_problem(prob: DualProblem, kind) -> InteriorPointProble
         float(dom_hi),
         pattern,
         sparse,
-        None if pattern is None else pattern[0].T.contiguous(),
         primal,
         normal_matrix.dense_table(C) if pattern is None else None,
     )

@@ -79,11 +79,8 @@ def equilibrated_cholesky(M: torch.Tensor):
     read), computed after symmetric equilibration to a unit diagonal with a relative jitter of JITTER (more
     where the factorization fails: a rank-deficient set of active rows): ``(diag(q) L, q (B, m))`` with L
     the equilibrated matrix's factor and q = sqrt(diag M).  diag(q) L is a Cholesky factor of M itself,
-    so that ``torch.cholesky_solve`` with it solves M x = r without any scaling.
-
-    Equilibration matters: near the solution the entries of the interior point's matrices range over many
-    decades (1 / mu against mu), and a jitter relative to the largest diagonal entry would swamp the
-    small rows."""
+    so that ``torch.cholesky_solve`` with it solves M x = r without any scaling (why equilibrate: see the
+    module)."""
     q = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).sqrt()
     qc = q[:, :, None]
     Ms = M / (qc * q[:, None, :])
@@ -93,8 +90,8 @@ def equilibrated_cholesky(M: torch.Tensor):
 
 def sparsity(C: torch.Tensor):
     """``(pattern, sparse)`` for the normal matrix M = C diag(p) C^T.  ``pattern = (K, flat, diag, r, c)``
-    assembles M as ``(p @ K)`` on its non-zero entries: ``K (N, nnz)`` holds C[r, j] C[c, j] for the
-    entries (r, c) of M that some column touches (and the diagonal), ``flat`` their positions in the
+    assembles M's non-zero entries batch last as ``K @ p^T``: ``K (nnz, N)`` (contiguous) holds C[r, j] C[c, j]
+    for the entries (r, c) of M that some column touches (and the diagonal), ``flat`` their positions in the
     flattened m x m matrix, ``diag (m,)`` where the diagonal entries are among them; None where the
     table would exceed PATTERN_LIMIT entries or M is more than half full.  ``sparse = (chol, keep,
     where)`` where the level-scheduled factorization of :mod:`~sstcvx.generic.sparse_cholesky` is worth
@@ -107,7 +104,7 @@ def sparsity(C: torch.Tensor):
     r, c = nz.nonzero(as_tuple=True)
     if N * r.numel() > PATTERN_LIMIT or r.numel() > 0.5 * m * m:
         return None, None
-    K = (C[r] * C[c]).T.contiguous()
+    K = C[r] * C[c]
     flat = r * m + c
     diag = diagonal_positions(r, c, m)
     sparse = None
@@ -138,8 +135,8 @@ def factor(ip, extra, phi_inv):
     if ip.pattern is not None:
         # M's entries batch last, V (nnz, B): every step of the factorization by levels gathers whole
         # entries (along dim 0, several times cheaper than along dim 1 for these sizes)
-        _, flat, diag, r, c = ip.pattern
-        V = ip.pattern_t @ phi_inv.T
+        K, flat, diag, r, c = ip.pattern
+        V = K @ phi_inv.T
         V[diag[m_eq:]] += extra.T
         if ip.sparse is not None and B * m**3 > DENSE_WORK:
             F, q = equilibrated_levels(V, diag, r, c, *ip.sparse)
