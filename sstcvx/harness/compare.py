@@ -26,7 +26,13 @@ import torch
 
 from .. import registry
 from ..enumeration import best_vertex, vertex_marginals
-from ..generic import AffineFeasibility, default_solver_args, fallback_solver_args, generic_relaxation
+from ..generic import (
+    AffineFeasibility,
+    default_solver_args,
+    fallback_solver_args,
+    generic_relaxation,
+    moreau_relaxation,
+)
 from ..generic.settings import check_moreau_args, check_solver_args
 from ..noise import get_noise
 from ..polytope import VertexPolytope
@@ -464,7 +470,9 @@ def _compare_one(
         X_ref, g_ref, ok_ref = ref.measure(U, G, log)
     X_gen = g_gen = None
     if generic:
-        layer = log.run("generic path (build)", generic_relaxation, P, reg)
+        # the conic layer of the backend compared (its build time is reported): Moreau's, or diffcp's
+        build = moreau_relaxation if generic_backend == "moreau" else generic_relaxation
+        layer = log.run("generic path (build)", build, P, reg)
         if layer is not None:
             row.build_time_generic = layer.build_time
             gen = _Path(
