@@ -567,7 +567,8 @@ def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _GibbsMarginals(torch.autograd.Function):
-    """Gibbs marginals of the k-subsets (B, n) float64: forward and backward by explicit prefix-sum passes."""
+    """Gibbs marginals of the k-subsets (B, n) float64: forward and backward by explicit prefix-sum passes
+    (on the CPU by the compiled kernels of :mod:`polytopes._compiled_gibbs`)."""
 
     @staticmethod
     def forward(ctx, z, k):
@@ -669,8 +670,8 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
     backward, with the batch vectorised.  On the CPU (``polytopes._compiled``) the
     same recurrences run in a compiled kernel (``polytopes._compiled_gibbs``: one
     forward-message table and one backward-message vector per row, blocks of rows
-    vectorised), a few microseconds of overhead instead of ~5k dispatched
-    operations.  For k > n / 2 the complements are
+    vectorised): a few calls instead of the 5k dispatched torch operations of a
+    forward and backward.  For k > n / 2 the complements are
     computed, x(Z, k) = 1 - x(-Z, n - k).  Rows whose k largest entries spread more
     than min(30, (600 - log C(n, k)) / k) below the maximum (small tau), where
     positive sums in float64 could over- or underflow, take the log-space DP
@@ -678,7 +679,7 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
 
     When C(n, k) n <= 4096 the subsets are enumerated instead: a softmax over the
     C(n, k) subset scores, differentiated by autograd (exact, and fewer operations);
-    on the CPU only while B C(n, k) n <= 8192 as well (at larger batches the kernel
+    on the CPU only while B C(n, k) n <= 16384 as well (at larger batches the kernel
     takes less time).
 
     Precision: about 1e-15 absolute against brute force on the linear-space rows;
@@ -712,7 +713,7 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
 # k_subset_marginals enumerates the subsets while C(n, k) n is at most this, and on the CPU with the
 # compiled kernels, while B C(n, k) n is at most _ENUMERATE_BATCH_ENTRIES too.
 _ENUMERATE_ENTRIES = 4096
-_ENUMERATE_BATCH_ENTRIES = 8192
+_ENUMERATE_BATCH_ENTRIES = 16384
 _SUBSET_MATRICES: dict = {}
 
 
