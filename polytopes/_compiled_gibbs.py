@@ -35,6 +35,14 @@ import numpy as np
 
 #: Rows per block: the recurrences run as loops over the rows of a block (vectorised).
 LANES = 32
+#: Fewer rows per block where a table (n + 1, k, rows) would exceed this many entries (32 MB).
+TABLE_ENTRIES = 1 << 22
+
+
+@numba.njit(cache=True, nogil=True)
+def _lanes(B, n, k):  # pragma: no cover - compiled
+    """Rows per block: LANES, or fewer for a small batch or a table above TABLE_ENTRIES entries."""
+    return max(1, min(B, LANES, TABLE_ENTRIES // ((n + 1) * k)))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -52,7 +60,7 @@ def gibbs_forward(z, k, span, floor):  # pragma: no cover - compiled
     state = np.empty((B, 2 * n + 2))
     w, others, scale, linear = state[:, :n], state[:, n : 2 * n], state[:, 2 * n], state[:, 2 * n + 1]
     count_log = 0
-    L = max(1, min(B, LANES))
+    L = _lanes(B, n, k)
     wl = np.empty((n, L))
     ol = np.empty((n, L))
     P = np.empty((n + 1, k, L))
@@ -128,7 +136,7 @@ def gibbs_hvp(state, g, k):  # pragma: no cover - compiled
     B, n = g.shape
     out = np.empty((B, n))
     w, others, scale, linear = state[:, :n], state[:, n : 2 * n], state[:, 2 * n], state[:, 2 * n + 1]
-    L = max(1, min(B, LANES))
+    L = _lanes(B, n, k)
     wl = np.empty((n, L))
     dwl = np.empty((n, L))
     dml = np.empty((n, L))
