@@ -26,6 +26,7 @@ from sstcvx import Polytope, register_argmax, register_relaxation
 from sstcvx.families import Family, register_family
 from sstcvx.recognition import Match
 
+from ._compiled import enabled_for
 from ._kernels import floored_logsumexp, rank_one_vjp
 from ._validation import check_int
 
@@ -447,15 +448,19 @@ def _linear_weights(z: torch.Tensor, k: int):
     exchange argument: swapping it for one of the k entries above exp(-span)),
     so raising it to that floor changes the marginals by < k exp(-45) < 1e-18.
     """
-    n = z.shape[-1]
-    c = min(k, n // 2)
-    log_count = math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
-    span = min(_SPAN, (_RANGE - log_count) / k)
+    span = _linear_span(z.shape[-1], k)
     y = z - z.amax(-1, keepdim=True)
     if span < 1.0:  # n and k so large that C(n, k) alone leaves no range: the log-space path
         return None, torch.zeros(z.shape[:-1], dtype=torch.bool, device=z.device)
     qualifies = (y >= -span).sum(-1) >= k
     return torch.exp(y.clamp_min(-(span + _FLOOR_MARGIN))), qualifies
+
+
+def _linear_span(n: int, k: int) -> float:
+    """The depth below the row maximum within which a row's k largest entries must lie for the linear-space DP."""
+    c = min(k, n // 2)
+    log_count = math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
+    return min(_SPAN, (_RANGE - log_count) / k)
 
 
 def _mirror(Q: torch.Tensor) -> torch.Tensor:
@@ -562,14 +567,21 @@ def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _GibbsMarginals(torch.autograd.Function):
-    """Gibbs marginals of the k-subsets (B, n) float64: forward and backward by explicit prefix-sum passes."""
+    """Gibbs marginals of the k-subsets (B, n) float64: forward and backward by explicit prefix-sum passes
+    (on the CPU by the compiled kernels of :mod:`polytopes._compiled_gibbs`)."""
 
     @staticmethod
     def forward(ctx, z, k):
+        ctx.k, ctx.compiled = k, False
+        ctx.save_for_backward(z)
+        if enabled_for(z):
+            span = _linear_span(z.shape[-1], k)
+            if span >= 1.0:
+                ctx.compiled = True
+                return _compiled_forward(ctx, z, k, span)
         w, linear = _linear_weights(z, k)
         everywhere = bool(linear.all())
-        ctx.k, ctx.everywhere = k, everywhere
-        ctx.save_for_backward(z)
+        ctx.everywhere = everywhere
         if everywhere:
             m, ctx.state = _linear_forward(w, k)
             return m
@@ -591,6 +603,8 @@ class _GibbsMarginals(torch.autograd.Function):
             m = _log_space_marginals(z, k, True)
             (hvp,) = torch.autograd.grad(m, z, g, create_graph=True)
             return hvp, None
+        if ctx.compiled:
+            return _compiled_hvp(ctx, z, g, k), None
         if ctx.everywhere:
             return _linear_hvp(ctx.state, g, k), None
         out = torch.empty_like(z)
@@ -601,6 +615,40 @@ class _GibbsMarginals(torch.autograd.Function):
             m = _log_space_marginals(rows, k, True)
             (out[ctx.log_rows],) = torch.autograd.grad(m, rows, g[ctx.log_rows])
         return out, None
+
+
+def _compiled_forward(ctx, z: torch.Tensor, k: int, span: float) -> torch.Tensor:
+    """:meth:`_GibbsMarginals.forward` on the CPU: the compiled kernel on the qualifying rows, the log-space DP on the others."""
+    from . import _compiled_gibbs
+
+    z = z.detach()
+    x, ctx.state, count = _compiled_gibbs.gibbs_forward(
+        z.numpy() if z.is_contiguous() else z.contiguous().numpy(), k, span, span + _FLOOR_MARGIN
+    )
+    out = torch.from_numpy(x)
+    ctx.log_rows = None
+    if count:
+        ctx.log_rows = log_rows = torch.from_numpy(ctx.state[:, -1] == 0.0).nonzero().squeeze(-1)
+        with torch.enable_grad():
+            out[log_rows] = _log_space_marginals(z[log_rows].requires_grad_(True), k, False)
+    return out
+
+
+def _compiled_hvp(ctx, z: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """:meth:`_GibbsMarginals.backward` (first order) after :func:`_compiled_forward`: H g by the compiled tangent passes."""
+    from . import _compiled_gibbs
+
+    g = g.detach()
+    out = torch.from_numpy(
+        _compiled_gibbs.gibbs_hvp(ctx.state, g.numpy() if g.is_contiguous() else g.contiguous().numpy(), k)
+    )
+    log_rows = ctx.log_rows
+    if log_rows is not None:
+        with torch.enable_grad():
+            rows = z[log_rows].detach().requires_grad_(True)
+            m = _log_space_marginals(rows, k, True)
+            (out[log_rows],) = torch.autograd.grad(m, rows, g[log_rows])
+    return out
 
 
 def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
@@ -619,14 +667,20 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
     Backward: H g with H the Gibbs covariance, the tangent of the same recurrences
     along g (the tangent of a cumulative sum is a cumulative sum), no autograd
     recording.  Work O(n k) per pass; about 2k batched operations forward and 3k
-    backward, with the batch vectorised.  For k > n / 2 the complements are
+    backward, with the batch vectorised.  On the CPU (``polytopes._compiled``) the
+    same recurrences run in a compiled kernel (``polytopes._compiled_gibbs``: one
+    forward-message table and one backward-message vector per row, blocks of rows
+    vectorised): a few calls instead of the 5k dispatched torch operations of a
+    forward and backward.  For k > n / 2 the complements are
     computed, x(Z, k) = 1 - x(-Z, n - k).  Rows whose k largest entries spread more
     than min(30, (600 - log C(n, k)) / k) below the maximum (small tau), where
     positive sums in float64 could over- or underflow, take the log-space DP
     (:func:`log_elementary_symmetric`) and its autograd instead.
 
     When C(n, k) n <= 4096 the subsets are enumerated instead: a softmax over the
-    C(n, k) subset scores, differentiated by autograd (exact, and fewer operations).
+    C(n, k) subset scores, differentiated by autograd (exact, and fewer operations);
+    on the CPU only while B C(n, k) n <= 16384 as well (at larger batches the kernel
+    takes less time).
 
     Precision: about 1e-15 absolute against brute force on the linear-space rows;
     on the log-space rows 1e-16 * spread(Z) (1e-10 at a spread of 1e6).  In
@@ -641,20 +695,25 @@ def k_subset_marginals(Z: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k: expected 1 <= k <= n - 1 = {n - 1}, got {k}")
     if 2 * k > n:  # fewer degrees for the complements: S ~ exp<Z, S> iff its complement ~ exp<-Z, .>
         return 1.0 - k_subset_marginals(-Z, n - k)
-    z = Z.reshape(-1, n).to(torch.float64)
+    # (the reshape and cast are skipped where they would return Z itself: on the CPU each costs a dispatch)
+    z = Z if Z.dim() == 2 and Z.dtype == torch.float64 else Z.reshape(-1, n).to(torch.float64)
     if z.shape[0] == 0:
         return Z * 0
-    if math.comb(n, k) * n <= _ENUMERATE_ENTRIES:
-        # few subsets: the softmax over their scores is exact and costs a few batched products
+    entries = math.comb(n, k) * n
+    if entries <= _ENUMERATE_ENTRIES and (z.shape[0] * entries <= _ENUMERATE_BATCH_ENTRIES or not enabled_for(z)):
+        # few subsets: the softmax over their scores is exact and costs a few batched products (on the
+        # CPU, at a small batch only: at a larger one the compiled kernel takes less time)
         V = _subset_matrix(n, k, z.device)
         X = torch.softmax(z @ V.T, dim=-1) @ V
     else:
         X = _GibbsMarginals.apply(z, k)
-    return X.to(Z.dtype).reshape(Z.shape)
+    return X if X.dtype == Z.dtype and X.shape == Z.shape else X.to(Z.dtype).reshape(Z.shape)
 
 
-# k_subset_marginals enumerates the subsets while C(n, k) n is at most this.
+# k_subset_marginals enumerates the subsets while C(n, k) n is at most this, and on the CPU with the
+# compiled kernels, while B C(n, k) n is at most _ENUMERATE_BATCH_ENTRIES too.
 _ENUMERATE_ENTRIES = 4096
+_ENUMERATE_BATCH_ENTRIES = 16384
 _SUBSET_MATRICES: dict = {}
 
 
