@@ -21,7 +21,8 @@ with the ratio ours / peer (below 1: ours is faster):
   machine as ratios.
 
 Also printed: the Sinkhorn / Birkhoff Newton step counts at each size (the batch's, i.e. its slowest element's).  Ratios are measured
-in one process with the candidates interleaved round by round (benchmarks/_timing.py), by
+in one process with the candidates interleaved round by round (benchmarks/_timing.py; a row
+of cheap calls gets more rounds, so that each row is timed for at least 0.01 s per round asked), by
 process CPU time on one thread unless ``--wall``/``--threads`` say otherwise: on a shared
 machine the absolute times are noisy, the ratios much less.
 """
@@ -133,7 +134,7 @@ def vector_section(rounds, generator):
                 fns["peer"] = lambda u=u, g=g, k=P.k: numpy_dp_forward_backward(u, g, k)
             elif peer is not None:
                 fns["peer"] = forward_backward(peer, U, G)
-            times = interleaved(fns, rounds if P.n < 400 else max(3, rounds // 4))
+            times = interleaved(fns, rounds if P.n < 400 else max(3, rounds // 4), min_seconds=rounds * 0.01)
             label = f"{P.name} {regularizer}"
             if peer is None and peer_name is not None:
                 peer_name = f"{peer_name} (not installed)"

@@ -51,17 +51,23 @@ def median_time(fn, rounds: int, warmup: int = 1) -> float:
     return statistics.median(samples)
 
 
-def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
+def interleaved(fns: dict, rounds: int, warmup: int = 2, min_seconds: float = 0.0) -> dict:
     """Median seconds per call of each function in ``fns``, timed in interleaved rounds.
 
     One call of each per round, the order rotating, so that a slow spell of the shared
     machine hits every candidate alike; the garbage collector is paused as in
-    ``median_time``.
+    ``median_time``.  ``min_seconds``: run more than ``rounds`` rounds where fewer would
+    take less time than this (as estimated from the last warmup round, at most 100 times
+    as many), so that the median of cheap calls is not a handful of cold ones.
     """
     names = list(fns)
     for _ in range(warmup):
+        start = _clock()
         for name in names:
             fns[name]()
+        elapsed = _clock() - start
+    if min_seconds > 0.0 and warmup:
+        rounds = max(rounds, min(100 * rounds, int(min_seconds / max(elapsed, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     was_enabled = gc.isenabled()
