@@ -278,7 +278,10 @@ def test_projection_exact_line_search_minimises_along_the_direction():
 
 def test_sinkhorn_batch_compaction_and_factorisation_fallback(monkeypatch):
     """Setting converged elements aside (batch >= 32) changes no element; a failed factorisation falls back."""
+    from polytopes import _compiled
     from polytopes import sinkhorn as sinkhorn_module
+
+    monkeypatch.setattr(_compiled, "ENABLED", False)  # the torch path's compaction and fallback (CPU kernel: tests/test_compiled_sinkhorn.py)
 
     Z = gumbel_utilities(48, 6, seed=1)
     X = sinkhorn(Z)
