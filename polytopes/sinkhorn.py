@@ -231,8 +231,8 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
     steps = np.empty(Z.shape[0], dtype=np.int64)
     unconverged, violation, most_steps, left = _compiled_sinkhorn.sinkhorn_forward(
         Z.numpy(),
-        tol,
-        max_iter,
+        float(tol),
+        int(max_iter),
         _NARROW_SPREAD,
         _LINEAR_SWEEPS,
         _NARROW_STEP,
