@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import sstcvx
-from polytopes import Permutation
-from polytopes import _compiled, _compiled_sinkhorn
+from polytopes import Permutation, _compiled, _compiled_sinkhorn
 from polytopes import sinkhorn as sinkhorn_module
 from polytopes.sinkhorn import sinkhorn, sinkhorn_vjp
 
@@ -98,9 +97,7 @@ def test_elements_left_by_the_kernel_are_solved_by_the_torch_path(monkeypatch):
     Z[4] *= 300.0
     calls = []
     torch_solve = sinkhorn_module._torch_solve
-    monkeypatch.setattr(
-        sinkhorn_module, "_torch_solve", lambda Z, *args: calls.append(len(Z)) or torch_solve(Z, *args)
-    )
+    monkeypatch.setattr(sinkhorn_module, "_torch_solve", lambda Z, *args: calls.append(len(Z)) or torch_solve(Z, *args))
     X, unconverged, worst, _ = sinkhorn_module._compiled_solve(Z, 1e-12, 500)
     assert calls == [2] and unconverged == 0 and worst <= 1e-12
     with _compiled.disabled():

@@ -281,7 +281,8 @@ def test_sinkhorn_batch_compaction_and_factorisation_fallback(monkeypatch):
     from polytopes import _compiled
     from polytopes import sinkhorn as sinkhorn_module
 
-    monkeypatch.setattr(_compiled, "ENABLED", False)  # the torch path's compaction and fallback (CPU kernel: tests/test_compiled_sinkhorn.py)
+    # the torch path's compaction and fallback (the CPU kernel's: tests/test_compiled_sinkhorn.py)
+    monkeypatch.setattr(_compiled, "ENABLED", False)
 
     Z = gumbel_utilities(48, 6, seed=1)
     X = sinkhorn(Z)
