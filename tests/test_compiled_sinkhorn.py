@@ -90,19 +90,27 @@ def test_extreme_and_degenerate_inputs(case):
         torch.testing.assert_close(X, torch.full_like(X, 1.0 / n), atol=1e-15, rtol=0)
 
 
-def test_elements_left_by_the_kernel_are_solved_by_the_torch_path(monkeypatch):
-    """Spread above the kernel's range: those elements (only) take the torch code, in the right places."""
+def test_elements_left_by_the_kernel_go_to_the_torch_path(monkeypatch):
+    """Elements the kernel leaves (non-finite entries here, which the public functions reject; a failed
+    factorisation is treated alike) take the torch code as one batch, and its results land in their places
+    with its counts added to the report."""
     Z = utilities(6, 5, seed=2)
-    Z[1] *= 200.0
-    Z[4] *= 300.0
-    calls = []
-    torch_solve = sinkhorn_module._torch_solve
-    monkeypatch.setattr(sinkhorn_module, "_torch_solve", lambda Z, *args: calls.append(len(Z)) or torch_solve(Z, *args))
-    X, unconverged, worst, _ = sinkhorn_module._compiled_solve(Z, 1e-12, 500)
-    assert calls == [2] and unconverged == 0 and worst <= 1e-12
+    Z[1, 0, 0] = float("inf")
+    Z[4, 2, 3] = float("nan")
+    finite = [0, 2, 3, 5]
     with _compiled.disabled():
-        for i in range(6):
-            torch.testing.assert_close(X[i], sinkhorn(Z[i]), atol=2e-12, rtol=0)
+        reference = sinkhorn(Z[finite])
+    calls = []
+
+    def stand_in(Z, tol, max_iter):  # the torch code itself loops on non-finite input: a stand-in
+        calls.append(len(Z))
+        return torch.full_like(Z, 7.0), 2, 0.5
+
+    monkeypatch.setattr(sinkhorn_module, "_torch_solve", stand_in)
+    X, unconverged, worst, _ = sinkhorn_module._compiled_solve(Z, 1e-12, 500)
+    assert calls == [2] and unconverged == 2 and worst == 0.5
+    assert (X[[1, 4]] == 7.0).all()
+    torch.testing.assert_close(X[finite], reference, atol=2e-12, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 5), (1, 5, 5), (2, 3, 5, 5), (5, 5)])
