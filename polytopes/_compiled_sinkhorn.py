@@ -9,12 +9,18 @@ Arrays are float64 and C-contiguous (numpy views of CPU tensors), outputs preall
 so each kernel compiles for one signature.  The n x n systems are factorised by a Cholesky written
 out here (n is small: no LAPACK call or allocation per element).
 
-* :func:`sinkhorn_forward`: the narrow path of :func:`polytopes.sinkhorn._narrow_newton` per element
-  (spread of Z at most ``narrow_spread``): linear-space Sinkhorn sweeps, then Newton steps on the dual
-  with the grounded Laplacian, the step cut to max |d| <= ``max_step``.  Elements with a larger spread,
-  a non-finite entry or a failed factorisation are marked for the torch path (step count -1).
+* :func:`sinkhorn_forward`: the forward of :func:`polytopes.sinkhorn._sinkhorn_solve` per element:
+  for a spread of Z up to 64 the narrow path of :func:`polytopes.sinkhorn._narrow_newton`
+  (linear-space Sinkhorn sweeps, then Newton steps on the dual with the grounded Laplacian, cut to
+  max |d| <= 0.8), above it the epsilon-scaling stages of the damped log-domain Newton of
+  :func:`polytopes.sinkhorn._newton`.  Elements with a non-finite entry or a failed factorisation
+  are marked for the torch path (step count -1).
 * :func:`sinkhorn_adjoint`: :func:`polytopes.sinkhorn.sinkhorn_vjp` (and the lean
   :func:`polytopes.sinkhorn._sinkhorn_adjoint`) per element.
+
+Cost O(n^3) per Newton step and per adjoint, in plain loops (the lower half of X^T X and a
+Cholesky factorisation); at n above a few hundred the torch code's BLAS calls are faster, and
+:func:`polytopes.sinkhorn._takes_compiled` sends such batches there.
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ Tuning constants (all float64, dimensionless unless said):
 ``_LOG_FLOOR``         -345    log X below this reads as exp(-345) ~ 1e-150 (or 0)
 =====================  ======  =============================================================
 
+On the CPU (:func:`polytopes._compiled.enabled_for`) the forward and the adjoint run as numba
+kernels over the batch, one element at a time with the same algorithms and constants
+(:mod:`polytopes._compiled_sinkhorn`, dispatched in :func:`_sinkhorn_solve` and
+:func:`sinkhorn_vjp` for n up to _COMPILED_MAX_N = 128); the torch code below is the path on
+other devices and the reference the kernels are tested against.
+
 References: Mena et al., "Learning latent permutations with Gumbel-Sinkhorn networks",
 ICLR 2018 (the relaxation); Cuturi, "Sinkhorn distances", NeurIPS 2013 (the entropic
 problem and its fixed point).
@@ -206,7 +212,14 @@ def _torch_solve(Z: torch.Tensor, tol: float, max_iter: int):
 
 
 def _takes_compiled(Z: torch.Tensor) -> bool:
-    """Whether a CPU batch Z (B, n, n) takes the compiled forward: n <= _COMPILED_MAX_N (measured rule)."""
+    """Whether a CPU batch Z (B, n, n) takes the compiled kernels: n <= _COMPILED_MAX_N.
+
+    The rule is measured (one thread, forward and backward, docs/benchmarks.md): the kernel is
+    faster than the torch code at every batch size from n = 2 to 100 (2-10x at n <= 10, where
+    the torch code's time is dispatch; 1.3-2x at n = 50-100), about even at n = 150-200 and
+    slower from n = 300 on (its O(n^3) loops against the torch code's BLAS calls, which also
+    gain from more threads).
+    """
     return Z.shape[-1] <= _COMPILED_MAX_N
 
 
@@ -214,13 +227,17 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
     """:func:`_sinkhorn_solve` by the compiled kernel, for Z float64 (B, n, n) on the CPU.
 
     Returns (X, unconverged, violation, steps), steps the most Newton steps an element took in
-    the kernel.  The kernel (:func:`polytopes._compiled_sinkhorn.sinkhorn_forward`) runs the
-    narrow path of :func:`_narrow_newton` one element at a time: _LINEAR_SWEEPS plain Sinkhorn
-    sweeps in linear space, then Newton steps with the Levenberg-Marquardt ridge of that
-    element's own violation, each element stopping when it has converged.  Elements it leaves
-    (spread of Z above _NARROW_SPREAD, where the torch code's epsilon-scaling in the log domain
-    keeps the precision; non-finite entries; a failed factorisation) are solved by the torch
-    code, as one smaller batch.  Same tolerance and step budget per element as the torch path.
+    the kernel.  The kernel (:func:`polytopes._compiled_sinkhorn.sinkhorn_forward`) solves one
+    element at a time by the torch code's algorithms: for a spread of Z up to _NARROW_SPREAD
+    the narrow path of :func:`_narrow_newton` (_LINEAR_SWEEPS Sinkhorn sweeps in linear space,
+    then Newton steps cut to _NARROW_STEP), above it the epsilon-scaling of the stages of
+    :func:`_newton` in the log domain (floors, trust region, Armijo backtracking), with the same
+    constants, tolerance and step budget per element.  Differences from the batched torch code:
+    each element stops as soon as it has converged, and its Levenberg-Marquardt ridge follows
+    its own violation (the torch code's narrow path below batch _COMPACT_BATCH uses the batch's
+    largest), so X agrees with the torch path's to within the tolerance, not to rounding.
+    Elements the kernel leaves (non-finite entries, a failed factorisation: not seen on finite
+    input) are solved by the torch code, as one smaller batch, its counts added to the report.
     """
     from . import _compiled_sinkhorn
 
@@ -284,9 +301,11 @@ def _compiled_adjoint(X: torch.Tensor, G: torch.Tensor, unit_rows: bool, lean: b
 
 
 def _compiled_backward_for(X: torch.Tensor, G: torch.Tensor) -> bool:
-    """Whether the adjoint of X, G takes the compiled kernel: float64 CPU tensors and no graph to record."""
+    """Whether the adjoint of X, G takes the compiled kernel: float64 CPU tensors, n <= _COMPILED_MAX_N (see
+    :func:`_takes_compiled`) and no graph to record."""
     return (
         _compiled.enabled_for(X)
+        and X.shape[-1] <= _COMPILED_MAX_N
         and X.dtype == torch.float64
         and G.dtype == torch.float64
         and G.device == X.device
@@ -647,6 +666,11 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     Backward: implicit differentiation of the fixed point (one n x n
     Cholesky solve per element), never unrolled; differentiable again, so
     second derivatives are available.
+
+    CPU tensors with n <= 128 run both as compiled loops over the batch
+    (:mod:`polytopes._compiled_sinkhorn`: same algorithms per element; each
+    element stops when it has converged); create_graph backward passes take the
+    torch code.
     """
     check_solver_arguments(Z, tol, max_iter)
     return _sinkhorn(Z, float(tol), max_iter, stacklevel=3)

@@ -200,3 +200,22 @@ def test_budget_warning_counts_the_same_elements():
         X_ref = sinkhorn(Z, max_iter=1)
     torch.testing.assert_close(X, X_ref, atol=1e-3, rtol=0)  # one Newton step each (ridges differ slightly)
     assert torch.isfinite(X).all()
+
+
+def test_wide_spreads_are_solved_in_the_kernel(monkeypatch):
+    """Spreads above 64 (small tau) take the kernel's epsilon-scaling, not the torch code; X is a valid fixed point."""
+
+    def not_called(*args):
+        raise AssertionError("the torch path was taken")
+
+    Z = torch.cat([utilities(3, 7, seed=11) / 0.01, 1e3 * torch.randn(3, 7, 7, dtype=torch.float64)])
+    G = torch.randn(6, 7, 7, dtype=torch.float64)
+    with _compiled.disabled():
+        X_ref, grad_ref = forward_backward(Z, G)
+    monkeypatch.setattr(sinkhorn_module, "_torch_solve", not_called)
+    X, grad = forward_backward(Z, G)
+    assert violation(X) <= 1e-12
+    torch.testing.assert_close(X, X_ref, atol=2e-12, rtol=0)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-11, rtol=0)
+    with pytest.warns(RuntimeWarning, match="6 of 6 batch elements did not reach"):
+        sinkhorn(Z, max_iter=2)
