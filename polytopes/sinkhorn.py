@@ -270,7 +270,7 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
         np.empty(Z.shape[0]),
         steps,
     )
-    if left:  # the elements the kernel left (rare: extreme inputs) go to the torch path, as one batch
+    if left:  # elements with non-finite entries or a failed factorisation: the torch path, as one batch
         index = torch.from_numpy(np.flatnonzero(steps < 0))
         X_rest, unconverged_rest, violation_rest = _torch_solve(Z.index_select(0, index), tol, max_iter)
         X.index_copy_(0, index, X_rest)
