@@ -33,6 +33,12 @@ Tuning constants (all float64, dimensionless unless said):
 ``_LOG_FLOOR``         -345    log X below this reads as exp(-345) ~ 1e-150 (or 0)
 =====================  ======  =============================================================
 
+On the CPU (:func:`polytopes._compiled.enabled_for`) the forward and the adjoint run as numba
+kernels over the batch, one element at a time with the same algorithms and constants
+(:mod:`polytopes._compiled_sinkhorn`, dispatched in :func:`_sinkhorn_solve` and
+:func:`sinkhorn_vjp` for n up to _COMPILED_MAX_N = 128); the torch code below is the path on
+other devices and the reference the kernels are tested against.
+
 References: Mena et al., "Learning latent permutations with Gumbel-Sinkhorn networks",
 ICLR 2018 (the relaxation); Cuturi, "Sinkhorn distances", NeurIPS 2013 (the entropic
 problem and its fixed point).
@@ -42,8 +48,10 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
+from . import _compiled
 from ._kernels import check_solver_arguments, floored_logsumexp, ones_matrix, set_aside
 
 # Sinkhorn defaults: largest |row or column sum - 1| accepted, and the Newton step budget.
@@ -85,6 +93,8 @@ _SAFE_STEP = 0.3
 _ARMIJO_SLACK = 1e-14
 # Entries of X below exp(_LOG_FLOOR) ~ 1e-150 are set to 0 (see _exp).
 _LOG_FLOOR = -345.0
+# CPU batches with n up to this take the compiled kernels (see _takes_compiled).
+_COMPILED_MAX_N = 128
 
 
 def grounded_laplacian(X: torch.Tensor, r, ridge) -> torch.Tensor:
@@ -160,7 +170,17 @@ def _sinkhorn_solve(Z: torch.Tensor, tol: float, max_iter: int):
     Sinkhorn and Newton from a cold start crawl, so it follows the path Z / s
     for s decreasing geometrically to 1 (epsilon-scaling): the solution at s
     scaled by s / s_next (potentials included) warm-starts the next stage.
+
+    CPU tensors take the compiled kernel where :func:`_takes_compiled` says so (see
+    :func:`_compiled_solve`); the torch code below is the path for other devices and the reference.
     """
+    if _compiled.enabled_for(Z) and _takes_compiled(Z):
+        return _compiled_solve(Z, tol, max_iter)[:3]
+    return _torch_solve(Z, tol, max_iter)
+
+
+def _torch_solve(Z: torch.Tensor, tol: float, max_iter: int):
+    """:func:`_sinkhorn_solve` in torch (any device)."""
     low, high = torch.aminmax(Z)
     if float(high) - float(low) <= _NARROW_SPREAD or bool(
         (Z.amax(dim=(-2, -1)) - Z.amin(dim=(-2, -1)) <= _NARROW_SPREAD).all()
@@ -189,6 +209,108 @@ def _sinkhorn_solve(Z: torch.Tensor, tol: float, max_iter: int):
         s = s_next
     unconverged = (err > tol) | ~final
     return _exp(W), int(unconverged.sum()), float(err.max())
+
+
+def _takes_compiled(Z: torch.Tensor) -> bool:
+    """Whether a CPU batch Z (B, n, n) takes the compiled kernels: n <= _COMPILED_MAX_N.
+
+    The rule is measured (one thread, forward and backward, docs/benchmarks.md): the kernel is
+    faster than the torch code at every batch size from n = 2 to 100 (2-10x at n <= 10, where
+    the torch code's time is dispatch; 1.3-2x at n = 50-100), about even at n = 150-200 and
+    slower from n = 300 on (its O(n^3) loops against the torch code's BLAS calls, which also
+    gain from more threads).
+    """
+    return Z.shape[-1] <= _COMPILED_MAX_N
+
+
+def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
+    """:func:`_sinkhorn_solve` by the compiled kernel, for Z float64 (B, n, n) on the CPU.
+
+    Returns (X, unconverged, violation, steps), steps the most Newton steps an element took in
+    the kernel.  The kernel (:func:`polytopes._compiled_sinkhorn.sinkhorn_forward`) solves one
+    element at a time by the torch code's algorithms: for a spread of Z up to _NARROW_SPREAD
+    the narrow path of :func:`_narrow_newton` (_LINEAR_SWEEPS Sinkhorn sweeps in linear space,
+    then Newton steps cut to _NARROW_STEP), above it the epsilon-scaling of the stages of
+    :func:`_newton` in the log domain (floors, trust region, Armijo backtracking), with the same
+    constants, tolerance and step budget per element.  Differences from the batched torch code:
+    each element stops as soon as it has converged, and its Levenberg-Marquardt ridge follows
+    its own violation (the torch code's narrow path below batch _COMPACT_BATCH uses the batch's
+    largest), so X agrees with the torch path's to within the tolerance, not to rounding.
+    Elements the kernel leaves (non-finite entries, a failed factorisation: not seen on finite
+    input) are solved by the torch code, as one smaller batch, its counts added to the report.
+    """
+    from . import _compiled_sinkhorn
+
+    Z = Z.detach()
+    if not Z.is_contiguous():
+        Z = Z.contiguous()
+    X = torch.empty_like(Z)
+    steps = np.empty(Z.shape[0], dtype=np.int64)
+    unconverged, violation, most_steps, left = _compiled_sinkhorn.sinkhorn_forward(
+        Z.numpy(),
+        float(tol),
+        int(max_iter),
+        (
+            _NARROW_SPREAD,
+            float(_LINEAR_SWEEPS),
+            _NARROW_STEP,
+            _NEWTON_RIDGE,
+            _RIDGE_FLOOR,
+            _FIRST_SPREAD,
+            _SCALE_FACTOR,
+            _STAGE_TOL,
+            _MAX_STEP,
+            float(_MAX_HALVINGS),
+            float(_SWEEPS),
+            _SAFE_STEP,
+            _ARMIJO_SLACK,
+            _LOG_FLOOR,
+        ),
+        X.numpy(),
+        np.empty(Z.shape[0]),
+        steps,
+    )
+    if left:  # elements with non-finite entries or a failed factorisation: the torch path, as one batch
+        index = torch.from_numpy(np.flatnonzero(steps < 0))
+        X_rest, unconverged_rest, violation_rest = _torch_solve(Z.index_select(0, index), tol, max_iter)
+        X.index_copy_(0, index, X_rest)
+        unconverged += unconverged_rest
+        violation = max(violation, violation_rest)
+    return X, unconverged, violation, most_steps
+
+
+def _compiled_adjoint(X: torch.Tensor, G: torch.Tensor, unit_rows: bool, lean: bool) -> torch.Tensor:
+    """:func:`sinkhorn_vjp` (``lean``: :func:`_sinkhorn_adjoint`) by the compiled kernel, X, G (B, n, n) float64 CPU.
+
+    Elements whose factorisation fails even with the bump of :func:`solve_spd` (not seen) take
+    the torch code.  No autograd graph: callers needing second derivatives take the torch code.
+    """
+    from . import _compiled_sinkhorn
+
+    X, G = X.detach(), G.detach()
+    if not X.is_contiguous():
+        X = X.contiguous()
+    if not G.is_contiguous():
+        G = G.contiguous()
+    out = torch.empty_like(X)
+    failed = _compiled_sinkhorn.sinkhorn_adjoint(X.numpy(), G.numpy(), unit_rows, lean, _VJP_RIDGE, out.numpy())
+    if failed:
+        bad = torch.isnan(out).any(-1).any(-1).nonzero().squeeze(-1)
+        out.index_copy_(0, bad, _torch_vjp(X.index_select(0, bad), G.index_select(0, bad), unit_rows))
+    return out
+
+
+def _compiled_backward_for(X: torch.Tensor, G: torch.Tensor) -> bool:
+    """Whether the adjoint of X, G takes the compiled kernel: float64 CPU tensors, n <= _COMPILED_MAX_N (see
+    :func:`_takes_compiled`) and no graph to record."""
+    return (
+        _compiled.enabled_for(X)
+        and X.shape[-1] <= _COMPILED_MAX_N
+        and X.dtype == torch.float64
+        and G.dtype == torch.float64
+        and G.device == X.device
+        and not (torch.is_grad_enabled() and (X.requires_grad or G.requires_grad))
+    )
 
 
 # The forward for callers outside autograd; the autograd function calls _sinkhorn_solve, whose forward
@@ -428,7 +550,16 @@ def sinkhorn_vjp(X: torch.Tensor, G: torch.Tensor, unit_rows: bool = False) -> t
     ridge on the Laplacian costs nothing there.  Differentiable ops only, so
     autograd also gives second derivatives.  ``unit_rows``: the rows of X sum to 1
     (to rounding), so r = 1 is used (two fewer passes).  Cost: O(B n^3), about 15 batched ops.
+    Float64 CPU tensors outside a recorded graph take the compiled kernel (same formulas, one
+    element at a time: :func:`_compiled_adjoint`).
     """
+    if X.dim() == 3 and _compiled_backward_for(X, G):
+        return _compiled_adjoint(X, G, unit_rows, lean=False)
+    return _torch_vjp(X, G, unit_rows)
+
+
+def _torch_vjp(X: torch.Tensor, G: torch.Tensor, unit_rows: bool = False) -> torch.Tensor:
+    """:func:`sinkhorn_vjp` in torch (any device; differentiable)."""
     if unit_rows:
         Xr, GX_rows = X, (G * X).sum(-1, keepdim=True)
     else:
@@ -503,6 +634,8 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):
         (X,) = ctx.saved_tensors
+        if _compiled_backward_for(X, G):  # (with create_graph, autograd records the torch code below)
+            return _compiled_adjoint(X, G, unit_rows=True, lean=ctx.columns_exact), None, None, None
         if ctx.columns_exact:
             return _sinkhorn_adjoint(X, G), None, None, None
         return sinkhorn_vjp(X, G, unit_rows=True), None, None, None
@@ -533,6 +666,11 @@ def sinkhorn(Z: torch.Tensor, tol: float = SINKHORN_TOL, max_iter: int = SINKHOR
     Backward: implicit differentiation of the fixed point (one n x n
     Cholesky solve per element), never unrolled; differentiable again, so
     second derivatives are available.
+
+    CPU tensors with n <= 128 run both as compiled loops over the batch
+    (:mod:`polytopes._compiled_sinkhorn`: same algorithms per element; each
+    element stops when it has converged); create_graph backward passes take the
+    torch code.
     """
     check_solver_arguments(Z, tol, max_iter)
     return _sinkhorn(Z, float(tol), max_iter, stacklevel=3)
