@@ -37,6 +37,9 @@ import numpy as np
 
 _EPS = float(np.finfo(np.float64).eps)
 
+# The factorisation's inner products may be reordered (vectorised); NaN and inf keep their meaning.
+_REASSOCIATE = {"reassoc", "contract"}
+
 # status codes of newton_batch, per element
 CONVERGED = 0
 BUDGET = 1  # the tolerance not reached within the step budget
@@ -74,7 +77,7 @@ def _evaluate(Y, X, gu, gv):
     return err, square
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
 def _cholesky(A):
     """A (n, n) symmetric, its lower triangle overwritten by its Cholesky factor; False if not positive definite."""
     n = A.shape[0]
@@ -94,7 +97,7 @@ def _cholesky(A):
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
 def _cholesky_solve(L, x):
     """x <- (L L^T)^-1 x, L lower triangular (n, n)."""
     n = L.shape[0]
@@ -114,13 +117,15 @@ def _cholesky_solve(L, x):
 def _exact_step(Y, D, breaks, jump_a, jump_b):
     """The t in [0, 1] minimising phi(t) = 1/2 |max(Y - t D, 0)|^2 + t sum(D) / n along D (n, n).
 
-    phi'(t) = A + B t between the breakpoints Y_ij / D_ij (entries with D = 0 never move).
-    Counted from t = -infinity, where the entries with D > 0 are in the support,
-    A = sum(D) / n - sum_{D > 0} D Y and B = sum_{D > 0} D^2; crossing an entry's breakpoint
-    adds |D| Y to A and -|D| D to B.  The breakpoints are sorted and crossed while phi' at
-    the next one is negative (phi' is continuous and nondecreasing); the root -A / B of the
-    piece reached is clipped to [0, 1] (B = 0 there: 1 where phi' < 0 or = 0, else 0), as in
-    :func:`polytopes.birkhoff._exact_step`.  ``breaks``, ``jump_a``, ``jump_b``: work arrays (n^2,).
+    phi'(t) = A + B t between the breakpoints t = Y_ij / D_ij where entries leave (D > 0) or
+    enter (D < 0) the support.  Counted from t = 0+, where the entries with Y > 0, or Y = 0 and
+    D < 0, are in the support: A = sum(D) / n - sum_in D Y, B = sum_in D^2; crossing a
+    breakpoint adds |D| Y to A and -|D| D to B (the same pieces as
+    :func:`polytopes.birkhoff._exact_step`, which counts from t = -infinity over all n^2
+    breakpoints; only those in (0, 1] are sorted here, usually a few).  They are crossed in
+    order while phi' at the next one is negative (phi' is continuous and nondecreasing), and
+    the root -A / B of the piece reached is clipped to [0, 1] (where B = 0 on it: 1 if phi' <= 0
+    there, else 0).  ``breaks``, ``jump_a``, ``jump_b``: work arrays (n^2,).
     """
     n = Y.shape[0]
     total = 0.0
@@ -130,23 +135,21 @@ def _exact_step(Y, D, breaks, jump_a, jump_b):
     for i in range(n):
         for j in range(n):
             d = D[i, j]
+            y = Y[i, j]
             total += d
-            if d > 0.0:
-                A -= d * Y[i, j]
+            if y > 0.0 or (y == 0.0 and d < 0.0):
+                A -= d * y
                 B += d * d
-            if d != 0.0:
-                breaks[m] = Y[i, j] / d
+            if (d > 0.0 and y > 0.0 and y <= d) or (d < 0.0 and y < 0.0 and y >= d):
+                breaks[m] = y / d  # in (0, 1]
                 ad = abs(d)
-                jump_a[m] = ad * Y[i, j]
+                jump_a[m] = ad * y
                 jump_b[m] = -ad * d
                 m += 1
     A += total / n
     order = np.argsort(breaks[:m])
     for k in order:
-        point = breaks[k]
-        if A + B * point < 0.0:
-            if point >= 1.0:  # the root lies beyond t = 1
-                return 1.0
+        if A + B * breaks[k] < 0.0:
             A += jump_a[k]
             B += jump_b[k]
         else:
