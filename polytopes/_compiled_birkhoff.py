@@ -43,8 +43,7 @@ _REASSOCIATE = {"reassoc", "contract"}
 # status codes of newton_batch, per element
 CONVERGED = 0
 BUDGET = 1  # the tolerance not reached within the step budget
-SPREAD = 2  # max(Z) - min(Z) above the limit: not attempted
-FACTORIZATION = 3  # a Cholesky factorisation failed (rounding on a nearly singular system)
+FACTORIZATION = 2  # a Cholesky factorisation failed (rounding on a nearly singular system)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -163,27 +162,111 @@ def _exact_step(Y, D, breaks, jump_a, jump_b):
     return min(max(t, 0.0), 1.0)
 
 
+# the entries of newton_batch's ``params`` (float64 array), set by polytopes.birkhoff from its constants
+SUPPORT_SLACK = 0
+SUPPORT_RIDGE = 1
+SUPPORT_RIDGE_CAP = 2
+NEWTON_RIDGE = 3
+MERIT_SWITCH = 4
+SPREAD_LIMIT = 5
+FIRST_SPREAD = 6
+SCALE_FACTOR = 7
+STAGE_TOL = 8
+N_PARAMS = 9
+
+
 @numba.njit(cache=True, nogil=True)
-def newton_batch(
-    Z,
-    tol,
-    spread_limit,
-    budget,
-    support_slack,
-    support_ridge,
-    support_ridge_cap,
-    newton_ridge,
-    merit_switch,
-    X_out,
-    err_out,
-    steps_out,
-    status_out,
-):
+def _newton(Y, X, tol, budget, params, work, gu, gv, vectors, support, breaks):
+    """Newton steps on Y (n, n) in place until the residual is at most ``tol``; returns (err, steps, status).
+
+    X (n, n) receives max(Y, 0) and gu, gv (n,) the gradient (1 - row sums, 1 - column sums).
+    ``work`` (4, n, n), ``vectors`` (6, n), ``support`` (n,) int, ``breaks`` (3, n^2): work arrays.
+    See :func:`newton_batch` for the step.
+    """
+    n = Y.shape[0]
+    trial, X_trial, D, lap = work[0], work[1], work[2], work[3]
+    gu_trial, gv_trial, counts, col_counts, dv, du = vectors[0], vectors[1], vectors[2], vectors[3], vectors[4], vectors[5]
+    support_slack = params[SUPPORT_SLACK]
+    err, square = _evaluate(Y, X, gu, gv)
+    slack2 = 128 * n * n * _EPS * (0.5 * square + 1.0)
+    step = 0
+    while err > tol:
+        if step == budget:
+            return err, step, BUDGET
+        # the support's counts, the right side, and the grounded Laplacian on the support (lower triangle)
+        e = max(err, params[SUPPORT_RIDGE] / params[SUPPORT_RIDGE_CAP])
+        far = e if e > 1.0 else 0.0
+        ridge = params[SUPPORT_RIDGE] / e + params[NEWTON_RIDGE] * far * far
+        for j in range(n):
+            col_counts[j] = 0.0
+            dv[j] = gv[j]
+            for k in range(j + 1):
+                lap[j, k] = 1.0
+        for i in range(n):
+            m = 0
+            for j in range(n):
+                if Y[i, j] > -support_slack:
+                    support[m] = j
+                    m += 1
+                    col_counts[j] += 1.0
+            counts[i] = max(m, 1)
+            w = 1.0 / counts[i]
+            wg = gu[i] * w
+            for p in range(m):
+                j = support[p]
+                dv[j] -= wg
+                for q in range(p + 1):
+                    lap[j, support[q]] -= w  # support[q] <= j: the lower triangle
+        for j in range(n):
+            lap[j, j] += col_counts[j] + ridge
+        if not _cholesky(lap):
+            return err, step, FACTORIZATION
+        _cholesky_solve(lap, dv)
+        for i in range(n):
+            s = gu[i]
+            for j in range(n):
+                if Y[i, j] > -support_slack:
+                    s -= dv[j]
+            du[i] = s / counts[i]
+        total = 0.0
+        for i in range(n):
+            for j in range(n):
+                E = du[i] + dv[j]
+                D[i, j] = E
+                total += E
+                trial[i, j] = Y[i, j] + E
+        err_trial, square_trial = _evaluate(trial, X_trial, gu_trial, gv_trial)
+        step += 1
+        ok = err_trial <= err
+        if not ok:
+            ok = (square_trial - square - (2.0 / n) * total <= slack2) and err >= params[MERIT_SWITCH]
+        if ok:
+            Y[:, :] = trial
+            X[:, :] = X_trial
+            gu[:] = gu_trial
+            gv[:] = gv_trial
+            err, square = err_trial, square_trial
+            continue
+        # the exact minimiser of phi along the direction -E
+        for i in range(n):
+            for j in range(n):
+                D[i, j] = -D[i, j]
+        t = _exact_step(Y, D, breaks[0], breaks[1], breaks[2])
+        for i in range(n):
+            for j in range(n):
+                Y[i, j] -= t * D[i, j]
+        err, square = _evaluate(Y, X, gu, gv)
+    return err, step, CONVERGED
+
+
+@numba.njit(cache=True, nogil=True)
+def newton_batch(Z, tol, budget, stage_budget, params, X_out, err_out, steps_out, status_out):
     """Semi-smooth Newton on the full dual of the projection of each Z[b] (B, n, n) onto the Birkhoff polytope.
 
-    Writes X_out (B, n, n) = max(Y, 0), err_out (B,) the largest |row or column sum - 1| (inf where
-    not attempted), steps_out (B,) the Newton steps taken and status_out (B,) one of CONVERGED,
-    BUDGET, SPREAD, FACTORIZATION.  An element converges when err <= tol + 16 n eps max|Z[b]|.
+    Writes X_out (B, n, n) = max(Y, 0), err_out (B,) the largest |row or column sum - 1|,
+    steps_out (B,) the Newton steps taken and status_out (B,) one of CONVERGED, BUDGET,
+    FACTORIZATION.  An element converges when err <= tol + 16 n eps max|Z[b]|.  ``params``: the
+    constants named by the indices above.
 
     Per element, as :func:`polytopes.birkhoff._birkhoff_newton`: Y starts at the projection of
     Z onto the affine hull (Z minus its row and column means plus its mean and 1 / n); each step
@@ -193,29 +276,27 @@ def newton_batch(
     support_ridge / support_ridge_cap), solves it for dv with right side gv - S^T (gu / r),
     takes du = (gu - S dv) / r, and moves Y by E = du 1^T + 1 dv^T: the full step when the
     trial's residual does not grow, or when |X(1)|^2 - |X|^2 - 2 sum(E) / n <= slack (phi
-    decreases up to rounding) with e >= merit_switch; else the exact line step.
+    decreases up to rounding) with e >= merit_switch; else the exact line step.  At most
+    ``budget`` steps.
+
+    Elements whose spread max(Z) - min(Z) exceeds params[SPREAD_LIMIT] are solved by
+    continuation instead, as :func:`polytopes.birkhoff._birkhoff_staged` (there on the reduced
+    dual): the projections of Z / s for s from spread / params[FIRST_SPREAD] down to 1, divided
+    by params[SCALE_FACTOR] per stage, the stages before the last to a residual of
+    max(params[STAGE_TOL], tol); the state carries over as Y * (s / s_next) (the potentials
+    scaled), and the steps of all stages count against ``stage_budget``.
     """
     batch, n = Z.shape[0], Z.shape[1]
     Y = np.empty((n, n))
-    trial = np.empty((n, n))
-    Xb = np.empty((n, n))
-    X_trial = np.empty((n, n))
-    D = np.empty((n, n))
-    lap = np.empty((n, n))
+    X = np.empty((n, n))
+    work = np.empty((4, n, n))
     gu = np.empty(n)
     gv = np.empty(n)
-    gu_trial = np.empty(n)
-    gv_trial = np.empty(n)
+    vectors = np.empty((6, n))
     row_mean = np.empty(n)
     col_mean = np.empty(n)
-    counts = np.empty(n)
-    col_counts = np.empty(n)
-    dv = np.empty(n)
-    du = np.empty(n)
     support = np.empty(n, np.int64)
-    breaks = np.empty(n * n)
-    jump_a = np.empty(n * n)
-    jump_b = np.empty(n * n)
+    breaks = np.empty((3, n * n))
     for b in range(batch):
         Zb = Z[b]
         high = Zb[0, 0]
@@ -227,13 +308,14 @@ def newton_batch(
                     high = z
                 if z < low:
                     low = z
-        steps_out[b] = 0
-        if high - low > spread_limit:
-            status_out[b] = SPREAD
-            err_out[b] = np.inf
-            continue
         element_tol = tol + 16 * n * _EPS * max(abs(high), abs(low))
-        # the start: Z minus its row and column means plus its mean and 1 / n
+        spread = high - low
+        scale = 1.0
+        steps_left = budget
+        if spread > params[SPREAD_LIMIT]:
+            scale = max(spread / params[FIRST_SPREAD], 1.0)
+            steps_left = stage_budget
+        # the start: Z / scale minus its row and column means plus its mean and 1 / n
         for j in range(n):
             col_mean[j] = 0.0
         for i in range(n):
@@ -246,86 +328,28 @@ def newton_batch(
         for i in range(n):
             col_mean[i] /= n
             shift += row_mean[i]
-        shift = shift / n + 1.0 / n
+        shift /= n
         for i in range(n):
             for j in range(n):
-                Y[i, j] = Zb[i, j] - row_mean[i] - col_mean[j] + shift
-        err, square = _evaluate(Y, Xb, gu, gv)
-        slack2 = 128 * n * n * _EPS * (0.5 * square + 1.0)
-        status = CONVERGED
-        step = 0
-        while err > element_tol:
-            if step == budget:
-                status = BUDGET
+                Y[i, j] = (Zb[i, j] - row_mean[i] - col_mean[j] + shift) / scale + 1.0 / n
+        steps = 0
+        while True:
+            final = scale == 1.0
+            stage_tol = element_tol if final else max(params[STAGE_TOL], tol)
+            err, used, status = _newton(Y, X, stage_tol, steps_left, params, work, gu, gv, vectors, support, breaks)
+            steps += used
+            steps_left -= used
+            if final or status != CONVERGED:
                 break
-            # the support's counts, and the grounded Laplacian on it (lower triangle)
-            e = max(err, support_ridge / support_ridge_cap)
-            far = e if e > 1.0 else 0.0
-            ridge = support_ridge / e + newton_ridge * far * far
-            for j in range(n):
-                col_counts[j] = 0.0
-                dv[j] = gv[j]
-            for j in range(n):
-                for k in range(j + 1):
-                    lap[j, k] = 1.0
-            for i in range(n):
-                m = 0
-                for j in range(n):
-                    if Y[i, j] > -support_slack:
-                        support[m] = j
-                        m += 1
-                        col_counts[j] += 1.0
-                counts[i] = max(m, 1)
-                w = 1.0 / counts[i]
-                wg = gu[i] * w
-                for p in range(m):
-                    j = support[p]
-                    dv[j] -= wg
-                    for q in range(p + 1):
-                        lap[j, support[q]] -= w  # support[q] <= j: the lower triangle
-            for j in range(n):
-                lap[j, j] += col_counts[j] + ridge
-            if not _cholesky(lap):
-                status = FACTORIZATION
-                break
-            _cholesky_solve(lap, dv)
-            for i in range(n):
-                s = gu[i]
-                for j in range(n):
-                    if Y[i, j] > -support_slack:
-                        s -= dv[j]
-                du[i] = s / counts[i]
-            total = 0.0
+            following = max(scale / params[SCALE_FACTOR], 1.0)
+            ratio = scale / following
             for i in range(n):
                 for j in range(n):
-                    E = du[i] + dv[j]
-                    D[i, j] = E
-                    total += E
-                    trial[i, j] = Y[i, j] + E
-            err_trial, square_trial = _evaluate(trial, X_trial, gu_trial, gv_trial)
-            step += 1
-            ok = err_trial <= err
-            if not ok:
-                ok = (square_trial - square - (2.0 / n) * total <= slack2) and err >= merit_switch
-            if ok:
-                Y, trial = trial, Y
-                Xb, X_trial = X_trial, Xb
-                gu, gu_trial = gu_trial, gu
-                gv, gv_trial = gv_trial, gv
-                err, square = err_trial, square_trial
-                continue
-            # the exact minimiser of phi along the direction -E
-            for i in range(n):
-                for j in range(n):
-                    D[i, j] = -D[i, j]
-            t = _exact_step(Y, D, breaks, jump_a, jump_b)
-            for i in range(n):
-                for j in range(n):
-                    Y[i, j] -= t * D[i, j]
-            err, square = _evaluate(Y, Xb, gu, gv)
-        X_out[b, :, :] = Xb
+                    Y[i, j] *= ratio
+            scale = following
+        X_out[b, :, :] = X
         err_out[b] = err
-        steps_out[b] = step
+        steps_out[b] = steps
         status_out[b] = status
     return 0
 

@@ -228,3 +228,20 @@ def test_exact_line_step_agrees_with_the_torch_search():
     got = [_compiled_birkhoff._exact_step(y.numpy(), d.numpy(), *work) for y, d in zip(Y, du + dv)]
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, atol=1e-12, rtol=0)
     assert (expected > 0).all() and (expected < 1).any()
+
+
+def test_large_spreads_are_solved_by_the_kernel_with_continuation(monkeypatch):
+    """tau small (spreads 1e3 to 1e7): the kernel's continuation finishes every element (none is handed to the
+    staged torch solver), each the projection, agreeing with the staged solver."""
+    Z = torch.cat([utilities(8, 7, scale=1.0, seed=23) / 1e-3, utilities(8, 7, scale=1e3, seed=29) / 1e-3])
+    reference = birkhoff_module._birkhoff_staged(Z, 1e-12, 400)[0]
+
+    def refuse(*args):
+        raise AssertionError("handed to the staged torch solver")
+
+    monkeypatch.setattr(birkhoff_module, "_birkhoff_staged", refuse)
+    X, unconverged, violation_ = birkhoff_module._birkhoff_forward(Z, 1e-12, 200)
+    tol = 1e-12 + 16 * 7 * torch.finfo(torch.float64).eps * float(Z.abs().max())
+    assert unconverged == 0 and violation_ <= tol
+    torch.testing.assert_close(X, reference, atol=4 * tol, rtol=0)
+    assert_is_the_projection(X, Z, 4 * tol)
