@@ -185,7 +185,8 @@ def _newton(Y, X, tol, budget, params, work, gu, gv, vectors, support, breaks):
     """
     n = Y.shape[0]
     trial, X_trial, D, lap = work[0], work[1], work[2], work[3]
-    gu_trial, gv_trial, counts, col_counts, dv, du = vectors[0], vectors[1], vectors[2], vectors[3], vectors[4], vectors[5]
+    gu_trial, gv_trial, counts = vectors[0], vectors[1], vectors[2]
+    col_counts, dv, du = vectors[3], vectors[4], vectors[5]
     support_slack = params[SUPPORT_SLACK]
     err, square = _evaluate(Y, X, gu, gv)
     slack2 = 128 * n * n * _EPS * (0.5 * square + 1.0)

@@ -342,7 +342,7 @@ def _birkhoff_solve(Z: torch.Tensor, tol: float, max_iter: int):
     :func:`_compiled_solve` instead (see there).
     """
     if enabled_for(Z):
-        X, _, unconverged, violation = _compiled_solve(Z, tol, max_iter)
+        X, _, unconverged, violation, _ = _compiled_solve(Z, tol, max_iter)
         return X, unconverged, violation
     n = Z.shape[-1]
     low, high = torch.aminmax(Z)
@@ -365,9 +365,10 @@ def _birkhoff_solve(Z: torch.Tensor, tol: float, max_iter: int):
 
 
 def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
-    """:func:`_birkhoff_solve` on the CPU by the numba kernel; returns (X, S, unconverged, violation).
+    """:func:`_birkhoff_solve` on the CPU by the numba kernel; returns (X, S, unconverged, violation, steps).
 
-    S is X's support, 0/1 in X's dtype (what the backward needs).  The kernel
+    S is X's support, 0/1 in X's dtype (what the backward needs); steps the kernel's Newton steps
+    (its slowest element's, all stages).  The kernel
     (:func:`polytopes._compiled_birkhoff.newton_batch`) runs :func:`_birkhoff_newton`'s
     iteration element by element, one compiled loop over the batch, with the same constants,
     tolerance and step budget min(max_iter, _NEWTON_MAX_ITER), on the elements whose own spread
@@ -411,7 +412,7 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
         X.index_copy_(0, keep, X_left)
         err[left] = 0.0
     S = torch.gt(X, 0.0, out=torch.empty_like(X))
-    return X, S, unconverged, max(violation, float(err.max()))
+    return X, S, unconverged, max(violation, float(err.max())), int(steps.max())
 
 
 def _compiled_vjp(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -474,7 +475,7 @@ class _BirkhoffProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z, tol, max_iter, report):
         if enabled_for(Z):
-            X, S, report["unconverged"], report["violation"] = _compiled_solve(Z, tol, max_iter)
+            X, S, report["unconverged"], report["violation"], _ = _compiled_solve(Z, tol, max_iter)
             ctx.save_for_backward(S)
             return X
         X, report["unconverged"], report["violation"] = _birkhoff_solve(Z, tol, max_iter)

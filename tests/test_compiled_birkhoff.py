@@ -96,7 +96,9 @@ def test_tied_and_integer_inputs():
     generalised Jacobian; both paths take X's support as it is rounded)."""
     generator = torch.Generator().manual_seed(7)
     n = 12
-    permutations = torch.stack([torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=generator)] for _ in range(4)])
+    permutations = torch.stack(
+        [torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=generator)] for _ in range(4)]
+    )
     for Z in (
         torch.zeros(3, n, n, dtype=torch.float64),
         torch.full((3, n, n), 5.0, dtype=torch.float64),
@@ -211,7 +213,9 @@ def test_a_failed_backward_factorisation_falls_back(monkeypatch):
         return 0
 
     monkeypatch.setattr(_compiled_birkhoff, "support_vjp_batch", failing_first)
-    torch.testing.assert_close(birkhoff_module._compiled_vjp(S, G), birkhoff_module._support_vjp(S, G), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        birkhoff_module._compiled_vjp(S, G), birkhoff_module._support_vjp(S, G), atol=1e-12, rtol=0
+    )
 
 
 def test_exact_line_step_agrees_with_the_torch_search():
