@@ -113,6 +113,23 @@ def _cholesky_solve(L, x):
 
 
 @numba.njit(cache=True, nogil=True)
+def _sift_down(keys, first, second, root, size):
+    """Restore the min-heap order of keys[:size] below ``root``, moving first and second along with the keys."""
+    while True:
+        child = 2 * root + 1
+        if child >= size:
+            return
+        if child + 1 < size and keys[child + 1] < keys[child]:
+            child += 1
+        if not keys[child] < keys[root]:
+            return
+        keys[root], keys[child] = keys[child], keys[root]
+        first[root], first[child] = first[child], first[root]
+        second[root], second[child] = second[child], second[root]
+        root = child
+
+
+@numba.njit(cache=True, nogil=True)
 def _exact_step(Y, D, breaks, jump_a, jump_b):
     """The t in [0, 1] minimising phi(t) = 1/2 |max(Y - t D, 0)|^2 + t sum(D) / n along D (n, n).
 
@@ -121,7 +138,7 @@ def _exact_step(Y, D, breaks, jump_a, jump_b):
     D < 0, are in the support: A = sum(D) / n - sum_in D Y, B = sum_in D^2; crossing a
     breakpoint adds |D| Y to A and -|D| D to B (the same pieces as
     :func:`polytopes.birkhoff._exact_step`, which counts from t = -infinity over all n^2
-    breakpoints; only those in (0, 1] are sorted here, usually a few).  They are crossed in
+    breakpoints; only those in (0, 1] are taken here, usually a few).  They are crossed in
     order while phi' at the next one is negative (phi' is continuous and nondecreasing), and
     the root -A / B of the piece reached is clipped to [0, 1] (where B = 0 on it: 1 if phi' <= 0
     there, else 0).  ``breaks``, ``jump_a``, ``jump_b``: work arrays (n^2,).
@@ -146,13 +163,19 @@ def _exact_step(Y, D, breaks, jump_a, jump_b):
                 jump_b[m] = -ad * d
                 m += 1
     A += total / n
-    order = np.argsort(breaks[:m])
-    for k in order:
-        if A + B * breaks[k] < 0.0:
-            A += jump_a[k]
-            B += jump_b[k]
+    # cross the breakpoints in increasing order: a heap of them, popped one at a time (usually few are
+    # crossed, and a heap compiles much faster than numpy's sort)
+    for start in range(m // 2 - 1, -1, -1):
+        _sift_down(breaks, jump_a, jump_b, start, m)
+    while m > 0:
+        if A + B * breaks[0] < 0.0:
+            A += jump_a[0]
+            B += jump_b[0]
         else:
             break
+        m -= 1
+        breaks[0], jump_a[0], jump_b[0] = breaks[m], jump_a[m], jump_b[m]
+        _sift_down(breaks, jump_a, jump_b, 0, m)
     if B > 0.0:
         t = -A / B
     elif A > 0.0:
@@ -191,7 +214,7 @@ def _newton(Y, X, tol, budget, params, work, gu, gv, vectors, support, breaks):
     err, square = _evaluate(Y, X, gu, gv)
     slack2 = 128 * n * n * _EPS * (0.5 * square + 1.0)
     step = 0
-    while err > tol:
+    while not err <= tol:  # (a NaN residual runs out the budget: never reported converged)
         if step == budget:
             return err, step, BUDGET
         # the support's counts, the right side, and the grounded Laplacian on the support (lower triangle)
@@ -242,10 +265,12 @@ def _newton(Y, X, tol, budget, params, work, gu, gv, vectors, support, breaks):
         if not ok:
             ok = (square_trial - square - (2.0 / n) * total <= slack2) and err >= params[MERIT_SWITCH]
         if ok:
-            Y[:, :] = trial
-            X[:, :] = X_trial
-            gu[:] = gu_trial
-            gv[:] = gv_trial
+            for i in range(n):
+                gu[i] = gu_trial[i]
+                gv[i] = gv_trial[i]
+                for j in range(n):
+                    Y[i, j] = trial[i, j]
+                    X[i, j] = X_trial[i, j]
             err, square = err_trial, square_trial
             continue
         # the exact minimiser of phi along the direction -E
@@ -348,7 +373,9 @@ def newton_batch(Z, tol, budget, stage_budget, params, X_out, err_out, steps_out
                 for j in range(n):
                     Y[i, j] *= ratio
             scale = following
-        X_out[b, :, :] = X
+        for i in range(n):
+            for j in range(n):
+                X_out[b, i, j] = X[i, j]
         err_out[b] = err
         steps_out[b] = steps
         status_out[b] = status
