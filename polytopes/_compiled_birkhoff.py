@@ -291,7 +291,8 @@ def newton_batch(Z, tol, budget, stage_budget, params, X_out, err_out, steps_out
 
     Writes X_out (B, n, n) = max(Y, 0), err_out (B,) the largest |row or column sum - 1|,
     steps_out (B,) the Newton steps taken and status_out (B,) one of CONVERGED, BUDGET,
-    FACTORIZATION.  An element converges when err <= tol + 16 n eps max|Z[b]|.  ``params``: the
+    FACTORIZATION; returns (the number of elements not CONVERGED, the most steps, the largest
+    err of the converged elements).  An element converges when err <= tol + 16 n eps max|Z[b]|.  ``params``: the
     constants named by the indices above.
 
     Per element, as :func:`polytopes.birkhoff._birkhoff_newton`: Y starts at the projection of
@@ -313,6 +314,7 @@ def newton_batch(Z, tol, budget, stage_budget, params, X_out, err_out, steps_out
     scaled), and the steps of all stages count against ``stage_budget``.
     """
     batch, n = Z.shape[0], Z.shape[1]
+    left, most_steps, largest_err = 0, 0, 0.0
     Y = np.empty((n, n))
     X = np.empty((n, n))
     work = np.empty((4, n, n))
@@ -379,7 +381,12 @@ def newton_batch(Z, tol, budget, stage_budget, params, X_out, err_out, steps_out
         err_out[b] = err
         steps_out[b] = steps
         status_out[b] = status
-    return 0
+        if status != CONVERGED:
+            left += 1
+        else:
+            largest_err = max(largest_err, err)
+        most_steps = max(most_steps, steps)
+    return left, most_steps, largest_err
 
 
 @numba.njit(cache=True, nogil=True)
@@ -387,7 +394,7 @@ def support_vjp_batch(X, G, ridge, out, failed):
     """The orthogonal projection of G[b] onto {D supported on S = {X[b] > 0}, zero row and column sums}.
 
     X, G, out: (B, n, n); failed (B,): set to 1 where the Cholesky factorisation fails (out[b] not
-    written), else 0.  As :func:`polytopes.birkhoff._support_vjp`: with r and c the row and column
+    written), else 0; returns the number of failures.  As :func:`polytopes.birkhoff._support_vjp`: with r and c the row and column
     counts of S (r at least 1), a0 = (row sums of S * G) / r, b solves
     (1 1^T + diag(c + ridge) - S^T diag(1 / r) S) b = column sums of S * G - S^T a0, and the result
     is S * (G - a 1^T - 1 b^T) with a = a0 - S b / r.
@@ -399,6 +406,7 @@ def support_vjp_batch(X, G, ridge, out, failed):
     a0 = np.empty(n)
     rhs = np.empty(n)
     support = np.empty(n, np.int64)
+    failures = 0
     for b in range(batch):
         Xb = X[b]
         Gb = G[b]
@@ -429,6 +437,7 @@ def support_vjp_batch(X, G, ridge, out, failed):
             lap[j, j] += col_counts[j] + ridge
         if not _cholesky(lap):
             failed[b] = 1
+            failures += 1
             continue
         failed[b] = 0
         _cholesky_solve(lap, rhs)
@@ -443,4 +452,4 @@ def support_vjp_batch(X, G, ridge, out, failed):
                     out[b, i, j] = Gb[i, j] - a - rhs[j]
                 else:
                     out[b, i, j] = 0.0
-    return 0
+    return failures

@@ -4,7 +4,9 @@
 ``euclidean`` relaxation of :class:`polytopes.Permutation` (registered there, Z = U / tau),
 by semi-smooth Newton on its dual (on both potentials when the spread of Z is moderate,
 else on the column potentials with the rows exact, by continuation), and an exact backward
-(the Jacobian of the piecewise linear map).  It needs no polytope.
+(the Jacobian of the piecewise linear map).  It needs no polytope.  On CPU tensors the forward
+and the backward run as numba kernels (:mod:`polytopes._compiled_birkhoff`, see
+:func:`_compiled_solve`), the torch code below being the path for other devices and the reference.
 
 Tuning constants: its own below, and from :mod:`polytopes.sinkhorn` the continuation
 (``_FIRST_SPREAD`` = 32, ``_SCALE_FACTOR`` = 8) and the Newton ridge (``_NEWTON_RIDGE``
@@ -391,28 +393,33 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
     batch = Z.shape[0]
     X = torch.empty_like(Z)
     err, steps, status = np.empty(batch), np.empty(batch, np.int64), np.empty(batch, np.int64)
-    params = np.empty(kernels.N_PARAMS)
-    params[kernels.SUPPORT_SLACK] = _SUPPORT_SLACK
-    params[kernels.SUPPORT_RIDGE] = _SUPPORT_RIDGE
-    params[kernels.SUPPORT_RIDGE_CAP] = _SUPPORT_RIDGE_CAP
-    params[kernels.NEWTON_RIDGE] = _NEWTON_RIDGE
-    params[kernels.MERIT_SWITCH] = _MERIT_SWITCH
-    params[kernels.SPREAD_LIMIT] = _NEWTON_SPREAD
-    params[kernels.FIRST_SPREAD] = _FIRST_SPREAD
-    params[kernels.SCALE_FACTOR] = _SCALE_FACTOR
-    params[kernels.STAGE_TOL] = _BIRKHOFF_STAGE_TOL
+    params = np.array(  # (in the order of the kernel module's indices)
+        (
+            _SUPPORT_SLACK,
+            _SUPPORT_RIDGE,
+            _SUPPORT_RIDGE_CAP,
+            _NEWTON_RIDGE,
+            _MERIT_SWITCH,
+            _NEWTON_SPREAD,
+            _FIRST_SPREAD,
+            _SCALE_FACTOR,
+            _BIRKHOFF_STAGE_TOL,
+        ),
+        dtype=np.float64,
+    )
     budget = min(max_iter, _NEWTON_MAX_ITER)
-    kernels.newton_batch(Z.numpy(), tol, budget, max_iter, params, X.numpy(), err, steps, status)
-    left = status.nonzero()[0]
-    unconverged, violation = 0, 0.0
-    if len(left):
+    left, steps_taken, violation = kernels.newton_batch(
+        Z.numpy(), tol, budget, max_iter, params, X.numpy(), err, steps, status
+    )
+    unconverged = 0
+    if left:
         # the elements it left: the staged solver from the start
-        keep = torch.from_numpy(left)
-        X_left, unconverged, violation = _birkhoff_staged(Z.index_select(0, keep), tol, max_iter)
+        keep = torch.from_numpy(status.nonzero()[0])
+        X_left, unconverged, staged_violation = _birkhoff_staged(Z.index_select(0, keep), tol, max_iter)
         X.index_copy_(0, keep, X_left)
-        err[left] = 0.0
+        violation = max(violation, staged_violation)
     S = torch.gt(X, 0.0, out=torch.empty_like(X))
-    return X, S, unconverged, max(violation, float(err.max())), int(steps.max())
+    return X, S, unconverged, violation, steps_taken
 
 
 def _compiled_vjp(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -427,8 +434,7 @@ def _compiled_vjp(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     G = G.contiguous()
     out = torch.empty_like(S)
     failed = np.empty(S.shape[0], np.int64)
-    kernels.support_vjp_batch(S.numpy(), G.numpy(), _VJP_RIDGE, out.numpy(), failed)
-    if failed.any():
+    if kernels.support_vjp_batch(S.numpy(), G.numpy(), _VJP_RIDGE, out.numpy(), failed):
         keep = torch.from_numpy(failed.nonzero()[0])
         out.index_copy_(0, keep, sinkhorn_vjp(S.index_select(0, keep), G.index_select(0, keep)))
     return out
