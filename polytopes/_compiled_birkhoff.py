@@ -396,9 +396,10 @@ def newton_batch(Z, tol, budget, stage_budget, params, X_out, err_out, steps_out
 def support_vjp_batch(X, G, ridge, out, failed):
     """The orthogonal projection of G[b] onto {D supported on S = {X[b] > 0}, zero row and column sums}.
 
-    X, G, out: (B, n, n); failed (B,): set to 1 where the Cholesky factorisation fails (out[b] not
-    written), else 0; returns the number of failures.  As :func:`polytopes.birkhoff._support_vjp`: with r and c the row and column
-    counts of S (r at least 1), a0 = (row sums of S * G) / r, b solves
+    X (the support or X itself), G, out: (B, n, n); failed (B,): set to 1 where the Cholesky
+    factorisation fails (out[b] not written), else 0; returns the number of failures.  As
+    :func:`polytopes.birkhoff._support_vjp`: with r and c the row and column counts of S
+    (r at least 1), a0 = (row sums of S * G) / r, b solves
     (1 1^T + diag(c + ridge) - S^T diag(1 / r) S) b = column sums of S * G - S^T a0, and the result
     is S * (G - a 1^T - 1 b^T) with a = a0 - S b / r.
     """
