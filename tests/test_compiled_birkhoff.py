@@ -3,39 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from _permutation_inputs import both_paths, descent_directions, gumbel_utilities, violation
 
 import sstcvx
 from polytopes import Permutation, _compiled, _compiled_birkhoff
 from polytopes import birkhoff as birkhoff_module
 from polytopes.birkhoff import birkhoff_projection
 from polytopes.permutation import hungarian
-
-
-def utilities(batch, n, scale=1.0, seed=0):
-    """Gumbel-perturbed utilities scale * N(0, 1) + Gumbel, float64 (batch, n, n)."""
-    generator = torch.Generator().manual_seed(seed)
-    uniform = torch.rand(batch, n, n, dtype=torch.float64, generator=generator).clamp_min(1e-300)
-    return scale * torch.randn(batch, n, n, dtype=torch.float64, generator=generator) - torch.log(-torch.log(uniform))
-
-
-def forward_backward(Z, G, create_graph=False):
-    Z = Z.clone().requires_grad_(True)
-    X = birkhoff_projection(Z)
-    (grad,) = torch.autograd.grad((X * G).sum(), Z, create_graph=create_graph)
-    return X, grad
-
-
-def both_paths(Z, G):
-    """(X, dL/dZ) by the compiled path and by the torch path."""
-    compiled = forward_backward(Z, G)
-    with _compiled.disabled():
-        reference = forward_backward(Z, G)
-    return compiled, reference
-
-
-def violation(X):
-    X = X.detach().double()
-    return max(float((X.sum(-1) - 1).abs().max()), float((X.sum(-2) - 1).abs().max()))
 
 
 def assert_is_the_projection(X, Z, atol):
@@ -63,9 +37,9 @@ def assert_gradients_agree(X, grad, X_ref, grad_ref, G, atol):
 @pytest.mark.parametrize("n", [2, 4, 10, 30])
 @pytest.mark.parametrize("batch", [1, 8, 40])
 def test_agrees_with_the_torch_path(n, batch):
-    Z = utilities(batch, n, seed=n + batch)
+    Z = gumbel_utilities(batch, n, seed=n + batch)
     G = torch.randn(batch, n, n, dtype=torch.float64)
-    (X, grad), (X_ref, grad_ref) = both_paths(Z, G)
+    (X, grad), (X_ref, grad_ref) = both_paths(birkhoff_projection, Z, G)
     # both stop at marginals within 1e-12 plus rounding, each the exact projection on its support
     torch.testing.assert_close(X, X_ref, atol=1e-12, rtol=0)
     same = assert_gradients_agree(X, grad, X_ref, grad_ref, G, 1e-12)
@@ -80,9 +54,9 @@ def test_agrees_with_the_torch_path(n, batch):
 )
 def test_extreme_inputs_agree_with_the_torch_path(scale, tau):
     """Nearly uniform Z, and spreads up to ~1e7 (tau small: nearly a vertex, or near-ties at large |Z|)."""
-    Z = utilities(12, 6, scale=scale, seed=5) / tau
+    Z = gumbel_utilities(12, 6, scale=scale, seed=5) / tau
     G = torch.randn(12, 6, 6, dtype=torch.float64)
-    (X, grad), (X_ref, grad_ref) = both_paths(Z, G)
+    (X, grad), (X_ref, grad_ref) = both_paths(birkhoff_projection, Z, G)
     tol = 1e-12 + 16 * 6 * torch.finfo(torch.float64).eps * float(Z.abs().max())
     assert violation(X) <= 2 * tol
     torch.testing.assert_close(X, X_ref, atol=4 * tol, rtol=0)
@@ -108,7 +82,7 @@ def test_tied_and_integer_inputs():
         100.0 * permutations,
     ):
         G = torch.randn(Z.shape, dtype=torch.float64, generator=generator)
-        (X, grad), (X_ref, _) = both_paths(Z, G)
+        (X, grad), (X_ref, _) = both_paths(birkhoff_projection, Z, G)
         torch.testing.assert_close(X, X_ref, atol=1e-11, rtol=0)
         assert_is_the_projection(X, Z, 1e-11)
         S = torch.gt(X, 0.0).double()
@@ -118,7 +92,7 @@ def test_tied_and_integer_inputs():
 
 
 def test_batch_shapes_dtypes_and_leading_dimensions():
-    Z = utilities(6, 5, seed=2).reshape(2, 3, 5, 5)
+    Z = gumbel_utilities(6, 5, seed=2).reshape(2, 3, 5, 5)
     X = birkhoff_projection(Z)
     with _compiled.disabled():
         X_ref = birkhoff_projection(Z)
@@ -130,20 +104,20 @@ def test_batch_shapes_dtypes_and_leading_dimensions():
     assert birkhoff_projection(torch.zeros(0, 4, 4)).shape == (0, 4, 4)
     # through relax, with the tau of the family
     P = Permutation(5)
-    U = utilities(8, 5, seed=3)
+    U = gumbel_utilities(8, 5, seed=3)
     torch.testing.assert_close(sstcvx.relax(P, U, 0.5, "euclidean"), birkhoff_projection(U / 0.5), atol=1e-14, rtol=0)
 
 
 def test_gradcheck_through_the_compiled_path():
-    Z = utilities(3, 4, seed=11).requires_grad_(True)
+    Z = gumbel_utilities(3, 4, seed=11).requires_grad_(True)
     assert torch.autograd.gradcheck(birkhoff_projection, (Z,), eps=1e-6, atol=1e-7)
 
 
 def test_double_backward_takes_the_torch_route():
-    Z = utilities(4, 5, seed=13)
+    Z = gumbel_utilities(4, 5, seed=13)
     G = torch.randn(4, 5, 5, dtype=torch.float64)
     H = torch.randn(4, 5, 5, dtype=torch.float64)
-    (X, grad), (_, grad_ref) = both_paths(Z, G)
+    (X, grad), (_, grad_ref) = both_paths(birkhoff_projection, Z, G)
     # the VJP is linear in G (the map is piecewise linear in Z): differentiating it in G gives the Jacobian
     # (symmetric) applied to H
     Gg = G.clone().requires_grad_(True)
@@ -158,7 +132,7 @@ def test_double_backward_takes_the_torch_route():
 
 def test_the_compiled_path_is_taken(monkeypatch):
     """With the kernels replaced by failing stand-ins, relax fails: dispatch does not silently stay on torch."""
-    Z = utilities(2, 4, seed=1)
+    Z = gumbel_utilities(2, 4, seed=1)
 
     def refuse(*args):
         raise RuntimeError("kernel called")
@@ -178,7 +152,7 @@ def test_the_compiled_path_is_taken(monkeypatch):
 
 def test_elements_left_by_the_kernel_take_the_staged_solver(monkeypatch):
     """Elements out of the kernel's budget go to the staged torch solver, and a failed budget still warns."""
-    Z = utilities(10, 8, seed=17)
+    Z = gumbel_utilities(10, 8, seed=17)
     reference = birkhoff_module._birkhoff_staged(Z, 1e-14, 400)[0]
     X, unconverged, violation_ = birkhoff_module._birkhoff_forward(Z, 1e-12, 200)
     assert unconverged == 0 and violation_ <= 1e-12
@@ -201,7 +175,7 @@ def test_elements_left_by_the_kernel_take_the_staged_solver(monkeypatch):
 
 def test_a_failed_backward_factorisation_falls_back(monkeypatch):
     """An element whose factorisation the kernel reports failed takes sinkhorn_vjp (as _support_vjp does)."""
-    Z = utilities(3, 6, seed=19)
+    Z = gumbel_utilities(3, 6, seed=19)
     G = torch.randn(3, 6, 6, dtype=torch.float64)
     S = torch.gt(birkhoff_projection(Z), 0.0).double()
     kernel = _compiled_birkhoff.support_vjp_batch
@@ -220,13 +194,7 @@ def test_a_failed_backward_factorisation_falls_back(monkeypatch):
 
 def test_exact_line_step_agrees_with_the_torch_search():
     """The kernel's exact step (breakpoints in (0, 1] only) against the torch one (all n^2, from -infinity)."""
-    generator = torch.Generator().manual_seed(3)
-    Y = torch.randn(20, 5, 5, dtype=torch.float64, generator=generator)
-    du = torch.randn(20, 5, 1, dtype=torch.float64, generator=generator)
-    dv = torch.randn(20, 1, 5, dtype=torch.float64, generator=generator)
-    slope0 = du.sum((-2, -1)) + dv.sum((-2, -1)) - ((du + dv) * Y.clamp_min(0.0)).sum((-2, -1))
-    sign = torch.where(slope0 < 0, 1.0, -1.0).view(-1, 1, 1).to(torch.float64)
-    du, dv = du * sign, dv * sign
+    Y, du, dv = descent_directions(20, 5, seed=3)
     expected = birkhoff_module._exact_step(Y, du, dv).flatten()
     work = [np.empty(25) for _ in range(3)]
     got = [_compiled_birkhoff._exact_step(y.numpy(), d.numpy(), *work) for y, d in zip(Y, du + dv)]
@@ -237,7 +205,9 @@ def test_exact_line_step_agrees_with_the_torch_search():
 def test_large_spreads_are_solved_by_the_kernel_with_continuation(monkeypatch):
     """tau small (spreads 1e3 to 1e7): the kernel's continuation finishes every element (none is handed to the
     staged torch solver), each the projection, agreeing with the staged solver."""
-    Z = torch.cat([utilities(8, 7, scale=1.0, seed=23) / 1e-3, utilities(8, 7, scale=1e3, seed=29) / 1e-3])
+    Z = torch.cat(
+        [gumbel_utilities(8, 7, scale=1.0, seed=23) / 1e-3, gumbel_utilities(8, 7, scale=1e3, seed=29) / 1e-3]
+    )
     reference = birkhoff_module._birkhoff_staged(Z, 1e-12, 400)[0]
 
     def refuse(*args):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _permutation_inputs import both_paths, forward_backward, gumbel_utilities, violation
 
 import sstcvx
 from polytopes import Permutation, _compiled, _compiled_sinkhorn
@@ -9,39 +10,12 @@ from polytopes import sinkhorn as sinkhorn_module
 from polytopes.sinkhorn import sinkhorn, sinkhorn_vjp
 
 
-def utilities(batch, n, scale=1.0, seed=0):
-    """Gumbel-perturbed utilities scale * N(0, 1) + Gumbel, float64 (batch, n, n)."""
-    generator = torch.Generator().manual_seed(seed)
-    uniform = torch.rand(batch, n, n, dtype=torch.float64, generator=generator).clamp_min(1e-300)
-    return scale * torch.randn(batch, n, n, dtype=torch.float64, generator=generator) - torch.log(-torch.log(uniform))
-
-
-def forward_backward(Z, G, create_graph=False):
-    Z = Z.clone().requires_grad_(True)
-    X = sinkhorn(Z)
-    (grad,) = torch.autograd.grad((X * G).sum(), Z, create_graph=create_graph)
-    return X, grad
-
-
-def both_paths(Z, G):
-    """(X, dL/dZ) by the compiled path and by the torch path."""
-    compiled = forward_backward(Z, G)
-    with _compiled.disabled():
-        reference = forward_backward(Z, G)
-    return compiled, reference
-
-
-def violation(X):
-    X = X.detach()
-    return max(float((X.sum(-1) - 1).abs().max()), float((X.sum(-2) - 1).abs().max()))
-
-
 @pytest.mark.parametrize("n", [2, 4, 10, 50])
 @pytest.mark.parametrize("batch", [1, 8, 40])
 def test_agrees_with_the_torch_path(n, batch):
-    Z = utilities(batch, n, seed=n + batch)
+    Z = gumbel_utilities(batch, n, seed=n + batch)
     G = torch.randn(batch, n, n, dtype=torch.float64)
-    (X, grad), (X_ref, grad_ref) = both_paths(Z, G)
+    (X, grad), (X_ref, grad_ref) = both_paths(sinkhorn, Z, G)
     # both stop at column sums within 1e-12 (each element on its own here): X agrees to that order
     torch.testing.assert_close(X, X_ref, atol=2e-12, rtol=0)
     torch.testing.assert_close(grad, grad_ref, atol=2e-12, rtol=0)
@@ -50,9 +24,9 @@ def test_agrees_with_the_torch_path(n, batch):
 
 def test_one_element_is_the_torch_computation_to_rounding():
     # at batch 1 the two paths take the same sweeps and Newton steps (one ridge either way)
-    Z = utilities(1, 10, seed=3)
+    Z = gumbel_utilities(1, 10, seed=3)
     G = torch.randn(1, 10, 10, dtype=torch.float64)
-    (X, grad), (X_ref, grad_ref) = both_paths(Z, G)
+    (X, grad), (X_ref, grad_ref) = both_paths(sinkhorn, Z, G)
     torch.testing.assert_close(X, X_ref, atol=1e-14, rtol=0)
     torch.testing.assert_close(grad, grad_ref, atol=1e-14, rtol=0)
 
@@ -80,9 +54,9 @@ def test_extreme_and_degenerate_inputs(case):
         Z = noise.clone()
         Z[2] *= 500.0
     else:  # tau = 0.01 on Gumbel utilities
-        Z = utilities(4, n, seed=5) / 0.01
+        Z = gumbel_utilities(4, n, seed=5) / 0.01
     G = torch.randn(4, n, n, dtype=torch.float64, generator=generator)
-    (X, grad), (X_ref, grad_ref) = both_paths(Z, G)
+    (X, grad), (X_ref, grad_ref) = both_paths(sinkhorn, Z, G)
     assert violation(X) <= 1e-12
     torch.testing.assert_close(X, X_ref, atol=2e-12, rtol=0)
     torch.testing.assert_close(grad, grad_ref, atol=1e-11, rtol=0)
@@ -94,7 +68,7 @@ def test_elements_left_by_the_kernel_go_to_the_torch_path(monkeypatch):
     """Elements the kernel leaves (non-finite entries here, which the public functions reject; a failed
     factorisation is treated alike) take the torch code as one batch, and its results land in their places
     with its counts added to the report."""
-    Z = utilities(6, 5, seed=2)
+    Z = gumbel_utilities(6, 5, seed=2)
     Z[1, 0, 0] = float("inf")
     Z[4, 2, 3] = float("nan")
     finite = [0, 2, 3, 5]
@@ -135,14 +109,14 @@ def test_float32_and_non_contiguous_inputs():
 
 
 def test_gradcheck_and_gradgradcheck_through_the_compiled_path():
-    Z = utilities(2, 4, seed=7).requires_grad_(True)
+    Z = gumbel_utilities(2, 4, seed=7).requires_grad_(True)
     assert torch.autograd.gradcheck(sinkhorn, (Z,))
     # double backward: the adjoint is recorded by autograd (the torch route), around the compiled forward
     assert torch.autograd.gradgradcheck(lambda z: sinkhorn(z / 0.7), (Z,))
     G = torch.randn(2, 4, 4, dtype=torch.float64)
-    _, grad = forward_backward(Z.detach(), G, create_graph=True)
+    _, grad = forward_backward(sinkhorn, Z.detach(), G, create_graph=True)
     with _compiled.disabled():
-        _, grad_ref = forward_backward(Z.detach(), G, create_graph=True)
+        _, grad_ref = forward_backward(sinkhorn, Z.detach(), G, create_graph=True)
     torch.testing.assert_close(grad, grad_ref, atol=2e-12, rtol=0)
 
 
@@ -193,7 +167,7 @@ def test_the_compiled_path_is_taken(monkeypatch):
 
 
 def test_budget_warning_counts_the_same_elements():
-    Z = utilities(8, 6, scale=3.0, seed=9)
+    Z = gumbel_utilities(8, 6, scale=3.0, seed=9)
     with pytest.warns(RuntimeWarning, match="8 of 8 batch elements did not reach"):
         X = sinkhorn(Z, max_iter=1)
     with _compiled.disabled(), pytest.warns(RuntimeWarning, match="8 of 8 batch elements did not reach"):
@@ -208,12 +182,12 @@ def test_wide_spreads_are_solved_in_the_kernel(monkeypatch):
     def not_called(*args):
         raise AssertionError("the torch path was taken")
 
-    Z = torch.cat([utilities(3, 7, seed=11) / 0.01, 1e3 * torch.randn(3, 7, 7, dtype=torch.float64)])
+    Z = torch.cat([gumbel_utilities(3, 7, seed=11) / 0.01, 1e3 * torch.randn(3, 7, 7, dtype=torch.float64)])
     G = torch.randn(6, 7, 7, dtype=torch.float64)
     with _compiled.disabled():
-        X_ref, grad_ref = forward_backward(Z, G)
+        X_ref, grad_ref = forward_backward(sinkhorn, Z, G)
     monkeypatch.setattr(sinkhorn_module, "_torch_solve", not_called)
-    X, grad = forward_backward(Z, G)
+    X, grad = forward_backward(sinkhorn, Z, G)
     assert violation(X) <= 1e-12
     torch.testing.assert_close(X, X_ref, atol=2e-12, rtol=0)
     torch.testing.assert_close(grad, grad_ref, atol=1e-11, rtol=0)

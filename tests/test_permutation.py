@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _permutation_inputs import descent_directions, gumbel_utilities
 
 import sstcvx
 from polytopes import Permutation
@@ -178,13 +179,6 @@ def test_large_tau_gives_the_barycentre(regularizer):
     )
 
 
-def gumbel_utilities(batch, n, scale=1.0, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    uniform = torch.rand(batch, n, n, dtype=torch.float64, generator=generator).clamp_min(1e-300)
-    theta = scale * torch.randn(batch, n, n, dtype=torch.float64, generator=generator)
-    return theta - torch.log(-torch.log(uniform))
-
-
 @pytest.mark.parametrize("n", [4, 10])
 def test_projection_newton_path_agrees_with_the_staged_solver(n):
     """The full-dual Newton path (spread <= 32) against the staged reduced-dual solver, batch 40 (compacted)."""
@@ -258,14 +252,7 @@ def test_projection_exact_line_search_minimises_along_the_direction():
     """_exact_step's t against a dense grid of phi(t) = 1/2 |max(Y - t D, 0)|^2 + t sum(du + dv) on [0, 1]."""
     from polytopes import birkhoff
 
-    generator = torch.Generator().manual_seed(3)
-    Y = torch.randn(6, 5, 5, dtype=torch.float64, generator=generator)
-    du = torch.randn(6, 5, 1, dtype=torch.float64, generator=generator)
-    dv = torch.randn(6, 1, 5, dtype=torch.float64, generator=generator)
-    # directions of descent at t = 0: flip those whose slope is positive
-    slope0 = du.sum((-2, -1)) + dv.sum((-2, -1)) - ((du + dv) * Y.clamp_min(0.0)).sum((-2, -1))
-    sign = torch.where(slope0 < 0, 1.0, -1.0).view(-1, 1, 1).to(torch.float64)
-    du, dv = du * sign, dv * sign
+    Y, du, dv = descent_directions(6, 5, seed=3)
     t = birkhoff._exact_step(Y, du, dv).flatten()
     grid = torch.linspace(0.0, 1.0, 20001, dtype=torch.float64)
     D = (du + dv).unsqueeze(1)  # (6, 1, 5, 5)
