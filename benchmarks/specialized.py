@@ -175,54 +175,33 @@ def permutation_section(rounds, generator):
 
 
 def _newton_steps(module, forward, U):
-    """Newton steps the forward takes on U (counted by wrapping the stage solver)."""
-    counted = []
+    """Newton steps the forward takes on U, counted by wrapping the module's stage solvers (each maps its
+    result to the steps it took: the batch's slowest element's)."""
     if module is sinkhorn_module:
-        originals = {
-            "_narrow_newton": module._narrow_newton,
-            "_newton": module._newton,
-            "_compiled_solve": module._compiled_solve,
+        steps_of = {
+            "_narrow_newton": lambda result: result[1] if result[0] is not None else 0,
+            "_newton": lambda result: result[1],
+            "_compiled_solve": lambda result: result[3],  # the CPU kernel
         }
-
-        def compiled(*args, **kwargs):  # the CPU kernel's steps (its slowest element's)
-            result = originals["_compiled_solve"](*args, **kwargs)
-            counted.append(result[3])
-            return result
-
-        def narrow(*args, **kwargs):
-            result = originals["_narrow_newton"](*args, **kwargs)
-            counted.append(result[1] if result[0] is not None else 0)
-            return result
-
-        def damped(*args, **kwargs):
-            W, steps, err = originals["_newton"](*args, **kwargs)
-            counted.append(steps)
-            return W, steps, err
-
-        module._narrow_newton, module._newton, module._compiled_solve = narrow, damped, compiled
     else:
-        originals = {
-            "_birkhoff_stage": module._birkhoff_stage,
-            "_birkhoff_newton": module._birkhoff_newton,
-            "_compiled_solve": module._compiled_solve,
+        steps_of = {
+            "_birkhoff_stage": lambda result: result[3],
+            "_birkhoff_newton": lambda result: result[2],
+            "_compiled_solve": lambda result: result[4],  # the CPU kernel
         }
+    originals = {name: getattr(module, name) for name in steps_of}
+    counted = []
 
-        def compiled_birkhoff(*args, **kwargs):  # the CPU kernel's steps (its slowest element's)
-            result = originals["_compiled_solve"](*args, **kwargs)
-            counted.append(result[4])
+    def counting(name):
+        def solver(*args, **kwargs):
+            result = originals[name](*args, **kwargs)
+            counted.append(steps_of[name](result))
             return result
 
-        def stage(*args, **kwargs):
-            X, beta, err, steps = originals["_birkhoff_stage"](*args, **kwargs)
-            counted.append(steps)
-            return X, beta, err, steps
+        return solver
 
-        def newton(*args, **kwargs):
-            X, err, steps = originals["_birkhoff_newton"](*args, **kwargs)
-            counted.append(steps)
-            return X, err, steps
-
-        module._birkhoff_stage, module._birkhoff_newton, module._compiled_solve = stage, newton, compiled_birkhoff
+    for name in steps_of:
+        setattr(module, name, counting(name))
     try:
         forward(U, 1e-12, 500)
     finally:
