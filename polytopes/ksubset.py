@@ -621,7 +621,7 @@ def _compiled_forward(ctx, z: torch.Tensor, k: int, span: float) -> torch.Tensor
     """:meth:`_GibbsMarginals.forward` on the CPU: the compiled kernel on the qualifying rows, the log-space DP on the others."""
     from . import _compiled_gibbs
 
-    z = z.detach()
+    z = z.detach().resolve_neg()  # (numpy() refuses a tensor with the negative bit, e.g. from torch._neg_view)
     x, ctx.state, count = _compiled_gibbs.gibbs_forward(
         z.numpy() if z.is_contiguous() else z.contiguous().numpy(), k, span, span + _FLOOR_MARGIN
     )
@@ -638,7 +638,7 @@ def _compiled_hvp(ctx, z: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor
     """:meth:`_GibbsMarginals.backward` (first order) after :func:`_compiled_forward`: H g by the compiled tangent passes."""
     from . import _compiled_gibbs
 
-    g = g.detach()
+    g = g.detach().resolve_neg()
     out = torch.from_numpy(
         _compiled_gibbs.gibbs_hvp(ctx.state, g.numpy() if g.is_contiguous() else g.contiguous().numpy(), k)
     )
