@@ -488,8 +488,7 @@ def _linear_forward(w: torch.Tensor, k: int):
     """
     B = w.shape[0]
     if k == 1:  # one item: the softmax
-        x = w / w.sum(-1, keepdim=True)
-        return x, (None, None, None, None, x)
+        return w / w.sum(-1, keepdim=True), (w, None, None, None)
     half = (k - 1) // 2
     W = torch.cat([w, _mirror(w)])
     step = torch.zeros_like(W)  # column 0 stays 0 (e_j of no entries, j >= 1)
@@ -517,8 +516,8 @@ def _linear_forward(w: torch.Tensor, k: int):
     others = acc[:B] + _mirror(acc[B:])
     m = w * others
     scale = k / m.sum(-1, keepdim=True)  # 1 / e_k
-    x = m.mul_(scale)
-    return x, (W, mirrored, others, scale, x)
+    # (the state does not hold x, the caller's output: an in-place change of it must not reach the backward)
+    return m.mul_(scale), (W, mirrored, others, scale)
 
 
 def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
@@ -530,10 +529,12 @@ def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
     of a cumulative sum is the cumulative sum of the tangents).  The pair products
     differentiate to dQ_{k-1-c} mirror(Q_c) + Q_{k-1-c} mirror(dQ_c).
     """
-    W, mirrored, others, scale, x = state
-    if k == 1:
+    W, mirrored, others, scale = state
+    if k == 1:  # (W is w here)
+        x = W / W.sum(-1, keepdim=True)
         return x * (g - (x * g).sum(-1, keepdim=True))
     B, n = g.shape
+    x = torch.mul(W[:B], others).mul_(scale)  # the forward's marginals, recomputed (as rounded there)
     R, half = 2 * B, (k - 1) // 2
     dW = torch.cat([g, _mirror(g)]).mul_(W)
     step = W.new_zeros(2, R, n)  # [Q; dQ] inputs of the cumulative sums; column 0 stays 0
