@@ -430,6 +430,16 @@ def _log_space_marginals(z: torch.Tensor, k: int, create_graph: bool) -> torch.T
     return marginals
 
 
+def _log_space_rows(z: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The forward's :func:`_log_space_marginals` of the rows ``rows`` of z (no graph kept), under any grad mode.
+
+    Autograd runs on a copy of the rows made outside inference mode: a tensor made under
+    ``torch.inference_mode`` cannot enter autograd even where grad mode is re-enabled.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _log_space_marginals(z.detach()[rows].requires_grad_(True), k, False)
+
+
 # Linear-space DP: a row qualifies when its k largest entries lie within _SPAN of its maximum (and within
 # (_RANGE - log max_c C(n, c)) / k); entries more than _SPAN + _FLOOR_MARGIN below it count at that depth.
 _RANGE = 600.0
@@ -591,8 +601,7 @@ class _GibbsMarginals(torch.autograd.Function):
         ctx.log_rows = others = (~linear).nonzero().squeeze(-1)
         if rows.numel():
             out[rows], ctx.state = _linear_forward(w[rows], k)
-        with torch.enable_grad():
-            out[others] = _log_space_marginals(z[others].detach().requires_grad_(True), k, False)
+        out[others] = _log_space_rows(z, others, k)
         return out
 
     @staticmethod
@@ -630,8 +639,7 @@ def _compiled_forward(ctx, z: torch.Tensor, k: int, span: float) -> torch.Tensor
     ctx.log_rows = None
     if count:
         ctx.log_rows = log_rows = torch.from_numpy(ctx.state[:, -1] == 0.0).nonzero().squeeze(-1)
-        with torch.enable_grad():
-            out[log_rows] = _log_space_marginals(z[log_rows].requires_grad_(True), k, False)
+        out[log_rows] = _log_space_rows(z, log_rows, k)
     return out
 
 
