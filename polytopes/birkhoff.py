@@ -389,7 +389,7 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
 
     if Z.dtype != torch.float64:
         Z = Z.to(torch.float64)
-    Z = Z.detach().contiguous()
+    Z = Z.detach().resolve_neg().contiguous()  # (numpy() refuses the negative bit, e.g. from torch._neg_view)
     batch = Z.shape[0]
     X = torch.empty_like(Z)
     err, steps, status = np.empty(batch), np.empty(batch, np.int64), np.empty(batch, np.int64)
@@ -431,7 +431,7 @@ def _compiled_vjp(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
     if G.dtype != S.dtype:
         G = G.to(S.dtype)
-    G = G.contiguous()
+    G = G.resolve_neg().contiguous()  # (numpy() refuses the negative bit)
     out = torch.empty_like(S)
     failed = np.empty(S.shape[0], np.int64)
     if kernels.support_vjp_batch(S.numpy(), G.numpy(), _VJP_RIDGE, out.numpy(), failed):

@@ -430,6 +430,16 @@ def _log_space_marginals(z: torch.Tensor, k: int, create_graph: bool) -> torch.T
     return marginals
 
 
+def _log_space_rows(z: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The forward's :func:`_log_space_marginals` of the rows ``rows`` of z (no graph kept), under any grad mode.
+
+    Autograd runs on a copy of the rows made outside inference mode: a tensor made under
+    ``torch.inference_mode`` cannot enter autograd even where grad mode is re-enabled.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _log_space_marginals(z.detach()[rows].requires_grad_(True), k, False)
+
+
 # Linear-space DP: a row qualifies when its k largest entries lie within _SPAN of its maximum (and within
 # (_RANGE - log max_c C(n, c)) / k); entries more than _SPAN + _FLOOR_MARGIN below it count at that depth.
 _RANGE = 600.0
@@ -488,8 +498,7 @@ def _linear_forward(w: torch.Tensor, k: int):
     """
     B = w.shape[0]
     if k == 1:  # one item: the softmax
-        x = w / w.sum(-1, keepdim=True)
-        return x, (None, None, None, None, x)
+        return w / w.sum(-1, keepdim=True), (w, None, None, None)
     half = (k - 1) // 2
     W = torch.cat([w, _mirror(w)])
     step = torch.zeros_like(W)  # column 0 stays 0 (e_j of no entries, j >= 1)
@@ -517,8 +526,8 @@ def _linear_forward(w: torch.Tensor, k: int):
     others = acc[:B] + _mirror(acc[B:])
     m = w * others
     scale = k / m.sum(-1, keepdim=True)  # 1 / e_k
-    x = m.mul_(scale)
-    return x, (W, mirrored, others, scale, x)
+    # (the state does not hold x, the caller's output: an in-place change of it must not reach the backward)
+    return m.mul_(scale), (W, mirrored, others, scale)
 
 
 def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
@@ -530,10 +539,12 @@ def _linear_hvp(state, g: torch.Tensor, k: int) -> torch.Tensor:
     of a cumulative sum is the cumulative sum of the tangents).  The pair products
     differentiate to dQ_{k-1-c} mirror(Q_c) + Q_{k-1-c} mirror(dQ_c).
     """
-    W, mirrored, others, scale, x = state
-    if k == 1:
+    W, mirrored, others, scale = state
+    if k == 1:  # (W is w here)
+        x = W / W.sum(-1, keepdim=True)
         return x * (g - (x * g).sum(-1, keepdim=True))
     B, n = g.shape
+    x = torch.mul(W[:B], others).mul_(scale)  # the forward's marginals, recomputed (as rounded there)
     R, half = 2 * B, (k - 1) // 2
     dW = torch.cat([g, _mirror(g)]).mul_(W)
     step = W.new_zeros(2, R, n)  # [Q; dQ] inputs of the cumulative sums; column 0 stays 0
@@ -590,8 +601,7 @@ class _GibbsMarginals(torch.autograd.Function):
         ctx.log_rows = others = (~linear).nonzero().squeeze(-1)
         if rows.numel():
             out[rows], ctx.state = _linear_forward(w[rows], k)
-        with torch.enable_grad():
-            out[others] = _log_space_marginals(z[others].detach().requires_grad_(True), k, False)
+        out[others] = _log_space_rows(z, others, k)
         return out
 
     @staticmethod
@@ -621,7 +631,7 @@ def _compiled_forward(ctx, z: torch.Tensor, k: int, span: float) -> torch.Tensor
     """:meth:`_GibbsMarginals.forward` on the CPU: the compiled kernel on the qualifying rows, the log-space DP on the others."""
     from . import _compiled_gibbs
 
-    z = z.detach()
+    z = z.detach().resolve_neg()  # (numpy() refuses a tensor with the negative bit, e.g. from torch._neg_view)
     x, ctx.state, count = _compiled_gibbs.gibbs_forward(
         z.numpy() if z.is_contiguous() else z.contiguous().numpy(), k, span, span + _FLOOR_MARGIN
     )
@@ -629,8 +639,7 @@ def _compiled_forward(ctx, z: torch.Tensor, k: int, span: float) -> torch.Tensor
     ctx.log_rows = None
     if count:
         ctx.log_rows = log_rows = torch.from_numpy(ctx.state[:, -1] == 0.0).nonzero().squeeze(-1)
-        with torch.enable_grad():
-            out[log_rows] = _log_space_marginals(z[log_rows].requires_grad_(True), k, False)
+        out[log_rows] = _log_space_rows(z, log_rows, k)
     return out
 
 
@@ -638,7 +647,7 @@ def _compiled_hvp(ctx, z: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor
     """:meth:`_GibbsMarginals.backward` (first order) after :func:`_compiled_forward`: H g by the compiled tangent passes."""
     from . import _compiled_gibbs
 
-    g = g.detach()
+    g = g.detach().resolve_neg()
     out = torch.from_numpy(
         _compiled_gibbs.gibbs_hvp(ctx.state, g.numpy() if g.is_contiguous() else g.contiguous().numpy(), k)
     )

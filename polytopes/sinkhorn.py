@@ -241,7 +241,7 @@ def _compiled_solve(Z: torch.Tensor, tol: float, max_iter: int):
     """
     from . import _compiled_sinkhorn
 
-    Z = Z.detach()
+    Z = Z.detach().resolve_neg()  # (numpy() refuses a tensor with the negative bit, e.g. from torch._neg_view)
     if not Z.is_contiguous():
         Z = Z.contiguous()
     X = torch.empty_like(Z)
@@ -287,7 +287,7 @@ def _compiled_adjoint(X: torch.Tensor, G: torch.Tensor, unit_rows: bool, lean: b
     """
     from . import _compiled_sinkhorn
 
-    X, G = X.detach(), G.detach()
+    X, G = X.detach().resolve_neg(), G.detach().resolve_neg()  # (numpy() refuses the negative bit)
     if not X.is_contiguous():
         X = X.contiguous()
     if not G.is_contiguous():
