@@ -65,7 +65,7 @@ _N, _NX, _M, _MEQ, _KIND, _PRIMAL_ITERS, _MAX_ITER, _ALL_PAIRS, _NW = range(9)
 ) = range(11)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _cholesky_in_place(M, n):
     """Lower Cholesky factor of M[:n, :n] (its lower triangle) in place; False where a pivot is not positive."""
     for j in range(n):
@@ -84,7 +84,7 @@ def _cholesky_in_place(M, n):
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _factor(M, n, q, copy, jitter):
     """Equilibrate M[:n, :n] (lower triangle) to a unit diagonal (q = sqrt(diag M)), add ``jitter``, factor in
     place; where that fails, retry with a growing jitter (1e-12 .. 1e-4 times the largest diagonal entry, as
@@ -118,7 +118,7 @@ def _factor(M, n, q, copy, jitter):
             M[i, j] = math.nan
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _factor_solve(L, q, n, r):
     """Solve M x = r in place with :func:`_factor`'s factor of M."""
     for i in range(n):
@@ -137,7 +137,7 @@ def _factor_solve(L, q, n, r):
         r[i] /= q[i]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, r, out, tmp):
     """out = H^-1 r with H = Phi + G^T diag(Dr) G whose w block is diagonal (``Dw``): the x block through the
     factor of its Schur complement Sx, then w."""
@@ -163,7 +163,7 @@ def _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, r, 
         out[nx + j] = t / Dw[j]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _workspace(dims):
     """The per-element work arrays (allocated once per kernel call)."""
     N, nx, m, m_eq, nw = dims[_N], dims[_NX], dims[_M], dims[_MEQ], dims[_NW]
@@ -197,6 +197,7 @@ def _workspace(dims):
         np.empty(max(m, 1)),  # 22 q (M)
         np.empty(max(nx, 1)),  # 23 qx
         np.empty(one),  # 24 qk
+        np.empty(2 * P),  # 25 1 / [Y | S]
     )
     mats = (
         np.empty((max(m, 1), max(m, 1))),  # 0 M
@@ -208,7 +209,7 @@ def _workspace(dims):
     return fl, mats
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi):
     """phi'(x) / sz and phi''(x) / sz of the built-in entropies (kind 0: x log x, 1: the binary entropy) into
     ``g, h``, the distances to the domain's ends from the bound slacks where the bound is the end."""
@@ -227,7 +228,7 @@ def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi):
             h[j] = (1.0 / a + 1.0 / b) / sz
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
     """Residuals and stop test of one element's state ``T (width,)`` with phi' / sz = ``g``, phi'' / sz = ``h``
     and z / sz = ``zs``, at iteration ``k`` (``last``: k is the last allowed); where it does not stop, one
@@ -256,7 +257,7 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
         w_row,
     ) = pb
     dT, dA, rd, rp, SY, phi_inv, phi, r0, r1b, rc, rcb, rcy, r1, u, rhs, dv = fl[:16]
-    Dw, Dr, rows_in, tmp, tmp2, tl, q, qx, qk = fl[16:]
+    Dw, Dr, rows_in, tmp, tmp2, tl, q, qx, qk, inv = fl[16:]
     M, Mcopy, Sx, K, E = mats
     N, nx, m, m_eq = dims[_N], dims[_NX], dims[_M], dims[_MEQ]
     nw = N - nx
@@ -327,10 +328,13 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
         return 1, res
     # ---- one predictor-corrector step
     prox = mu if (k < cf[_PROXIMAL_DELAY] or N == nx) else max(mu, cf[_PROXIMAL])
+    # (reciprocals once: every quotient by a slack or a multiplier below is a product)
+    for i in range(2 * P):
+        inv[i] = 1.0 / T[o_y + i]
     for i in range(mi):
-        r0[i] = T[o_s + i] / T[o_y + i]
+        r0[i] = T[o_s + i] * inv[i]
     for j in range(2 * N):
-        r1b[j] = T[o_y + mi + j] / T[o_s + mi + j]
+        r1b[j] = T[o_y + mi + j] * inv[P + mi + j]
     for j in range(N):
         phi[j] = r1b[j] + r1b[N + j] + (h[j] if j < nx else prox)
         phi_inv[j] = 1.0 / phi[j]
@@ -416,9 +420,9 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
                     rcy[i] = -T[o_s + i]
             else:
                 for j in range(2 * N):
-                    rcb[j] = -SY[mi + j] / T[o_s + mi + j]
+                    rcb[j] = -SY[mi + j] * inv[P + mi + j]
                 for i in range(mi):
-                    rcy[i] = -SY[i] / T[o_y + i]
+                    rcy[i] = -SY[i] * inv[i]
         else:
             mu_aff = 0.0
             for i in range(P):
@@ -429,9 +433,9 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
             for i in range(P):
                 rc[i] = target * mask[i] - SY[i] - dA[o_s + i] * dA[o_y + i]
             for j in range(2 * N):
-                rcb[j] = rc[mi + j] / T[o_s + mi + j]
+                rcb[j] = rc[mi + j] * inv[P + mi + j]
             for i in range(mi):
-                rcy[i] = rc[i] / T[o_y + i]
+                rcy[i] = rc[i] * inv[i]
         for j in range(N):
             r1[j] = rcb[j] - rcb[N + j] - rd[j]
         if use_primal:
@@ -501,7 +505,7 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
         for i in range(2 * P):
             pv = T[o_y + i]
             if pv > 0.0:
-                wv = D[o_y + i] / -pv
+                wv = -D[o_y + i] * inv[i]
                 if wv > worst:
                     worst = wv
                 elif wv != wv:
@@ -517,7 +521,7 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
     return -1, res
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def solve_builtin(dims, cf, pb, at_lo, at_hi, start, zs_all, sz_all, T_out, h_out, status_out, iters_out, res_out):
     """The whole iteration for the built-in entropies, element by element: ``start (B, width)`` the starting
     states (written over with the final ones into ``T_out``), z / sz and sz per element; writes phi'' / sz at
@@ -543,7 +547,7 @@ def solve_builtin(dims, cf, pb, at_lo, at_hi, start, zs_all, sz_all, T_out, h_ou
             _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def iterate(dims, cf, pb, k, last, T_all, h_all, active, n_active, g_raw, h_raw, zs_all, sz_all, status_out, iters_out, res_out):
     """One iteration (the ``k``-th) on the elements ``active[:n_active]`` (rows of ``T_all (B, width)``) for a
     user's regularizer, with phi' and phi'' at their states in ``g_raw, h_raw (n_active, nx)`` (row i for
