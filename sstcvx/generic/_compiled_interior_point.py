@@ -229,11 +229,13 @@ def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
-    """Residuals and stop test of one element's state ``T (width,)`` with phi' / sz = ``g``, phi'' / sz = ``h``
-    and z / sz = ``zs``, at iteration ``k`` (``last``: k is the last allowed); where it does not stop, one
-    predictor-corrector step in place.  Returns ``(status, residual)``, status -1 where it stepped (0
-    converged, 1 last iteration, 2 not finite: dual_newton's codes)."""
+def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats):
+    """The iterations ``k_first .. k_stop - 1`` of one element's state ``T (width,)`` for z / sz = ``zs``: in
+    each, phi' / sz and phi'' / sz into ``g, h`` (``builtin``: from T here; else given, one iteration), the
+    residuals and the stop test (``k == max_iter``: the last allowed), and where the element does not stop,
+    one predictor-corrector step in place.  Returns ``(status, k, residual)`` at the stop, status -1 where
+    it has not stopped (0 converged, 1 last iteration, 2 not finite: dual_newton's codes).  (One function for
+    the whole loop: its arrays are unpacked once per element.)"""
     (
         d,
         has_lo,
@@ -269,256 +271,261 @@ def _iterate(T, g, h, zs, k, last, dims, cf, pb, fl, mats):
     scale = cf[_SCALE]
     tol, mu_tol = cf[_TOL], cf[_MU_TOL]
     jitter = cf[_JITTER]
-    # residuals
-    for j in range(N):
-        t = T[o_y + mi + N + j] - T[o_y + mi + j]
-        for p in range(cptr[j], cptr[j + 1]):
-            t += cval[p] * T[N + cidx[p]]
-        rd[j] = t
-    for j in range(nx):
-        rd[j] += g[j] - zs[j]
-    for i in range(m):
-        t = -d[i]
-        for p in range(rptr[i], rptr[i + 1]):
-            t += rval[p] * T[ridx[p]]
-        if i >= m_eq:
-            t += T[o_s + i - m_eq]
-        rp[i] = t
-    mu = 0.0
-    top = 0.0
-    nan = False
-    for i in range(P):
-        sy = T[o_s + i] * T[o_y + i]
-        SY[i] = sy
-        mu += sy
-        if sy > top:
-            top = sy
-        elif sy != sy:
-            nan = True
-    mu /= cf[_PAIRS_EXIST]
-    # the stop test (torch's _converged), NaN propagated as there
-    pmax = 0.0
-    for i in range(m):
-        a = abs(rp[i])
-        if a > pmax:
-            pmax = a
-        elif a != a:
-            nan = True
-    dd = 0.0
-    for j in range(N):
-        a = abs(rd[j])
-        if j < nx and a <= EPS4 * h[j] * max(abs(T[j]), 1.0):
-            a = 0.0
-        if a > dd:
-            dd = a
-        elif a != a:
-            nan = True
-    res = max(max(pmax, mu) / scale, dd)
-    if nan or mu != mu:
-        res = math.nan
-    finite = res < math.inf
-    if P == 0:
-        top = mu
-    done = pmax <= tol * scale and dd <= tol and top <= mu_tol * scale
-    if done:
-        return 0, res
-    if not finite:
-        return 2, res
-    if last:
-        return 1, res
-    # ---- one predictor-corrector step
-    prox = mu if (k < cf[_PROXIMAL_DELAY] or N == nx) else max(mu, cf[_PROXIMAL])
-    # (reciprocals once: every quotient by a slack or a multiplier below is a product)
-    for i in range(2 * P):
-        inv[i] = 1.0 / T[o_y + i]
-    for i in range(mi):
-        r0[i] = T[o_s + i] * inv[i]
-    for j in range(2 * N):
-        r1b[j] = T[o_y + mi + j] * inv[P + mi + j]
-    for j in range(N):
-        phi[j] = r1b[j] + r1b[N + j] + (h[j] if j < nx else prox)
-        phi_inv[j] = 1.0 / phi[j]
-    use_primal = k < dims[_PRIMAL_ITERS]
-    if use_primal:
-        # H = Phi + G^T D G with its w block diagonal; Sx = H_xx - H_xw Dw^-1 H_wx; K = A H^-1 A^T
-        for i in range(mi):
-            Dr[i] = 1.0 / r0[i]
-        for j in range(nw):
-            Dw[j] = phi[nx + j]
-        for r in range(mi):
-            jw = g_rw[r]
-            if jw >= 0:
-                Dw[jw] += Dr[r] * g_rwv[r] * g_rwv[r]
-        for i in range(nx):
-            for j in range(i + 1):
-                Sx[i, j] = 0.0
-            Sx[i, i] = phi[i]
-        for r in range(mi):
-            jw = g_rw[r]
-            # D_r - (D_r g_w)^2 / Dw = D_r phi_w / Dw (no cancellation)
-            e = Dr[r] * phi[nx + jw] / Dw[jw] if jw >= 0 else Dr[r]
-            for a in range(g_rxn[r]):
-                ia = g_rx[r, a]
-                va = g_rxv[r, a] * e
-                for c in range(g_rxn[r]):
-                    ic = g_rx[r, c]
-                    if ic <= ia:
-                        Sx[ia, ic] += va * g_rxv[r, c]
-        _factor(Sx, nx, qx, Mcopy, jitter)
-        if m_eq:
-            for i in range(m_eq):
-                for j in range(m_eq):
-                    K[i, j] = 0.0
-                for a in range(nx):
-                    E[i, a] = Ax[i, a]
-            for jw in range(nw):
-                r = w_row[jw]
-                coef = Dr[r] * g_rwv[r] / Dw[jw] if r >= 0 else 0.0
-                for p in range(aw_n[jw]):
-                    ip_ = aw_r[jw, p]
-                    vp = aw_v[jw, p] / Dw[jw]
-                    for p2 in range(aw_n[jw]):
-                        K[ip_, aw_r[jw, p2]] += vp * aw_v[jw, p2]
-                    if r >= 0:
-                        cp_ = aw_v[jw, p] * coef
-                        for a in range(g_rxn[r]):
-                            E[ip_, g_rx[r, a]] -= cp_ * g_rxv[r, a]
-            # K += E Sx^-1 E^T (lower triangle)
-            for i in range(m_eq):
-                for a in range(nx):
-                    tmp[a] = E[i, a]
-                _factor_solve(Sx, qx, nx, tmp)
-                for i2 in range(i, m_eq):
-                    t = 0.0
-                    for a in range(nx):
-                        t += E[i2, a] * tmp[a]
-                    K[i2, i] += t
-            _factor(K, m_eq, qk, Mcopy, jitter)
-    else:
-        for i in range(m):
-            for j in range(i + 1):
-                M[i, j] = 0.0
-        for c in range(N):
-            for p in range(cptr[c], cptr[c + 1]):
-                vp = cval[p] * phi_inv[c]
-                for p2 in range(cptr[c], p + 1):
-                    M[cidx[p], cidx[p2]] += vp * cval[p2]
-        for i in range(m_eq, m):
-            M[i, i] += r0[i - m_eq]
-        _factor(M, m, q, Mcopy, jitter)
-    alpha_aff = 0.0
-    fraction = cf[_FRACTION]
-    all_pairs = dims[_ALL_PAIRS] != 0
-    for phase in range(2):
-        D = dA if phase == 0 else dT
-        if phase == 0:
-            if all_pairs:
-                # the predictor's targets -S Y over S are -Y exactly (as the torch code)
-                for j in range(2 * N):
-                    rcb[j] = -T[o_y + mi + j]
-                for i in range(mi):
-                    rcy[i] = -T[o_s + i]
-            else:
-                for j in range(2 * N):
-                    rcb[j] = -SY[mi + j] * inv[P + mi + j]
-                for i in range(mi):
-                    rcy[i] = -SY[i] * inv[i]
-        else:
-            mu_aff = 0.0
-            for i in range(P):
-                mu_aff += (T[o_s + i] + alpha_aff * dA[o_s + i]) * (T[o_y + i] + alpha_aff * dA[o_y + i])
-            mu_aff /= cf[_PAIRS_EXIST]
-            sig = min(max(mu_aff / max(mu, 1e-300), 0.0), 1.0) ** 3
-            target = max(sig * mu, 0.1 * mu_tol * scale)
-            for i in range(P):
-                rc[i] = target * mask[i] - SY[i] - dA[o_s + i] * dA[o_y + i]
-            for j in range(2 * N):
-                rcb[j] = rc[mi + j] * inv[P + mi + j]
-            for i in range(mi):
-                rcy[i] = rc[i] * inv[i]
+    res = math.nan
+    for k in range(k_first, k_stop):
+        if builtin:
+            _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi)
+        last = k == dims[_MAX_ITER]
+        # residuals
         for j in range(N):
-            r1[j] = rcb[j] - rcb[N + j] - rd[j]
+            t = T[o_y + mi + N + j] - T[o_y + mi + j]
+            for p in range(cptr[j], cptr[j + 1]):
+                t += cval[p] * T[N + cidx[p]]
+            rd[j] = t
+        for j in range(nx):
+            rd[j] += g[j] - zs[j]
+        for i in range(m):
+            t = -d[i]
+            for p in range(rptr[i], rptr[i + 1]):
+                t += rval[p] * T[ridx[p]]
+            if i >= m_eq:
+                t += T[o_s + i - m_eq]
+            rp[i] = t
+        mu = 0.0
+        top = 0.0
+        nan = False
+        for i in range(P):
+            sy = T[o_s + i] * T[o_y + i]
+            SY[i] = sy
+            mu += sy
+            if sy > top:
+                top = sy
+            elif sy != sy:
+                nan = True
+        mu /= cf[_PAIRS_EXIST]
+        # the stop test (torch's _converged), NaN propagated as there
+        pmax = 0.0
+        for i in range(m):
+            a = abs(rp[i])
+            if a > pmax:
+                pmax = a
+            elif a != a:
+                nan = True
+        dd = 0.0
+        for j in range(N):
+            a = abs(rd[j])
+            if j < nx and a <= EPS4 * h[j] * max(abs(T[j]), 1.0):
+                a = 0.0
+            if a > dd:
+                dd = a
+            elif a != a:
+                nan = True
+        res = max(max(pmax, mu) / scale, dd)
+        if nan or mu != mu:
+            res = math.nan
+        finite = res < math.inf
+        if P == 0:
+            top = mu
+        done = pmax <= tol * scale and dd <= tol and top <= mu_tol * scale
+        if done:
+            return 0, k, res
+        if not finite:
+            return 2, k, res
+        if last:
+            return 1, k, res
+        # ---- one predictor-corrector step
+        prox = mu if (k < cf[_PROXIMAL_DELAY] or N == nx) else max(mu, cf[_PROXIMAL])
+        # (reciprocals once: every quotient by a slack or a multiplier below is a product)
+        for i in range(2 * P):
+            inv[i] = 1.0 / T[o_y + i]
+        for i in range(mi):
+            r0[i] = T[o_s + i] * inv[i]
+        for j in range(2 * N):
+            r1b[j] = T[o_y + mi + j] * inv[P + mi + j]
+        for j in range(N):
+            phi[j] = r1b[j] + r1b[N + j] + (h[j] if j < nx else prox)
+            phi_inv[j] = 1.0 / phi[j]
+        use_primal = k < dims[_PRIMAL_ITERS]
         if use_primal:
+            # H = Phi + G^T D G with its w block diagonal; Sx = H_xx - H_xw Dw^-1 H_wx; K = A H^-1 A^T
             for i in range(mi):
-                rows_in[i] = -rp[m_eq + i] - rcy[i]
-            for j in range(N):
-                tmp[j] = r1[j]
+                Dr[i] = 1.0 / r0[i]
+            for j in range(nw):
+                Dw[j] = phi[nx + j]
             for r in range(mi):
-                t = Dr[r] * rows_in[r]
+                jw = g_rw[r]
+                if jw >= 0:
+                    Dw[jw] += Dr[r] * g_rwv[r] * g_rwv[r]
+            for i in range(nx):
+                for j in range(i + 1):
+                    Sx[i, j] = 0.0
+                Sx[i, i] = phi[i]
+            for r in range(mi):
+                jw = g_rw[r]
+                # D_r - (D_r g_w)^2 / Dw = D_r phi_w / Dw (no cancellation)
+                e = Dr[r] * phi[nx + jw] / Dw[jw] if jw >= 0 else Dr[r]
                 for a in range(g_rxn[r]):
-                    tmp[g_rx[r, a]] += t * g_rxv[r, a]
-                if g_rw[r] >= 0:
-                    tmp[nx + g_rw[r]] += t * g_rwv[r]
-            # dv = H^-1 (r - A^T dlambda) with K dlambda = A H^-1 r + rp_eq
+                    ia = g_rx[r, a]
+                    va = g_rxv[r, a] * e
+                    for c in range(g_rxn[r]):
+                        ic = g_rx[r, c]
+                        if ic <= ia:
+                            Sx[ia, ic] += va * g_rxv[r, c]
+            _factor(Sx, nx, qx, Mcopy, jitter)
             if m_eq:
-                _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, tmp, tmp2, u)
                 for i in range(m_eq):
+                    for j in range(m_eq):
+                        K[i, j] = 0.0
+                    for a in range(nx):
+                        E[i, a] = Ax[i, a]
+                for jw in range(nw):
+                    r = w_row[jw]
+                    coef = Dr[r] * g_rwv[r] / Dw[jw] if r >= 0 else 0.0
+                    for p in range(aw_n[jw]):
+                        ip_ = aw_r[jw, p]
+                        vp = aw_v[jw, p] / Dw[jw]
+                        for p2 in range(aw_n[jw]):
+                            K[ip_, aw_r[jw, p2]] += vp * aw_v[jw, p2]
+                        if r >= 0:
+                            cp_ = aw_v[jw, p] * coef
+                            for a in range(g_rxn[r]):
+                                E[ip_, g_rx[r, a]] -= cp_ * g_rxv[r, a]
+                # K += E Sx^-1 E^T (lower triangle)
+                for i in range(m_eq):
+                    for a in range(nx):
+                        tmp[a] = E[i, a]
+                    _factor_solve(Sx, qx, nx, tmp)
+                    for i2 in range(i, m_eq):
+                        t = 0.0
+                        for a in range(nx):
+                            t += E[i2, a] * tmp[a]
+                        K[i2, i] += t
+                _factor(K, m_eq, qk, Mcopy, jitter)
+        else:
+            for i in range(m):
+                for j in range(i + 1):
+                    M[i, j] = 0.0
+            for c in range(N):
+                for p in range(cptr[c], cptr[c + 1]):
+                    vp = cval[p] * phi_inv[c]
+                    for p2 in range(cptr[c], p + 1):
+                        M[cidx[p], cidx[p2]] += vp * cval[p2]
+            for i in range(m_eq, m):
+                M[i, i] += r0[i - m_eq]
+            _factor(M, m, q, Mcopy, jitter)
+        alpha_aff = 0.0
+        fraction = cf[_FRACTION]
+        all_pairs = dims[_ALL_PAIRS] != 0
+        for phase in range(2):
+            D = dA if phase == 0 else dT
+            if phase == 0:
+                if all_pairs:
+                    # the predictor's targets -S Y over S are -Y exactly (as the torch code)
+                    for j in range(2 * N):
+                        rcb[j] = -T[o_y + mi + j]
+                    for i in range(mi):
+                        rcy[i] = -T[o_s + i]
+                else:
+                    for j in range(2 * N):
+                        rcb[j] = -SY[mi + j] * inv[P + mi + j]
+                    for i in range(mi):
+                        rcy[i] = -SY[i] * inv[i]
+            else:
+                mu_aff = 0.0
+                for i in range(P):
+                    mu_aff += (T[o_s + i] + alpha_aff * dA[o_s + i]) * (T[o_y + i] + alpha_aff * dA[o_y + i])
+                mu_aff /= cf[_PAIRS_EXIST]
+                sig = min(max(mu_aff / max(mu, 1e-300), 0.0), 1.0) ** 3
+                target = max(sig * mu, 0.1 * mu_tol * scale)
+                for i in range(P):
+                    rc[i] = target * mask[i] - SY[i] - dA[o_s + i] * dA[o_y + i]
+                for j in range(2 * N):
+                    rcb[j] = rc[mi + j] * inv[P + mi + j]
+                for i in range(mi):
+                    rcy[i] = rc[i] * inv[i]
+            for j in range(N):
+                r1[j] = rcb[j] - rcb[N + j] - rd[j]
+            if use_primal:
+                for i in range(mi):
+                    rows_in[i] = -rp[m_eq + i] - rcy[i]
+                for j in range(N):
+                    tmp[j] = r1[j]
+                for r in range(mi):
+                    t = Dr[r] * rows_in[r]
+                    for a in range(g_rxn[r]):
+                        tmp[g_rx[r, a]] += t * g_rxv[r, a]
+                    if g_rw[r] >= 0:
+                        tmp[nx + g_rw[r]] += t * g_rwv[r]
+                # dv = H^-1 (r - A^T dlambda) with K dlambda = A H^-1 r + rp_eq
+                if m_eq:
+                    _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, tmp, tmp2, u)
+                    for i in range(m_eq):
+                        t = rp[i]
+                        for p in range(rptr[i], rptr[i + 1]):
+                            t += rval[p] * tmp2[ridx[p]]
+                        tl[i] = t
+                    _factor_solve(K, qk, m_eq, tl)
+                    for c in range(N):
+                        t = tmp[c]
+                        for p in range(cptr[c], cptr[c + 1]):
+                            if cidx[p] < m_eq:
+                                t -= cval[p] * tl[cidx[p]]
+                        tmp[c] = t
+                    for i in range(m_eq):
+                        D[N + i] = tl[i]
+                _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, tmp, dv, u)
+                for r in range(mi):
+                    t = -rows_in[r]
+                    for p in range(rptr[m_eq + r], rptr[m_eq + r + 1]):
+                        t += rval[p] * dv[ridx[p]]
+                    D[N + m_eq + r] = Dr[r] * t
+            else:
+                for j in range(N):
+                    u[j] = phi_inv[j] * r1[j]
+                for i in range(m):
                     t = rp[i]
                     for p in range(rptr[i], rptr[i + 1]):
-                        t += rval[p] * tmp2[ridx[p]]
-                    tl[i] = t
-                _factor_solve(K, qk, m_eq, tl)
-                for c in range(N):
-                    t = tmp[c]
-                    for p in range(cptr[c], cptr[c + 1]):
-                        if cidx[p] < m_eq:
-                            t -= cval[p] * tl[cidx[p]]
-                    tmp[c] = t
-                for i in range(m_eq):
-                    D[N + i] = tl[i]
-            _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, tmp, dv, u)
-            for r in range(mi):
-                t = -rows_in[r]
-                for p in range(rptr[m_eq + r], rptr[m_eq + r + 1]):
-                    t += rval[p] * dv[ridx[p]]
-                D[N + m_eq + r] = Dr[r] * t
-        else:
+                        t += rval[p] * u[ridx[p]]
+                    if i >= m_eq:
+                        t += rcy[i - m_eq]
+                    rhs[i] = t
+                _factor_solve(M, q, m, rhs)
+                for j in range(N):
+                    t = 0.0
+                    for p in range(cptr[j], cptr[j + 1]):
+                        t += cval[p] * rhs[cidx[p]]
+                    dv[j] = u[j] - phi_inv[j] * t
+                for i in range(m):
+                    D[N + i] = rhs[i]
             for j in range(N):
-                u[j] = phi_inv[j] * r1[j]
-            for i in range(m):
-                t = rp[i]
-                for p in range(rptr[i], rptr[i + 1]):
-                    t += rval[p] * u[ridx[p]]
-                if i >= m_eq:
-                    t += rcy[i - m_eq]
-                rhs[i] = t
-            _factor_solve(M, q, m, rhs)
-            for j in range(N):
-                t = 0.0
-                for p in range(cptr[j], cptr[j + 1]):
-                    t += cval[p] * rhs[cidx[p]]
-                dv[j] = u[j] - phi_inv[j] * t
-            for i in range(m):
-                D[N + i] = rhs[i]
-        for j in range(N):
-            D[j] = dv[j]
-            dsl = dv[j] * has_lo[j]
-            dsu = -dv[j] * has_up[j]
-            D[o_s + mi + j] = dsl
-            D[o_s + mi + N + j] = dsu
-            D[o_y + mi + j] = rcb[j] - r1b[j] * dsl
-            D[o_y + mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
-        for i in range(mi):
-            D[o_s + i] = rcy[i] - r0[i] * D[N + m_eq + i]
-        # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (NaN propagated)
-        worst = 0.0
-        for i in range(2 * P):
-            pv = T[o_y + i]
-            if pv > 0.0:
-                wv = -D[o_y + i] * inv[i]
-                if wv > worst:
-                    worst = wv
-                elif wv != wv:
-                    worst = math.nan
-                    break
-        if phase == 0:
-            alpha_aff = fraction / max(worst, fraction) if worst == worst else math.nan
-        else:
-            fr = min(max(1.0 - mu, fraction), 1.0 - cf[_FRACTION_GAP])
-            alpha = fr / max(worst, fr) if worst == worst else math.nan
-            for i in range(W):
-                T[i] += alpha * dT[i]
-    return -1, res
+                D[j] = dv[j]
+                dsl = dv[j] * has_lo[j]
+                dsu = -dv[j] * has_up[j]
+                D[o_s + mi + j] = dsl
+                D[o_s + mi + N + j] = dsu
+                D[o_y + mi + j] = rcb[j] - r1b[j] * dsl
+                D[o_y + mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
+            for i in range(mi):
+                D[o_s + i] = rcy[i] - r0[i] * D[N + m_eq + i]
+            # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (NaN propagated)
+            worst = 0.0
+            for i in range(2 * P):
+                pv = T[o_y + i]
+                if pv > 0.0:
+                    wv = -D[o_y + i] * inv[i]
+                    if wv > worst:
+                        worst = wv
+                    elif wv != wv:
+                        worst = math.nan
+                        break
+            if phase == 0:
+                alpha_aff = fraction / max(worst, fraction) if worst == worst else math.nan
+            else:
+                fr = min(max(1.0 - mu, fraction), 1.0 - cf[_FRACTION_GAP])
+                alpha = fr / max(worst, fr) if worst == worst else math.nan
+                for i in range(W):
+                    T[i] += alpha * dT[i]
+    return -1, k_stop, res
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -536,20 +543,15 @@ def solve_builtin(dims, cf, pb, at_lo, at_hi, start, zs_all, sz_all, T_out, h_ou
         T[:] = start[b]
         h = h_out[b]
         sz = sz_all[b]
-        _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi)
-        for k in range(max_iter + 1):
-            code, res = _iterate(T, g, h, zs_all[b], k, k == max_iter, dims, cf, pb, fl, mats)
-            if code >= 0:
-                status_out[b] = code
-                iters_out[b] = k
-                res_out[b] = res
-                break
-            _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi)
+        code, k, res = _iterate(T, g, h, zs_all[b], sz, 0, max_iter + 1, True, at_lo, at_hi, dims, cf, pb, fl, mats)
+        status_out[b] = code
+        iters_out[b] = k
+        res_out[b] = res
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def iterate(dims, cf, pb, k, last, T_all, h_all, active, n_active, g_raw, h_raw, zs_all, sz_all, status_out, iters_out, res_out):
-    """One iteration (the ``k``-th) on the elements ``active[:n_active]`` (rows of ``T_all (B, width)``) for a
+def iterate(dims, cf, pb, k, T_all, h_all, active, n_active, g_raw, h_raw, zs_all, sz_all, status_out, iters_out, res_out):
+    """One iteration (the ``k``-th; the last allowed where k is max_iter) on the elements ``active[:n_active]`` (rows of ``T_all (B, width)``) for a
     user's regularizer, with phi' and phi'' at their states in ``g_raw, h_raw (n_active, nx)`` (row i for
     element active[i]; divided by sz here).  An element that stops gets its status, iteration count,
     residual and phi'' / sz written; the others' states advance in place and their indices move to the
@@ -565,7 +567,7 @@ def iterate(dims, cf, pb, k, last, T_all, h_all, active, n_active, g_raw, h_raw,
         for j in range(nx):
             g[j] = g_raw[i, j] / sz
             h[j] = h_raw[i, j] / sz
-        code, res = _iterate(T_all[b], g, h, zs_all[b], k, last, dims, cf, pb, fl, mats)
+        code, _, res = _iterate(T_all[b], g, h, zs_all[b], sz, k, k + 1, False, g, g, dims, cf, pb, fl, mats)
         if code >= 0:
             status_out[b] = code
             iters_out[b] = k
@@ -735,7 +737,7 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
         g_raw, h_raw = ip.kind.derivatives(x.clamp(*inside))
         gn = g_raw.detach().to(torch.float64).contiguous().numpy()
         hr = h_raw.detach().to(torch.float64).contiguous().numpy()
-        n = iterate(dims, cf, the_plan.pb, k, k == max_iter, Tn, hn, active, n, gn, hr, zn, szn, sn, itn, rn)
+        n = iterate(dims, cf, the_plan.pb, k, Tn, hn, active, n, gn, hr, zn, szn, sn, itn, rn)
         if n == 0:
             break
     return T, h, status, iterations, residual
