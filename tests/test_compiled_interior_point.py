@@ -40,7 +40,9 @@ def chain(n):
 def half_lines():
     """x >= 0 only below (no upper bound: absent bound pairs) with a packing row."""
     x = cp.Variable(5)
-    return sstcvx.Polytope.from_cvxpy(x, [x >= 0, cp.sum(x) <= 2, x[0] + 2 * x[1] <= 1], name="half-lines", recognize=False)
+    return sstcvx.Polytope.from_cvxpy(
+        x, [x >= 0, cp.sum(x) <= 2, x[0] + 2 * x[1] <= 1], name="half-lines", recognize=False
+    )
 
 
 def birkhoff(n):

@@ -550,12 +550,14 @@ def solve_builtin(dims, cf, pb, at_lo, at_hi, start, zs_all, sz_all, T_out, h_ou
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def iterate(dims, cf, pb, k, T_all, h_all, active, n_active, g_raw, h_raw, zs_all, sz_all, status_out, iters_out, res_out):
-    """One iteration (the ``k``-th; the last allowed where k is max_iter) on the elements ``active[:n_active]`` (rows of ``T_all (B, width)``) for a
-    user's regularizer, with phi' and phi'' at their states in ``g_raw, h_raw (n_active, nx)`` (row i for
-    element active[i]; divided by sz here).  An element that stops gets its status, iteration count,
-    residual and phi'' / sz written; the others' states advance in place and their indices move to the
-    front of ``active``.  Returns how many are still running."""
+def iterate(
+    dims, cf, pb, k, T_all, h_all, active, n_active, g_raw, h_raw, zs_all, sz_all, status_out, iters_out, res_out
+):
+    """One iteration (the ``k``-th; the last allowed where k is max_iter) on the elements ``active[:n_active]``
+    (rows of ``T_all (B, width)``) for a user's regularizer, with phi' and phi'' at their states in ``g_raw,
+    h_raw (n_active, nx)`` (row i for element active[i]; divided by sz here).  An element that stops gets its
+    status, iteration count, residual and phi'' / sz written; the others' states advance in place and their
+    indices move to the front of ``active``.  Returns how many are still running."""
     fl, mats = _workspace(dims)
     nx = dims[_NX]
     g = np.empty(max(nx, 1))

@@ -236,7 +236,7 @@ class InteriorPointProblem:
     central: Any = field(init=False, default=None)
     #: :func:`_plain_start`'s state (width,), set on first use
     plain_start: torch.Tensor | None = field(init=False, default=None)
-    #: the compiled kernels' arrays (see :func:`_kernel_plan`), False where they do not serve the problem; set on first use
+    #: the compiled kernels' arrays (see :func:`_kernel_plan`), False where they do not serve it; set on first use
     kernel_plan: Any = field(init=False, default=None)
 
     def __post_init__(self):
