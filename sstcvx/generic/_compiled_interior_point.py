@@ -22,10 +22,10 @@ Newton systems, per element and iteration:
   equality rows' Schur complement ``K = A H^-1 A^T`` (m_eq x m_eq), both factored densely; for the first
   ``PRIMAL_ITERATIONS`` iterations, then M (as the torch code).
 
-Entry points: :func:`solve_builtin` runs the whole iteration for the built-in entropies (phi', phi'' in
-closed form, from the bound slacks where a bound is the domain's end, as the torch code);
-:func:`iterate` runs one iteration on the still-running elements for a user's separable regularizer,
-whose phi', phi'' the caller evaluates in torch between calls.  One thread (no ``parallel``: the
+Entry point: :func:`iterate` runs the whole iteration for the built-in entropies (phi', phi'' in closed
+form, from the bound slacks where a bound is the domain's end, as the torch code), or one iteration on the
+still-running elements for a user's separable regularizer, whose phi', phi'' the caller (:func:`run`)
+evaluates in torch between calls.  One thread (no ``parallel``: the
 benchmarks run one thread).
 
 Differences from the torch code: the reductions' order of summation (results agree to the solver's
@@ -529,51 +529,54 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def solve_builtin(dims, cf, pb, at_lo, at_hi, start, zs_all, sz_all, T_out, h_out, status_out, iters_out, res_out):
-    """The whole iteration for the built-in entropies, element by element: ``start (B, width)`` the starting
-    states (written over with the final ones into ``T_out``), z / sz and sz per element; writes phi'' / sz at
-    the stop (``h_out``), the status, the iterations taken and the residual."""
-    B = zs_all.shape[0]
-    nx = dims[_NX]
-    max_iter = dims[_MAX_ITER]
-    fl, mats = _workspace(dims)
-    g = np.empty(max(nx, 1))
-    for b in range(B):
-        T = T_out[b]
-        T[:] = start[b]
-        h = h_out[b]
-        sz = sz_all[b]
-        code, k, res = _iterate(T, g, h, zs_all[b], sz, 0, max_iter + 1, True, at_lo, at_hi, dims, cf, pb, fl, mats)
-        status_out[b] = code
-        iters_out[b] = k
-        res_out[b] = res
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
 def iterate(
-    dims, cf, pb, k, T_all, h_all, active, n_active, g_raw, h_raw, zs_all, sz_all, status_out, iters_out, res_out
+    builtin,
+    k,
+    dims,
+    cf,
+    pb,
+    at_lo,
+    at_hi,
+    T_all,
+    h_all,
+    active,
+    n_active,
+    g_raw,
+    h_raw,
+    zs_all,
+    sz_all,
+    status,
+    iters,
+    res,
 ):
-    """One iteration (the ``k``-th; the last allowed where k is max_iter) on the elements ``active[:n_active]``
-    (rows of ``T_all (B, width)``) for a user's regularizer, with phi' and phi'' at their states in ``g_raw,
-    h_raw (n_active, nx)`` (row i for element active[i]; divided by sz here).  An element that stops gets its
-    status, iteration count, residual and phi'' / sz written; the others' states advance in place and their
-    indices move to the front of ``active``.  Returns how many are still running."""
+    """The elements ``active[:n_active]`` (rows of ``T_all (B, width)``, z / sz ``zs_all``, sz ``sz_all``), each
+    from its state: ``builtin`` (the built-in entropies), the whole iteration from its start; else (a user's
+    regularizer) the ``k``-th iteration only (the last allowed where k is max_iter), with phi' and phi'' at the
+    states in ``g_raw, h_raw (n_active, nx)`` (row i for element active[i]; divided by sz here).  An element
+    that stops gets its status, iteration count, residual and phi'' / sz (``h_all``) written; the others' states
+    advance in place and their indices move to the front of ``active``.  Returns how many are still running.
+    (One entry point for both: each kernel costs its compilation.)"""
     fl, mats = _workspace(dims)
     nx = dims[_NX]
     g = np.empty(max(nx, 1))
+    k_first = 0 if builtin else k
+    k_stop = dims[_MAX_ITER] + 1 if builtin else k + 1
     kept = 0
     for i in range(n_active):
         b = active[i]
         sz = sz_all[b]
         h = h_all[b]
-        for j in range(nx):
-            g[j] = g_raw[i, j] / sz
-            h[j] = h_raw[i, j] / sz
-        code, _, res = _iterate(T_all[b], g, h, zs_all[b], sz, k, k + 1, False, g, g, dims, cf, pb, fl, mats)
+        if not builtin:
+            for j in range(nx):
+                g[j] = g_raw[i, j] / sz
+                h[j] = h_raw[i, j] / sz
+        code, kk, r = _iterate(
+            T_all[b], g, h, zs_all[b], sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats
+        )
         if code >= 0:
-            status_out[b] = code
-            iters_out[b] = k
-            res_out[b] = res
+            status[b] = code
+            iters[b] = kk
+            res[b] = r
         else:
             active[kept] = b
             kept += 1
@@ -726,12 +729,14 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
     residual = torch.empty(B, dtype=torch.float64)
     Tn, hn, zn, szn = T.numpy(), h.numpy(), zs.contiguous().numpy(), sz.reshape(-1).contiguous().numpy()
     sn, itn, rn = status.numpy(), iterations.numpy(), residual.numpy()
+    active = np.arange(B, dtype=np.int64)
+    at_lo, at_hi = the_plan.at_lo, the_plan.at_hi
     if the_plan.kind != 2:
-        solve_builtin(dims, cf, the_plan.pb, the_plan.at_lo, the_plan.at_hi, Tn, zn, szn, Tn, hn, sn, itn, rn)
+        none = np.zeros((1, 1))
+        iterate(True, 0, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, B, none, none, zn, szn, sn, itn, rn)
         return T, h, status, iterations, residual
     # a user's phi: phi' and phi'' of the still-running elements in torch between the kernel's iterations
     inside = (math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf))
-    active = np.arange(B, dtype=np.int64)
     n = B
     x_all = T[:, :nx]
     for k in range(max_iter + 1):
@@ -739,7 +744,7 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
         g_raw, h_raw = ip.kind.derivatives(x.clamp(*inside))
         gn = g_raw.detach().to(torch.float64).contiguous().numpy()
         hr = h_raw.detach().to(torch.float64).contiguous().numpy()
-        n = iterate(dims, cf, the_plan.pb, k, Tn, hn, active, n, gn, hr, zn, szn, sn, itn, rn)
+        n = iterate(False, k, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, n, gn, hr, zn, szn, sn, itn, rn)
         if n == 0:
             break
     return T, h, status, iterations, residual

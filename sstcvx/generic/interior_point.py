@@ -107,6 +107,15 @@ does not contract is solved with M).  An inactive inequality row has s / y huge 
 out, an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
 tolerances in float64.
 
+Compiled CPU kernel: on CPU tensors (unless ``sstcvx._compiled`` is switched off) the iteration runs element by
+element in the numba kernels of :mod:`~sstcvx.generic._compiled_interior_point` (same start, steps, constants,
+stop test, statuses and iteration counts; the constants are read from this module at each call), for the
+built-in entropies (the whole loop in one call) and a user's separable regularizer (one call per iteration,
+phi' and phi'' evaluated here in between), where the Newton system is the dense normal matrix of at most
+``DENSE_ROWS`` rows or an eliminable primal reduction (see there).  The Euclidean regularizer (active-set
+start and polish), larger normal matrices and other devices take the torch iteration below; the start, the
+factor at the returned point and the backward are this module's in both cases.
+
 All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
 multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
 ratio test, the update and the removal of converged elements are one operation each.  Host
