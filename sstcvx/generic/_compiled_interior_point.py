@@ -67,34 +67,36 @@ _N, _NX, _M, _MEQ, _KIND, _PRIMAL_ITERS, _MAX_ITER, _ALL_PAIRS, _NW = range(9)
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _cholesky_in_place(M, n):
-    """Lower Cholesky factor of M[:n, :n] (its lower triangle) in place; False where a pivot is not positive."""
+    """Lower Cholesky factor of M[:n, :n] (its lower triangle) in place, with the reciprocals of its diagonal on
+    the diagonal (the solves multiply: a division's latency is on their critical path); False where a pivot is
+    not positive."""
     for j in range(n):
         s = M[j, j]
         for k in range(j):
             s -= M[j, k] * M[j, k]
         if not s > 0.0:
             return False
-        s = math.sqrt(s)
-        M[j, j] = s
+        r = 1.0 / math.sqrt(s)
+        M[j, j] = r
         for i in range(j + 1, n):
             t = M[i, j]
             for k in range(j):
                 t -= M[i, k] * M[j, k]
-            M[i, j] = t / s
+            M[i, j] = t * r
     return True
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _factor(M, n, q, copy, jitter):
-    """Equilibrate M[:n, :n] (lower triangle) to a unit diagonal (q = sqrt(diag M)), add ``jitter``, factor in
-    place; where that fails, retry with a growing jitter (1e-12 .. 1e-4 times the largest diagonal entry, as
-    the torch code's Cholesky); a factor of NaN where every try fails (the element then stops as not
-    finite)."""
+    """Equilibrate M[:n, :n] (lower triangle) to a unit diagonal (``q = 1 / sqrt(diag M)`` kept), add ``jitter``,
+    factor in place (:func:`_cholesky_in_place`); where that fails, retry with a growing jitter (1e-12 .. 1e-4
+    times the largest diagonal entry, as the torch code's Cholesky); a factor of NaN where every try fails (the
+    element then stops as not finite)."""
     for i in range(n):
-        q[i] = math.sqrt(max(M[i, i], 1e-300))
+        q[i] = 1.0 / math.sqrt(max(M[i, i], 1e-300))
     for i in range(n):
         for j in range(i + 1):
-            M[i, j] = M[i, j] / (q[i] * q[j])
+            M[i, j] = M[i, j] * (q[i] * q[j])
         M[i, i] += jitter
     for i in range(n):
         for j in range(i + 1):
@@ -122,31 +124,31 @@ def _factor(M, n, q, copy, jitter):
 def _factor_solve(L, q, n, r):
     """Solve M x = r in place with :func:`_factor`'s factor of M."""
     for i in range(n):
-        r[i] /= q[i]
+        r[i] *= q[i]
     for i in range(n):
         t = r[i]
         for k in range(i):
             t -= L[i, k] * r[k]
-        r[i] = t / L[i, i]
+        r[i] = t * L[i, i]
     for i in range(n - 1, -1, -1):
         t = r[i]
         for k in range(i + 1, n):
             t -= L[k, i] * r[k]
-        r[i] = t / L[i, i]
+        r[i] = t * L[i, i]
     for i in range(n):
-        r[i] /= q[i]
+        r[i] *= q[i]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, r, out, tmp):
-    """out = H^-1 r with H = Phi + G^T diag(Dr) G whose w block is diagonal (``Dw``): the x block through the
-    factor of its Schur complement Sx, then w."""
+    """out = H^-1 r with H = Phi + G^T diag(Dr) G whose w block is diagonal (``Dw``: the reciprocals of its
+    entries): the x block through the factor of its Schur complement Sx, then w."""
     for i in range(nx):
         tmp[i] = r[i]
     for rr in range(g_rw.shape[0]):
         jw = g_rw[rr]
         if jw >= 0:
-            t = Dr[rr] * g_rwv[rr] * r[nx + jw] / Dw[jw]
+            t = Dr[rr] * g_rwv[rr] * r[nx + jw] * Dw[jw]
             for a in range(g_rxn[rr]):
                 tmp[g_rx[rr, a]] -= t * g_rxv[rr, a]
     _factor_solve(Sx, qx, nx, tmp)
@@ -160,7 +162,7 @@ def _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, r, 
             for a in range(g_rxn[rr]):
                 gx += g_rxv[rr, a] * tmp[g_rx[rr, a]]
             t -= Dr[rr] * g_rwv[rr] * gx
-        out[nx + j] = t / Dw[j]
+        out[nx + j] = t * Dw[j]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -349,13 +351,15 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         if use_primal:
             # H = Phi + G^T D G with its w block diagonal; Sx = H_xx - H_xw Dw^-1 H_wx; K = A H^-1 A^T
             for i in range(mi):
-                Dr[i] = 1.0 / r0[i]
+                Dr[i] = T[o_y + i] * inv[P + i]
             for j in range(nw):
                 Dw[j] = phi[nx + j]
             for r in range(mi):
                 jw = g_rw[r]
                 if jw >= 0:
                     Dw[jw] += Dr[r] * g_rwv[r] * g_rwv[r]
+            for j in range(nw):  # (its reciprocal from here on)
+                Dw[j] = 1.0 / Dw[j]
             for i in range(nx):
                 for j in range(i + 1):
                     Sx[i, j] = 0.0
@@ -363,7 +367,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
             for r in range(mi):
                 jw = g_rw[r]
                 # D_r - (D_r g_w)^2 / Dw = D_r phi_w / Dw (no cancellation)
-                e = Dr[r] * phi[nx + jw] / Dw[jw] if jw >= 0 else Dr[r]
+                e = Dr[r] * phi[nx + jw] * Dw[jw] if jw >= 0 else Dr[r]
                 for a in range(g_rxn[r]):
                     ia = g_rx[r, a]
                     va = g_rxv[r, a] * e
@@ -380,10 +384,10 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                         E[i, a] = Ax[i, a]
                 for jw in range(nw):
                     r = w_row[jw]
-                    coef = Dr[r] * g_rwv[r] / Dw[jw] if r >= 0 else 0.0
+                    coef = Dr[r] * g_rwv[r] * Dw[jw] if r >= 0 else 0.0
                     for p in range(aw_n[jw]):
                         ip_ = aw_r[jw, p]
-                        vp = aw_v[jw, p] / Dw[jw]
+                        vp = aw_v[jw, p] * Dw[jw]
                         for p2 in range(aw_n[jw]):
                             K[ip_, aw_r[jw, p2]] += vp * aw_v[jw, p2]
                         if r >= 0:
