@@ -225,6 +225,9 @@ def test_large_dense_normal_matrices_stay_in_torch():
     ip = relaxation.problem_on("cpu")
     assert ip.primal is None and ip.m > kernels.DENSE_ROWS
     assert not takes_the_kernel(relaxation)
+    # a batch whose dense factorizations would cost more than the torch code's
+    plan = interior_point._kernel_plan(solver(CASES[0][0], CASES[0][1]).problem_on("cpu"))
+    assert plan.serves(8) and not plan.serves(kernels.DENSE_WORK // plan.m**3 + 1)
 
 
 def test_changed_tolerances_reach_the_kernel(monkeypatch):

@@ -590,9 +590,11 @@ def iterate(
 # ---------------------------------------------------------------------------------------------------------------
 # The wrapper: the kernels' fixed arrays per problem, and the calls.
 
-#: Where the torch code uses the normal matrix M, the kernels factor it densely per element: up to this many rows
-#: (beyond, the torch code's batched or level-scheduled factorization is at least as fast; see docs/generic.md).
+#: Where the torch code uses the normal matrix M, the kernels factor it densely per element: up to this many rows,
+#: and for batches of B elements with B m^3 at most DENSE_WORK (beyond, the torch code's batched or
+#: level-scheduled factorization is faster: measured on paths, docs/generic.md).
 DENSE_ROWS = 48
+DENSE_WORK = 10_000_000
 
 _KINDS = {"entropy": 0, "binary_entropy": 1}
 
@@ -605,6 +607,11 @@ class Plan:
         self.pb = pb
         self.at_lo, self.at_hi = at_lo, at_hi
         self.kind = _KINDS.get(ip.kind, 2) if isinstance(ip.kind, str) else 2
+        self.m = ip.m
+
+    def serves(self, B: int) -> bool:
+        """Whether the kernels take a batch of ``B`` elements (see DENSE_WORK)."""
+        return self.primal or B * self.m**3 <= DENSE_WORK
 
 
 def plan(ip) -> Plan | None:

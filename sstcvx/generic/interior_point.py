@@ -112,7 +112,8 @@ element in the numba kernels of :mod:`~sstcvx.generic._compiled_interior_point` 
 stop test, statuses and iteration counts; the constants are read from this module at each call), for the
 built-in entropies (the whole loop in one call) and a user's separable regularizer (one call per iteration,
 phi' and phi'' evaluated here in between), where the Newton system is the dense normal matrix of at most
-``DENSE_ROWS`` rows or an eliminable primal reduction (see there).  The Euclidean regularizer (active-set
+``DENSE_ROWS`` rows (and batches with B m^3 at most ``DENSE_WORK``) or an eliminable primal reduction (see
+there).  The Euclidean regularizer (active-set
 start and polish), larger normal matrices and other devices take the torch iteration below; the start, the
 factor at the returned point and the backward are this module's in both cases.
 
@@ -601,7 +602,7 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             T = torch.where(sz <= START_CENTRAL_SCALE, central, T)
     zs = z / sz
     kernel_plan = _kernel_plan(ip) if B and compiled.enabled_for(Z) else None
-    if kernel_plan is not None:
+    if kernel_plan is not None and kernel_plan.serves(B):
         from . import _compiled_interior_point
 
         T, h_all, status, iterations, residual = _compiled_interior_point.run(ip, kernel_plan, T, zs, sz, max_iter)
