@@ -394,15 +394,19 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                             cp_ = aw_v[jw, p] * coef
                             for a in range(g_rxn[r]):
                                 E[ip_, g_rx[r, a]] -= cp_ * g_rxv[r, a]
-                # K += E Sx^-1 E^T (lower triangle)
+                # K += E Sx^-1 E^T = V^T V (lower triangle), V = L^-1 diag(qx) E^T by forward substitutions (Sx's
+                # equilibrated factor L; E's rows overwritten with V's columns)
                 for i in range(m_eq):
                     for a in range(nx):
-                        tmp[a] = E[i, a]
-                    _factor_solve(Sx, qx, nx, tmp)
+                        t = E[i, a] * qx[a]
+                        for c in range(a):
+                            t -= Sx[a, c] * E[i, c]
+                        E[i, a] = t * Sx[a, a]
+                for i in range(m_eq):
                     for i2 in range(i, m_eq):
                         t = 0.0
                         for a in range(nx):
-                            t += E[i2, a] * tmp[a]
+                            t += E[i2, a] * E[i, a]
                         K[i2, i] += t
                 _factor(K, m_eq, qk, Mcopy, jitter)
         else:
