@@ -125,11 +125,13 @@ def test_kernel_agrees_with_the_torch_iteration(make, reg):
         assert int(ok.sum()) >= 20, (tau, scale, a.status)
         torch.testing.assert_close(a.x[ok], b.x[ok], atol=1e-9, rtol=0)
         if not primal:
-            # the same arithmetic up to the order of sums: the same iterations (the primal reduction's w block is
-            # eliminated exactly in the kernel, without the torch factorization's cancellation: a few fewer there)
+            # the same arithmetic up to the order of sums: the same iterations
             assert torch.equal(a.iterations, b.iterations), (tau, scale)
         else:
-            assert int(a.iterations.sum()) <= int(b.iterations.sum()) + 4
+            # the primal reduction's w block is eliminated exactly in the kernel, without the cancellation of the
+            # torch factorization of H: directions differ in the last digits, iteration counts by a few (the kernel's
+            # fewer where H lost digits)
+            assert int((a.iterations - b.iterations).max()) <= 3, (tau, scale, a.iterations - b.iterations)
         torch.testing.assert_close(a.residual[ok], b.residual[ok], atol=1e-10, rtol=0)
 
 
