@@ -475,9 +475,10 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                     _factor_solve(K, qk, m_eq, tl)
                     for c in range(N):
                         t = tmp[c]
-                        for p in range(cptr[c], cptr[c + 1]):
-                            if cidx[p] < m_eq:
-                                t -= cval[p] * tl[cidx[p]]
+                        for p in range(cptr[c], cptr[c + 1]):  # (rows ascending: the equality rows first)
+                            if cidx[p] >= m_eq:
+                                break
+                            t -= cval[p] * tl[cidx[p]]
                         tmp[c] = t
                     for i in range(m_eq):
                         D[N + i] = tl[i]
