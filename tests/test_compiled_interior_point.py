@@ -188,6 +188,7 @@ def test_a_state_that_is_not_finite_is_reported():
     reg.broken = True
     a, b = both(relaxation, utilities(4, 6, 1.0, 11))
     assert bool((a.status == STATUS_NOT_FINITE).all()) and bool((b.status == STATUS_NOT_FINITE).all())
+    assert torch.equal(a.iterations, b.iterations)
 
 
 def test_batch_shapes_and_dtypes():
