@@ -341,9 +341,11 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                 return 1, k, res
         # ---- one predictor-corrector step
         prox = mu if (k < cf[_PROXIMAL_DELAY] or N == nx) else max(mu, cf[_PROXIMAL])
-        # (reciprocals once: every quotient by a slack or a multiplier below is a product)
+        # (reciprocals once: every quotient by a slack or a multiplier below is a product; 0 at the multiplier of
+        # an absent pair, which is 0, for the ratio test)
         for i in range(2 * P):
-            inv[i] = 1.0 / T[o_y + i]
+            t = T[o_y + i]
+            inv[i] = 1.0 / t if t != 0.0 else 0.0
         for i in range(mi):
             r0[i] = T[o_s + i] * inv[i]
         for j in range(2 * N):
@@ -520,17 +522,16 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                 D[o_y + mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
             for i in range(mi):
                 D[o_s + i] = rcy[i] - r0[i] * D[N + m_eq + i]
-            # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (NaN propagated)
+            # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (an absent pair's
+            # multiplier has 1 / p = 0 in inv and d = 0), NaN propagated; without branches (vectorized)
             worst = 0.0
+            bad = False
             for i in range(2 * P):
-                pv = T[o_y + i]
-                if pv > 0.0:
-                    wv = -D[o_y + i] * inv[i]
-                    if wv > worst:
-                        worst = wv
-                    elif wv != wv:
-                        worst = math.nan
-                        break
+                wv = -D[o_y + i] * inv[i]
+                worst = wv if wv > worst else worst
+                bad |= wv != wv
+            if bad:
+                worst = math.nan
             if phase == 0:
                 alpha_aff = fraction / max(worst, fraction) if worst == worst else math.nan
             else:
