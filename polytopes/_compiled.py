@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
+from sstcvx import _compiled as sstcvx_compiled
+
 #: Whether CPU tensors take the compiled kernels (see the module docstring).
 ENABLED = os.environ.get("SSTCVX_COMPILED", "1") != "0"
 
@@ -67,10 +69,12 @@ def _load() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Within the block, every tensor takes the torch implementation (tests compare the two paths)."""
+    """Within the block, every tensor takes the torch implementation (tests compare the two paths), the
+    core's kernels (:mod:`sstcvx._compiled`) included."""
     global ENABLED
     before, ENABLED = ENABLED, False
     try:
-        yield
+        with sstcvx_compiled.disabled():
+            yield
     finally:
         ENABLED = before

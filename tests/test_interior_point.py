@@ -211,9 +211,15 @@ def test_flows_agree_with_the_spanning_tree_vertex_list():
     torch.testing.assert_close(a.x[ok], b.x[ok], atol=1e-8, rtol=0)
 
 
-def test_flows_converge_in_few_iterations():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_flows_converge_in_few_iterations(compiled, monkeypatch):
     """The proximal weight on the flows follows mu and gets a floor later: a fixed weight took 50-75
-    iterations at |z| about 1, no floor let elements at |z| about 30 stall."""
+    iterations at |z| about 1, no floor let elements at |z| about 30 stall (the compiled kernel's iteration
+    and the torch code's)."""
+    from sstcvx import _compiled
+
+    if not compiled:
+        monkeypatch.setattr(_compiled, "ENABLED", False)
     P = spanning_trees_by_flows(4)
     U = torch.randn(32, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     solver = ipm(P, "binary_entropy")
@@ -519,12 +525,21 @@ def test_primal_refinement_that_drops_done_elements_matches_the_full_refinement(
     torch.testing.assert_close(g, full, atol=1e-9 * float(full.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("reg", ["binary_entropy", "euclidean"])
-def test_primal_reduction_agrees_with_the_normal_matrix(reg):
+def test_primal_reduction_agrees_with_the_normal_matrix(reg, compiled, monkeypatch):
     """Whole solves by both reductions on the flows of K4, and the primal reduction's refined backward
     against central differences (on the flows it is the more accurate one: the normal matrix carries
-    Phi^-1 of order 1 / mu on the interior flows and was measured up to 7e-4 off)."""
+    Phi^-1 of order 1 / mu on the interior flows and was measured up to 7e-4 off).  Both iterations: the
+    compiled kernel's (CPU default, binary entropy) and the torch code's."""
     import dataclasses
+
+    from sstcvx import _compiled
+
+    if not compiled:
+        monkeypatch.setattr(_compiled, "ENABLED", False)
+    elif reg == "euclidean":
+        pytest.skip("the Euclidean regularizer takes the torch iteration")
 
     P = spanning_trees_by_flows(4)
     chosen, forced = ipm(P, reg), ipm(P, reg)

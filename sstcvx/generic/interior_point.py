@@ -107,6 +107,16 @@ does not contract is solved with M).  An inactive inequality row has s / y huge 
 out, an active bound has a huge Phi; hence ``torch.autograd.gradcheck`` passes at its default
 tolerances in float64.
 
+Compiled CPU kernel: on CPU tensors (unless ``sstcvx._compiled`` is switched off) the iteration runs element by
+element in the numba kernels of :mod:`~sstcvx.generic._compiled_interior_point` (same start, steps, constants,
+stop test, statuses and iteration counts; the constants are read from this module at each call), for the
+built-in entropies (the whole loop in one call) and a user's separable regularizer (one call per iteration,
+phi' and phi'' evaluated here in between), where the Newton system is the dense normal matrix of at most
+``DENSE_ROWS`` rows (and batches with B m^3 at most ``DENSE_WORK``) or an eliminable primal reduction (see
+there).  The Euclidean regularizer (active-set
+start and polish), larger normal matrices and other devices take the torch iteration below; the start, the
+factor at the returned point and the backward are this module's in both cases.
+
 All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
 multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
 ratio test, the update and the removal of converged elements are one operation each.  Host
@@ -130,6 +140,7 @@ from typing import Any
 
 import torch
 
+from .. import _compiled as compiled
 from . import active_set, normal_matrix, primal_reduction
 from .dual_newton import (
     STATUS_AUX_BOX,
@@ -235,6 +246,8 @@ class InteriorPointProblem:
     central: Any = field(init=False, default=None)
     #: :func:`_plain_start`'s state (width,), set on first use
     plain_start: torch.Tensor | None = field(init=False, default=None)
+    #: the compiled kernels' arrays (see :func:`_kernel_plan`), False where they do not serve it; set on first use
+    kernel_plan: Any = field(init=False, default=None)
 
     def __post_init__(self):
         nx = self.nx
@@ -573,15 +586,13 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
     prob = ip.dual
     dt = torch.float64
     B = Z.shape[0]
-    dev = Z.device
     lay = ip.layout
-    m, N, nx, mi = ip.m, ip.C.shape[1], ip.nx, lay.mi
+    nx = ip.nx
     o_y, o_s = lay.o_y, lay.o_s
     # (every coordinate of x free, the usual case: no indexing)
     all_free = nx == Z.shape[1]
     z = Z.to(dt) if all_free else Z.to(dt)[:, prob.x_free]
     sz = sz_all = (z.abs().amax(-1, keepdim=True) if nx else z.new_zeros(B, 1)).clamp_min(1.0)
-    scale = prob.scale
     T = _plain_start(ip).expand(B, lay.width).clone()
     # the start's multipliers scaled per element (see START_MULTIPLIER)
     T[:, o_y:o_s].mul_((START_MULTIPLIER * sz).clamp_(max=1.0) * lay.start_weight)
@@ -590,6 +601,38 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
         if central is not False:
             T = torch.where(sz <= START_CENTRAL_SCALE, central, T)
     zs = z / sz
+    kernel_plan = _kernel_plan(ip) if B and compiled.enabled_for(Z) else None
+    if kernel_plan is not None and kernel_plan.serves(B):
+        from . import _compiled_interior_point
+
+        T, h_all, status, iterations, residual = _compiled_interior_point.run(ip, kernel_plan, T, zs, sz, max_iter)
+    else:
+        T, h_all, status, iterations, residual = _iterate(ip, T, z, zs, sz, max_iter)
+    return _finish(ip, Z, T, h_all, status, iterations, residual, sz_all)
+
+
+def _kernel_plan(ip: InteriorPointProblem):
+    """The compiled kernels' arrays for ``ip`` (:func:`~sstcvx.generic._compiled_interior_point.plan`, cached),
+    None where the torch iteration serves it (the Euclidean regularizer, a large dense normal matrix, a
+    primal reduction whose auxiliary columns are not eliminable)."""
+    if ip.kernel_plan is None:
+        from . import _compiled_interior_point
+
+        ip.kernel_plan = _compiled_interior_point.plan(ip) or False
+    return ip.kernel_plan or None
+
+
+def _iterate(ip: InteriorPointProblem, T, z, zs, sz, max_iter: int):
+    """The batched torch iteration from the starting states ``T (B, width)``: ``(T, h, status, iterations,
+    residual)``, each element's state and phi'' / sz where it stopped, its status, the iterations it took and its
+    residual."""
+    prob = ip.dual
+    B = T.shape[0]
+    dev = T.device
+    lay = ip.layout
+    N, nx = ip.C.shape[1], ip.nx
+    o_y, o_s = lay.o_y, lay.o_s
+    scale = prob.scale
     g, h = _scaled_derivatives(ip, lay, T, sz)
     # status and residual: set at the first stop test that stops an element (always before the loop ends, with
     # every element still active: the whole tensors then)
@@ -657,7 +700,19 @@ def solve(ip: InteriorPointProblem, Z: torch.Tensor, max_iter: int = MAX_ITER) -
             rd, rp, SY, mu = rd.index_select(0, keep), rp.index_select(0, keep), SY.index_select(0, keep), mu[keep]
         T = _step(ip, lay, T, h, rd, rp, SY, mu, k)
         g, h = _scaled_derivatives(ip, lay, T, sz)
-    T = T_all
+    return T_all, h_all, status, iterations, residual
+
+
+def _finish(ip: InteriorPointProblem, Z, T, h_all, status, iterations, residual, sz_all) -> InteriorPointSolution:
+    """The solution from the final states ``T`` and phi'' / sz ``h_all`` where each element stopped: x, the
+    auxiliary box's status, and the factor of the Newton system at the returned point for the backward."""
+    prob = ip.dual
+    dt = torch.float64
+    B = T.shape[0]
+    lay = ip.layout
+    m, N, nx, mi = ip.m, ip.C.shape[1], ip.nx, lay.mi
+    o_s = lay.o_s
+    all_free = nx == Z.shape[1]
     # the factor of the Newton system and Phi at the returned point, for the backward (phi'' there was
     # kept when each element stopped: no second evaluation of the derivatives on the whole batch)
     phi_inv, ratio = _phi_inverse(lay, T, h_all, BACKWARD_PROXIMAL)
