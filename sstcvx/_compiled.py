@@ -1,11 +1,23 @@
-"""When the core's solvers take their CPU kernels compiled by numba (the interior-point iteration of the
-fast generic path, :mod:`sstcvx.generic._compiled_interior_point`).
+"""When solvers take their CPU kernels compiled by numba: one switch for the core and the families.
 
-The same convention as the families' switch ``polytopes._compiled`` (whose :func:`disabled` also enters
-this one): CPU tensors take the kernels unless the environment variable ``SSTCVX_COMPILED`` is ``0`` when
-this module is first imported, or within a :func:`disabled` block, or where numba or the kernel module
-cannot be loaded (warned once).  The kernel module is imported only when a CPU tensor first asks, so that
-importing sstcvx never loads numba.
+Eager torch dispatches every operation on its own, a few microseconds each, so an algorithm made of many
+small dependent steps (an interior-point iteration on a small problem, a dynamic program over the items,
+Newton steps on a 10 x 10 matrix) spends its time in dispatch at small batch sizes, whatever the
+arithmetic costs.  For those steps the CPU path runs a loop compiled by numba over the batch, one element
+at a time, on one thread; tensors on other devices keep the torch implementation, which is also the
+reference the tests compare the kernels with.
+
+The kernels live in modules that import numba and declare their functions with
+``numba.njit(cache=True)``: the core's :mod:`sstcvx.generic._compiled_interior_point` and the families'
+``polytopes/_compiled_*.py`` (registered by :mod:`polytopes._compiled` with
+:func:`register_kernel_modules`).  A solver imports its kernel module inside the function that takes the
+compiled path, so importing sstcvx or a family never loads numba; each kernel is compiled on its first
+call and read from numba's on-disk cache by later processes.
+
+:func:`enabled_for` says whether a tensor takes the compiled path: a CPU tensor, with the kernels enabled
+and available.  They are enabled unless the environment variable ``SSTCVX_COMPILED`` is ``0`` when this
+module is first imported, and outside :func:`disabled` blocks (tests compare the two paths with it).  They
+are available unless importing numba or a kernel module fails, which warns once (see :func:`_load`).
 """
 
 from __future__ import annotations
@@ -22,8 +34,18 @@ import torch
 ENABLED = os.environ.get("SSTCVX_COMPILED", "1") != "0"
 
 #: The kernel modules, imported (not compiled) by the first :func:`enabled_for` that would say True.
-KERNEL_MODULES = ("sstcvx.generic._compiled_interior_point",)
+KERNEL_MODULES: list[str] = ["sstcvx.generic._compiled_interior_point"]
+#: Whether every module of KERNEL_MODULES imported; None until the first :func:`enabled_for` asks.
 _available: bool | None = None
+
+
+def register_kernel_modules(*names: str) -> None:
+    """Add kernel modules (full dotted names) to those :func:`enabled_for` checks before saying True."""
+    global _available
+    new = [name for name in names if name not in KERNEL_MODULES]
+    KERNEL_MODULES.extend(new)
+    if new and _available:
+        _available = None  # the new modules are imported at the next question
 
 
 def enabled_for(t: torch.Tensor) -> bool:
@@ -32,8 +54,9 @@ def enabled_for(t: torch.Tensor) -> bool:
 
 
 def _load() -> bool:
-    """Import numba and the kernel modules once; where that fails, warn once and let every tensor take the
-    torch implementation."""
+    """Import numba and the kernel modules once.  Where that fails (numba missing or broken, or no place
+    for its cache: ``numba.njit(cache=True)`` raises at declaration when neither the package's folder nor
+    a user cache folder is writable), warn once and let every tensor take the torch implementation."""
     global _available
     try:
         for name in KERNEL_MODULES:

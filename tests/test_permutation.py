@@ -265,8 +265,8 @@ def test_projection_exact_line_search_minimises_along_the_direction():
 
 def test_sinkhorn_batch_compaction_and_factorisation_fallback(monkeypatch):
     """Setting converged elements aside (batch >= 32) changes no element; a failed factorisation falls back."""
-    from polytopes import _compiled
     from polytopes import sinkhorn as sinkhorn_module
+    from sstcvx import _compiled
 
     # the torch path's compaction and fallback (the CPU kernel's: tests/test_compiled_sinkhorn.py)
     monkeypatch.setattr(_compiled, "ENABLED", False)
