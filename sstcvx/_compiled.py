@@ -12,7 +12,9 @@ The kernels live in modules that import numba and declare their functions with
 ``polytopes/_compiled_*.py`` (registered by :mod:`polytopes._compiled` with
 :func:`register_kernel_modules`).  A solver imports its kernel module inside the function that takes the
 compiled path, so importing sstcvx or a family never loads numba; each kernel is compiled on its first
-call and read from numba's on-disk cache by later processes.
+call and read from numba's on-disk cache by later processes.  Each kernel module is self-contained (the
+small dense Cholesky routines are written in each): numba checks a cached kernel against its own file
+only, so a kernel that called a function from another file could keep running a stale copy of it.
 
 :func:`enabled_for` says whether a tensor takes the compiled path: a CPU tensor, with the kernels enabled
 and available.  They are enabled unless the environment variable ``SSTCVX_COMPILED`` is ``0`` when this
