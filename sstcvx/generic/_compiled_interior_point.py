@@ -274,6 +274,12 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
     scale = cf[_SCALE]
     tol, mu_tol = cf[_TOL], cf[_MU_TOL]
     jitter = cf[_JITTER]
+    # views of the multipliers and slacks (indices from 0: numba's negative-index wrap then folds away and the
+    # loops over them vectorize)
+    # (Ty, Ay, Ty_d: the multipliers and then the slacks, 2P entries; Yb: the bounds' multipliers)
+    Ty, Ts, Yb = T[o_y:W], T[o_s:W], T[o_y + mi : o_s]
+    Ay, As, Ty_d, Ts_d = dA[o_y:W], dA[o_s:W], dT[o_y:W], dT[o_s:W]
+    inv_y, inv_s = inv[:P], inv[P:]
     res = math.nan
     for k in range(k_first, k_stop):
         if builtin:
@@ -281,7 +287,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         last = k == dims[_MAX_ITER]
         # residuals
         for j in range(N):
-            t = T[o_y + mi + N + j] - T[o_y + mi + j]
+            t = Yb[N + j] - Yb[j]
             for p in range(cptr[j], cptr[j + 1]):
                 t += cval[p] * T[N + cidx[p]]
             rd[j] = t
@@ -298,7 +304,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         top = 0.0
         nan = False
         for i in range(P):
-            sy = T[o_s + i] * T[o_y + i]
+            sy = Ts[i] * Ty[i]
             SY[i] = sy
             mu += sy
             if sy > top:
@@ -344,12 +350,12 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         # (reciprocals once: every quotient by a slack or a multiplier below is a product; 0 at the multiplier of
         # an absent pair, which is 0, for the ratio test)
         for i in range(2 * P):
-            t = T[o_y + i]
+            t = Ty[i]
             inv[i] = 1.0 / t if t != 0.0 else 0.0
         for i in range(mi):
-            r0[i] = T[o_s + i] * inv[i]
+            r0[i] = Ts[i] * inv_y[i]
         for j in range(2 * N):
-            r1b[j] = T[o_y + mi + j] * inv[P + mi + j]
+            r1b[j] = Yb[j] * inv_s[mi + j]
         for j in range(N):
             phi[j] = r1b[j] + r1b[N + j] + (h[j] if j < nx else prox)
             phi_inv[j] = 1.0 / phi[j]
@@ -357,7 +363,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         if use_primal:
             # H = Phi + G^T D G with its w block diagonal; Sx = H_xx - H_xw Dw^-1 H_wx; K = A H^-1 A^T
             for i in range(mi):
-                Dr[i] = T[o_y + i] * inv[P + i]
+                Dr[i] = Ty[i] * inv_s[i]
             for j in range(nw):
                 Dw[j] = phi[nx + j]
             for r in range(mi):
@@ -432,13 +438,15 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         all_pairs = dims[_ALL_PAIRS] != 0
         for phase in range(2):
             D = dA if phase == 0 else dT
+            Dy = Ay if phase == 0 else Ty_d
+            Ds = As if phase == 0 else Ts_d
             if phase == 0:
                 if all_pairs:
                     # the predictor's targets -S Y over S are -Y exactly (as the torch code)
                     for j in range(2 * N):
-                        rcb[j] = -T[o_y + mi + j]
+                        rcb[j] = -Yb[j]
                     for i in range(mi):
-                        rcy[i] = -T[o_s + i]
+                        rcy[i] = -Ts[i]
                 else:
                     for j in range(2 * N):
                         rcb[j] = -SY[mi + j] * inv[P + mi + j]
@@ -447,12 +455,12 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
             else:
                 mu_aff = 0.0
                 for i in range(P):
-                    mu_aff += (T[o_s + i] + alpha_aff * dA[o_s + i]) * (T[o_y + i] + alpha_aff * dA[o_y + i])
+                    mu_aff += (Ts[i] + alpha_aff * As[i]) * (Ty[i] + alpha_aff * Ay[i])
                 mu_aff /= cf[_PAIRS_EXIST]
                 sig = min(max(mu_aff / max(mu, 1e-300), 0.0), 1.0) ** 3
                 target = max(sig * mu, 0.1 * mu_tol * scale)
                 for i in range(P):
-                    rc[i] = target * mask[i] - SY[i] - dA[o_s + i] * dA[o_y + i]
+                    rc[i] = target * mask[i] - SY[i] - As[i] * Ay[i]
                 for j in range(2 * N):
                     rcb[j] = rc[mi + j] * inv[P + mi + j]
                 for i in range(mi):
@@ -516,20 +524,33 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                 D[j] = dv[j]
                 dsl = dv[j] * has_lo[j]
                 dsu = -dv[j] * has_up[j]
-                D[o_s + mi + j] = dsl
-                D[o_s + mi + N + j] = dsu
-                D[o_y + mi + j] = rcb[j] - r1b[j] * dsl
-                D[o_y + mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
+                Ds[mi + j] = dsl
+                Ds[mi + N + j] = dsu
+                Dy[mi + j] = rcb[j] - r1b[j] * dsl
+                Dy[mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
             for i in range(mi):
-                D[o_s + i] = rcy[i] - r0[i] * D[N + m_eq + i]
+                Ds[i] = rcy[i] - r0[i] * Dy[i]
             # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (an absent pair's
-            # multiplier has 1 / p = 0 in inv and d = 0), NaN propagated; without branches (vectorized)
-            worst = 0.0
+            # multiplier has 1 / p = 0 in inv and d = 0), NaN propagated; without branches, in four independent
+            # maxima (a maximum is exact in any order: the chain of one running maximum bounds the loop otherwise)
+            w0 = w1 = w2 = w3 = 0.0
             bad = False
-            for i in range(2 * P):
-                wv = -D[o_y + i] * inv[i]
-                worst = wv if wv > worst else worst
-                bad |= wv != wv
+            n4 = (2 * P) // 4 * 4
+            for i in range(0, n4, 4):
+                a0 = -Dy[i] * inv[i]
+                a1 = -Dy[i + 1] * inv[i + 1]
+                a2 = -Dy[i + 2] * inv[i + 2]
+                a3 = -Dy[i + 3] * inv[i + 3]
+                w0 = a0 if a0 > w0 else w0
+                w1 = a1 if a1 > w1 else w1
+                w2 = a2 if a2 > w2 else w2
+                w3 = a3 if a3 > w3 else w3
+                bad |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
+            for i in range(n4, 2 * P):
+                a0 = -Dy[i] * inv[i]
+                w0 = a0 if a0 > w0 else w0
+                bad |= a0 != a0
+            worst = max(max(w0, w1), max(w2, w3))
             if bad:
                 worst = math.nan
             if phase == 0:
