@@ -144,26 +144,27 @@ def _factor_solve(L, q, n, r):
 def _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, r, out, tmp):
     """out = H^-1 r with H = Phi + G^T diag(Dr) G whose w block is diagonal (``Dw``: the reciprocals of its
     entries): the x block through the factor of its Schur complement Sx, then w."""
+    rw, outw = r[nx:], out[nx:]  # (zero-based views: see _iterate)
     for i in range(nx):
         tmp[i] = r[i]
     for rr in range(g_rw.shape[0]):
         jw = g_rw[rr]
         if jw >= 0:
-            t = Dr[rr] * g_rwv[rr] * r[nx + jw] * Dw[jw]
+            t = Dr[rr] * g_rwv[rr] * rw[jw] * Dw[jw]
             for a in range(g_rxn[rr]):
                 tmp[g_rx[rr, a]] -= t * g_rxv[rr, a]
     _factor_solve(Sx, qx, nx, tmp)
     for i in range(nx):
         out[i] = tmp[i]
     for j in range(nw):
-        t = r[nx + j]
+        t = rw[j]
         rr = w_row[j]
         if rr >= 0:
             gx = 0.0
             for a in range(g_rxn[rr]):
                 gx += g_rxv[rr, a] * tmp[g_rx[rr, a]]
             t -= Dr[rr] * g_rwv[rr] * gx
-        out[nx + j] = t * Dw[j]
+        outw[j] = t * Dw[j]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -277,9 +278,9 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
     # views of the multipliers and slacks (indices from 0: numba's negative-index wrap then folds away and the
     # loops over them vectorize)
     # (Ty, Ay, Ty_d: the multipliers and then the slacks, 2P entries; Yb: the bounds' multipliers)
-    Ty, Ts, Yb = T[o_y:W], T[o_s:W], T[o_y + mi : o_s]
+    Ty, Ts, Yb, Tl = T[o_y:W], T[o_s:W], T[o_y + mi : o_s], T[N:]
     Ay, As, Ty_d, Ts_d = dA[o_y:W], dA[o_s:W], dT[o_y:W], dT[o_s:W]
-    inv_y, inv_s = inv[:P], inv[P:]
+    inv_y, inv_s, inv_sb = inv[:P], inv[P:], inv[P + mi :]
     res = math.nan
     for k in range(k_first, k_stop):
         if builtin:
@@ -289,7 +290,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         for j in range(N):
             t = Yb[N + j] - Yb[j]
             for p in range(cptr[j], cptr[j + 1]):
-                t += cval[p] * T[N + cidx[p]]
+                t += cval[p] * Tl[cidx[p]]
             rd[j] = t
         for j in range(nx):
             rd[j] += g[j] - zs[j]
@@ -297,9 +298,9 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
             t = -d[i]
             for p in range(rptr[i], rptr[i + 1]):
                 t += rval[p] * T[ridx[p]]
-            if i >= m_eq:
-                t += T[o_s + i - m_eq]
             rp[i] = t
+        for i in range(mi):
+            rp[m_eq + i] += Ts[i]
         mu = 0.0
         top = 0.0
         nan = False
@@ -355,7 +356,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         for i in range(mi):
             r0[i] = Ts[i] * inv_y[i]
         for j in range(2 * N):
-            r1b[j] = Yb[j] * inv_s[mi + j]
+            r1b[j] = Yb[j] * inv_sb[j]
         for j in range(N):
             phi[j] = r1b[j] + r1b[N + j] + (h[j] if j < nx else prox)
             phi_inv[j] = 1.0 / phi[j]
@@ -439,7 +440,9 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         for phase in range(2):
             D = dA if phase == 0 else dT
             Dy = Ay if phase == 0 else Ty_d
+            Dl = dA[N:] if phase == 0 else dT[N:]
             Ds = As if phase == 0 else Ts_d
+            Dyb, Dsb = Dy[mi:], Ds[mi:]  # the bounds' multipliers and slacks
             if phase == 0:
                 if all_pairs:
                     # the predictor's targets -S Y over S are -Y exactly (as the torch code)
@@ -449,7 +452,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                         rcy[i] = -Ts[i]
                 else:
                     for j in range(2 * N):
-                        rcb[j] = -SY[mi + j] * inv[P + mi + j]
+                        rcb[j] = -SY[mi + j] * inv_sb[j]
                     for i in range(mi):
                         rcy[i] = -SY[i] * inv[i]
             else:
@@ -462,7 +465,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                 for i in range(P):
                     rc[i] = target * mask[i] - SY[i] - As[i] * Ay[i]
                 for j in range(2 * N):
-                    rcb[j] = rc[mi + j] * inv[P + mi + j]
+                    rcb[j] = rc[mi + j] * inv_sb[j]
                 for i in range(mi):
                     rcy[i] = rc[i] * inv[i]
             for j in range(N):
@@ -495,13 +498,13 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                             t -= cval[p] * tl[cidx[p]]
                         tmp[c] = t
                     for i in range(m_eq):
-                        D[N + i] = tl[i]
+                        Dl[i] = tl[i]
                 _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, tmp, dv, u)
                 for r in range(mi):
                     t = -rows_in[r]
                     for p in range(rptr[m_eq + r], rptr[m_eq + r + 1]):
                         t += rval[p] * dv[ridx[p]]
-                    D[N + m_eq + r] = Dr[r] * t
+                    Dy[r] = Dr[r] * t
             else:
                 for j in range(N):
                     u[j] = phi_inv[j] * r1[j]
@@ -519,15 +522,15 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                         t += cval[p] * rhs[cidx[p]]
                     dv[j] = u[j] - phi_inv[j] * t
                 for i in range(m):
-                    D[N + i] = rhs[i]
+                    Dl[i] = rhs[i]
             for j in range(N):
                 D[j] = dv[j]
                 dsl = dv[j] * has_lo[j]
                 dsu = -dv[j] * has_up[j]
-                Ds[mi + j] = dsl
-                Ds[mi + N + j] = dsu
-                Dy[mi + j] = rcb[j] - r1b[j] * dsl
-                Dy[mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
+                Dsb[j] = dsl
+                Dsb[N + j] = dsu
+                Dyb[j] = rcb[j] - r1b[j] * dsl
+                Dyb[N + j] = rcb[N + j] - r1b[N + j] * dsu
             for i in range(mi):
                 Ds[i] = rcy[i] - r0[i] * Dy[i]
             # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (an absent pair's
