@@ -663,12 +663,12 @@ def plan(ip) -> Plan | None:
     g_rwv = np.zeros(max(mi, 1))
     kx = max(1, int((G[:, :nx] != 0).sum(1).max()) if mi else 1)
     g_rxn = np.zeros(max(mi, 1), np.int64)
-    g_rx = np.zeros((max(mi, 1), kx), np.int64)
+    g_rx = np.zeros((max(mi, 1), kx), np.uint64)  # (indices unsigned, as ridx below)
     g_rxv = np.zeros((max(mi, 1), kx))
     w_row = -np.ones(max(nw, 1), np.int64)
     ka = max(1, int((A[:, nx:] != 0).sum(0).max()) if m_eq and nw else 1)
     aw_n = np.zeros(max(nw, 1), np.int64)
-    aw_r = np.zeros((max(nw, 1), ka), np.int64)
+    aw_r = np.zeros((max(nw, 1), ka), np.uint64)
     aw_v = np.zeros((max(nw, 1), ka))
     Ax = np.ascontiguousarray(A[:, :nx]) if m_eq and nx else np.zeros((1, max(nx, 1)))
     primal = ip.primal is not None
@@ -705,10 +705,10 @@ def plan(ip) -> Plan | None:
         f64(ip.has_up.cpu().numpy()),
         f64(lay.mask.cpu().numpy()),
         rptr,
-        cols.astype(np.int64),
+        cols.astype(np.uint64),  # (unsigned: numba indexes without the negative-index wrap)
         f64(C[rows, cols]),
         cptr,
-        rows[order].astype(np.int64),
+        rows[order].astype(np.uint64),
         f64(C[rows[order], cols[order]]),
         g_rw,
         f64(g_rwv),
