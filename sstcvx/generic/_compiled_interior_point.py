@@ -144,26 +144,27 @@ def _factor_solve(L, q, n, r):
 def _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, r, out, tmp):
     """out = H^-1 r with H = Phi + G^T diag(Dr) G whose w block is diagonal (``Dw``: the reciprocals of its
     entries): the x block through the factor of its Schur complement Sx, then w."""
+    rw, outw = r[nx:], out[nx:]  # (zero-based views: see _iterate)
     for i in range(nx):
         tmp[i] = r[i]
     for rr in range(g_rw.shape[0]):
         jw = g_rw[rr]
         if jw >= 0:
-            t = Dr[rr] * g_rwv[rr] * r[nx + jw] * Dw[jw]
+            t = Dr[rr] * g_rwv[rr] * rw[jw] * Dw[jw]
             for a in range(g_rxn[rr]):
                 tmp[g_rx[rr, a]] -= t * g_rxv[rr, a]
     _factor_solve(Sx, qx, nx, tmp)
     for i in range(nx):
         out[i] = tmp[i]
     for j in range(nw):
-        t = r[nx + j]
+        t = rw[j]
         rr = w_row[j]
         if rr >= 0:
             gx = 0.0
             for a in range(g_rxn[rr]):
                 gx += g_rxv[rr, a] * tmp[g_rx[rr, a]]
             t -= Dr[rr] * g_rwv[rr] * gx
-        out[nx + j] = t * Dw[j]
+        outw[j] = t * Dw[j]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -274,6 +275,12 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
     scale = cf[_SCALE]
     tol, mu_tol = cf[_TOL], cf[_MU_TOL]
     jitter = cf[_JITTER]
+    # views of the multipliers and slacks (indices from 0: numba's negative-index wrap then folds away and the
+    # loops over them vectorize)
+    # (Ty, Ay, Ty_d: the multipliers and then the slacks, 2P entries; Yb: the bounds' multipliers)
+    Ty, Ts, Yb, Tl = T[o_y:W], T[o_s:W], T[o_y + mi : o_s], T[N:]
+    Ay, As, Ty_d, Ts_d = dA[o_y:W], dA[o_s:W], dT[o_y:W], dT[o_s:W]
+    inv_y, inv_s, inv_sb = inv[:P], inv[P:], inv[P + mi :]
     res = math.nan
     for k in range(k_first, k_stop):
         if builtin:
@@ -281,9 +288,9 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         last = k == dims[_MAX_ITER]
         # residuals
         for j in range(N):
-            t = T[o_y + mi + N + j] - T[o_y + mi + j]
+            t = Yb[N + j] - Yb[j]
             for p in range(cptr[j], cptr[j + 1]):
-                t += cval[p] * T[N + cidx[p]]
+                t += cval[p] * Tl[cidx[p]]
             rd[j] = t
         for j in range(nx):
             rd[j] += g[j] - zs[j]
@@ -291,14 +298,14 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
             t = -d[i]
             for p in range(rptr[i], rptr[i + 1]):
                 t += rval[p] * T[ridx[p]]
-            if i >= m_eq:
-                t += T[o_s + i - m_eq]
             rp[i] = t
+        for i in range(mi):
+            rp[m_eq + i] += Ts[i]
         mu = 0.0
         top = 0.0
         nan = False
         for i in range(P):
-            sy = T[o_s + i] * T[o_y + i]
+            sy = Ts[i] * Ty[i]
             SY[i] = sy
             mu += sy
             if sy > top:
@@ -344,12 +351,12 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         # (reciprocals once: every quotient by a slack or a multiplier below is a product; 0 at the multiplier of
         # an absent pair, which is 0, for the ratio test)
         for i in range(2 * P):
-            t = T[o_y + i]
+            t = Ty[i]
             inv[i] = 1.0 / t if t != 0.0 else 0.0
         for i in range(mi):
-            r0[i] = T[o_s + i] * inv[i]
+            r0[i] = Ts[i] * inv_y[i]
         for j in range(2 * N):
-            r1b[j] = T[o_y + mi + j] * inv[P + mi + j]
+            r1b[j] = Yb[j] * inv_sb[j]
         for j in range(N):
             phi[j] = r1b[j] + r1b[N + j] + (h[j] if j < nx else prox)
             phi_inv[j] = 1.0 / phi[j]
@@ -357,7 +364,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         if use_primal:
             # H = Phi + G^T D G with its w block diagonal; Sx = H_xx - H_xw Dw^-1 H_wx; K = A H^-1 A^T
             for i in range(mi):
-                Dr[i] = T[o_y + i] * inv[P + i]
+                Dr[i] = Ty[i] * inv_s[i]
             for j in range(nw):
                 Dw[j] = phi[nx + j]
             for r in range(mi):
@@ -432,29 +439,33 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
         all_pairs = dims[_ALL_PAIRS] != 0
         for phase in range(2):
             D = dA if phase == 0 else dT
+            Dy = Ay if phase == 0 else Ty_d
+            Dl = dA[N:] if phase == 0 else dT[N:]
+            Ds = As if phase == 0 else Ts_d
+            Dyb, Dsb = Dy[mi:], Ds[mi:]  # the bounds' multipliers and slacks
             if phase == 0:
                 if all_pairs:
                     # the predictor's targets -S Y over S are -Y exactly (as the torch code)
                     for j in range(2 * N):
-                        rcb[j] = -T[o_y + mi + j]
+                        rcb[j] = -Yb[j]
                     for i in range(mi):
-                        rcy[i] = -T[o_s + i]
+                        rcy[i] = -Ts[i]
                 else:
                     for j in range(2 * N):
-                        rcb[j] = -SY[mi + j] * inv[P + mi + j]
+                        rcb[j] = -SY[mi + j] * inv_sb[j]
                     for i in range(mi):
                         rcy[i] = -SY[i] * inv[i]
             else:
                 mu_aff = 0.0
                 for i in range(P):
-                    mu_aff += (T[o_s + i] + alpha_aff * dA[o_s + i]) * (T[o_y + i] + alpha_aff * dA[o_y + i])
+                    mu_aff += (Ts[i] + alpha_aff * As[i]) * (Ty[i] + alpha_aff * Ay[i])
                 mu_aff /= cf[_PAIRS_EXIST]
                 sig = min(max(mu_aff / max(mu, 1e-300), 0.0), 1.0) ** 3
                 target = max(sig * mu, 0.1 * mu_tol * scale)
                 for i in range(P):
-                    rc[i] = target * mask[i] - SY[i] - dA[o_s + i] * dA[o_y + i]
+                    rc[i] = target * mask[i] - SY[i] - As[i] * Ay[i]
                 for j in range(2 * N):
-                    rcb[j] = rc[mi + j] * inv[P + mi + j]
+                    rcb[j] = rc[mi + j] * inv_sb[j]
                 for i in range(mi):
                     rcy[i] = rc[i] * inv[i]
             for j in range(N):
@@ -487,13 +498,13 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                             t -= cval[p] * tl[cidx[p]]
                         tmp[c] = t
                     for i in range(m_eq):
-                        D[N + i] = tl[i]
+                        Dl[i] = tl[i]
                 _h_solve(nx, nw, Sx, qx, g_rw, g_rwv, g_rxn, g_rx, g_rxv, Dr, w_row, Dw, tmp, dv, u)
                 for r in range(mi):
                     t = -rows_in[r]
                     for p in range(rptr[m_eq + r], rptr[m_eq + r + 1]):
                         t += rval[p] * dv[ridx[p]]
-                    D[N + m_eq + r] = Dr[r] * t
+                    Dy[r] = Dr[r] * t
             else:
                 for j in range(N):
                     u[j] = phi_inv[j] * r1[j]
@@ -511,25 +522,38 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
                         t += cval[p] * rhs[cidx[p]]
                     dv[j] = u[j] - phi_inv[j] * t
                 for i in range(m):
-                    D[N + i] = rhs[i]
+                    Dl[i] = rhs[i]
             for j in range(N):
                 D[j] = dv[j]
                 dsl = dv[j] * has_lo[j]
                 dsu = -dv[j] * has_up[j]
-                D[o_s + mi + j] = dsl
-                D[o_s + mi + N + j] = dsu
-                D[o_y + mi + j] = rcb[j] - r1b[j] * dsl
-                D[o_y + mi + N + j] = rcb[N + j] - r1b[N + j] * dsu
+                Dsb[j] = dsl
+                Dsb[N + j] = dsu
+                Dyb[j] = rcb[j] - r1b[j] * dsl
+                Dyb[N + j] = rcb[N + j] - r1b[N + j] * dsu
             for i in range(mi):
-                D[o_s + i] = rcy[i] - r0[i] * D[N + m_eq + i]
+                Ds[i] = rcy[i] - r0[i] * Dy[i]
             # the ratio test: the largest -d / p over the existing pairs' slacks and multipliers (an absent pair's
-            # multiplier has 1 / p = 0 in inv and d = 0), NaN propagated; without branches (vectorized)
-            worst = 0.0
+            # multiplier has 1 / p = 0 in inv and d = 0), NaN propagated; without branches, in four independent
+            # maxima (a maximum is exact in any order: the chain of one running maximum bounds the loop otherwise)
+            w0 = w1 = w2 = w3 = 0.0
             bad = False
-            for i in range(2 * P):
-                wv = -D[o_y + i] * inv[i]
-                worst = wv if wv > worst else worst
-                bad |= wv != wv
+            n4 = (2 * P) // 4 * 4
+            for i in range(0, n4, 4):
+                a0 = -Dy[i] * inv[i]
+                a1 = -Dy[i + 1] * inv[i + 1]
+                a2 = -Dy[i + 2] * inv[i + 2]
+                a3 = -Dy[i + 3] * inv[i + 3]
+                w0 = a0 if a0 > w0 else w0
+                w1 = a1 if a1 > w1 else w1
+                w2 = a2 if a2 > w2 else w2
+                w3 = a3 if a3 > w3 else w3
+                bad |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
+            for i in range(n4, 2 * P):
+                a0 = -Dy[i] * inv[i]
+                w0 = a0 if a0 > w0 else w0
+                bad |= a0 != a0
+            worst = max(max(w0, w1), max(w2, w3))
             if bad:
                 worst = math.nan
             if phase == 0:
@@ -639,12 +663,12 @@ def plan(ip) -> Plan | None:
     g_rwv = np.zeros(max(mi, 1))
     kx = max(1, int((G[:, :nx] != 0).sum(1).max()) if mi else 1)
     g_rxn = np.zeros(max(mi, 1), np.int64)
-    g_rx = np.zeros((max(mi, 1), kx), np.int64)
+    g_rx = np.zeros((max(mi, 1), kx), np.uint64)  # (indices unsigned, as ridx below)
     g_rxv = np.zeros((max(mi, 1), kx))
     w_row = -np.ones(max(nw, 1), np.int64)
     ka = max(1, int((A[:, nx:] != 0).sum(0).max()) if m_eq and nw else 1)
     aw_n = np.zeros(max(nw, 1), np.int64)
-    aw_r = np.zeros((max(nw, 1), ka), np.int64)
+    aw_r = np.zeros((max(nw, 1), ka), np.uint64)
     aw_v = np.zeros((max(nw, 1), ka))
     Ax = np.ascontiguousarray(A[:, :nx]) if m_eq and nx else np.zeros((1, max(nx, 1)))
     primal = ip.primal is not None
@@ -681,10 +705,10 @@ def plan(ip) -> Plan | None:
         f64(ip.has_up.cpu().numpy()),
         f64(lay.mask.cpu().numpy()),
         rptr,
-        cols.astype(np.int64),
+        cols.astype(np.uint64),  # (unsigned: numba indexes without the negative-index wrap)
         f64(C[rows, cols]),
         cptr,
-        rows[order].astype(np.int64),
+        rows[order].astype(np.uint64),
         f64(C[rows[order], cols[order]]),
         g_rw,
         f64(g_rwv),
