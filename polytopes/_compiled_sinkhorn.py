@@ -70,8 +70,9 @@ def _cholesky_solve(L, b, n):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _gram_lower(X, W, n):
-    """Lower triangle of W = X^T X (the upper one is not touched)."""
+def _gram_lower(X, Y, W, n):
+    """Lower triangle of W = X^T Y, for X^T Y symmetric (X^T X, or (D X)^T X with D diagonal); the upper one is
+    not touched."""
     for j in range(n):
         for k in range(j + 1):
             W[j, k] = 0.0
@@ -79,7 +80,7 @@ def _gram_lower(X, W, n):
         for j in range(n):
             x = X[i, j]
             for k in range(j + 1):
-                W[j, k] += x * X[i, k]
+                W[j, k] += x * Y[i, k]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -108,7 +109,7 @@ def _newton_direction(X, d, ridge, bump, H, diagonal, n):
     False where the factorisation failed (d is then undefined).  Cost O(n^3).
     """
     for attempt in range(2 if bump else 1):
-        _gram_lower(X, H, n)
+        _gram_lower(X, X, H, n)
         for j in range(n):
             s = 0.0
             for k in range(j):
@@ -452,14 +453,7 @@ def sinkhorn_adjoint(X, G, unit_rows, lean, ridge, out):
         # attempt 0: the lean diagonal, 1: the general one, 2: the general one with the bump
         attempt = 0 if lean else 1
         while True:
-            for j in range(n):  # the lower half of (X / r)^T X
-                for k in range(j + 1):
-                    H[j, k] = 0.0
-            for i in range(n):
-                for j in range(n):
-                    y = Xr[i, j]
-                    for k in range(j + 1):
-                        H[j, k] += y * x[i, k]
+            _gram_lower(Xr, x, H, n)  # the lower half of (X / r)^T X
             for j in range(n):  # diag(c + ridge) (or (1 + ridge) I), less the weight of j on itself
                 if attempt == 0:
                     diagonal[j] = 1.0 + ridge - H[j, j]
