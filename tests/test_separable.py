@@ -330,11 +330,15 @@ def test_declared_polytope_gradcheck():
     assert sstcvx.relaxation_solver(P, without_cvxpy)[1] == "fast"  # the only path that serves it
 
 
-def test_the_interior_point_evaluates_phi_once_per_iteration():
-    """The cost claim on declared polytopes: one evaluation of (phi', phi'') at the start and one per
-    iteration of the slowest element, none more at the solution (the backward's phi'' is each
-    element's own from the iteration where it stopped)."""
+def test_the_interior_point_evaluates_phi_once_per_iteration(monkeypatch):
+    """The cost claim on declared polytopes without the table of phi' (tests/test_derivative_table.py: with it,
+    one evaluation per solve): one evaluation of (phi', phi'') at the start and one per iteration of the
+    slowest element, none more at the solution (the backward's phi'' is each element's own from the
+    iteration where it stopped)."""
+    from sstcvx.generic import interior_point
     from sstcvx.generic.interior_point import InteriorPointRelaxation
+
+    monkeypatch.setattr(interior_point, "DERIVATIVE_TABLE", False)
 
     counted = []
 

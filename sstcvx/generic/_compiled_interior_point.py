@@ -45,11 +45,14 @@ import math
 
 import numba
 import numpy as np
+import torch
+
+from . import derivative_table
 
 EPS4 = 4 * np.finfo(np.float64).eps
 
 # dims: the problem's integers
-_N, _NX, _M, _MEQ, _KIND, _PRIMAL_ITERS, _MAX_ITER, _ALL_PAIRS, _NW = range(9)
+_N, _NX, _M, _MEQ, _KIND, _PRIMAL_ITERS, _MAX_ITER, _ALL_PAIRS, _NW, _TAB_MAP = range(10)
 # cf: the problem's and the algorithm's numbers
 (
     _SCALE,
@@ -63,7 +66,19 @@ _N, _NX, _M, _MEQ, _KIND, _PRIMAL_ITERS, _MAX_ITER, _ALL_PAIRS, _NW = range(9)
     _DOM_LO,
     _DOM_HI,
     _JITTER,
-) = range(11)
+    _TAB_A,
+    _TAB_B,
+    _TAB_S_LO,
+    _TAB_INV_STEP,
+    _TAB_SLOPE_A,
+    _TAB_SLOPE_B,
+) = range(17)
+#: the kinds of derivatives: the built-in entropies (computed here), given per iteration (a user's phi), a table
+KIND_ENTROPY, KIND_BINARY_ENTROPY, KIND_GIVEN, KIND_TABLE = range(4)
+#: the table's maps and smallest distance to an end (:mod:`~sstcvx.generic.derivative_table`'s, checked by
+#: :func:`run`: a kernel reads only its own file's constants)
+MAP_SIGMOID, MAP_LOWER, MAP_UPPER, MAP_SINE = range(4)
+TINY = 1e-300
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -214,16 +229,68 @@ def _workspace(dims):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi):
-    """phi'(x) / sz and phi''(x) / sz of the built-in entropies (kind 0: x log x, 1: the binary entropy) into
-    ``g, h``, the distances to the domain's ends from the bound slacks where the bound is the end."""
+def _table_point(x, cf, mp, tab):
+    """The table's (phi'(x), phi''(x)) (:class:`~sstcvx.generic.derivative_table.DerivativeTable`, map ``mp``,
+    its numbers in ``cf``, rows ``tab``), by the arithmetic of its ``derivatives``, and whether x lies between
+    its first and last node (where its error was measured); NaN at a NaN x."""
+    if not x == x:
+        return math.nan, math.nan, False
+    a, b = cf[_TAB_A], cf[_TAB_B]
+    s_lo, inv_step = cf[_TAB_S_LO], cf[_TAB_INV_STEP]
+    if mp == MAP_SINE:
+        # the sine map's tangent lines beyond an end that is only a bound
+        slope = cf[_TAB_SLOPE_A]
+        if x < a and slope == slope:
+            return tab[0, 0] + slope * (x - a), slope, False
+        slope = cf[_TAB_SLOPE_B]
+        if x > b and slope == slope:
+            last = tab.shape[0] - 1
+            return tab[last, 0] + tab[last, 1] + tab[last, 2] + tab[last, 3] + slope * (x - b), slope, False
+    da = max(x - a, TINY)
+    db = max(b - x, TINY)
+    if mp == MAP_SIGMOID:
+        s = math.log(da) - math.log(db)
+        dx = da * db / (da + db)
+    elif mp == MAP_LOWER:
+        s = math.log(da)
+        dx = da
+    elif mp == MAP_UPPER:
+        s = -math.log(db)
+        dx = db
+    else:
+        sa, sb = math.sqrt(da), math.sqrt(db)
+        s = math.atan2(sa, sb) * (2.0 / math.pi)
+        dx = math.pi * sa * sb
+    p = (s - s_lo) * inv_step
+    last = tab.shape[0] - 1
+    i = int(min(max(math.floor(p), 0.0), float(last)))
+    t = p - i
+    ti = min(max(t, 0.0), 1.0)  # linear beyond the first and the last node
+    c0, c1, c2, c3 = tab[i, 0], tab[i, 1], tab[i, 2], tab[i, 3]
+    dG = c1 + ti * (2.0 * c2 + 3.0 * ti * c3)
+    G = c0 + ti * (c1 + ti * (c2 + ti * c3)) + (t - ti) * dG
+    return G, dG * inv_step / dx, t == ti
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi, tab):
+    """phi'(x) / sz and phi''(x) / sz into ``g, h``: of the built-in entropies (x log x, the binary entropy), the
+    distances to the domain's ends from the bound slacks where the bound is the end; or of a user's phi from its
+    table ``tab`` (at x itself, as the torch code evaluates a user's phi)."""
     N, nx, m, m_eq, kind = dims[_N], dims[_NX], dims[_M], dims[_MEQ], dims[_KIND]
+    if kind == KIND_TABLE:
+        mp = dims[_TAB_MAP]
+        for j in range(nx):
+            G, H, _ = _table_point(T[j], cf, mp, tab)
+            g[j] = G / sz
+            h[j] = H / sz
+        return
     mi = m - m_eq
     o = N + m_eq + 2 * (mi + 2 * N) - 2 * N  # where the bound slacks [sl | su] start
     dom_lo, dom_hi = cf[_DOM_LO], cf[_DOM_HI]
     for j in range(nx):
         a = T[o + j] if at_lo[j] else T[j] - dom_lo
-        if kind == 0:
+        if kind == KIND_ENTROPY:
             g[j] = (math.log(a) + 1.0) / sz
             h[j] = (1.0 / a) / sz
         else:
@@ -233,7 +300,26 @@ def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats):
+def table_gap(T_all, active, n_active, g_raw, dims, cf, tab):
+    """The largest |phi'_table(x) - phi'(x)| / max(1, |phi'(x)|) over the elements ``active[:n_active]`` (rows of
+    ``T_all``) and the coordinates between the table's first and last node, phi' given in ``g_raw (n_active,
+    nx)``: how far the table is from the user's phi now."""
+    nx, mp = dims[_NX], dims[_TAB_MAP]
+    gap = 0.0
+    for i in range(n_active):
+        T = T_all[active[i]]
+        for j in range(nx):
+            G, _, inside = _table_point(T[j], cf, mp, tab)
+            if not inside:
+                continue  # the table's extension, whose error was not measured
+            e = abs(G - g_raw[i, j]) / max(1.0, abs(g_raw[i, j]))
+            if not e <= gap:
+                gap = e
+    return gap
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats, tab):
     """The iterations ``k_first .. k_stop - 1`` of one element's state ``T (width,)`` for z / sz = ``zs``: in
     each, phi' / sz and phi'' / sz into ``g, h`` (``builtin``: from T here; else given, one iteration), the
     residuals and the stop test (``k == max_iter``: the last allowed), and where the element does not stop,
@@ -284,7 +370,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
     res = math.nan
     for k in range(k_first, k_stop):
         if builtin:
-            _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi)
+            _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi, tab)
         last = k == dims[_MAX_ITER]
         # residuals
         for j in range(N):
@@ -586,6 +672,7 @@ def iterate(
     status,
     iters,
     res,
+    tab,
 ):
     """The elements ``active[:n_active]`` (rows of ``T_all (B, width)``, z / sz ``zs_all``, sz ``sz_all``), each
     from its state: ``builtin`` (the built-in entropies), the whole iteration from its start; else (a user's
@@ -609,7 +696,7 @@ def iterate(
                 g[j] = g_raw[i, j] / sz
                 h[j] = h_raw[i, j] / sz
         code, kk, r = _iterate(
-            T_all[b], g, h, zs_all[b], sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats
+            T_all[b], g, h, zs_all[b], sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats, tab
         )
         if code >= 0:
             status[b] = code
@@ -630,7 +717,7 @@ def iterate(
 DENSE_ROWS = 48
 DENSE_WORK = 10_000_000
 
-_KINDS = {"entropy": 0, "binary_entropy": 1}
+_KINDS = {"entropy": KIND_ENTROPY, "binary_entropy": KIND_BINARY_ENTROPY}
 
 
 class Plan:
@@ -640,12 +727,44 @@ class Plan:
         self.primal = primal
         self.pb = pb
         self.at_lo, self.at_hi = at_lo, at_hi
-        self.kind = _KINDS.get(ip.kind, 2) if isinstance(ip.kind, str) else 2
+        self.kind = _KINDS.get(ip.kind, KIND_GIVEN) if isinstance(ip.kind, str) else KIND_GIVEN
         self.m = ip.m
+        # where a user's phi may get a table
+        self.interval = _table_interval(ip) if self.kind == KIND_GIVEN else (-math.inf, math.inf)
 
     def serves(self, B: int) -> bool:
         """Whether the kernels take a batch of ``B`` elements (see DENSE_WORK)."""
         return self.primal or B * self.m**3 <= DENSE_WORK
+
+
+#: The table's interval reaches this fraction of its width beyond a side that only the rows bound.
+TABLE_MARGIN = 0.25
+
+
+def _table_interval(ip) -> tuple[float, float]:
+    """The interval [a, b] of a user's phi's table (:mod:`~sstcvx.generic.derivative_table`): it holds every
+    coordinate of x at every point of P, by the bounds and the bounds that the rows imply (interval
+    propagation), with a margin of TABLE_MARGIN times its width on each side that is not a bound of x or an end
+    of phi's domain (the iterates may cross rows before they converge); +-inf where unbounded."""
+    from .dual_newton import _implied_bounds
+
+    nx, m_eq = ip.nx, ip.m_eq
+    if not nx:
+        return -math.inf, math.inf
+    C, d = ip.C.cpu().numpy(), ip.d.cpu().numpy()
+    lo = np.where(ip.has_lo.cpu().numpy() > 0, ip.lo.cpu().numpy(), -np.inf)
+    up = np.where(ip.has_up.cpu().numpy() > 0, ip.up.cpu().numpy(), np.inf)
+    rows = np.vstack([C[:m_eq], -C[:m_eq], C[m_eq:]])
+    implied_lo, implied_up = _implied_bounds(rows, np.concatenate([d[:m_eq], -d[:m_eq], d[m_eq:]]), lo, up)
+    a, b = float(implied_lo[:nx].min()), float(implied_up[:nx].max())
+    if not (math.isfinite(a) and math.isfinite(b) and a < b):
+        return -math.inf, math.inf
+    margin = TABLE_MARGIN * (b - a)
+    if not bool((lo[:nx] == a).any()):
+        a = max(a - margin, ip.dom_lo)
+    if not bool((up[:nx] == b).any()):
+        b = min(b + margin, ip.dom_hi)
+    return a, b
 
 
 def plan(ip) -> Plan | None:
@@ -728,13 +847,19 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
     """Iterate from the starting states ``T (B, width)`` (float64, CPU; overwritten) for z / sz = ``zs (B, nx)``
     and ``sz (B, 1)``: ``(T, h, status, iterations, residual)`` as the torch code's iteration leaves them
     (each element's state and phi'' / sz where it stopped)."""
-    import torch
-
     from . import interior_point as IP
     from .dual_newton import STATUS_CONVERGED, STATUS_MAX_ITER, STATUS_NOT_FINITE
     from .normal_matrix import JITTER
 
     assert (STATUS_CONVERGED, STATUS_MAX_ITER, STATUS_NOT_FINITE) == (0, 1, 2)
+    dt = derivative_table
+    assert (dt.MAP_SIGMOID, dt.MAP_LOWER, dt.MAP_UPPER, dt.MAP_SINE, dt.TINY) == (
+        MAP_SIGMOID,
+        MAP_LOWER,
+        MAP_UPPER,
+        MAP_SINE,
+        TINY,
+    )
     B, nx = zs.shape
     lay = ip.layout
     dims = np.array(
@@ -748,6 +873,7 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
             max_iter,
             int(lay.all_pairs),
             lay.N - nx,
+            0,
         ],
         dtype=np.int64,
     )
@@ -765,6 +891,12 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
             ip.dom_lo,
             ip.dom_hi,
             JITTER,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
         ]
     )
     T = T.contiguous()
@@ -776,20 +908,93 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
     sn, itn, rn = status.numpy(), iterations.numpy(), residual.numpy()
     active = np.arange(B, dtype=np.int64)
     at_lo, at_hi = the_plan.at_lo, the_plan.at_hi
-    if the_plan.kind != 2:
-        none = np.zeros((1, 1))
-        iterate(True, 0, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, B, none, none, zn, szn, sn, itn, rn)
+    none = np.zeros((1, 1))
+    if the_plan.kind != KIND_GIVEN:
+        iterate(True, 0, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, B, none, none, zn, szn, sn, itn, rn, none)
         return T, h, status, iterations, residual
-    # a user's phi: phi' and phi'' of the still-running elements in torch between the kernel's iterations
+    table = None
+    if IP.DERIVATIVE_TABLE and max_iter > 2 * IP.EXACT_ITERATIONS:
+        table = derivative_table.table_for(ip.kind, *the_plan.interval)
+    if table is None:
+        _given(ip, dims, cf, the_plan, Tn, hn, active, B, 0, zn, szn, sn, itn, rn)
+        return T, h, status, iterations, residual
+    # the whole iteration on the table's phi', phi'' (kept for a restart: the starting states), then the exact
+    # phi', phi'' from the table's solutions
+    T_start = T.clone()
+    dims[_KIND], dims[_TAB_MAP], dims[_MAX_ITER] = KIND_TABLE, table.map, max_iter - IP.EXACT_ITERATIONS
+    cf[_TAB_A], cf[_TAB_B], cf[_TAB_S_LO], cf[_TAB_INV_STEP] = table.a, table.b, table.s_lo, table.inverse_step
+    cf[_TAB_SLOPE_A], cf[_TAB_SLOPE_B] = table.slope_a, table.slope_b
+    iterate(
+        True, 0, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, B, none, none, zn, szn, sn, itn, rn, table.rows
+    )
+    dims[_KIND] = KIND_GIVEN
+    solved = np.flatnonzero(sn == 0)
+    k_table = itn.copy()
+    restart = np.flatnonzero(sn != 0)
+    if len(solved):
+        k_base = int(itn[solved].max())
+        dims[_MAX_ITER] = k_base + IP.EXACT_ITERATIONS
+        active[: len(solved)] = solved
+        gap = _given(ip, dims, cf, the_plan, Tn, hn, active, len(solved), k_base, zn, szn, sn, itn, rn, table.rows)
+        if not gap <= STALE_GAP:
+            derivative_table.discard(ip.kind, *the_plan.interval)
+        # each element's iterations: the table's, then the exact ones
+        itn[solved] = k_table[solved] + itn[solved] - k_base
+        restart = np.concatenate([restart, solved[sn[solved] != 0]])
+    if len(restart):
+        # where the exact iteration did not end what the table's started (or the table's did not end): the exact
+        # iteration from the start, as without a table
+        T[torch.from_numpy(restart)] = T_start[torch.from_numpy(restart)]
+        dims[_MAX_ITER] = max_iter
+        active[: len(restart)] = np.sort(restart)
+        _given(ip, dims, cf, the_plan, Tn, hn, active, len(restart), 0, zn, szn, sn, itn, rn)
+    return T, h, status, iterations, residual
+
+
+#: The table is dropped (see :func:`~sstcvx.generic.derivative_table.discard`) where its phi' is farther than this
+#: from the user's phi' (relative to max(1, |phi'|)) at the table's solutions.
+STALE_GAP = 1e-6
+
+
+def _given(ip, dims, cf, the_plan, Tn, hn, active, n, k_first, zn, szn, sn, itn, rn, table_rows=None):
+    """The iterations ``k_first, k_first + 1, ...`` of the elements ``active[:n]`` with a user's phi', phi''
+    evaluated in torch between the kernel's iterations, until every element has stopped (the last allowed is
+    ``dims[_MAX_ITER]``).  With ``table_rows``: returns how far the table's phi' is from phi' at the first
+    iteration's states (:func:`table_gap`), else 0."""
+    nx = int(dims[_NX])
     inside = (math.nextafter(ip.dom_lo, math.inf), math.nextafter(ip.dom_hi, -math.inf))
-    n = B
-    x_all = T[:, :nx]
-    for k in range(max_iter + 1):
-        x = x_all if n == B else x_all.index_select(0, torch.from_numpy(active[:n].copy()))
-        g_raw, h_raw = ip.kind.derivatives(x.clamp(*inside))
+    T_all = torch.from_numpy(Tn)
+    gap = 0.0
+    none = np.zeros((1, 1))
+    B = Tn.shape[0]
+    for k in range(k_first, int(dims[_MAX_ITER]) + 1):
+        rows = T_all[:, :nx] if n == B else T_all[torch.from_numpy(active[:n].copy()), :nx]
+        g_raw, h_raw = ip.kind.derivatives(rows.clamp(*inside))
         gn = g_raw.detach().to(torch.float64).contiguous().numpy()
         hr = h_raw.detach().to(torch.float64).contiguous().numpy()
-        n = iterate(False, k, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, n, gn, hr, zn, szn, sn, itn, rn)
+        if table_rows is not None and k == k_first:
+            gap = table_gap(Tn, active, n, gn, dims, cf, table_rows)
+        n = iterate(
+            False,
+            k,
+            dims,
+            cf,
+            the_plan.pb,
+            the_plan.at_lo,
+            the_plan.at_hi,
+            Tn,
+            hn,
+            active,
+            n,
+            gn,
+            hr,
+            zn,
+            szn,
+            sn,
+            itn,
+            rn,
+            none,
+        )
         if n == 0:
             break
-    return T, h, status, iterations, residual
+    return gap

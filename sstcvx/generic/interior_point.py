@@ -173,6 +173,11 @@ PROXIMAL_DELAY = 12
 #: the normal matrix (with the primal reduction throughout, a few elements of the flows at large |z| stall:
 #: H cancels digits on the active rows, where y / s is of order 1 / mu).
 PRIMAL_ITERATIONS = 20
+#: The compiled kernel iterates on a table of a user's phi' and phi'' (:mod:`~sstcvx.generic.derivative_table`)
+#: where one is accepted, then on the exact ones from the table's solutions, for at most EXACT_ITERATIONS
+#: iterations (an element they do not end restarts the exact iteration from its start).
+DERIVATIVE_TABLE = True
+EXACT_ITERATIONS = 10
 #: Active-set polish (:func:`~sstcvx.generic.active_set.polish`, the Euclidean regularizer only): tried on an element once its largest
 #: complementarity product is below POLISH_START times the form's scale, with POLISH_ROUNDS rounds of sign flips.
 POLISH_START = 1e-4

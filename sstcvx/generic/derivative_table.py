@@ -1,0 +1,226 @@
+"""A tabulated surrogate of phi' and phi'' for a user's separable regularizer, for the compiled interior point.
+
+Problem.  The interior point's compiled kernel (:mod:`~sstcvx.generic._compiled_interior_point`) runs its whole
+iteration in one call for the built-in entropies, whose phi' and phi'' it evaluates itself.  A user's phi is a
+torch function: evaluating it between the kernel's iterations costs one call of it (two autograd passes where its
+derivatives are not given) per iteration, 15-20 per solve, which was most of the time of a solve.  This module
+replaces phi' and phi'' *during the iteration* by a table of them that the kernel reads; the iteration then
+continues from the table's solution with the exact phi' and phi'' until the usual stop test passes (see
+:func:`~sstcvx.generic._compiled_interior_point.run`).  The table moves the path, never the answer: the
+returned point passes the same test on the exact derivatives as without it, and phi'' for the backward is the
+exact one there.
+
+Table.  On the interval [a, b] (finite) that holds every coordinate's bounds, in a coordinate s with x = X(s)
+chosen as in :mod:`sstcvx.separable` (the ends where phi' is infinite, *barriers*, found by
+:func:`~sstcvx.separable.barrier_ends`):
+
+* both ends barriers: x = a + w sigmoid(s) (w = b - a), s in [-REACH, REACH];
+* a barrier at a only: x = a + e^s, s in [log w - REACH, log w]; at b only: x = b - e^-s;
+* neither: x = a + w sin^2(pi s / 2), s in (0, 1), nodes crowding quadratically towards both ends (where phi'
+  often behaves as a square root, as x^1.5 at 0, and is smooth in s).
+
+G(s) = phi'(X(s)) is tabulated at ``NODES`` nodes uniform in s, with G'(s) = phi''(X(s)) X'(s), and interpolated
+on each segment by the cubic Hermite polynomial through both nodes' values and slopes; beyond the first and the
+last node G is extended linearly in s (exact for a logarithmic barrier such as x log x, whose phi' is linear in
+s; the sine map's end segments are half a step long).  The surrogate's derivatives are g = G(s) and
+h = G'(s) / X'(s), consistent with each other (h is the derivative of g), so the iteration on the surrogate is
+Newton's method on a convex problem.  Segment coefficients are stored as rows ``(c0, c1, c2, c3)`` of
+G = c0 + t (c1 + t (c2 + t c3)), t in [0, 1] the position in the segment: a lookup is one floor, one row and a
+few multiply-adds, no search.
+
+Accepted only where it is a faithful surrogate: G' > 0 on every segment (the minimum of each quadratic G',
+so that h > 0 and the surrogate is strictly convex), everything finite, and |G - phi'| at three points inside
+every segment at most ``TOLERANCE`` max(1, |phi'|).  Otherwise :func:`table_for` returns None and the kernel
+evaluates phi' and phi'' in torch at every iteration, as before.
+
+Cost: one evaluation of phi' and phi'' on ``NODES`` points and one on 3 ``NODES`` points, once per regularizer and
+interval (cached on the regularizer, a few ms); 256 KiB per table.  A phi that reads state besides x (a closure
+over a value the user changes) makes a cached table stale: the kernel's wrapper compares the table with the
+exact phi' where the exact iteration starts and drops a table that disagrees (see :func:`discard`).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Nodes of a table (uniform in s).  The Hermite interpolant's error falls as the fourth power of the step: for
+#: x log x / 2 + x^2 / 4 it is about 5e-13 at 8192 nodes (the iteration's dual tolerance is 1e-11).
+NODES = 8192
+#: How far the coordinate s reaches towards a barrier: x - a down to e^-REACH times the interval's width.
+REACH = 36.0
+#: Towards a barrier at an end e other than 0, the nodes keep a distance of at least |e| RESOLUTION to it.
+RESOLUTION = 1e12 * 2.0**-53
+#: A table is accepted where its phi' is within TOLERANCE max(1, |phi'|) of the exact one inside its range.
+TOLERANCE = 1e-9
+#: Tables a regularizer may have dropped as stale before it gets none (its phi then changes between calls).
+STALE_LIMIT = 2
+
+MAP_SIGMOID, MAP_LOWER, MAP_UPPER, MAP_SINE = range(4)
+#: The smallest distance to an end the surrogate reads (a coordinate's distance is clamped to it).
+TINY = 1e-300
+_EPS = float(np.finfo(np.float64).eps)
+
+
+@dataclass
+class DerivativeTable:
+    """The table of one regularizer on one interval [a, b]: the map (``MAP_*``), the first node ``s_lo``, the
+    inverse of the node step, the segments' coefficients ``rows (NODES - 1, 4)`` and the largest error of its
+    phi' measured at build (relative to max(1, |phi'|))."""
+
+    map: int
+    a: float
+    b: float
+    s_lo: float
+    inverse_step: float
+    rows: np.ndarray
+    error: float
+    #: the sine map's linear extension beyond a and b: phi'' there, NaN at an end of phi's domain (x beyond it
+    #: is clamped to it, as the exact iteration clamps x into the domain)
+    slope_a: float = math.nan
+    slope_b: float = math.nan
+
+    def derivatives(self, x: np.ndarray):
+        """The surrogate's (phi'(x), phi''(x)) at the points ``x`` (float64, strictly inside (a, b)), by the
+        kernel's arithmetic in numpy: what the tests and the build's error check read."""
+        s, dx = _coordinate(self.map, np.maximum(x - self.a, TINY), np.maximum(self.b - x, TINY))
+        p = (s - self.s_lo) * self.inverse_step
+        last = self.rows.shape[0]
+        i = np.clip(np.floor(p), 0, last - 1).astype(np.int64)
+        t = p - i
+        c0, c1, c2, c3 = self.rows[i].T
+        # linear beyond the first and the last node
+        t_in = np.clip(t, 0.0, 1.0)
+        G_in = c0 + t_in * (c1 + t_in * (c2 + t_in * c3))
+        dG = c1 + t_in * (2.0 * c2 + 3.0 * t_in * c3)
+        G = G_in + (t - t_in) * dG
+        h = dG * self.inverse_step / dx
+        if self.map == MAP_SINE:
+            for end, slope, beyond in ((self.a, self.slope_a, x < self.a), (self.b, self.slope_b, x > self.b)):
+                if math.isfinite(slope):
+                    ends = self.rows[0, 0] if end == self.a else self.rows[-1].sum()
+                    G = np.where(beyond, ends + slope * (x - end), G)
+                    h = np.where(beyond, slope, h)
+        return G, h
+
+
+def _x_of_s(kind: int, a: float, b: float, s: torch.Tensor) -> torch.Tensor:
+    """x = X(s) of the map ``kind`` on [a, b]."""
+    w = b - a
+    if kind == MAP_SIGMOID:
+        return a + w * torch.sigmoid(s)
+    if kind == MAP_LOWER:
+        return a + torch.exp(s)
+    if kind == MAP_UPPER:
+        return b - torch.exp(-s)
+    return a + w * torch.sin(0.5 * math.pi * s) ** 2
+
+
+def _coordinate(kind: int, da, db):
+    """s and X'(s) at the point at distances ``da = x - a``, ``db = b - x`` from the ends (positive; numpy or
+    torch), by the kernel's formulas (the sine map's s by an arctangent of both distances: accurate at both
+    ends)."""
+    lib = np if isinstance(da, np.ndarray) else torch
+    if kind == MAP_SIGMOID:
+        return lib.log(da) - lib.log(db), da * db / (da + db)
+    if kind == MAP_LOWER:
+        return lib.log(da), da
+    if kind == MAP_UPPER:
+        return -lib.log(db), db
+    sa, sb = lib.sqrt(da), lib.sqrt(db)
+    return lib.arctan2(sa, sb) * (2.0 / math.pi), math.pi * sa * sb
+
+
+def build(reg, a: float, b: float) -> DerivativeTable | None:
+    """The table of ``reg`` on [a, b] (both finite, inside its domain), or None where it is not accepted (see
+    the module)."""
+    from ..separable import barrier_ends
+
+    if not (math.isfinite(a) and math.isfinite(b) and a < b):
+        return None
+    av, bv = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    barrier_a, barrier_b = (bool(t) for t in barrier_ends(reg, av, bv))
+    w = b - a
+
+    def reach(end):
+        # towards a barrier at an end other than 0, x resolves distances to it only down to about |end| eps: the
+        # nodes stop where the rounding of x moves s by about 1e-12 (linear beyond, as past REACH)
+        return REACH if end == 0.0 else min(REACH, math.log(w / (abs(end) * RESOLUTION)))
+
+    if barrier_a and barrier_b:
+        kind, s_lo, s_hi = MAP_SIGMOID, -reach(a), reach(b)
+    elif barrier_a:
+        kind, s_lo, s_hi = MAP_LOWER, math.log(w) - reach(a), math.log(w)
+    elif barrier_b:
+        kind, s_lo, s_hi = MAP_UPPER, -math.log(w), reach(b) - math.log(w)
+    else:
+        kind, s_lo, s_hi = MAP_SINE, 0.0, 1.0
+    s = torch.linspace(s_lo, s_hi, NODES, dtype=torch.float64)
+    step = (s_hi - s_lo) / (NODES - 1)
+    # phi', phi'' at the nodes, each a few ulps inside [a, b] (the ends' own nodes included: where phi'' is
+    # infinite at a finite-slope end, as for x^1.5 at 0, phi'' X' there is the finite limit)
+    delta_a, delta_b = (max(4.0 * _EPS * abs(e), TINY) for e in (a, b))
+    x = _x_of_s(kind, a, b, s).clamp(a + delta_a, b - delta_b)
+    da, db = (x - a).clamp_min(TINY), (b - x).clamp_min(TINY)
+    dx = _coordinate(kind, da, db)[1]
+    g, h = reg.derivatives(x)
+    G, dG = g, h * dx * step  # the slope per unit of t
+    if not bool(torch.isfinite(G).all() & torch.isfinite(dG).all() & (dG > 0).all()):
+        return None
+    # Hermite on t in [0, 1]: c0 = G0, c1 = G0', c2 = 3 (G1 - G0) - 2 G0' - G1', c3 = 2 (G0 - G1) + G0' + G1'
+    G0, G1, m0, m1 = G[:-1], G[1:], dG[:-1], dG[1:]
+    rows = torch.stack([G0, m0, 3.0 * (G1 - G0) - 2.0 * m0 - m1, 2.0 * (G0 - G1) + m0 + m1], -1)
+    # G'(t) = c1 + 2 c2 t + 3 c3 t^2 must stay positive on [0, 1]: its value at the vertex where that lies inside
+    c1, c2, c3 = rows[:, 1], rows[:, 2], rows[:, 3]
+    vertex = torch.where(c3 != 0, -c2 / (3.0 * c3), torch.full_like(c3, -1.0))
+    inside = (vertex > 0) & (vertex < 1) & (c3 > 0)
+    at_vertex = c1 + vertex * (2.0 * c2 + 3.0 * vertex * c3)
+    if not bool(torch.isfinite(rows).all()) or bool((inside & ~(at_vertex > 0)).any()):
+        return None
+    table = DerivativeTable(kind, a, b, s_lo, 1.0 / step, rows.contiguous().numpy().copy(), math.inf)
+    if kind == MAP_SINE:
+        # beyond an end that is only a bound (the iterates cross bounds before they converge), the tangent line of
+        # phi' there: the surrogate stays smooth and strictly convex
+        inner = reg.derivatives(torch.tensor([a + delta_a, b - delta_b], dtype=torch.float64))[1]
+        lo, hi = reg.domain
+        table.slope_a = float(inner[0]) if a > lo and math.isfinite(float(inner[0])) else math.nan
+        table.slope_b = float(inner[1]) if b < hi and math.isfinite(float(inner[1])) else math.nan
+    # the error of phi' at a quarter, the middle and three quarters of every segment
+    probe = (s[:-1, None] + step * s.new_tensor([0.25, 0.5, 0.75])).reshape(-1)
+    xp = _x_of_s(kind, a, b, probe)
+    xp = xp[(xp > a) & (xp < b)]
+    exact, _ = reg.derivatives(xp)
+    approx, _ = table.derivatives(xp.numpy())
+    error = float(((torch.from_numpy(approx) - exact).abs() / exact.abs().clamp_min(1.0)).max())
+    if not error <= TOLERANCE:
+        return None
+    table.error = error
+    return table
+
+
+#: per regularizer: {(a, b): DerivativeTable or None, "stale": how many tables it had dropped}
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def table_for(reg, a: float, b: float) -> DerivativeTable | None:
+    """The cached table of ``reg`` on [a, b] (built on first use), None where there is none (not accepted, an
+    infinite end, or a regularizer whose tables went stale ``STALE_LIMIT`` times)."""
+    cache = _TABLES.setdefault(reg, {"stale": 0})
+    if cache["stale"] >= STALE_LIMIT:
+        return None
+    key = (a, b)
+    if key not in cache:
+        cache[key] = build(reg, a, b)
+    return cache[key]
+
+
+def discard(reg, a: float, b: float) -> None:
+    """Drop the cached table of ``reg`` on [a, b]: it no longer matches phi (phi read state that changed).  The
+    next call builds it again, until the regularizer has dropped ``STALE_LIMIT`` tables."""
+    cache = _TABLES.setdefault(reg, {"stale": 0})
+    if cache.pop((a, b), None) is not None:
+        cache["stale"] += 1
