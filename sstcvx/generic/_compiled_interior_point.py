@@ -23,10 +23,13 @@ Newton systems, per element and iteration:
   ``PRIMAL_ITERATIONS`` iterations, then M (as the torch code).
 
 Entry point: :func:`iterate` runs the whole iteration for the built-in entropies (phi', phi'' in closed
-form, from the bound slacks where a bound is the domain's end, as the torch code), or one iteration on the
-still-running elements for a user's separable regularizer, whose phi', phi'' the caller (:func:`run`)
-evaluates in torch between calls.  One thread (no ``parallel``: the
-benchmarks run one thread).
+form, from the bound slacks where a bound is the domain's end, as the torch code) and for a user's separable
+regularizer's table (:mod:`~sstcvx.generic.derivative_table`: one row of cubic coefficients per segment,
+the segment found by arithmetic in the table's coordinate), or one iteration on the still-running elements
+with a user's phi', phi'' that the caller (:func:`run`) evaluates in torch between calls (the exact
+iteration after the table's, or the whole iteration where there is no table).  :func:`table_gap` measures
+the table against phi' where the exact iteration starts.  One thread (no ``parallel``: the benchmarks run one
+thread).
 
 Differences from the torch code: the reductions' order of summation (results agree to the solver's
 tolerance, not bitwise); the stop pre-test is per element (the torch code runs the full test on every

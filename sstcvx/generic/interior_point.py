@@ -38,7 +38,8 @@ down at |z| about 1; without the floor a few elements at |z| about 30 stall).  p
 evaluated once per iteration, at the new point, for the whole batch (:func:`_derivatives`): a
 user's separable regularizer costs one evaluation of its derivatives (given, or by autograd) per
 iteration, not an inner iteration (unlike the dual method of :mod:`~sstcvx.generic.dual_newton`,
-which needs the inverse of phi').
+which needs the inverse of phi'); on the compiled CPU kernel, where a table of phi' serves (below),
+typically one per solve.
 
 Start (:func:`_plain_start`): v at the middle of each finite interval (one unit inside a
 half-line), the rows' slacks max(1, h - G v), the bounds' slacks v - l and u - v, multipliers
@@ -110,12 +111,18 @@ tolerances in float64.
 Compiled CPU kernel: on CPU tensors (unless ``sstcvx._compiled`` is switched off) the iteration runs element by
 element in the numba kernels of :mod:`~sstcvx.generic._compiled_interior_point` (same start, steps, constants,
 stop test, statuses and iteration counts; the constants are read from this module at each call), for the
-built-in entropies (the whole loop in one call) and a user's separable regularizer (one call per iteration,
-phi' and phi'' evaluated here in between), where the Newton system is the dense normal matrix of at most
+built-in entropies (the whole loop in one call) and a user's separable regularizer, where the Newton system
+is the dense normal matrix of at most
 ``DENSE_ROWS`` rows (and batches with B m^3 at most ``DENSE_WORK``) or an eliminable primal reduction (see
-there).  The Euclidean regularizer (active-set
-start and polish), larger normal matrices and other devices take the torch iteration below; the start, the
-factor at the returned point and the backward are this module's in both cases.
+there).  A user's phi runs on a table of its phi' and phi'' (:mod:`~sstcvx.generic.derivative_table`, built
+once per regularizer and interval, where one is accepted: ``DERIVATIVE_TABLE``): the whole iteration in one
+call on the table, then the exact iteration, phi' and phi'' evaluated here between calls, from the table's
+solutions until the stop test passes on the exact derivatives (usually at once: one evaluation of phi per
+solve); an element that ``EXACT_ITERATIONS`` exact iterations do not end restarts the exact iteration from
+its start.  Without a table: one call per iteration, phi' and phi'' evaluated here in between.  The
+Euclidean regularizer (active-set start and polish), larger normal matrices and other devices take the torch
+iteration below; the start, the factor at the returned point and the backward are this module's in all
+cases.
 
 All variables of an element live in one state tensor (see :class:`_Layout`): the slacks and
 multipliers of inequality rows and bounds form two aligned blocks, so that complementarity, the
