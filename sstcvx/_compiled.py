@@ -36,7 +36,7 @@ import torch
 ENABLED = os.environ.get("SSTCVX_COMPILED", "1") != "0"
 
 #: The kernel modules, imported (not compiled) by the first :func:`enabled_for` that would say True.
-KERNEL_MODULES: list[str] = ["sstcvx.generic._compiled_interior_point"]
+KERNEL_MODULES: list[str] = ["sstcvx.generic._compiled_interior_point", "sstcvx._compiled_separable"]
 #: Whether every module of KERNEL_MODULES imported; None until the first :func:`enabled_for` asks.
 _available: bool | None = None
 
