@@ -82,16 +82,17 @@ def _x_of_s(kind, a, b, s):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _evaluate(kind, a, b, row, v):
-    """x~(v) and dx~/dv on one row of a table (a cubic in v for s towards a barrier, a quadratic for x between
-    finite-slope ends)."""
+    """x~(v), dx~/dv and s on one row of a table (a cubic in v for s towards a barrier, a quadratic for x between
+    finite-slope ends, where s is returned as x)."""
     t = v - row[0]
     if kind == _SINE:
-        return row[1] + (row[2] + row[3] * t) * t, row[2] + 2.0 * (row[3] * t)
+        x = row[1] + (row[2] + row[3] * t) * t
+        return x, row[2] + 2.0 * (row[3] * t), x
     c3t = row[4] * t
     s = row[1] + (row[2] + (row[3] + c3t) * t) * t
     dsdv = row[2] + 2.0 * ((row[3] + 1.5 * c3t) * t)
     x, dxds = _x_of_s(kind, a, b, s)
-    return x, dxds * dsdv
+    return x, dxds * dsdv, s
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -156,6 +157,7 @@ def table_start(z, bounds, rows, fine, log_rest, cf, ci, nu_out, x_out, at_a_out
     last_fine = fine.shape[0] - 1
     x = np.empty(n)
     slope = np.empty(n)
+    s_of = np.empty(n)
     work = np.empty(n)
     index = np.zeros(n, dtype=np.int64)
     for e in range(batch):
@@ -182,13 +184,17 @@ def table_start(z, bounds, rows, fine, log_rest, cf, ci, nu_out, x_out, at_a_out
             accumulated = 0.0
             for m in range(n - 1, -1, -1):
                 accumulated += math.exp(work[m] - top)
-                x[m] = math.log(accumulated) + top  # x holds the tails for now
-            chosen = 0
+                x[m] = accumulated  # x holds the tails' sums for now
+            # the first m whose largest uncapped term stays under the cap (0 if none); a log per m tried
+            tail = math.log(x[0]) + top
+            chosen, chosen_tail = 0, tail
             for m in range(n):
-                if work[m] - x[m] + log_rest[m] <= cf[_LOG_WIDTH]:
-                    chosen = m
+                if m > 0:
+                    tail = math.log(x[m]) + top
+                if work[m] - tail + log_rest[m] <= cf[_LOG_WIDTH]:
+                    chosen, chosen_tail = m, tail
                     break
-            nu = (x[chosen] - log_rest[chosen] + math.log(cf[_D_C])) * (cf[_SIGN] / cf[_ALPHA])
+            nu = (chosen_tail - log_rest[chosen] + math.log(cf[_D_C])) * (cf[_SIGN] / cf[_ALPHA])
         else:
             # the middle of the k-th and (k+1)-th largest entries, less the offset
             k = ci[_K]
@@ -217,7 +223,7 @@ def table_start(z, bounds, rows, fine, log_rest, cf, ci, nu_out, x_out, at_a_out
             for i in range(n):
                 v = zr[i] - nu
                 index[i] = _segment(bounds, v, index[i], iteration == 0)
-                x[i], slope[i] = _evaluate(kind, a, b, rows[index[i]], v)
+                x[i], slope[i], s_of[i] = _evaluate(kind, a, b, rows[index[i]], v)
                 f += x[i]
                 sum_slope += slope[i]
             nu_x = nu
@@ -265,21 +271,15 @@ def table_start(z, bounds, rows, fine, log_rest, cf, ci, nu_out, x_out, at_a_out
             f = 0.0
             sum_slope = 0.0
             for i in range(n):
-                xi = x[i]
-                if kind == _BOTH:
-                    s = math.log(xi - a) - math.log(b - xi)
-                elif kind == _LOWER:
-                    s = math.log(xi - a if a != 0.0 else xi)
-                else:
-                    s = -math.log(b - xi)
-                position = math.floor((s - fine_lo) * inverse_step) + 1.0
+                # the segment of the coarse x's s (the torch code takes s(x), equal to rounding)
+                position = math.floor((s_of[i] - fine_lo) * inverse_step) + 1.0
                 if position >= last_fine:
                     index[i] = last_fine
                 elif position > 0:
                     index[i] = int(position)
                 else:
                     index[i] = 0
-                x[i], slope[i] = _evaluate(kind, a, b, fine[index[i]], zr[i] - nu)
+                x[i], slope[i], _ = _evaluate(kind, a, b, fine[index[i]], zr[i] - nu)
                 f += x[i]
                 sum_slope += slope[i]
             f -= total
