@@ -8,7 +8,8 @@ at a time, on one thread; tensors on other devices keep the torch implementation
 reference the tests compare the kernels with.
 
 The kernels live in modules that import numba and declare their functions with
-``numba.njit(cache=True)``: the core's :mod:`sstcvx.generic._compiled_interior_point` and the families'
+``numba.njit(cache=True)``: the core's :mod:`sstcvx.generic._compiled_interior_point` and
+:mod:`sstcvx._compiled_separable`, and the families'
 ``polytopes/_compiled_*.py`` (registered by :mod:`polytopes._compiled` with
 :func:`register_kernel_modules`).  A solver imports its kernel module inside the function that takes the
 compiled path, so importing sstcvx or a family never loads numba; each kernel is compiled on its first

@@ -23,7 +23,9 @@ Differences from the torch code: its stopping rules are per row, where the torch
 (it steps every row until the largest residual of the sum is within tolerance, and hands off to the fine table
 only when every row may): a row stops here as soon as its own sum is within tolerance, so that the start differs
 from the torch code's by at most the table's precision; the exact joint steps that follow make the results
-agree to their tolerance.  Sums over a row are taken in index order.
+agree to their tolerance.  The fine table's segment of a coordinate comes from the s of its last coarse
+evaluation (the torch code takes s(x) of that x, equal to rounding; a coordinate near a node takes either
+neighbor's cubic, which agree there).  Sums over a row are taken in index order.
 
 Cost per row: O(n log n) for the start's sort, then about SURROGATE_ITER passes of O(n) without allocation
 (workspaces per call).

@@ -18,7 +18,8 @@ steps that evaluate phi', phi'' once each, see :class:`_IntervalInfo` and :func:
   k-subsets).  Backward by the implicit function theorem: with ``D = dx/dv`` at the solution,
   ``dX/dz = diag(D) - D D^T / sum(D)``.
 
-Everything runs in float64 on the input's device; the result is cast back to the input's dtype.
+Everything runs in float64 on the input's device; the result is cast back to the input's dtype.  On CPU
+tensors the table part of the joint iteration of a sum runs compiled (:mod:`sstcvx._compiled_separable`).
 """
 
 from __future__ import annotations
@@ -947,7 +948,8 @@ def _kernel_arrays(info, total, n, use_log, tol):
         d_c = sign * (info.c - (info.a if info.barrier_a else info.b))
         rest, log_width = info.filling(torch.zeros((), dtype=torch.float64), total, n)
         log_rest = rest.numpy().copy()
-        cf[kernel._SIGN], cf[kernel._D_C], cf[kernel._ALPHA], cf[kernel._LOG_WIDTH] = sign, d_c, info.dc / d_c, log_width
+        cf[kernel._SIGN], cf[kernel._D_C], cf[kernel._ALPHA] = sign, d_c, info.dc / d_c
+        cf[kernel._LOG_WIDTH] = log_width
         ci[kernel._BARRIER_START] = 1
     else:
         cf[kernel._OFFSET] = info.gc if info.barrier_a else 0.5 * (info.ga + info.gb)
@@ -982,7 +984,9 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
     sets then alternates exact coordinate solves and steps in nu).  Rows still unconverged after
     ``max_iter`` steps are returned unmarked (the caller solves them by :func:`_sum_root`).  Cost: one
     evaluation of phi', phi'' per step, typically 1 (an exact table) or 2 steps after 3-6 of the
-    table, each about 30 O(Bn) tensor operations.
+    table, each about 30 O(Bn) tensor operations.  On CPU tensors (:func:`sstcvx._compiled.enabled_for`) the
+    table part (the start, the table's root, the fine step: :func:`_table_start`) is one call of the numba kernel
+    of :mod:`sstcvx._compiled_separable` (per row, its stopping rules per row), the joint steps stay in torch.
     """
     n = z.shape[-1]
     max_iter = JOINT_ITER if max_iter is None else max_iter

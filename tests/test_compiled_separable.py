@@ -98,7 +98,9 @@ def test_the_kernel_start_matches_the_torch_start(name):
         use_log = total > 0 and info.barrier_a
         tol_sum = 16.0 * n * eps * max(1.0, total)
         z = inputs(n, seed=7) * 3.0
-        nu, x, at_a, at_b, lo, hi = separable._compiled_start(info, z, total, use_log, max(tol_sum, n * info.table_error))
+        nu, x, at_a, at_b, lo, hi = separable._compiled_start(
+            info, z, total, use_log, max(tol_sum, n * info.table_error)
+        )
         nu_ref, x_ref, at_a_ref, at_b_ref, lo_ref, hi_ref = separable._table_start(
             info, z, total, 0.0, 1.0, use_log, tol_sum
         )
