@@ -155,6 +155,8 @@ def test_the_kernel_is_taken(monkeypatch):
     """CPU tensors take the kernel (the test fails if dispatch silently stays on torch), disabled() does not."""
     from sstcvx import _compiled_separable
 
+    assert "sstcvx._compiled_separable" in _compiled.KERNEL_MODULES  # its import is checked with the others
+
     def broken(*args):
         raise RuntimeError("the compiled start was called")
 
