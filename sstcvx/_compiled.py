@@ -8,7 +8,8 @@ at a time, on one thread; tensors on other devices keep the torch implementation
 reference the tests compare the kernels with.
 
 The kernels live in modules that import numba and declare their functions with
-``numba.njit(cache=True)``: the core's :mod:`sstcvx.generic._compiled_interior_point` and the families'
+``numba.njit(cache=True)``: the core's :mod:`sstcvx.generic._compiled_interior_point` and
+:mod:`sstcvx._compiled_separable`, and the families'
 ``polytopes/_compiled_*.py`` (registered by :mod:`polytopes._compiled` with
 :func:`register_kernel_modules`).  A solver imports its kernel module inside the function that takes the
 compiled path, so importing sstcvx or a family never loads numba; each kernel is compiled on its first
@@ -36,7 +37,7 @@ import torch
 ENABLED = os.environ.get("SSTCVX_COMPILED", "1") != "0"
 
 #: The kernel modules, imported (not compiled) by the first :func:`enabled_for` that would say True.
-KERNEL_MODULES: list[str] = ["sstcvx.generic._compiled_interior_point"]
+KERNEL_MODULES: list[str] = ["sstcvx.generic._compiled_interior_point", "sstcvx._compiled_separable"]
 #: Whether every module of KERNEL_MODULES imported; None until the first :func:`enabled_for` asks.
 _available: bool | None = None
 

@@ -18,7 +18,8 @@ steps that evaluate phi', phi'' once each, see :class:`_IntervalInfo` and :func:
   k-subsets).  Backward by the implicit function theorem: with ``D = dx/dv`` at the solution,
   ``dX/dz = diag(D) - D D^T / sum(D)``.
 
-Everything runs in float64 on the input's device; the result is cast back to the input's dtype.
+Everything runs in float64 on the input's device; the result is cast back to the input's dtype.  On CPU
+tensors the table part of the joint iteration of a sum runs compiled (:mod:`sstcvx._compiled_separable`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import weakref
 
 import torch
 
+from . import _compiled as compiled
 from .errors import SolverError
 
 #: Newton/bisection steps allowed for one inverse of phi' and for the scalar root of a sum.
@@ -849,6 +851,116 @@ def _barrier_start(info, z, total):
     return (tail - log_rest).gather(-1, m).add_(math.log(d_c)).mul_(sign / alpha)
 
 
+def _table_start(info, z, total, a, b, use_log, tol_sum):
+    """The start of :func:`_joint_sum` in torch (the reference of the compiled :func:`_compiled_start`): nu (B, 1),
+    x (B, n), the masks of the coordinates at a and at b, and the bracket lo, hi (B, 1) of nu."""
+    n = z.shape[-1]
+    ga, gb = info.ga, info.gb
+    # every term is >= c at nu = min z - phi'(c) and <= c at max z - phi'(c): a bracket of the root
+    z_min, z_max = torch.aminmax(z, dim=-1, keepdim=True)
+    lo, hi = z_min - info.gc, z_max - info.gc
+    if info.barrier_a != info.barrier_b:
+        nu = _barrier_start(info, z, total)
+    else:
+        # between the total-th and the next largest entry, less the middle of the end slopes between finite-slope
+        # ends (the middle of the range of nu that gives the vertex there: x^2 / 2 then rarely cycles), else phi'(c)
+        k = min(max(round(total), 1), n - 1) if n > 1 else 1
+        top = z.topk(min(k + 1, n), dim=-1).values
+        nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - (info.gc if info.barrier_a else 0.5 * (ga + gb))
+    nu = torch.clamp(nu, lo, hi)
+    if info.table is not None:
+        hand_off = None if info.fine is None else 1e-3 / info.fine[2]
+        nu, x = _surrogate_root(info, z, total, nu, lo, hi, use_log, max(tol_sum, n * info.table_error), hand_off)
+        if info.fine is not None:
+            nu, x = info.refine(z, total, nu, x, use_log)
+        v = z - nu
+        at_a, at_b = v <= ga, v >= gb
+        x = x.clamp(info.inner_a, info.inner_b).masked_fill_(at_a, a).masked_fill_(at_b, b)
+    else:
+        start = torch.full_like(z, info.c)
+        x, _, at_a, at_b = _advance(info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu)
+    return nu, x, at_a, at_b, lo, hi
+
+
+def _compiled_start(info, z, total, use_log, tol):
+    """:func:`_table_start` on a CPU float64 z (..., n) with a table, by the compiled kernel
+    :func:`sstcvx._compiled_separable.table_start` (one call; per-row stopping rules, see its module)."""
+    from . import _compiled_separable
+
+    n = z.shape[-1]
+    arrays = info._tables.get("kernel")
+    if arrays is None:
+        arrays = info._tables["kernel"] = _kernel_arrays(info, total, n, use_log, tol)
+    z2 = z.detach().reshape(-1, n).contiguous()
+    batch = z2.shape[0]
+    nu = torch.empty(batch, 1, dtype=torch.float64)
+    lo, hi = torch.empty_like(nu), torch.empty_like(nu)
+    x = torch.empty(batch, n, dtype=torch.float64)
+    at_a, at_b = torch.empty(batch, n, dtype=torch.bool), torch.empty(batch, n, dtype=torch.bool)
+    _compiled_separable.table_start(
+        z2.numpy(), *arrays, nu.numpy(), x.numpy(), at_a.numpy(), at_b.numpy(), lo.numpy(), hi.numpy()
+    )
+    lead = z.shape[:-1]
+    return (
+        nu.view(*lead, 1),
+        x.view(*lead, n),
+        at_a.view(*lead, n),
+        at_b.view(*lead, n),
+        lo.view(*lead, 1),
+        hi.view(*lead, 1),
+    )
+
+
+def _kernel_arrays(info, total, n, use_log, tol):
+    """The numpy arguments of :func:`sstcvx._compiled_separable.table_start` for one interval info (constant
+    per info: its interval, total and n), cached in it: the coarse table, the fine one, the barrier start's
+    log R_m, the numbers and the integers (layouts of that module)."""
+    import numpy as np
+
+    from . import _compiled_separable as kernel
+
+    bounds, rows = (t.detach().cpu().to(torch.float64).contiguous().numpy() for t in info.table)
+    if info.barrier_a and info.barrier_b:
+        kind = kernel._BOTH
+    elif info.barrier_a:
+        kind = kernel._LOWER
+    elif info.barrier_b:
+        kind = kernel._UPPER
+    else:
+        kind = kernel._SINE
+    cf = np.zeros(17)
+    ci = np.zeros(8, dtype=np.int64)
+    cf[kernel._A], cf[kernel._B] = info.a, info.b
+    cf[kernel._GA], cf[kernel._GB], cf[kernel._GC] = info.ga, info.gb, info.gc
+    cf[kernel._INNER_A], cf[kernel._INNER_B] = info.inner_a, info.inner_b
+    cf[kernel._TOTAL], cf[kernel._TOL] = total, tol
+    cf[kernel._HAND_OFF] = -1.0
+    fine = np.zeros((1, 5))
+    if info.fine is not None:
+        fine_rows, fine_lo, inverse_step = info.fine
+        fine = fine_rows.detach().cpu().to(torch.float64).contiguous().numpy()
+        cf[kernel._HAND_OFF] = 1e-3 / inverse_step
+        cf[kernel._FINE_LO], cf[kernel._FINE_INVERSE_STEP] = fine_lo, inverse_step
+        ci[kernel._HAS_FINE] = 1
+    log_rest = np.zeros(n)
+    if info.barrier_a != info.barrier_b:  # the constants of _barrier_start
+        sign = 1.0 if info.barrier_a else -1.0
+        d_c = sign * (info.c - (info.a if info.barrier_a else info.b))
+        rest, log_width = info.filling(torch.zeros((), dtype=torch.float64), total, n)
+        log_rest = rest.numpy().copy()
+        cf[kernel._SIGN], cf[kernel._D_C], cf[kernel._ALPHA] = sign, d_c, info.dc / d_c
+        cf[kernel._LOG_WIDTH] = log_width
+        ci[kernel._BARRIER_START] = 1
+    else:
+        cf[kernel._OFFSET] = info.gc if info.barrier_a else 0.5 * (info.ga + info.gb)
+    ci[kernel._KIND] = kind
+    ci[kernel._K] = min(max(round(total), 1), n - 1) if n > 1 else 1
+    ci[kernel._USE_LOG] = int(bool(use_log))
+    ci[kernel._DOUBLE_ROOTS] = int(info.double_roots)
+    ci[kernel._MAX_ITER], ci[kernel._MULTIPLICITY_AFTER] = SURROGATE_ITER, MULTIPLICITY_AFTER
+    return bounds, rows, fine, log_rest, cf, ci
+
+
 def _joint_sum(reg, z, total, a, b, max_iter=None):
     """x (B, n) = argmax {<z, x> - sum phi(x_i) : a <= x <= b, sum x = total}, D = dx/dv at it, and
     the mask of rows that converged (None when all did): a joint (semismooth) Newton iteration on (x, nu).
@@ -872,7 +984,9 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
     sets then alternates exact coordinate solves and steps in nu).  Rows still unconverged after
     ``max_iter`` steps are returned unmarked (the caller solves them by :func:`_sum_root`).  Cost: one
     evaluation of phi', phi'' per step, typically 1 (an exact table) or 2 steps after 3-6 of the
-    table, each about 30 O(Bn) tensor operations.
+    table, each about 30 O(Bn) tensor operations.  On CPU tensors (:func:`sstcvx._compiled.enabled_for`) the
+    table part (the start, the table's root, the fine step: :func:`_table_start`) is one call of the numba kernel
+    of :mod:`sstcvx._compiled_separable` (per row, its stopping rules per row), the joint steps stay in torch.
     """
     n = z.shape[-1]
     max_iter = JOINT_ITER if max_iter is None else max_iter
@@ -883,30 +997,12 @@ def _joint_sum(reg, z, total, a, b, max_iter=None):
     # sum itself otherwise (x ~ (v - phi'(a))^2 near a finite-slope end, as x^1.5 at 0, is far from exponential)
     use_log = a >= 0 and total > 0 and info.barrier_a
     ga, gb = info.ga, info.gb
-    # every term is >= c at nu = min z - phi'(c) and <= c at max z - phi'(c): a bracket of the root
-    z_min, z_max = torch.aminmax(z, dim=-1, keepdim=True)
-    lo, hi = z_min - info.gc, z_max - info.gc
-    if info.barrier_a != info.barrier_b:
-        nu = _barrier_start(info, z, total)
-    else:
-        # between the total-th and the next largest entry, less the middle of the end slopes between finite-slope
-        # ends (the middle of the range of nu that gives the vertex there: x^2 / 2 then rarely cycles), else phi'(c)
-        k = min(max(round(total), 1), n - 1) if n > 1 else 1
-        top = z.topk(min(k + 1, n), dim=-1).values
-        nu = 0.5 * (top[..., k - 1 : k] + top[..., -1:]) - (info.gc if info.barrier_a else 0.5 * (ga + gb))
-    nu = torch.clamp(nu, lo, hi)
     tol_sum = 16.0 * n * eps * max(1.0, abs(total))
-    if info.table is not None:
-        hand_off = None if info.fine is None else 1e-3 / info.fine[2]
-        nu, x = _surrogate_root(info, z, total, nu, lo, hi, use_log, max(tol_sum, n * info.table_error), hand_off)
-        if info.fine is not None:
-            nu, x = info.refine(z, total, nu, x, use_log)
-        v = z - nu
-        at_a, at_b = v <= ga, v >= gb
-        x = x.clamp(info.inner_a, info.inner_b).masked_fill_(at_a, a).masked_fill_(at_b, b)
+    if info.table is not None and compiled.enabled_for(z):
+        # the start, the table's root and its fine step, per row in one compiled loop
+        nu, x, at_a, at_b, lo, hi = _compiled_start(info, z, total, use_log, max(tol_sum, n * info.table_error))
     else:
-        start = torch.full_like(z, info.c)
-        x, _, at_a, at_b = _advance(info, a, b, start, torch.full_like(z, info.gc), torch.full_like(z, info.dc), z - nu)
+        nu, x, at_a, at_b, lo, hi = _table_start(info, z, total, a, b, use_log, tol_sum)
     previous = None
     done = None  # no row yet
     # the start can pass the first check only where the table is exact to rounding (as x^1.5's, x log x's):
