@@ -276,7 +276,7 @@ def _table_point(x, cf, mp, tab):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi, tab):
+def _own_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi, tab):
     """phi'(x) / sz and phi''(x) / sz into ``g, h``: of the built-in entropies (x log x, the binary entropy), the
     distances to the domain's ends from the bound slacks where the bound is the end; or of a user's phi from its
     table ``tab`` (at x itself, as the torch code evaluates a user's phi)."""
@@ -322,9 +322,9 @@ def table_gap(T_all, active, n_active, g_raw, dims, cf, tab):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats, tab):
+def _iterate(T, g, h, zs, sz, k_first, k_stop, own, at_lo, at_hi, dims, cf, pb, fl, mats, tab):
     """The iterations ``k_first .. k_stop - 1`` of one element's state ``T (width,)`` for z / sz = ``zs``: in
-    each, phi' / sz and phi'' / sz into ``g, h`` (``builtin``: from T here; else given, one iteration), the
+    each, phi' / sz and phi'' / sz into ``g, h`` (``own``: from T here; else given, one iteration), the
     residuals and the stop test (``k == max_iter``: the last allowed), and where the element does not stop,
     one predictor-corrector step in place.  Returns ``(status, k, residual)`` at the stop, status -1 where
     it has not stopped (0 converged, 1 last iteration, 2 not finite: dual_newton's codes).  (One function for
@@ -372,8 +372,8 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
     inv_y, inv_s, inv_sb = inv[:P], inv[P:], inv[P + mi :]
     res = math.nan
     for k in range(k_first, k_stop):
-        if builtin:
-            _builtin_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi, tab)
+        if own:
+            _own_derivatives(T, g, h, sz, dims, cf, at_lo, at_hi, tab)
         last = k == dims[_MAX_ITER]
         # residuals
         for j in range(N):
@@ -657,7 +657,7 @@ def _iterate(T, g, h, zs, sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def iterate(
-    builtin,
+    own,
     k,
     dims,
     cf,
@@ -678,8 +678,9 @@ def iterate(
     tab,
 ):
     """The elements ``active[:n_active]`` (rows of ``T_all (B, width)``, z / sz ``zs_all``, sz ``sz_all``), each
-    from its state: ``builtin`` (the built-in entropies), the whole iteration from its start; else (a user's
-    regularizer) the ``k``-th iteration only (the last allowed where k is max_iter), with phi' and phi'' at the
+    from its state: ``own`` (phi' and phi'' computed here: the built-in entropies, or a table ``tab`` of a user's
+    phi, ``dims[_KIND]`` says which), the whole iteration from its start; else (a user's regularizer) the
+    ``k``-th iteration only (the last allowed where k is max_iter), with phi' and phi'' at the
     states in ``g_raw, h_raw (n_active, nx)`` (row i for element active[i]; divided by sz here).  An element
     that stops gets its status, iteration count, residual and phi'' / sz (``h_all``) written; the others' states
     advance in place and their indices move to the front of ``active``.  Returns how many are still running.
@@ -687,19 +688,19 @@ def iterate(
     fl, mats = _workspace(dims)
     nx = dims[_NX]
     g = np.empty(max(nx, 1))
-    k_first = 0 if builtin else k
-    k_stop = dims[_MAX_ITER] + 1 if builtin else k + 1
+    k_first = 0 if own else k
+    k_stop = dims[_MAX_ITER] + 1 if own else k + 1
     kept = 0
     for i in range(n_active):
         b = active[i]
         sz = sz_all[b]
         h = h_all[b]
-        if not builtin:
+        if not own:
             for j in range(nx):
                 g[j] = g_raw[i, j] / sz
                 h[j] = h_raw[i, j] / sz
         code, kk, r = _iterate(
-            T_all[b], g, h, zs_all[b], sz, k_first, k_stop, builtin, at_lo, at_hi, dims, cf, pb, fl, mats, tab
+            T_all[b], g, h, zs_all[b], sz, k_first, k_stop, own, at_lo, at_hi, dims, cf, pb, fl, mats, tab
         )
         if code >= 0:
             status[b] = code

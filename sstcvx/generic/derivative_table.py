@@ -103,8 +103,9 @@ class DerivativeTable:
     slope_b: float = math.nan
 
     def derivatives(self, x: np.ndarray):
-        """The surrogate's (phi'(x), phi''(x)) at the points ``x`` (float64, strictly inside (a, b)), by the
-        kernel's arithmetic in numpy: what the tests and the build's error check read."""
+        """The surrogate's (phi'(x), phi''(x)) at the points ``x`` (a float64 array), by the kernel's arithmetic
+        in numpy (:func:`~sstcvx.generic._compiled_interior_point._table_point`): what the build's error check and
+        the tests read."""
         s, dx = _coordinate(self.map, np.maximum(x - self.a, TINY), np.maximum(self.b - x, TINY))
         p = (s - self.s_lo) * self.inverse_step
         last = self.rows.shape[0]
@@ -118,10 +119,12 @@ class DerivativeTable:
         G = G_in + (t - t_in) * dG
         h = dG * self.inverse_step / dx
         if self.map == MAP_SINE:
-            for end, slope, beyond in ((self.a, self.slope_a, x < self.a), (self.b, self.slope_b, x > self.b)):
+            for end, value, slope, beyond in (
+                (self.a, self.rows[0, 0], self.slope_a, x < self.a),
+                (self.b, self.rows[-1].sum(), self.slope_b, x > self.b),
+            ):
                 if math.isfinite(slope):
-                    ends = self.rows[0, 0] if end == self.a else self.rows[-1].sum()
-                    G = np.where(beyond, ends + slope * (x - end), G)
+                    G = np.where(beyond, value + slope * (x - end), G)
                     h = np.where(beyond, slope, h)
         return G, h
 
@@ -237,7 +240,10 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def table_for(reg, a: float, b: float) -> DerivativeTable | None:
     """The cached table of ``reg`` on [a, b] (built on first use), None where there is none (not accepted, an
     infinite end, or a regularizer whose tables went stale ``STALE_LIMIT`` times)."""
-    cache = _TABLES.setdefault(reg, {"stale": 0})
+    try:
+        cache = _TABLES.setdefault(reg, {"stale": 0})
+    except TypeError:  # a regularizer that cannot be weakly referenced: no cache, so no table
+        return None
     if cache["stale"] >= STALE_LIMIT:
         return None
     key = (a, b)
@@ -249,6 +255,6 @@ def table_for(reg, a: float, b: float) -> DerivativeTable | None:
 def discard(reg, a: float, b: float) -> None:
     """Drop the cached table of ``reg`` on [a, b]: it no longer matches phi (phi read state that changed).  The
     next call builds it again, until the regularizer has dropped ``STALE_LIMIT`` tables."""
-    cache = _TABLES.setdefault(reg, {"stale": 0})
-    if cache.pop((a, b), None) is not None:
+    cache = _TABLES.get(reg)
+    if cache is not None and cache.pop((a, b), None) is not None:
         cache["stale"] += 1
