@@ -75,7 +75,8 @@ _N, _NX, _M, _MEQ, _KIND, _PRIMAL_ITERS, _MAX_ITER, _ALL_PAIRS, _NW, _TAB_MAP = 
     _TAB_INV_STEP,
     _TAB_SLOPE_A,
     _TAB_SLOPE_B,
-) = range(17)
+    _TAB_POWER,
+) = range(18)
 #: the kinds of derivatives: the built-in entropies (computed here), given per iteration (a user's phi), a table
 KIND_ENTROPY, KIND_BINARY_ENTROPY, KIND_GIVEN, KIND_TABLE = range(4)
 #: the table's maps and smallest distance to an end (:mod:`~sstcvx.generic.derivative_table`'s, checked by
@@ -260,10 +261,18 @@ def _table_point(x, cf, mp, tab):
     elif mp == MAP_UPPER:
         s = -math.log(db)
         dx = db
-    else:
+    elif cf[_TAB_POWER] == 1.0:
         sa, sb = math.sqrt(da), math.sqrt(db)
         s = math.atan2(sa, sb) * (2.0 / math.pi)
         dx = math.pi * sa * sb
+    else:  # x = a + w sin^(2p)(pi s / 2): sin^2 = (da / w)^(1/p), cos^2 from db (accurate near b)
+        power = cf[_TAB_POWER]
+        w = da + db
+        log_q = math.log(da / w) / power
+        sin = math.exp(0.5 * log_q)
+        cos = math.sqrt(-math.expm1(math.log1p(-min(db / w, 1.0 - 2.0**-53)) / power))
+        s = math.atan2(sin, cos) * (2.0 / math.pi)
+        dx = w * power * math.pi * math.exp((power - 0.5) * log_q) * cos
     p = (s - s_lo) * inv_step
     last = tab.shape[0] - 1
     i = int(min(max(math.floor(p), 0.0), float(last)))
@@ -901,6 +910,7 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
             0.0,
             0.0,
             0.0,
+            1.0,
         ]
     )
     T = T.contiguous()
@@ -927,7 +937,7 @@ def run(ip, the_plan: Plan, T, zs, sz, max_iter: int):
     T_start = T.clone()
     dims[_KIND], dims[_TAB_MAP], dims[_MAX_ITER] = KIND_TABLE, table.map, max_iter - IP.EXACT_ITERATIONS
     cf[_TAB_A], cf[_TAB_B], cf[_TAB_S_LO], cf[_TAB_INV_STEP] = table.a, table.b, table.s_lo, table.inverse_step
-    cf[_TAB_SLOPE_A], cf[_TAB_SLOPE_B] = table.slope_a, table.slope_b
+    cf[_TAB_SLOPE_A], cf[_TAB_SLOPE_B], cf[_TAB_POWER] = table.slope_a, table.slope_b, table.power
     iterate(
         True, 0, dims, cf, the_plan.pb, at_lo, at_hi, Tn, hn, active, B, none, none, zn, szn, sn, itn, rn, table.rows
     )

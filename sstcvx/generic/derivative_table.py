@@ -16,8 +16,10 @@ found by :func:`~sstcvx.separable.barrier_ends`):
 
 * both ends barriers: x = a + w sigmoid(s) (w = b - a), s in [-REACH, REACH];
 * a barrier at a only: x = a + e^s, s in [log w - REACH, log w]; at b only: x = b - e^-s;
-* neither: x = a + w sin^2(pi s / 2), s in [0, 1], nodes crowding quadratically towards both ends (where phi'
-  often behaves as a square root, as x^1.5 at 0, and is smooth in s).
+* neither: x = a + w sin^(2p)(pi s / 2), s in [0, 1], nodes crowding towards both ends, where phi' often behaves
+  as a power: with phi'(x) - phi'(a) ~ (x - a)^beta (measured at the lower end, :func:`_end_exponent`), the
+  power p = 1 / (2 beta) makes phi' linear in s there (p = 1, quadratic crowding, for x^1.5 at 0 and wherever
+  beta is not in ``POWER_RANGE``; 2.5 for the Tsallis 1.2-entropy); the upper end keeps quadratic crowding.
 
 The coordinate of a point is computed from its distances to both ends (s = log(x - a) - log(b - x),
 (2 / pi) atan2(sqrt(x - a), sqrt(b - x)), ...: accurate near either end).  Towards a barrier at an end e other
@@ -46,9 +48,8 @@ points inside every segment at most ``TOLERANCE`` max(1, |phi'|) (the exact iter
 steps from the table's solutions).  Otherwise :func:`table_for` returns None and the kernel evaluates phi' and
 phi'' in torch at every iteration, as before.
 
-Accepted, for example: the Tsallis 1.7-entropy on [0, 1] (error 5e-7: x^0.7 at 0 is not smooth in s) and
-x^3 (phi'' = 0 at 0).  Not accepted: the Tsallis 1.2- and 1.33-entropies (1e-2 and 7e-4), a phi' with detail
-finer than the nodes.
+Accepted, for example: the Tsallis alpha-entropies on [0, 1] for alpha from 1.2 to 3 (errors 2e-15 to 3e-9;
+6e-11 for alpha = 1.2), x^3 (phi'' = 0 at 0).  Not accepted: a phi' with detail finer than the nodes.
 
 Cost: one evaluation of phi' and phi'' on ``NODES`` points and one on 3 ``NODES`` points, once per regularizer and
 interval (cached per regularizer, 3-20 ms); 256 KiB per table.  A phi that reads state besides x (a closure
@@ -82,6 +83,7 @@ MAP_SIGMOID, MAP_LOWER, MAP_UPPER, MAP_SINE = range(4)
 #: The smallest distance to an end the surrogate reads (a coordinate's distance is clamped to it).
 TINY = 1e-300
 _EPS = float(np.finfo(np.float64).eps)
+_BELOW_ONE = 1.0 - 2.0**-53
 
 
 @dataclass
@@ -101,17 +103,19 @@ class DerivativeTable:
     #: is clamped to it, as the exact iteration clamps x into the domain)
     slope_a: float = math.nan
     slope_b: float = math.nan
+    #: the sine map's power p (x = a + w sin^(2p)(pi s / 2)), 1 / (2 beta) where phi' - phi'(a) ~ (x - a)^beta
+    power: float = 1.0
 
     def derivatives(self, x: np.ndarray):
         """The surrogate's (phi'(x), phi''(x)) at the points ``x`` (a float64 array), by the kernel's arithmetic
         in numpy (:func:`~sstcvx.generic._compiled_interior_point._table_point`): what the build's error check and
         the tests read."""
-        s, dx = _coordinate(self.map, np.maximum(x - self.a, TINY), np.maximum(self.b - x, TINY))
+        s, dx = _coordinate(self.map, np.maximum(x - self.a, TINY), np.maximum(self.b - x, TINY), self.power)
         p = (s - self.s_lo) * self.inverse_step
         last = self.rows.shape[0]
         i = np.clip(np.floor(p), 0, last - 1).astype(np.int64)
         t = p - i
-        c0, c1, c2, c3 = self.rows[i].T
+        c0, c1, c2, c3 = np.moveaxis(self.rows[i], -1, 0)
         # linear beyond the first and the last node
         t_in = np.clip(t, 0.0, 1.0)
         G_in = c0 + t_in * (c1 + t_in * (c2 + t_in * c3))
@@ -129,8 +133,8 @@ class DerivativeTable:
         return G, h
 
 
-def _x_of_s(kind: int, a: float, b: float, s: torch.Tensor) -> torch.Tensor:
-    """x = X(s) of the map ``kind`` on [a, b]."""
+def _x_of_s(kind: int, a: float, b: float, s: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """x = X(s) of the map ``kind`` on [a, b] (``power``: the sine map's p)."""
     w = b - a
     if kind == MAP_SIGMOID:
         return a + w * torch.sigmoid(s)
@@ -138,13 +142,13 @@ def _x_of_s(kind: int, a: float, b: float, s: torch.Tensor) -> torch.Tensor:
         return a + torch.exp(s)
     if kind == MAP_UPPER:
         return b - torch.exp(-s)
-    return a + w * torch.sin(0.5 * math.pi * s) ** 2
+    return a + w * torch.sin(0.5 * math.pi * s) ** (2.0 * power)
 
 
-def _coordinate(kind: int, da, db):
+def _coordinate(kind: int, da, db, power: float = 1.0):
     """s and X'(s) at the point at distances ``da = x - a``, ``db = b - x`` from the ends (positive; numpy or
     torch), by the kernel's formulas (the sine map's s by an arctangent of both distances: accurate at both
-    ends)."""
+    ends; with a power p, sin^2 = q = (da / w)^(1/p) and cos^2 = 1 - q = -expm1(log1p(-db / w) / p))."""
     lib = np if isinstance(da, np.ndarray) else torch
     if kind == MAP_SIGMOID:
         return lib.log(da) - lib.log(db), da * db / (da + db)
@@ -152,8 +156,30 @@ def _coordinate(kind: int, da, db):
         return lib.log(da), da
     if kind == MAP_UPPER:
         return -lib.log(db), db
-    sa, sb = lib.sqrt(da), lib.sqrt(db)
-    return lib.arctan2(sa, sb) * (2.0 / math.pi), math.pi * sa * sb
+    if power == 1.0:
+        sa, sb = lib.sqrt(da), lib.sqrt(db)
+        return lib.arctan2(sa, sb) * (2.0 / math.pi), math.pi * sa * sb
+    w = da + db
+    log_q = lib.log(da / w) / power
+    sin, cos = lib.exp(0.5 * log_q), lib.sqrt(-lib.expm1(lib.log1p(-lib.clip(db / w, 0.0, _BELOW_ONE)) / power))
+    return lib.arctan2(sin, cos) * (2.0 / math.pi), w * power * math.pi * lib.exp((power - 0.5) * log_q) * cos
+
+
+#: Where phi' - phi'(a) ~ (x - a)^beta at a finite-slope end a with beta in this range, the sine map takes the
+#: power p = 1 / (2 beta), so that phi' is linear in s there (beta = 1/2, x^1.5 at 0, is the plain sine map's
+#: case, kept where p is within POWER_SLACK of 1; beta = 1, a phi'' finite at a, keeps it too).
+POWER_RANGE = (0.05, 0.9)
+POWER_SLACK = 0.02
+
+
+def _end_exponent(reg, a: float, w: float) -> float:
+    """beta in phi'(a + d) - phi'(a+) ~ d^beta, from d = 1e-9 w and 1e-6 w (1 for a phi'' finite at a)."""
+    points = torch.tensor([a + max(4.0 * _EPS * abs(a), TINY), a + 1e-9 * w, a + 1e-6 * w], dtype=torch.float64)
+    g = reg.derivatives(points)[0]
+    rise_near, rise_far = float(g[1] - g[0]), float(g[2] - g[0])
+    if not (rise_near > 0 and rise_far > rise_near):
+        return 1.0
+    return math.log(rise_far / rise_near) / math.log(1e3)
 
 
 def build(reg, a: float, b: float) -> DerivativeTable | None:
@@ -180,14 +206,17 @@ def build(reg, a: float, b: float) -> DerivativeTable | None:
         kind, s_lo, s_hi = MAP_UPPER, -math.log(w), reach(b) - math.log(w)
     else:
         kind, s_lo, s_hi = MAP_SINE, 0.0, 1.0
+    beta = _end_exponent(reg, a, w) if kind == MAP_SINE else 1.0
+    power = 1.0 / (2.0 * beta) if POWER_RANGE[0] <= beta <= POWER_RANGE[1] else 1.0
+    power = 1.0 if abs(power - 1.0) <= POWER_SLACK else power
     s = torch.linspace(s_lo, s_hi, NODES, dtype=torch.float64)
     step = (s_hi - s_lo) / (NODES - 1)
     # phi', phi'' at the nodes, each a few ulps inside [a, b] (the ends' own nodes included: where phi'' is
     # infinite at a finite-slope end, as for x^1.5 at 0, phi'' X' there is the finite limit)
     delta_a, delta_b = (max(4.0 * _EPS * abs(e), TINY) for e in (a, b))
-    x = _x_of_s(kind, a, b, s).clamp(a + delta_a, b - delta_b)
+    x = _x_of_s(kind, a, b, s, power).clamp(a + delta_a, b - delta_b)
     da, db = (x - a).clamp_min(TINY), (b - x).clamp_min(TINY)
-    dx = _coordinate(kind, da, db)[1]
+    dx = _coordinate(kind, da, db, power)[1]
     g, h = reg.derivatives(x)
     G, dG = g, h * dx * step  # the slope per unit of t
     G0, G1 = G[:-1], G[1:]
@@ -212,7 +241,7 @@ def build(reg, a: float, b: float) -> DerivativeTable | None:
     monotone = torch.isfinite(cubic).all(-1) & ~(inside & ~(at_vertex > 0))
     linear = torch.stack([G0, secant, torch.zeros_like(G0), torch.zeros_like(G0)], -1)
     rows = torch.where(monotone[:, None], cubic, linear)
-    table = DerivativeTable(kind, a, b, s_lo, 1.0 / step, rows.contiguous().numpy().copy(), math.inf)
+    table = DerivativeTable(kind, a, b, s_lo, 1.0 / step, rows.contiguous().numpy().copy(), math.inf, power=power)
     if kind == MAP_SINE:
         # beyond an end that is only a bound (the iterates cross bounds before they converge), the tangent line of
         # phi' there: the surrogate stays smooth and strictly convex
@@ -222,7 +251,7 @@ def build(reg, a: float, b: float) -> DerivativeTable | None:
         table.slope_b = float(inner[1]) if b < hi and math.isfinite(float(inner[1])) else math.nan
     # the error of phi' at a quarter, the middle and three quarters of every segment
     probe = (s[:-1, None] + step * s.new_tensor([0.25, 0.5, 0.75])).reshape(-1)
-    xp = _x_of_s(kind, a, b, probe)
+    xp = _x_of_s(kind, a, b, probe, power)
     xp = xp[(xp > a) & (xp < b)]
     exact, _ = reg.derivatives(xp)
     approx, _ = table.derivatives(xp.numpy())
