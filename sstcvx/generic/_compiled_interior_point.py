@@ -265,14 +265,18 @@ def _table_point(x, cf, mp, tab):
         sa, sb = math.sqrt(da), math.sqrt(db)
         s = math.atan2(sa, sb) * (2.0 / math.pi)
         dx = math.pi * sa * sb
-    else:  # x = a + w sin^(2p)(pi s / 2): sin^2 = (da / w)^(1/p), cos^2 from db (accurate near b)
+    else:  # x = a + w sin^(2p)(pi s / 2): q = sin^2 = (da / w)^(1/p) from the nearer end's distance
         power = cf[_TAB_POWER]
         w = da + db
-        log_q = math.log(da / w) / power
-        sin = math.exp(0.5 * log_q)
-        cos = math.sqrt(-math.expm1(math.log1p(-min(db / w, 1.0 - 2.0**-53)) / power))
+        if da <= db:
+            q = math.exp(math.log(da / w) / power)
+            rest = 1.0 - q
+        else:
+            rest = -math.expm1(math.log1p(-db / w) / power)
+            q = 1.0 - rest
+        sin, cos = math.sqrt(q), math.sqrt(rest)
         s = math.atan2(sin, cos) * (2.0 / math.pi)
-        dx = w * power * math.pi * math.exp((power - 0.5) * log_q) * cos
+        dx = power * math.pi * da / sin * cos  # w p pi sin^(2p - 1) cos, with sin^(2p) = da / w
     p = (s - s_lo) * inv_step
     last = tab.shape[0] - 1
     i = int(min(max(math.floor(p), 0.0), float(last)))

@@ -148,7 +148,8 @@ def _x_of_s(kind: int, a: float, b: float, s: torch.Tensor, power: float = 1.0) 
 def _coordinate(kind: int, da, db, power: float = 1.0):
     """s and X'(s) at the point at distances ``da = x - a``, ``db = b - x`` from the ends (positive; numpy or
     torch), by the kernel's formulas (the sine map's s by an arctangent of both distances: accurate at both
-    ends; with a power p, sin^2 = q = (da / w)^(1/p) and cos^2 = 1 - q = -expm1(log1p(-db / w) / p))."""
+    ends; with a power p, sin^2 = q = (da / w)^(1/p) near a, cos^2 = 1 - q = -expm1(log1p(-db / w) / p) near b,
+    and X' = w p pi sin^(2p - 1) cos = p pi da cos / sin)."""
     lib = np if isinstance(da, np.ndarray) else torch
     if kind == MAP_SIGMOID:
         return lib.log(da) - lib.log(db), da * db / (da + db)
@@ -160,9 +161,13 @@ def _coordinate(kind: int, da, db, power: float = 1.0):
         sa, sb = lib.sqrt(da), lib.sqrt(db)
         return lib.arctan2(sa, sb) * (2.0 / math.pi), math.pi * sa * sb
     w = da + db
-    log_q = lib.log(da / w) / power
-    sin, cos = lib.exp(0.5 * log_q), lib.sqrt(-lib.expm1(lib.log1p(-lib.clip(db / w, 0.0, _BELOW_ONE)) / power))
-    return lib.arctan2(sin, cos) * (2.0 / math.pi), w * power * math.pi * lib.exp((power - 0.5) * log_q) * cos
+    near_a = da <= db
+    # q = sin^2 from the nearer end's distance (the other one's expression is evaluated too, unused there)
+    q_a = lib.exp(lib.log(da / w) / power)
+    rest_b = -lib.expm1(lib.log1p(-lib.clip(db / w, 0.0, _BELOW_ONE)) / power)
+    q, rest = lib.where(near_a, q_a, 1.0 - rest_b), lib.where(near_a, 1.0 - q_a, rest_b)
+    sin, cos = lib.sqrt(q), lib.sqrt(rest)
+    return lib.arctan2(sin, cos) * (2.0 / math.pi), power * math.pi * da / sin * cos
 
 
 #: Where phi' - phi'(a) ~ (x - a)^beta at a finite-slope end a with beta in this range, the sine map takes the
