@@ -9,6 +9,8 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from test_separable import tsallis_phi as tsallis
+from test_separable import xlogx
 
 import sstcvx
 from polytopes import _compiled
@@ -17,14 +19,6 @@ from sstcvx.generic import _compiled_interior_point as kernels
 from sstcvx.generic import derivative_table, interior_point
 from sstcvx.generic.dual_newton import STATUS_CONVERGED, STATUS_MAX_ITER
 from sstcvx.generic.interior_point import InteriorPointRelaxation
-
-
-def xlogx(x):
-    return torch.where(x > 0, x * torch.log(x.clamp_min(1e-300)), torch.zeros_like(x))
-
-
-def tsallis(x):
-    return (x.clamp_min(0) ** 1.5 - x) / 0.75
 
 
 def mix(x):

@@ -82,7 +82,6 @@ STALE_LIMIT = 2
 MAP_SIGMOID, MAP_LOWER, MAP_UPPER, MAP_SINE = range(4)
 #: The smallest distance to an end the surrogate reads (a coordinate's distance is clamped to it).
 TINY = 1e-300
-_EPS = float(np.finfo(np.float64).eps)
 _BELOW_ONE = 1.0 - 2.0**-53
 
 
@@ -177,9 +176,9 @@ POWER_RANGE = (0.05, 0.9)
 POWER_SLACK = 0.02
 
 
-def _end_exponent(reg, a: float, w: float) -> float:
-    """beta in phi'(a + d) - phi'(a+) ~ d^beta, from d = 1e-9 w and 1e-6 w (1 for a phi'' finite at a)."""
-    points = torch.tensor([a + max(4.0 * _EPS * abs(a), TINY), a + 1e-9 * w, a + 1e-6 * w], dtype=torch.float64)
+def _end_exponent(reg, a: float, w: float, delta_a: float) -> float:
+    """beta in phi'(a + d) - phi'(a + delta_a) ~ d^beta, from d = 1e-9 w and 1e-6 w (1 for a phi'' finite at a)."""
+    points = torch.tensor([a + delta_a, a + 1e-9 * w, a + 1e-6 * w], dtype=torch.float64)
     g = reg.derivatives(points)[0]
     rise_near, rise_far = float(g[1] - g[0]), float(g[2] - g[0])
     if not (rise_near > 0 and rise_far > rise_near):
@@ -190,7 +189,7 @@ def _end_exponent(reg, a: float, w: float) -> float:
 def build(reg, a: float, b: float) -> DerivativeTable | None:
     """The table of ``reg`` on [a, b] (both finite, inside its domain), or None where it is not accepted (see
     the module)."""
-    from ..separable import barrier_ends
+    from ..separable import _deltas, barrier_ends
 
     if not (math.isfinite(a) and math.isfinite(b) and a < b):
         return None
@@ -211,14 +210,14 @@ def build(reg, a: float, b: float) -> DerivativeTable | None:
         kind, s_lo, s_hi = MAP_UPPER, -math.log(w), reach(b) - math.log(w)
     else:
         kind, s_lo, s_hi = MAP_SINE, 0.0, 1.0
-    beta = _end_exponent(reg, a, w) if kind == MAP_SINE else 1.0
+    delta_a, delta_b = (float(t) for t in _deltas(av, bv))
+    beta = _end_exponent(reg, a, w, delta_a) if kind == MAP_SINE else 1.0
     power = 1.0 / (2.0 * beta) if POWER_RANGE[0] <= beta <= POWER_RANGE[1] else 1.0
     power = 1.0 if abs(power - 1.0) <= POWER_SLACK else power
     s = torch.linspace(s_lo, s_hi, NODES, dtype=torch.float64)
     step = (s_hi - s_lo) / (NODES - 1)
     # phi', phi'' at the nodes, each a few ulps inside [a, b] (the ends' own nodes included: where phi'' is
     # infinite at a finite-slope end, as for x^1.5 at 0, phi'' X' there is the finite limit)
-    delta_a, delta_b = (max(4.0 * _EPS * abs(e), TINY) for e in (a, b))
     x = _x_of_s(kind, a, b, s, power).clamp(a + delta_a, b - delta_b)
     da, db = (x - a).clamp_min(TINY), (b - x).clamp_min(TINY)
     dx = _coordinate(kind, da, db, power)[1]
